@@ -1,0 +1,26 @@
+# Set-up and the two everyday commands. Everything installs into .venv from scratch.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch 2.14.1 is served from local disk on the dev machines and from PyPI elsewhere (CUDA build on Linux).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test,plot]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/fsl-cache demo
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) cache demo_data

@@ -1,0 +1,73 @@
+"""The Python face of every command: ``fsl-cache X`` is a thin wrapper over ``fsl_cache.api.X``."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .extraction import DEFAULT_FOR, ExtractOptions, ExtractResult, PreparedExtraction, default_cache_dir
+from .extraction import extract as _extract
+from .store import StoreEntry, VerifyProblem, find_store, list_stores, remove_store, verify_store
+from .store.store import FeatureStore
+
+
+def extract(
+    dataset: str,
+    *,
+    root: str | Path | None = None,
+    model: str = "RN50",
+    pretrained: str = "openai",
+    for_methods: Sequence[str] | None = None,
+    views: int | None = None,
+    precision: str = "fp16",
+    format: str = "zarr",
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    shots: Sequence[int] = (1, 2, 4, 8, 16),
+    seeds: Sequence[int] = (1, 2, 3),
+    full_train: bool = False,
+    full_val: bool = False,
+    vit_blocks: Sequence[int] = (6, 8, 10, 12),
+    skip_bad: bool = False,
+    on_plan: Callable[[PreparedExtraction], None] | None = None,
+    progress: bool = True,
+) -> ExtractResult:
+    """Run the frozen backbone once over ``dataset`` and store what ``for_methods`` need."""
+    options = ExtractOptions(
+        for_methods=tuple(for_methods or DEFAULT_FOR), views=views, precision=precision, format=format,
+        batch_size=batch_size, workers=workers, device=device, shots=tuple(shots), seeds=tuple(seeds),
+        full_train=full_train, full_val=full_val, vit_blocks=tuple(vit_blocks), skip_bad=skip_bad,
+    )
+    return _extract(dataset, root=root, model=model, pretrained=pretrained, cache_dir=cache_dir,
+                    options=options, on_plan=on_plan, progress=progress)
+
+
+def _cache_dir(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+
+def cache_ls(*, cache_dir: str | Path | None = None) -> list[StoreEntry]:
+    """The stores under ``cache_dir``, finished or not."""
+    return list_stores(_cache_dir(cache_dir))
+
+
+def cache_info(key: str, *, cache_dir: str | Path | None = None) -> dict:
+    """The manifest of the store whose fingerprint starts with ``key``."""
+    entry = find_store(_cache_dir(cache_dir), key)
+    store = FeatureStore.open(entry.path)
+    try:
+        return {"path": str(entry.path), **store.manifest}
+    finally:
+        store.close()
+
+
+def cache_verify(key: str, *, cache_dir: str | Path | None = None, on_array=None) -> list[VerifyProblem]:
+    """Re-check every block of the store against its digests; an empty list means intact."""
+    return verify_store(find_store(_cache_dir(cache_dir), key).path, on_array=on_array)
+
+
+def cache_rm(key: str, *, cache_dir: str | Path | None = None) -> Path:
+    entry = find_store(_cache_dir(cache_dir), key)
+    remove_store(entry)
+    return entry.path

@@ -1,0 +1,232 @@
+"""The ``fsl-cache`` command line: parse, call :mod:`fsl_cache.api`, render with rich.
+
+Heavy imports (torch, open_clip) happen inside the commands so that ``--help`` answers at once.
+Results go to stdout (``--json`` gives JSON lines); progress, tables and errors go to stderr.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .console import err_console
+
+CACHE_DIR_OPTION = click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Root of the feature stores [default: $FSL_CACHE_DIR or ./cache].",
+)
+
+
+def _int_list(ctx, param, value: str | None):
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got '{value}'")
+
+
+def _name_list(ctx, param, value: str | None):
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+class FslGroup(click.Group):
+    """Turns user errors into one line on stderr with the right exit code, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from .errors import FslError
+
+        try:
+            return super().invoke(ctx)
+        except FslError as err:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted:[/] finished shards are kept; re-run the same command to resume")
+            sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except OSError as err:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            hint = " (disk full: free space or use another --cache-dir)" if err.errno == 28 else ""
+            err_console.print(f"[bold red]error:[/] {err}{hint}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+
+
+@click.group(cls=FslGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(package_name="fsl-cache")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Few-shot adaptation of CLIP on a feature cache: extract once, fit many heads."""
+    ctx.obj = {"debug": debug}
+
+
+@main.command()
+@click.option("--dataset", required=True, help="Built-in name (eurosat, dtd, ...), imagefolder:DIR or csv:FILE.")
+@click.option("--root", type=click.Path(path_type=Path), default=None, help="Dataset root [default: $FSL_DATA].")
+@click.option("--model", default="RN50", show_default=True, help="open_clip architecture, hf-hub:ORG/REPO or local-dir:DIR.")
+@click.option("--pretrained", default="openai", show_default=True, help="Pretrained tag, weights file, or 'none' (random).")
+@click.option("--for", "for_methods", callback=_name_list, help="Extract only what these methods need (comma-separated).")
+@click.option("--views", type=int, default=None, help="Augmented views per train image (default: what the methods need).")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Image decoding processes.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--shots", callback=_int_list, default="1,2,4,8,16", show_default=True, help="Few-shot sizes the train pool covers.")
+@click.option("--seeds", callback=_int_list, default="1,2,3", show_default=True, help="Sampling seeds the train pool covers.")
+@click.option("--full-train", is_flag=True, help="Extract the whole train split instead of the few-shot union.")
+@click.option("--full-val", is_flag=True, help="Extract the whole val split (needed by --protocol paper).")
+@click.option("--vit-blocks", callback=_int_list, default="6,8,10,12", show_default=True, help="ViT blocks of the multi-level taps.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images and record them in the manifest.")
+@CACHE_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def extract(dataset, root, model, pretrained, for_methods, views, precision, fmt, batch_size, workers, device,
+            shots, seeds, full_train, full_val, vit_blocks, skip_bad, cache_dir, as_json) -> None:
+    """Stage one: run the frozen backbone once and store features for later fits."""
+    from . import api
+    from .render import show_extract_plan, show_extract_result
+
+    result = api.extract(
+        dataset, root=root, model=model, pretrained=pretrained, for_methods=for_methods, views=views,
+        precision=precision, format=fmt, batch_size=batch_size, workers=workers, device=device,
+        cache_dir=cache_dir, shots=shots, seeds=seeds, full_train=full_train, full_val=full_val,
+        vit_blocks=vit_blocks, skip_bad=skip_bad, on_plan=show_extract_plan,
+    )
+    show_extract_result(result)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+
+
+@main.group()
+def cache() -> None:
+    """List, inspect, verify and remove feature stores."""
+
+
+@cache.command("ls")
+@CACHE_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True)
+def cache_ls(cache_dir, as_json) -> None:
+    """List the stores under the cache folder."""
+    from . import api
+    from .render import show_store_list
+
+    entries = api.cache_ls(cache_dir=cache_dir)
+    if as_json:
+        for e in entries:
+            click.echo(json.dumps({"key": e.key, "path": str(e.path), "dataset": e.dataset, "backbone": e.backbone,
+                                   "precision": e.precision, "format": e.format, "finished": e.finished, "bytes": e.bytes}))
+    else:
+        show_store_list(entries)
+
+
+@cache.command("info")
+@click.argument("key")
+@CACHE_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True)
+def cache_info(key, cache_dir, as_json) -> None:
+    """Arrays, shapes, sizes and fingerprint parts of one store (KEY: fingerprint prefix)."""
+    from . import api
+    from .render import show_store_info
+
+    info = api.cache_info(key, cache_dir=cache_dir)
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        show_store_info(info)
+
+
+@cache.command("verify")
+@click.argument("key")
+@CACHE_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True)
+def cache_verify(key, cache_dir, as_json) -> None:
+    """Re-read every block and check it against the digests written at extraction."""
+    from . import api
+
+    problems = api.cache_verify(key, cache_dir=cache_dir)
+    if as_json:
+        click.echo(json.dumps({"key": key, "ok": not problems, "problems": [str(p) for p in problems]}))
+    for problem in problems:
+        err_console.print(f"[red]corrupt:[/] {problem}", highlight=False)
+    if problems:
+        err_console.print(f"[bold red]{len(problems)} problem(s)[/]: remove the store and extract again")
+        sys.exit(1)
+    err_console.print("[green]ok:[/] every block matches its digest")
+
+
+@cache.command("rm")
+@click.argument("key")
+@CACHE_DIR_OPTION
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def cache_rm(key, cache_dir, yes) -> None:
+    """Remove one store."""
+    from . import api
+    from .store import find_store
+    from .extraction import default_cache_dir
+
+    entry = find_store(cache_dir or default_cache_dir(), key)
+    if not yes and not click.confirm(f"Remove {entry.path}?", err=True):
+        sys.exit(1)
+    api.cache_rm(key, cache_dir=cache_dir)
+    err_console.print(f"removed {entry.path}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def datasets(as_json) -> None:
+    """The built-in datasets and the directory layout each expects."""
+    from .datasets import list_datasets
+    from .render import show_datasets
+
+    infos = list_datasets()
+    if as_json:
+        for info in infos:
+            click.echo(json.dumps(info.__dict__, default=str))
+    else:
+        show_datasets(infos)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def models(as_json) -> None:
+    """Backbone architectures and their pretrained tags (open_clip) plus the tiny test models."""
+    from .backbones import list_models
+    from .render import show_models
+
+    infos = list_models()
+    if as_json:
+        for info in infos:
+            click.echo(json.dumps(info.__dict__, default=str))
+    else:
+        show_models(infos)
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_data"), show_default=True)
+@CACHE_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True)
+def demo(out, cache_dir, as_json) -> None:
+    """Offline demo: generate a small dataset, extract it with a tiny random-weight backbone."""
+    from . import api
+    from .datasets import make_demo_dataset
+    from .render import show_extract_plan, show_extract_result
+
+    root = make_demo_dataset(out)
+    err_console.print(f"demo dataset: {root}")
+    result = api.extract(f"imagefolder:{root}", model="fsl-tiny-rn", pretrained="none", cache_dir=cache_dir,
+                         batch_size=64, workers=min(2, os.cpu_count() or 1), on_plan=show_extract_plan)
+    show_extract_result(result)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Stage one end to end: dataset + backbone → plan → shards → a finished, fingerprinted store."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..backbones import load_backbone
+from ..datasets import DatasetSpec, few_shot_pools, load_dataset
+from ..errors import StoreError, UsageError
+from ..store.backend import FORMATS, ArraySpec
+from ..store.fingerprint import EXTRACTION_VERSION, dataset_dirname, fingerprint, store_dirname
+from ..store.store import MANIFEST, SCHEMA, FeatureStore, StoreWriter, check_manifest
+from ..console import progress_bar
+from .augment import POLICIES, ViewRenderer
+from .needs import DEFAULT_FOR, method_needs
+from .plan import ExtractionPlan, Pool, array_layout, check_fits, plan_extraction
+from .run import ZS_SCALE, Encoder, RunStats, run_job
+
+PRECISIONS = {"fp16": np.float16, "fp32": np.float32}
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Everything ``fsl-cache extract`` accepts besides the dataset and backbone."""
+
+    for_methods: tuple[str, ...] = DEFAULT_FOR
+    views: int | None = None
+    """Override the view count of every augmented view group (default: what the methods need)."""
+    precision: str = "fp16"
+    """Storage dtype; compute runs in fp16 on CUDA and fp32 on CPU."""
+    format: str = "zarr"
+    batch_size: int = 64
+    """Images per forward pass (all views of a sample stay in one batch)."""
+    workers: int = 2
+    device: str = "cpu"
+    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    seeds: tuple[int, ...] = (1, 2, 3)
+    full_train: bool = False
+    full_val: bool = False
+    vit_blocks: tuple[int, ...] = (6, 8, 10, 12)
+    skip_bad: bool = False
+    aug_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        if self.format not in FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got '{self.format}'")
+        if self.batch_size < 1 or self.workers < 0:
+            raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+        if self.views is not None and self.views < 1:
+            raise UsageError(f"--views must be >= 1, got {self.views}")
+
+
+@dataclass
+class ExtractResult:
+    store: Path
+    fingerprint: str
+    arrays: dict[str, dict]
+    images_per_s: float
+    images: int
+    seconds: float
+    device: str
+    random_init: bool
+    new_arrays: list[str] = field(default_factory=list)
+    skipped: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        arrays = {n: {"shape": a["shape"], "dtype": a["dtype"], "bytes": a["bytes"]} for n, a in self.arrays.items()}
+        return {
+            "store": str(self.store),
+            "fingerprint": self.fingerprint,
+            "arrays": arrays,
+            "images_per_s": round(self.images_per_s, 2),
+            "images": self.images,
+            "seconds": round(self.seconds, 3),
+            "device": self.device,
+            "random_init": self.random_init,
+            "new_arrays": self.new_arrays,
+            "skipped": self.skipped,
+        }
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FSL_CACHE_DIR", "cache"))
+
+
+def extract(
+    dataset: str,
+    *,
+    root: str | Path | None = None,
+    model: str = "RN50",
+    pretrained: str = "openai",
+    cache_dir: str | Path | None = None,
+    options: ExtractOptions = ExtractOptions(),
+    on_plan: Callable[["PreparedExtraction"], None] | None = None,
+    progress: bool = True,
+) -> ExtractResult:
+    """Extract what ``options.for_methods`` need from ``dataset`` into a fingerprinted store."""
+    prepared = prepare_extraction(dataset, root=root, model=model, pretrained=pretrained, cache_dir=cache_dir, options=options)
+    if on_plan is not None:
+        on_plan(prepared)
+    check_fits(prepared.plan, free_bytes=_free_bytes(prepared.store_dir))
+    return prepared.run(progress=progress)
+
+
+@dataclass
+class PreparedExtraction:
+    """A planned extraction: what will be written where, before any image is decoded."""
+
+    spec: DatasetSpec
+    backbone: object
+    options: ExtractOptions
+    store_dir: Path
+    key: str
+    manifest: dict
+    plan: ExtractionPlan
+
+    def run(self, *, progress: bool = True) -> ExtractResult:
+        writer = StoreWriter(self.store_dir, fmt=self.options.format, manifest=self.manifest)
+        try:
+            stats = self._write(writer, progress=progress)
+        finally:
+            writer.close()
+        store = FeatureStore.open(self.store_dir)
+        return ExtractResult(
+            store=self.store_dir,
+            fingerprint=self.key,
+            arrays=store.arrays,
+            images_per_s=stats.images_per_s,
+            images=stats.images,
+            seconds=stats.seconds,
+            device=str(self.backbone.device),
+            random_init=self.backbone.random_init,
+            new_arrays=[a.name for a in self.plan.new_arrays],
+            skipped=stats.skipped,
+        )
+
+    def _write(self, writer: StoreWriter, *, progress: bool) -> RunStats:
+        text = self._text_weights(writer)
+        for spec, data in self.plan.whole:
+            writer.write_whole(spec, data)
+        stats = RunStats()
+        opts = self.options
+        encoder = Encoder(self.backbone, text, np.dtype(PRECISIONS[opts.precision]))
+        renderer = ViewRenderer(self.backbone.preprocess_cfg)
+        total = sum(job.images for job in self.plan.jobs)
+        with progress_bar(total, f"extract {self.spec.name}", enabled=progress) as advance:
+            for job in self.plan.jobs:
+                run_job(job, spec=self.spec, writer=writer, encoder=encoder, renderer=renderer,
+                        aug_seed=opts.aug_seed, batch_size=opts.batch_size, workers=opts.workers,
+                        skip_bad=opts.skip_bad, stats=stats, advance=advance)
+        _merge_skipped(writer.manifest, stats.skipped)
+        writer.manifest["views"] = self.plan.view_counts
+        writer.finalize(self.plan.all_arrays)
+        return stats
+
+    def _text_weights(self, writer: StoreWriter) -> dict[str, torch.Tensor]:
+        """Class text weights per template set: read back if stored, else encoded and written."""
+        weights = {}
+        to_encode = {s.name: s for s in self.plan.text}
+        for name, templates in self.spec.templates.items():
+            spec = to_encode.get(f"text/{name}")
+            if spec is None:
+                weights[name] = torch.from_numpy(FeatureStore.open(self.store_dir).read(f"text/{name}"))
+                continue
+            with torch.no_grad():
+                w = self.backbone.text_classifier(list(self.spec.classnames), list(templates)).float().cpu()
+            writer.write_whole(spec, w.numpy())
+            weights[name] = w
+        return weights
+
+    def summary_rows(self) -> list[tuple[str, str, str, int]]:
+        """(pool/policy, views, arrays, bytes) per job, for the pre-flight table."""
+        rows = [(f"{job.pool.name}/{job.policy}", str(job.views), ", ".join(job.taps), sum(a.nbytes for a in job.arrays))
+                for job in self.plan.jobs]
+        small = sum(s.nbytes for s, _ in self.plan.whole)
+        if small:
+            rows.append(("metadata", "-", "labels, paths, splits, text", small))
+        return rows
+
+
+def prepare_extraction(dataset: str, *, root, model: str, pretrained: str, cache_dir, options: ExtractOptions) -> PreparedExtraction:
+    spec = load_dataset(dataset, root=root)
+    needs = [method_needs(m, dataset=spec.name) for m in options.for_methods]
+    compute = "fp16" if (options.precision == "fp16" and options.device.startswith("cuda")) else "fp32"
+    backbone = load_backbone(model, pretrained, device=options.device, precision=compute)
+    parts = {
+        "dataset": spec.fingerprint_parts(),
+        "backbone": backbone.fingerprint_parts(),
+        "precision": options.precision,
+        "format": options.format,
+        "few_shot": {"shots": sorted(options.shots), "seeds": sorted(options.seeds)},
+        "aug_seed": options.aug_seed,
+        "extraction_version": EXTRACTION_VERSION,
+    }
+    key = fingerprint(parts)
+    weights = Path(pretrained).stem if os.sep in pretrained or "." in pretrained else pretrained
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    store_dir = cache_dir / dataset_dirname(spec.name) / store_dirname(arch=backbone.arch, weights=weights, precision=options.precision, key=key)
+    manifest = _load_or_new_manifest(store_dir, key=key, parts=parts, spec=spec, backbone=backbone, options=options)
+    existing = {n: ArraySpec.from_json(n, a) for n, a in manifest.get("arrays", {}).items()}
+    pools, whole = _pools_and_metadata(spec, options, existing)
+    manifest["pools"] = {**manifest.get("pools", {}), **{p.name: {"split": p.split, "size": p.size} for p in pools.values()}}
+    tap_shapes = {t: tuple(backbone.tap_shape(t)) for t in backbone.taps()}
+    plan = plan_extraction(
+        pools=pools, needs=needs, kind=backbone.kind, dense_tap=backbone.dense_tap, vit_blocks=options.vit_blocks,
+        tap_shapes=tap_shapes, num_classes=spec.num_classes, template_sets=tuple(spec.templates),
+        dtype=np.dtype(PRECISIONS[options.precision]).name, views_override=options.views,
+        existing=existing, existing_views=manifest.get("views", {}),
+    )
+    plan.whole = whole
+    shape = (spec.num_classes, backbone.embed_dim)
+    plan.text = [ArraySpec(f"text/{t}", shape, "float32", shape) for t in spec.templates if f"text/{t}" not in existing]
+    return PreparedExtraction(spec, backbone, options, store_dir, key, manifest, plan)
+
+
+def _pools_and_metadata(spec: DatasetSpec, options: ExtractOptions, existing: dict) -> tuple[dict[str, Pool], list]:
+    """The pools to hold and the small arrays that describe them (labels, paths, few-shot splits)."""
+    fewshot = few_shot_pools(spec, shots=options.shots, seeds=options.seeds)
+    all_of = lambda split: np.arange(len(spec.splits[split]))  # noqa: E731
+    pools = {"test": Pool("test", "test", all_of("test"))}
+    if spec.splits["train"]:
+        train = Pool("train_full", "train", all_of("train")) if options.full_train else Pool("train_pool", "train", np.asarray(fewshot.train_union))
+        pools[train.name] = train
+    if spec.splits["val"]:
+        val = Pool("val_full", "val", all_of("val")) if options.full_val else Pool("val_pool", "val", np.asarray(fewshot.val_union))
+        pools[val.name] = val
+    whole = []
+    for pool in pools.values():
+        items = [spec.splits[pool.split][i] for i in pool.indices]
+        whole += [
+            (array_layout(f"images/{pool.name}/split_index", (pool.size,), "int32"), pool.indices.astype(np.int32)),
+            (array_layout(f"images/{pool.name}/labels", (pool.size,), "int32"), np.array([l for _, l in items], np.int32)),
+            (array_layout(f"images/{pool.name}/paths", (pool.size,), "str"), np.array([p for p, _ in items], dtype=object)),
+        ]
+    for (k, s), subset in fewshot.subsets.items():
+        for part, idx in (("train", subset.train), ("val", subset.val)):
+            whole.append((array_layout(f"splits/k{k}_s{s}/{part}", (len(idx),), "int32"), np.asarray(idx, np.int32)))
+    return pools, [(a, d) for a, d in whole if a.name not in existing and a.shape[0] > 0]
+
+
+def _load_or_new_manifest(store_dir: Path, *, key: str, parts: dict, spec: DatasetSpec, backbone, options: ExtractOptions) -> dict:
+    path = store_dir / MANIFEST
+    if path.exists():
+        manifest = json.loads(path.read_text())
+        check_manifest(store_dir, manifest)
+        if manifest["fingerprint"] != key:
+            raise StoreError(f"{store_dir} belongs to another extraction (key {manifest['fingerprint'][:16]}); remove it")
+        return manifest
+    return {
+        "schema": SCHEMA,
+        "fingerprint": key,
+        "fingerprint_parts": parts,
+        "format": options.format,
+        "precision": options.precision,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": _versions(),
+        "dataset": {
+            "name": spec.name,
+            "classnames": list(spec.classnames),
+            "templates": {k: list(v) for k, v in spec.templates.items()},
+            "notes": list(spec.notes),
+            "split_sizes": {k: len(v) for k, v in spec.splits.items()},
+        },
+        "backbone": {
+            "arch": backbone.arch,
+            "pretrained": backbone.pretrained,
+            "kind": backbone.kind,
+            "embed_dim": backbone.embed_dim,
+            "random_init": backbone.random_init,
+            "preprocess_cfg": backbone.preprocess_cfg,
+            "quick_gelu": backbone.quick_gelu,
+            "dense_tap": backbone.dense_tap,
+            "notes": list(backbone.notes),
+            "compute_dtype": str(backbone.dtype).replace("torch.", ""),
+        },
+        "zs_scale": ZS_SCALE,
+        "aug_seed": options.aug_seed,
+        "policies": {name: (p.__dict__ if p else None) for name, p in POLICIES.items()},
+        "few_shot": parts["few_shot"],
+        "views": {},
+        "skipped": {},
+        "arrays": {},
+    }
+
+
+def _merge_skipped(manifest: dict, skipped: dict[str, list[int]]) -> None:
+    for pool, indices in skipped.items():
+        merged = sorted(set(manifest.setdefault("skipped", {}).get(pool, [])) | set(indices))
+        manifest["skipped"][pool] = merged
+
+
+def _versions() -> dict:
+    import open_clip
+
+    return {"fsl_cache": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__, "numpy": np.__version__}
+
+
+def _free_bytes(path: Path) -> int:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free

@@ -1,0 +1,181 @@
+"""Plan an extraction: which pools, views and arrays a store needs, and what is still missing.
+
+Planning touches no image and runs no network, so ``extract`` can show what it will write and how
+big it will be before it starts, and refuse when the disk cannot hold it.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import DiskFullError, UsageError
+from ..store.backend import ArraySpec
+from .needs import Needs, resolve_taps
+
+SHARD_SAMPLES = 64
+"""Samples per shard: the unit of resume, of multi-process ownership and of light-array chunks."""
+TARGET_CHUNK_BYTES = 1 << 20
+"""Heavy maps are chunked to ~1 MiB (1-8 samples): shuffled minibatch reads stay fast (PERFORMANCE §2d)."""
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A set of images of one split that a store holds, in ascending split-index order."""
+
+    name: str
+    split: str
+    indices: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One pass of the backbone over a pool under one policy, producing ``arrays``."""
+
+    pool: Pool
+    policy: str
+    views: int
+    taps: tuple[str, ...]
+    arrays: tuple[ArraySpec, ...]
+
+    @property
+    def id(self) -> str:
+        names = ",".join(a.name for a in self.arrays)
+        return f"{self.pool.name}.{self.policy}.{hashlib.sha256(names.encode()).hexdigest()[:10]}"
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.pool.size // SHARD_SAMPLES)
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        return shard * SHARD_SAMPLES, min((shard + 1) * SHARD_SAMPLES, self.pool.size)
+
+    @property
+    def images(self) -> int:
+        return self.pool.size * self.views
+
+
+@dataclass
+class ExtractionPlan:
+    """Everything an extraction will write that the store does not have yet."""
+
+    pools: dict[str, Pool]
+    whole: list[tuple[ArraySpec, np.ndarray]] = field(default_factory=list)
+    text: list[ArraySpec] = field(default_factory=list)
+    """Class text weights still to encode (their data needs the text tower, not known at plan time)."""
+    jobs: list[Job] = field(default_factory=list)
+    existing: dict[str, ArraySpec] = field(default_factory=dict)
+    view_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def new_arrays(self) -> list[ArraySpec]:
+        return [s for s, _ in self.whole] + self.text + [a for job in self.jobs for a in job.arrays]
+
+    @property
+    def new_bytes(self) -> int:
+        return sum(a.nbytes for a in self.new_arrays)
+
+    @property
+    def all_arrays(self) -> list[ArraySpec]:
+        return list(self.existing.values()) + self.new_arrays
+
+
+def array_layout(name: str, shape: tuple[int, ...], dtype: str) -> ArraySpec:
+    """Chunking and codec by measurement: zstd-1 for post-ReLU maps, none for Gaussian-like tensors."""
+    codec = "zstd1" if "/rn/" in name else "none"
+    per_sample = int(np.prod(shape[1:], dtype=np.int64)) * (np.dtype(dtype).itemsize if dtype != "str" else 64)
+    samples = SHARD_SAMPLES
+    while samples > 1 and samples * per_sample > TARGET_CHUNK_BYTES:
+        samples //= 2
+    first = min(samples, shape[0]) or 1
+    if samples == 1 and len(shape) > 2 and per_sample > TARGET_CHUNK_BYTES:
+        return ArraySpec(name, shape, dtype, (1, 1) + shape[2:], codec)  # one view of one image
+    return ArraySpec(name, shape, dtype, (first,) + shape[1:], codec)
+
+
+def tap_arrays(prefix: str, *, n: int, views: int, taps: tuple[str, ...], tap_shapes: dict, num_classes: int,
+               template_sets: tuple[str, ...], dtype: str) -> list[ArraySpec]:
+    """The arrays one view group produces: each tap, zero-shot logits if ``pooled`` is tapped, aug params."""
+    specs = [array_layout(f"{prefix}/{tap}", (n, views) + tuple(tap_shapes[tap]), dtype) for tap in taps]
+    if "pooled" in taps:
+        specs += [array_layout(f"{prefix}/zs_logits/{t}", (n, views, num_classes), dtype) for t in template_sets]
+    return specs
+
+
+def plan_extraction(
+    *,
+    pools: dict[str, Pool],
+    needs: list[Needs],
+    kind: str,
+    dense_tap: str,
+    vit_blocks: tuple[int, ...],
+    tap_shapes: dict[str, tuple[int, ...]],
+    num_classes: int,
+    template_sets: tuple[str, ...],
+    dtype: str,
+    views_override: int | None,
+    existing: dict[str, ArraySpec],
+    existing_views: dict[str, int],
+) -> ExtractionPlan:
+    """Jobs for the view groups the ``needs`` ask for, minus arrays the store already holds."""
+    plan = ExtractionPlan(pools=pools, existing=existing, view_counts=dict(existing_views))
+    groups: dict[tuple[str, str], tuple[int, list[str]]] = {}
+
+    def want(pool: str, policy: str, views: int, generic: tuple[str, ...]) -> None:
+        taps = resolve_taps(generic, kind=kind, dense_tap=dense_tap, vit_blocks=vit_blocks)
+        old_views, old_taps = groups.get((pool, policy), (0, []))
+        groups[(pool, policy)] = (max(views, old_views), list(dict.fromkeys(old_taps + list(taps))))
+
+    eval_taps = tuple(dict.fromkeys(t for n in needs for t in n.eval_taps))
+    for pool in pools:
+        want(pool, "center", 1, eval_taps)
+    train = next(p for p in pools if p.startswith("train"))
+    for need in needs:
+        for view in need.train_views:
+            want(train, view.policy, views_override or view.views, view.taps)
+
+    for (pool_name, policy), (views, taps) in groups.items():
+        plan.jobs += _group_job(plan, pools[pool_name], policy, views, tuple(taps), tap_shapes=tap_shapes,
+                                num_classes=num_classes, template_sets=template_sets, dtype=dtype)
+    return plan
+
+
+def _group_job(plan: ExtractionPlan, pool: Pool, policy: str, views: int, taps: tuple[str, ...], **layout) -> list[Job]:
+    key = f"{pool.name}/{policy}"
+    have = plan.view_counts.get(key)
+    if have is not None and have != views:
+        raise UsageError(
+            f"The store already holds {have} '{policy}' views of {pool.name}; this extraction asks for {views}. "
+            f"Pass --views {have} to add to it, or remove the store (fsl-cache cache rm) to start over."
+        )
+    plan.view_counts[key] = views
+    prefix = f"images/{pool.name}/views/{policy}"
+    missing_taps = tuple(t for t in taps if f"{prefix}/{t}" not in plan.existing)
+    if not missing_taps:
+        return []
+    specs = tap_arrays(prefix, n=pool.size, views=views, taps=missing_taps, **layout)
+    if f"{prefix}/aug_params" not in plan.existing:
+        specs.append(array_layout(f"{prefix}/aug_params", (pool.size, views, 5), "int32"))
+    return [Job(pool, policy, views, missing_taps, tuple(specs))]
+
+
+def check_fits(plan: ExtractionPlan, *, free_bytes: int) -> None:
+    if plan.new_bytes > free_bytes:
+        raise DiskFullError(
+            f"Not enough disk space: this extraction writes up to {human_bytes(plan.new_bytes)} "
+            f"but only {human_bytes(free_bytes)} is free. Free space, pick another --cache-dir, "
+            f"or extract fewer views/methods (--for, --views)."
+        )
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,171 @@
+"""Run an extraction plan: decode and augment in loader workers, encode, write shard by shard.
+
+Batches never cross shard boundaries and each view's augmentation is seeded by its own identity,
+so a resumed run computes every remaining shard exactly as an uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..datasets import BadImageError, DatasetSpec, open_image
+from ..errors import DatasetError
+from ..store.store import ShardBlocks, StoreWriter
+from .augment import ViewRenderer, sample_params
+from .plan import SHARD_SAMPLES, Job
+
+ZS_SCALE = 100.0
+"""[CODE] Tip-Adapter / LDC: zero-shot logits are 100 · f̂ Wᵀ (the released CLIP logit scale)."""
+
+
+@dataclass
+class RunStats:
+    images: int = 0
+    seconds: float = 0.0
+    skipped: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+class ViewDataset(Dataset):
+    """Row ``r`` of a job's pool → its ``V`` rendered views and their parameters."""
+
+    def __init__(self, spec: DatasetSpec, job: Job, renderer: ViewRenderer, *, seed: int) -> None:
+        self.spec, self.job, self.renderer, self.seed = spec, job, renderer, seed
+
+    def __len__(self) -> int:
+        return self.job.pool.size
+
+    def __getitem__(self, row: int):
+        index = int(self.job.pool.indices[row])
+        path = self.spec.path(self.job.pool.split, index)
+        views = self.job.views
+        try:
+            img = open_image(path)
+        except BadImageError as err:
+            # Raised here it would lose its type across the worker boundary; the main process decides.
+            blank = torch.zeros(views, 3, self.renderer.size, self.renderer.size)
+            return row, blank, np.zeros((views, 5), np.int32), str(err)
+        params = sample_params(self.job.policy, views=views, width=img.width, height=img.height,
+                               seed=self.seed, split=self.job.pool.split, index=index)
+        return row, self.renderer.render(img, params, policy=self.job.policy), params, ""
+
+
+class ShardBatchSampler(Sampler):
+    """Batches of rows that stay inside one shard, over the shards still to do."""
+
+    def __init__(self, job: Job, shards: list[int], samples_per_batch: int) -> None:
+        self.job, self.shards, self.step = job, shards, samples_per_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for shard in self.shards:
+            start, stop = self.job.shard_rows(shard)
+            for first in range(start, stop, self.step):
+                yield list(range(first, min(first + self.step, stop)))
+
+    def __len__(self) -> int:
+        sizes = [stop - start for start, stop in map(self.job.shard_rows, self.shards)]
+        return sum(-(-size // self.step) for size in sizes)
+
+
+def _collate(batch):
+    rows, views, params, errors = zip(*batch)
+    return list(rows), torch.stack(views), np.stack(params), list(errors)
+
+
+@dataclass
+class Encoder:
+    """The backbone side of extraction: taps for a batch, zero-shot logits from ``pooled``."""
+
+    backbone: object
+    text: dict[str, torch.Tensor]
+    store_dtype: np.dtype
+
+    def __call__(self, images: torch.Tensor, taps: tuple[str, ...]) -> dict[str, np.ndarray]:
+        bb = self.backbone
+        x = images.to(device=bb.device, dtype=bb.dtype)
+        out = bb.encode_taps(x, taps)
+        arrays = {tap: self._store(t) for tap, t in out.items()}
+        if "pooled" in out:
+            f = torch.nn.functional.normalize(out["pooled"].float(), dim=-1)
+            for name, weights in self.text.items():
+                arrays[f"zs_logits/{name}"] = self._store(ZS_SCALE * f @ weights.to(f.device).T)
+        return arrays
+
+    def _store(self, t: torch.Tensor) -> np.ndarray:
+        t = t.float()
+        if self.store_dtype == np.float16:
+            # Random-weight activations can exceed fp16's range; saturate rather than write inf.
+            t = t.clamp(-65504.0, 65504.0)
+        return t.cpu().numpy().astype(self.store_dtype)
+
+
+def run_job(
+    job: Job,
+    *,
+    spec: DatasetSpec,
+    writer: StoreWriter,
+    encoder: Encoder,
+    renderer: ViewRenderer,
+    aug_seed: int,
+    batch_size: int,
+    workers: int,
+    skip_bad: bool,
+    stats: RunStats,
+    advance: Callable[[int], None],
+    rank: int = 0,
+    world_size: int = 1,
+) -> None:
+    """Compute and write every unfinished shard of ``job`` that this rank owns."""
+    shards = [s for s in range(job.num_shards) if s % world_size == rank and not writer.is_done(job.id, s)]
+    if not shards:
+        return
+    for spec_ in job.arrays:
+        writer.create(spec_)
+    by_suffix = {a.name.split(f"/views/{job.policy}/", 1)[1]: a for a in job.arrays}
+    per_batch = max(1, batch_size // job.views)
+    loader = DataLoader(
+        ViewDataset(spec, job, renderer, seed=aug_seed),
+        batch_sampler=ShardBatchSampler(job, shards, per_batch),
+        num_workers=workers,
+        collate_fn=_collate,
+        persistent_workers=False,
+    )
+    blocks: ShardBlocks | None = None
+    started = time.perf_counter()
+    for rows, views, params, errors in loader:
+        shard = rows[0] // SHARD_SAMPLES
+        if blocks is None or blocks.marker.shard != shard:
+            blocks = writer.begin_shard(job.id, shard, *job.shard_rows(shard))
+        _check_errors(job, rows, errors, skip_bad=skip_bad, stats=stats)
+        b, v = views.shape[:2]
+        out = encoder(views.flatten(0, 1), job.taps)
+        for name, data in out.items():
+            blocks.write(by_suffix[name], rows[0], data.reshape((b, v) + data.shape[1:]))
+        if "aug_params" in by_suffix:
+            blocks.write(by_suffix["aug_params"], rows[0], params)
+        stats.images += b * v
+        advance(b * v)
+        if rows[-1] + 1 == blocks.marker.stop:
+            writer.commit(blocks.finish())
+            blocks = None
+    stats.seconds += time.perf_counter() - started
+
+
+def _check_errors(job: Job, rows: list[int], errors: list[str], *, skip_bad: bool, stats: RunStats) -> None:
+    for row, error in zip(rows, errors):
+        if not error:
+            continue
+        if not skip_bad:
+            raise DatasetError(f"{error} (pass --skip-bad to skip unreadable images and record them)")
+        skipped = stats.skipped.setdefault(job.pool.name, [])
+        index = int(job.pool.indices[row])
+        if index not in skipped:
+            skipped.append(index)

@@ -1,0 +1,97 @@
+"""Rich rendering of results for people (stderr); machines get ``--json`` on stdout instead."""
+from __future__ import annotations
+
+from rich.panel import Panel
+from rich.table import Table
+
+from .console import err_console
+from .extraction.plan import human_bytes
+
+
+def show_backbone_notice(arch: str, pretrained: str, random_init: bool, notes=()) -> None:
+    if random_init:
+        err_console.print(Panel(
+            f"[bold]{arch}[/] has RANDOM weights (--pretrained none). Features carry no semantics: "
+            "results measure the pipeline, not CLIP.", title="not pretrained", border_style="yellow"))
+    else:
+        err_console.print(f"backbone: [bold]{arch}[/] pretrained [bold]{pretrained}[/]")
+    for note in notes:
+        err_console.print(f"[yellow]note:[/] {note}")
+
+
+def show_extract_plan(prepared) -> None:
+    bb = prepared.backbone
+    show_backbone_notice(bb.arch, bb.pretrained, bb.random_init, bb.notes)
+    err_console.print(f"dataset: [bold]{prepared.spec.name}[/] ({prepared.spec.num_classes} classes)")
+    err_console.print(f"store:   {prepared.store_dir}")
+    rows = prepared.summary_rows()
+    if not rows:
+        err_console.print("[green]nothing to do:[/] the store already holds everything asked for")
+        return
+    table = Table(title="to write", title_justify="left", show_edge=False)
+    for col in ("pool/policy", "views", "arrays", "size"):
+        table.add_column(col, justify="right" if col in ("views", "size") else "left")
+    for group, views, taps, size in rows:
+        table.add_row(group, views, taps, human_bytes(size))
+    table.add_row("[bold]total[/]", "", f"{len(prepared.plan.new_arrays)} arrays", f"[bold]{human_bytes(prepared.plan.new_bytes)}[/]")
+    err_console.print(table)
+
+
+def show_extract_result(result) -> None:
+    rate = f"{result.images_per_s:,.1f} img/s" if result.images else "no new images"
+    err_console.print(
+        f"[green]done:[/] {result.images:,} views encoded in {result.seconds:.1f} s ({rate}) on {result.device}; "
+        f"store key [bold]{result.fingerprint[:16]}[/]"
+    )
+    for pool, indices in result.skipped.items():
+        err_console.print(f"[yellow]skipped[/] {len(indices)} unreadable image(s) in {pool} (listed in the manifest)")
+
+
+def show_store_list(entries) -> None:
+    if not entries:
+        err_console.print("no stores")
+        return
+    table = Table(show_edge=False)
+    for col in ("key", "dataset", "backbone", "precision", "format", "size", "state"):
+        table.add_column(col)
+    for e in entries:
+        state = "[green]finished[/]" if e.finished else "[yellow]incomplete[/]"
+        table.add_row(e.key[:16], e.dataset, e.backbone, e.precision, e.format, human_bytes(e.bytes), state)
+    err_console.print(table)
+
+
+def show_store_info(info: dict) -> None:
+    bb = info["backbone"]
+    err_console.print(f"[bold]{info['path']}[/]")
+    err_console.print(f"fingerprint {info['fingerprint']}  format {info['format']}  precision {info['precision']}")
+    err_console.print(f"dataset {info['dataset']['name']} ({len(info['dataset']['classnames'])} classes)  "
+                      f"backbone {bb['arch']}/{bb['pretrained']}{' [yellow](random init)[/]' if bb['random_init'] else ''}")
+    err_console.print(f"versions {info.get('versions', {})}")
+    table = Table(show_edge=False)
+    for col in ("array", "shape", "dtype", "codec", "bytes", "stored"):
+        table.add_column(col, justify="right" if col in ("bytes", "stored") else "left")
+    for name, a in sorted(info["arrays"].items()):
+        stored = human_bytes(a["stored_bytes"]) if a.get("stored_bytes") else "-"
+        table.add_row(name, "×".join(map(str, a["shape"])), a["dtype"], a.get("codec", ""), human_bytes(a["bytes"]), stored)
+    err_console.print(table)
+    for pool, skipped in info.get("skipped", {}).items():
+        err_console.print(f"[yellow]skipped in {pool}:[/] {len(skipped)} image(s)")
+
+
+def show_datasets(infos) -> None:
+    table = Table(show_edge=False)
+    table.add_column("name")
+    table.add_column("classes", justify="right")
+    table.add_column("expected layout under --root")
+    for info in infos:
+        table.add_row(info.name, str(getattr(info, "num_classes", "") or ""), getattr(info, "layout", ""))
+    err_console.print(table)
+
+
+def show_models(infos) -> None:
+    table = Table(show_edge=False)
+    table.add_column("architecture")
+    table.add_column("pretrained tags")
+    for info in infos:
+        table.add_row(info.arch if hasattr(info, "arch") else str(info), ", ".join(getattr(info, "tags", ())))
+    err_console.print(table)
