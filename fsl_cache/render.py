@@ -93,5 +93,5 @@ def show_models(infos) -> None:
     table.add_column("architecture")
     table.add_column("pretrained tags")
     for info in infos:
-        table.add_row(info.arch if hasattr(info, "arch") else str(info), ", ".join(getattr(info, "tags", ())))
+        table.add_row(info.name, ", ".join(info.tags))
     err_console.print(table)

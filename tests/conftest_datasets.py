@@ -3,6 +3,7 @@
 Imported by ``tests/test_datasets*.py`` and ``tests/test_shots.py`` (pytest puts ``tests/`` on
 ``sys.path`` because it has no ``__init__.py``).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,24 +45,97 @@ class CoopCase:
 
 
 COOP_CASES = (
-    CoopCase("caltech101", "Caltech101", "caltech-101", "101_ObjectCategories", 100,
-             (4128, 1649, 2465), ("face", "leopard", "motorbike", "airplane"), "a photo of a {}."),
-    CoopCase("oxford_pets", "OxfordPets", "oxford_pets", "images", 37, (2944, 736, 3669),
-             ("abyssinian", "american bulldog"), "a photo of a {}, a type of pet."),
-    CoopCase("stanford_cars", "StanfordCars", "stanford_cars", ".", 196, (6509, 1635, 8041),
-             ("2012 Audi TTS Coupe",), "a photo of a {}."),
-    CoopCase("oxford_flowers", "OxfordFlowers", "oxford_flowers", "jpg", 102, (4093, 1633, 2463),
-             ("passion flower",), "a photo of a {}, a type of flower."),
-    CoopCase("dtd", "DescribableTextures", "dtd", "images", 47, (2820, 1128, 1692),
-             ("banded", "blotchy"), "{} texture."),
-    CoopCase("eurosat", "EuroSAT", "eurosat", "2750", 10, (13500, 5400, 8100),
-             ("Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road",
-              "Industrial Buildings", "Pasture Land", "Permanent Crop Land",
-              "Residential Buildings", "River", "Sea or Lake"),
-             "a centered satellite photo of {}."),
-    CoopCase("ucf101", "UCF101", "ucf101", "UCF-101-midframes", 101, (7639, 1898, 3783),
-             ("Apply Eye Makeup",), "a photo of a person doing {}."),
+    CoopCase(
+        "caltech101",
+        "Caltech101",
+        "caltech-101",
+        "101_ObjectCategories",
+        100,
+        (4128, 1649, 2465),
+        ("face", "leopard", "motorbike", "airplane"),
+        "a photo of a {}.",
+    ),
+    CoopCase(
+        "oxford_pets",
+        "OxfordPets",
+        "oxford_pets",
+        "images",
+        37,
+        (2944, 736, 3669),
+        ("abyssinian", "american bulldog"),
+        "a photo of a {}, a type of pet.",
+    ),
+    CoopCase(
+        "stanford_cars",
+        "StanfordCars",
+        "stanford_cars",
+        ".",
+        196,
+        (6509, 1635, 8041),
+        ("2012 Audi TTS Coupe",),
+        "a photo of a {}.",
+    ),
+    CoopCase(
+        "oxford_flowers",
+        "OxfordFlowers",
+        "oxford_flowers",
+        "jpg",
+        102,
+        (4093, 1633, 2463),
+        ("passion flower",),
+        "a photo of a {}, a type of flower.",
+    ),
+    CoopCase(
+        "dtd",
+        "DescribableTextures",
+        "dtd",
+        "images",
+        47,
+        (2820, 1128, 1692),
+        ("banded", "blotchy"),
+        "{} texture.",
+    ),
+    CoopCase(
+        "eurosat",
+        "EuroSAT",
+        "eurosat",
+        "2750",
+        10,
+        (13500, 5400, 8100),
+        (
+            "Annual Crop Land",
+            "Forest",
+            "Herbaceous Vegetation Land",
+            "Highway or Road",
+            "Industrial Buildings",
+            "Pasture Land",
+            "Permanent Crop Land",
+            "Residential Buildings",
+            "River",
+            "Sea or Lake",
+        ),
+        "a centered satellite photo of {}.",
+    ),
+    CoopCase(
+        "ucf101",
+        "UCF101",
+        "ucf101",
+        "UCF-101-midframes",
+        101,
+        (7639, 1898, 3783),
+        ("Apply Eye Makeup",),
+        "a photo of a person doing {}.",
+    ),
 )
+
+
+def scratch_dir() -> str | None:
+    """A RAM-backed folder for the ~86k empty files of the real-split tests, when there is one.
+
+    Creating them takes 1-2 s on tmpfs but can take a minute on a busy shared disk.
+    """
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 def split_file(stem: str) -> Path:
@@ -91,7 +165,11 @@ def build_coop_layout(root: Path, case: CoopCase) -> Path:
 def write_split_json(folder: Path, stem: str, names: list[str], per_split: int = 1) -> Path:
     """A hand-made CoOp split file with ``per_split`` items per class and split."""
     split = {
-        s: [[f"{n}/{s}_{i}.jpg", label, n] for label, n in enumerate(names) for i in range(per_split)]
+        s: [
+            [f"{n}/{s}_{i}.jpg", label, n]
+            for label, n in enumerate(names)
+            for i in range(per_split)
+        ]
         for s in ("train", "val", "test")
     }
     path = folder / f"split_zhou_{stem}.json"

@@ -1,4 +1,5 @@
 """Built-in loaders against the real CoOp split files and hand-made layouts, and their errors."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest_datasets import COOP_CASES, build_coop_layout, split_file, touch_all, write_split_json
+from conftest_datasets import (
+    COOP_CASES,
+    build_coop_layout,
+    scratch_dir,
+    split_file,
+    touch_all,
+    write_split_json,
+)
 
 from fsl_cache.datasets import list_datasets, load_dataset, templates_for
 from fsl_cache.datasets.base import builtin_loaders, sha256_file
@@ -18,9 +26,9 @@ from fsl_cache.errors import DatasetError, UsageError
 
 @pytest.fixture(scope="module")
 def coop_root():
-    # ~60k empty files: removed at teardown rather than left in pytest's retained tmp folders,
+    # ~86k empty files: removed at teardown rather than left in pytest's retained tmp folders,
     # whose later clean-up would bill every subsequent pytest run on the machine
-    with tempfile.TemporaryDirectory(prefix="fsl-coop-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fsl-coop-", dir=scratch_dir()) as tmp:
         root = Path(tmp)
         for case in COOP_CASES:
             build_coop_layout(root, case)
@@ -57,7 +65,8 @@ def test_coop_loader_keeps_file_order_and_labels(coop_root, case):
 
 def test_eurosat_classnames_in_label_order(coop_root):
     spec = load_dataset("eurosat", root=coop_root)
-    assert spec.classnames == COOP_CASES[5].some_classnames
+    eurosat = next(case for case in COOP_CASES if case.name == "eurosat")
+    assert spec.classnames == eurosat.some_classnames
 
 
 def test_caltech_ignores_background_and_renames(coop_root):
@@ -81,15 +90,21 @@ def test_root_from_environment(coop_root, monkeypatch):
         ("sun397", "sun397", "SUN397", "SUN397", 397, "indoor_bakery", "indoor bakery"),
     ],
 )
-def test_split_file_datasets_without_fixture(tmp_path, name, folder, images, stem, count, raw, expected):
+def test_split_file_datasets_without_fixture(
+    tmp_path, name, folder, images, stem, count, raw, expected
+):
     names = [raw] + [f"class_{i}" for i in range(1, count)]
-    path = write_split_json(tmp_path / folder, stem, names, per_split=2)
+    path = write_split_json(tmp_path / folder, stem, names)
     split = json.loads(path.read_text())
     touch_all(tmp_path / folder / images, [e[0] for items in split.values() for e in items])
     spec = load_dataset(name, root=tmp_path)
     assert spec.num_classes == count
     assert spec.classnames[0] == expected
-    assert {s: len(v) for s, v in spec.splits.items()} == {"train": 2 * count, "val": 2 * count, "test": 2 * count}
+    assert {s: len(v) for s, v in spec.splits.items()} == {
+        "train": count,
+        "val": count,
+        "test": count,
+    }
     assert spec.templates["tip"] == templates_for(name)["tip"]
 
 
@@ -97,7 +112,11 @@ def make_fgvc(root):
     folder = root / "fgvc_aircraft"
     (folder / "images").mkdir(parents=True)
     (folder / "variants.txt").write_text("707-320\nA300B4\nF/A-18\n")
-    lines = {"train": ["1 707-320", "2 F/A-18", "3 A300B4"], "val": ["4 A300B4"], "test": ["5 F/A-18", "6 707-320"]}
+    lines = {
+        "train": ["1 707-320", "2 F/A-18", "3 A300B4"],
+        "val": ["4 A300B4"],
+        "test": ["5 F/A-18", "6 707-320"],
+    }
     for split, rows in lines.items():
         (folder / f"images_variant_{split}.txt").write_text("\n".join(rows) + "\n")
     touch_all(folder / "images", [f"{i}.jpg" for i in range(1, 7)])
@@ -121,7 +140,12 @@ def test_fgvc_unknown_variant_names_file_and_line(tmp_path):
         load_dataset("fgvc_aircraft", root=tmp_path)
 
 
-WNIDS = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great_white_shark", "n01491361": "tiger shark"}
+WNIDS = {
+    "n01440764": "tench",
+    "n01443537": "goldfish",
+    "n01484850": "great_white_shark",
+    "n01491361": "tiger shark",
+}
 
 
 def write_classnames(folder, wnids=WNIDS):
@@ -133,8 +157,14 @@ def make_imagenet(root, per_class=25):
     folder = root / "imagenet"
     write_classnames(folder)
     wnids = list(WNIDS)[:3]
-    touch_all(folder / "images" / "train", [f"{w}/{w}_{i:04d}.JPEG" for w in wnids for i in range(per_class)])
-    touch_all(folder / "images" / "val", [f"{w}/ILSVRC2012_val_{j}{w}.JPEG" for w in wnids for j in range(4)])
+    touch_all(
+        folder / "images" / "train",
+        [f"{w}/{w}_{i:04d}.JPEG" for w in wnids for i in range(per_class)],
+    )
+    touch_all(
+        folder / "images" / "val",
+        [f"{w}/ILSVRC2012_val_{j}{w}.JPEG" for w in wnids for j in range(4)],
+    )
     return folder
 
 
@@ -147,7 +177,9 @@ def test_imagenet_holds_out_val_from_train(tmp_path):
     assert len(train | val) == 75
     assert [label for _, label in spec.splits["val"]].count(0) == 12  # min(20, 25 // 2)
     assert all(p.startswith("train/") for p, _ in spec.splits["val"])
-    assert len(spec.splits["test"]) == 12 and all(p.startswith("val/") for p, _ in spec.splits["test"])
+    assert len(spec.splits["test"]) == 12 and all(
+        p.startswith("val/") for p, _ in spec.splits["test"]
+    )
     assert spec.splits["test"][4] == ("val/n01443537/ILSVRC2012_val_0n01443537.JPEG", 1)
     assert any("[PROPOSED]" in note and "random.Random(0)" in note for note in spec.notes)
     assert load_dataset("imagenet", root=tmp_path) == spec  # deterministic
@@ -170,7 +202,7 @@ def test_imagenet_templates(tmp_path):
 def test_imagenet_folder_missing_from_classnames(tmp_path):
     folder = make_imagenet(tmp_path)
     touch_all(folder / "images" / "train", ["n99999999/x.JPEG"])
-    with pytest.raises(DatasetError, match="n99999999.*classnames.txt"):
+    with pytest.raises(DatasetError, match=r"n99999999.*classnames\.txt"):
         load_dataset("imagenet", root=tmp_path)
 
 
@@ -189,7 +221,11 @@ def test_wnid_shift_sets_are_test_only_subsets(tmp_path, name, folder, images):
     spec = load_dataset(name, root=tmp_path)
     # labels enumerate the sorted folders present: a 2-class problem out of 4 names
     assert spec.classnames == ("tench", "great white shark")
-    assert spec.splits["test"] == (("n01440764/c.jpg", 0), ("n01484850/a.jpg", 1), ("n01484850/b.jpg", 1))
+    assert spec.splits["test"] == (
+        ("n01440764/c.jpg", 0),
+        ("n01484850/a.jpg", 1),
+        ("n01484850/b.jpg", 1),
+    )
     assert spec.splits["train"] == () and spec.splits["val"] == ()
     assert spec.templates["tip"] == IMAGENET_SELECT7 and "clip80" in spec.templates
 
@@ -212,15 +248,27 @@ def test_imagenet_v2_folders_are_label_numbers(tmp_path):
 
 @pytest.fixture
 def eurosat_small(tmp_path):
-    names = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
-             "PermanentCrop", "Residential", "River", "SeaLake"]
+    names = [
+        "AnnualCrop",
+        "Forest",
+        "HerbaceousVegetation",
+        "Highway",
+        "Industrial",
+        "Pasture",
+        "PermanentCrop",
+        "Residential",
+        "River",
+        "SeaLake",
+    ]
     path = write_split_json(tmp_path / "eurosat", "EuroSAT", names)
     split = json.loads(path.read_text())
     touch_all(tmp_path / "eurosat" / "2750", [e[0] for items in split.values() for e in items])
     return tmp_path
 
 
-EUROSAT_EXPECTS = "EuroSAT expects ROOT/eurosat/2750/<Class>/*.jpg and ROOT/eurosat/split_zhou_EuroSAT.json"
+EUROSAT_EXPECTS = (
+    "EuroSAT expects ROOT/eurosat/2750/<Class>/*.jpg and ROOT/eurosat/split_zhou_EuroSAT.json"
+)
 
 
 def test_small_eurosat_loads(eurosat_small):
@@ -228,7 +276,10 @@ def test_small_eurosat_loads(eurosat_small):
 
 
 def test_missing_root(tmp_path):
-    with pytest.raises(DatasetError, match=re.escape(f"{EUROSAT_EXPECTS}; missing: {tmp_path / 'nope'} (the data root)")):
+    with pytest.raises(
+        DatasetError,
+        match=re.escape(f"{EUROSAT_EXPECTS}; missing: {tmp_path / 'nope'} (the data root)"),
+    ):
         load_dataset("eurosat", root=tmp_path / "nope")
 
 
@@ -252,7 +303,9 @@ def test_missing_split_file(eurosat_small):
 
 def test_wrong_layout_names_expected_one(eurosat_small):
     (eurosat_small / "eurosat" / "2750").rename(eurosat_small / "eurosat" / "jpg")
-    with pytest.raises(DatasetError, match=re.escape(EUROSAT_EXPECTS) + "; missing: .*eurosat/2750$"):
+    with pytest.raises(
+        DatasetError, match=re.escape(EUROSAT_EXPECTS) + "; missing: .*eurosat/2750$"
+    ):
         load_dataset("eurosat", root=eurosat_small)
 
 
@@ -266,7 +319,9 @@ def test_one_missing_image_is_named(eurosat_small):
 def test_many_missing_images_show_first_few_and_count(eurosat_small):
     shutil.rmtree(eurosat_small / "eurosat" / "2750" / "River")
     shutil.rmtree(eurosat_small / "eurosat" / "2750" / "SeaLake")
-    with pytest.raises(DatasetError, match=r"6 of 30 listed images are missing, first: .*River/train_0.jpg") as err:
+    with pytest.raises(
+        DatasetError, match=r"6 of 30 listed images are missing, first: .*River/train_0.jpg"
+    ) as err:
         load_dataset("eurosat", root=eurosat_small)
     assert str(err.value).count(str(eurosat_small)) == 3 and "\n" not in str(err.value)
 
@@ -285,8 +340,14 @@ def rewrite_split(root, edit):
         (lambda s: s["val"][0].__setitem__(1, 10), r"val\[0\]: label 10 out of range 0..9"),
         (lambda s: s["test"][1].__setitem__(1, -1), r"test\[1\]: label -1 out of range"),
         (lambda s: s.pop("val"), "missing key 'val'"),
-        (lambda s: s["train"].__setitem__(0, ["a.jpg", 0]), r"train\[0\] must be \[path, label, classname\]"),
-        (lambda s: s["train"][1].__setitem__(2, "Woods"), r"val\[1\]: label 1 is named 'Forest' here but 'Woods' before"),
+        (
+            lambda s: s["train"].__setitem__(0, ["a.jpg", 0]),
+            r"train\[0\] must be \[path, label, classname\]",
+        ),
+        (
+            lambda s: s["train"][1].__setitem__(2, "Woods"),
+            r"val\[1\]: label 1 is named 'Forest' here but 'Woods' before",
+        ),
     ],
 )
 def test_bad_split_json(eurosat_small, edit, message):
@@ -297,12 +358,14 @@ def test_bad_split_json(eurosat_small, edit, message):
 
 def test_split_json_not_json(eurosat_small):
     (eurosat_small / "eurosat" / "split_zhou_EuroSAT.json").write_text("{nope")
-    with pytest.raises(DatasetError, match="split_zhou_EuroSAT.json: not valid JSON"):
+    with pytest.raises(DatasetError, match=r"split_zhou_EuroSAT\.json: not valid JSON"):
         load_dataset("eurosat", root=eurosat_small)
 
 
 def test_unknown_name_suggests_closest(tmp_path):
-    with pytest.raises(UsageError, match=r"Unknown dataset 'eurosta'. Did you mean eurosat\? Available: .*dtd"):
+    with pytest.raises(
+        UsageError, match=r"Unknown dataset 'eurosta'. Did you mean eurosat\? Available: .*dtd"
+    ):
         load_dataset("eurosta", root=tmp_path)
 
 
@@ -319,14 +382,17 @@ def test_list_datasets_covers_every_loader():
     infos = {info.name: info for info in list_datasets()}
     assert set(builtin_loaders()) | {"imagefolder:DIR", "csv:FILE"} == set(infos)
     assert infos["eurosat"].num_classes == 10 and infos["imagenet_a"].num_classes == 200
-    assert infos["eurosat"].layout == "ROOT/eurosat/2750/<Class>/*.jpg and ROOT/eurosat/split_zhou_EuroSAT.json"
+    assert (
+        infos["eurosat"].layout
+        == "ROOT/eurosat/2750/<Class>/*.jpg and ROOT/eurosat/split_zhou_EuroSAT.json"
+    )
     assert infos["csv:FILE"].num_classes is None
 
 
 @pytest.mark.parametrize("name", sorted(builtin_loaders()))
 def test_every_builtin_has_well_formed_templates(name):
     templates = templates_for(name)
-    assert list(templates)[0] == "tip" and "coop" in templates and len(templates["coop"]) == 1
+    assert next(iter(templates)) == "tip" and "coop" in templates and len(templates["coop"]) == 1
     for template in (t for group in templates.values() for t in group):
         assert template.count("{}") == 1 and template.format("x") != template
 

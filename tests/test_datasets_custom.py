@@ -1,4 +1,5 @@
 """User datasets (imagefolder:DIR, csv:FILE) and the offline demo dataset."""
+
 from __future__ import annotations
 
 import time
@@ -20,20 +21,27 @@ def class_counts(spec, split):
 
 
 def test_stratified_split_sizes():
-    groups = [("big", [f"big/{i}.jpg" for i in range(10)]), ("three", ["t/a", "t/b", "t/c"]),
-              ("two", ["w/a", "w/b"])]
+    groups = [
+        ("big", [f"big/{i}.jpg" for i in range(10)]),
+        ("three", ["t/a", "t/b", "t/c"]),
+        ("two", ["w/a", "w/b"]),
+    ]
     out = stratified_split(groups, held_out={"val": 20, "test": 30})
     counts = {s: Counter(label for _, label in items) for s, items in out.items()}
     assert (counts["train"][0], counts["val"][0], counts["test"][0]) == (5, 2, 3)
     assert (counts["train"][1], counts["val"][1], counts["test"][1]) == (1, 1, 1)
     assert (counts["train"][2], counts["val"][2], counts["test"][2]) == (2, 0, 0)
-    assert sorted(p for items in out.values() for p, label in items if label == 0) == sorted(groups[0][1])
+    assert sorted(p for items in out.values() for p, label in items if label == 0) == sorted(
+        groups[0][1]
+    )
 
 
 def test_stratified_split_is_per_class_stable():
     paths = [f"cat/{i:02d}.jpg" for i in range(20)]
     alone = stratified_split([("cat", paths)], held_out={"val": 20, "test": 30})
-    with_other = stratified_split([("ant", ["ant/a.jpg"] * 5), ("cat", paths)], held_out={"val": 20, "test": 30})
+    with_other = stratified_split(
+        [("ant", ["ant/a.jpg"] * 5), ("cat", paths)], held_out={"val": 20, "test": 30}
+    )
     assert [p for p, _ in alone["test"]] == [p for p, label in with_other["test"] if label == 1]
     assert alone["test"] == sorted(alone["test"])  # sorted within the split, not in shuffled order
 
@@ -55,7 +63,11 @@ def test_imagefolder_without_split_folders(tmp_path):
     assert spec.name == f"imagefolder:{folder.resolve()}"
     assert spec.classnames == ("axolotl", "dog", "tabby cat")
     assert spec.templates == {"tip": ("a photo of a {}.",), "coop": ("a photo of a {}.",)}
-    assert (class_counts(spec, "train")[1], class_counts(spec, "val")[1], class_counts(spec, "test")[1]) == (11, 4, 6)
+    assert (
+        class_counts(spec, "train")[1],
+        class_counts(spec, "val")[1],
+        class_counts(spec, "test")[1],
+    ) == (11, 4, 6)
     assert class_counts(spec, "train")[0] == 2 and class_counts(spec, "val")[0] == 0
     assert ("dog/nested/deep.PNG", 1) in {i for s in spec.splits.values() for i in s}
     assert any("stratified split" in n and "random.Random('0:<class>')" in n for n in spec.notes)
@@ -91,14 +103,26 @@ def test_imagefolder_without_val_folder_holds_val_out_of_train(tmp_path):
     "setup, message",
     [
         (lambda d: make_folder(d / "train", {"a": 1}), "missing: {d}/test"),
-        (lambda d: (make_folder(d / "train", {"a": 1}), make_folder(d / "test", {"zebra": 1})),
-         "{d}/test/zebra is not a class folder of {d}/train"),
+        (
+            lambda d: (make_folder(d / "train", {"a": 1}), make_folder(d / "test", {"zebra": 1})),
+            "{d}/test/zebra is not a class folder of {d}/train",
+        ),
         (lambda d: (make_folder(d, {"a": 1}), (d / "b").mkdir()), "{d}/b holds no images"),
         (lambda d: None, "no class folders in {d}"),
-        (lambda d: (make_folder(d, {"a": 3, "b": 3}), (d / "classnames.txt").write_text("only one\n")),
-         "classnames.txt has 1 names but there are 2 classes"),
-        (lambda d: (make_folder(d, {"a": 3}), (d / "templates.txt").write_text("ok {}\nno braces\n")),
-         "templates.txt:2: a template needs exactly one {{}}"),
+        (
+            lambda d: (
+                make_folder(d, {"a": 3, "b": 3}),
+                (d / "classnames.txt").write_text("only one\n"),
+            ),
+            "classnames.txt has 1 names but there are 2 classes",
+        ),
+        (
+            lambda d: (
+                make_folder(d, {"a": 3}),
+                (d / "templates.txt").write_text("ok {}\nno braces\n"),
+            ),
+            "templates.txt:2: a template needs exactly one {{}}",
+        ),
     ],
 )
 def test_imagefolder_errors(tmp_path, setup, message):
@@ -108,7 +132,9 @@ def test_imagefolder_errors(tmp_path, setup, message):
 
 
 def test_imagefolder_missing_dir(tmp_path):
-    with pytest.raises(DatasetError, match=f"imagefolder expects DIR/<class>.*; missing: {tmp_path}/nope"):
+    with pytest.raises(
+        DatasetError, match=f"imagefolder expects DIR/<class>.*; missing: {tmp_path}/nope"
+    ):
         load_dataset(f"imagefolder:{tmp_path / 'nope'}")
 
 
@@ -129,11 +155,17 @@ def write_csv(folder, text, images=()):
 
 def test_csv_with_split_column_and_names(tmp_path):
     images = ["img/a.jpg", "img/b.jpg", "img/c.jpg", "img/d.jpg"]
-    text = "path,label,split\nimg/a.jpg,zebra,train\nimg/b.jpg,ant_lion,test\nimg/c.jpg,zebra,val\nimg/d.jpg,ant_lion,train\n"
+    text = (
+        "path,label,split\nimg/a.jpg,zebra,train\nimg/b.jpg,ant_lion,test\n"
+        "img/c.jpg,zebra,val\nimg/d.jpg,ant_lion,train\n"
+    )
     spec = load_dataset(f"csv:{write_csv(tmp_path, text, images)}")
     assert spec.classnames == ("ant lion", "zebra")
-    assert spec.splits == {"train": (("img/a.jpg", 1), ("img/d.jpg", 0)), "val": (("img/c.jpg", 1),),
-                           "test": (("img/b.jpg", 0),)}
+    assert spec.splits == {
+        "train": (("img/a.jpg", 1), ("img/d.jpg", 0)),
+        "val": (("img/c.jpg", 1),),
+        "test": (("img/b.jpg", 0),),
+    }
     assert spec.image_root == tmp_path.resolve()
 
 
@@ -160,11 +192,17 @@ def test_csv_without_split_column_is_stratified(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("file,label\na.jpg,x\n", r"data.csv:1: header must name the columns path,label\[,split\]; found: file,label"),
+        (
+            "file,label\na.jpg,x\n",
+            r"data.csv:1: header must name the columns path,label\[,split\]; found: file,label",
+        ),
         ("path,label,splt\na.jpg,x,train\n", "data.csv:1: header must name"),
         ("path,label\na.jpg,x\nb.jpg\n", "data.csv:3: expected 2 columns"),
         ("path,label\na.jpg,x\n,y\n", "data.csv:3: empty path"),
-        ("path,label,split\na.jpg,x,train\na.jpg,y,holdout\n", "data.csv:3: split must be one of train, val, test; got 'holdout'"),
+        (
+            "path,label,split\na.jpg,x,train\na.jpg,y,holdout\n",
+            "data.csv:3: split must be one of train, val, test; got 'holdout'",
+        ),
         ("path,label\na.jpg,0\na.jpg,5\n", "labels are integers, so .*classnames.txt must list"),
         ("path,label\n", "no rows after the header"),
         ("path,label\nmissing.jpg,x\n", "missing: .*missing.jpg"),
@@ -209,7 +247,9 @@ def test_demo_dataset_is_deterministic(tmp_path):
     assert len(files) == 303  # 300 images, two text files, the marker
     assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
     other = make_demo_dataset(tmp_path / "c", seed=1)
-    assert (first / "train/checkerboard/000.png").read_bytes() != (other / "train/checkerboard/000.png").read_bytes()
+    assert (first / "train/checkerboard/000.png").read_bytes() != (
+        other / "train/checkerboard/000.png"
+    ).read_bytes()
 
 
 def test_demo_dataset_is_idempotent(tmp_path):

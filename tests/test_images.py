@@ -1,4 +1,5 @@
 """open_image: every stored mode becomes sensible 8-bit RGB; broken files fail with their path."""
+
 from __future__ import annotations
 
 import io
@@ -23,7 +24,7 @@ def pixel(path, xy=(0, 0)):
 
 
 def close_to(actual, expected, tol=3):
-    return all(abs(a - e) <= tol for a, e in zip(actual, expected))
+    return all(abs(a - e) <= tol for a, e in zip(actual, expected, strict=True))
 
 
 # ---------------------------------------------------------------------------- conversions
@@ -92,7 +93,9 @@ def test_16_bit_is_rescaled_not_clipped(tmp_path, suffix):
 
 
 def test_32_bit_integer_within_16_bit_range(tmp_path):
-    path = save(Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.int32)), tmp_path / "i32.tif")
+    path = save(
+        Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.int32)), tmp_path / "i32.tif"
+    )
     assert Image.open(path).mode == "I"
     img = open_image(path)
     assert [img.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
@@ -105,7 +108,9 @@ def test_float_in_unit_range(tmp_path):
 
 
 def test_float_outside_unit_range_uses_min_max(tmp_path):
-    path = save(Image.fromarray(np.array([[-10.0, 0.0, 10.0]], dtype=np.float32)), tmp_path / "f.tif")
+    path = save(
+        Image.fromarray(np.array([[-10.0, 0.0, 10.0]], dtype=np.float32)), tmp_path / "f.tif"
+    )
     img = open_image(path)
     assert [img.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
 
@@ -155,4 +160,3 @@ def test_decompression_bomb(tmp_path, monkeypatch):
     path = save(Image.new("L", (64, 64)), tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px > 2 x limit: PIL raises
     assert_bad(path, "decompression bomb")
-

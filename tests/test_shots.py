@@ -1,4 +1,5 @@
-"""CoOp/Dassl few-shot sampling: byte-exact against the published picks, plus the pools built on it."""
+"""CoOp/Dassl few-shot sampling: exact against the published picks, plus the pools built on it."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,9 @@ def published_paths(dataset: str, shots: int, seed: int) -> dict[str, list[str]]
         pytest.fail(f"Published few-shot picks missing: {path}")
     prefix = PUBLISHED[dataset][2]
     picks = json.loads(path.read_text())
-    return {s: [d["impath"].removeprefix(prefix) for d in picks[s]["data"]] for s in ("train", "val")}
+    return {
+        s: [d["impath"].removeprefix(prefix) for d in picks[s]["data"]] for s in ("train", "val")
+    }
 
 
 @pytest.mark.parametrize("dataset", sorted(PUBLISHED))
@@ -39,7 +42,10 @@ def published_paths(dataset: str, shots: int, seed: int) -> dict[str, list[str]]
 def test_matches_published_picks_exactly(dataset, shots, seed):
     splits = split_paths(dataset)
     subset = sample_few_shot(
-        [label for _, label in splits["train"]], [label for _, label in splits["val"]], shots=shots, seed=seed
+        [label for _, label in splits["train"]],
+        [label for _, label in splits["val"]],
+        shots=shots,
+        seed=seed,
     )
     mine = {s: [splits[s][i][0] for i in getattr(subset, s)] for s in ("train", "val")}
     assert mine == published_paths(dataset, shots, seed)
@@ -90,7 +96,9 @@ def toy_spec(train_labels, val_labels, classnames=("a", "b", "c")) -> DatasetSpe
         return tuple((f"{i}.jpg", label) for i, label in enumerate(labels))
 
     return DatasetSpec(
-        name="toy", image_root=Path("/nowhere"), classnames=tuple(classnames),
+        name="toy",
+        image_root=Path("/nowhere"),
+        classnames=tuple(classnames),
         templates={"tip": ("a photo of a {}.",)},
         splits={"train": items(train_labels), "val": items(val_labels), "test": ()},
         source_hash="0" * 64,
@@ -101,8 +109,12 @@ def test_pools_hold_every_subset_and_their_unions():
     spec = toy_spec([i % 3 for i in range(90)], [i % 3 for i in range(30)])
     pools = few_shot_pools(spec)
     assert set(pools.subsets) == {(k, s) for k in (1, 2, 4, 8, 16) for s in (1, 2, 3)}
-    assert pools.subsets[(4, 2)] == sample_few_shot(spec.labels("train"), spec.labels("val"), shots=4, seed=2)
-    assert pools.train_union == tuple(sorted({i for sub in pools.subsets.values() for i in sub.train}))
+    assert pools.subsets[(4, 2)] == sample_few_shot(
+        spec.labels("train"), spec.labels("val"), shots=4, seed=2
+    )
+    assert pools.train_union == tuple(
+        sorted({i for sub in pools.subsets.values() for i in sub.train})
+    )
     assert pools.val_union == tuple(sorted({i for sub in pools.subsets.values() for i in sub.val}))
     assert len(pools.train_union) <= 3 * 31 * 3 and pools.shortfall == ()
 
@@ -131,9 +143,10 @@ def test_pools_validate_settings(kwargs, message):
         few_shot_pools(toy_spec([0, 1, 2], [0, 1, 2]), **kwargs)
 
 
-def test_pools_refuse_test_only_sets():
-    with pytest.raises(UsageError, match="no train split"):
-        few_shot_pools(toy_spec([], []))
+def test_pools_of_test_only_sets_are_empty():
+    pools = few_shot_pools(toy_spec([], []), shots=(1, 4), seeds=(1,))
+    assert pools.subsets == {(1, 1): FewShotSubset((), ()), (4, 1): FewShotSubset((), ())}
+    assert pools.train_union == pools.val_union == pools.shortfall == ()
 
 
 def test_subset_is_frozen():

@@ -1,4 +1,5 @@
 """Datasets: built-in CoOp loaders, user folders and CSVs, prompt templates, few-shot sampling."""
+
 from fsl_cache.datasets.base import DatasetSpec
 from fsl_cache.datasets.catalog import DatasetInfo, list_datasets, load_dataset
 from fsl_cache.datasets.demo import make_demo_dataset

@@ -1,4 +1,5 @@
-"""Resolving a dataset spec string (built-in name, ``imagefolder:DIR``, ``csv:FILE``) to a DatasetSpec."""
+"""Resolving a dataset spec (built-in name, ``imagefolder:DIR``, ``csv:FILE``) to a DatasetSpec."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,11 @@ class DatasetInfo:
 
 def list_datasets() -> list[DatasetInfo]:
     """The built-in datasets (CoOp order, then the ImageNet shift sets) and the two user formats."""
-    infos = [DatasetInfo(name, layout.num_classes, layout.expects) for name, layout in coop.LAYOUTS.items()]
-    return infos + [
+    return [
+        *(
+            DatasetInfo(name, layout.num_classes, layout.expects)
+            for name, layout in coop.LAYOUTS.items()
+        ),
         DatasetInfo("imagefolder:DIR", None, IMAGEFOLDER_LAYOUT),
         DatasetInfo("csv:FILE", None, CSV_LAYOUT),
     ]
@@ -44,7 +48,9 @@ def load_dataset(spec: str, *, root: Path | str | None = None) -> DatasetSpec:
     kind, sep, target = spec.partition(":")
     if sep and kind in CUSTOM_KINDS:
         if not target:
-            raise UsageError(f"Dataset spec '{spec}' needs a path after the colon, e.g. {kind}:/data/mine")
+            raise UsageError(
+                f"Dataset spec '{spec}' needs a path after the colon, e.g. {kind}:/data/mine"
+            )
         return CUSTOM_KINDS[kind](target)
     loaders = builtin_loaders()
     if spec not in loaders:

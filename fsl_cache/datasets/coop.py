@@ -1,8 +1,9 @@
 """Loaders for the 11 CoOp datasets and the ImageNet shift sets, read from CoOp's layout under ROOT.
 
-Each loader checks cheaply (directory listings, no decoding) that the root, the split files and every
-listed image exist, and fails with one line that names the missing path and the expected layout.
+Each loader checks cheaply (directory listings, no decoding) that the root, the split files and
+every listed image exist, and fails with one line naming the missing path and the expected layout.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,59 +51,55 @@ class Layout:
         return f"{self.title} expects {self.expects}"
 
 
-def _split_layout(title: str, folder: str, images: str, num_classes: int, stem: str, pattern: str):
+def _split_layout(title: str, folder: str, images: str, classes: int, stem: str, pattern: str):
     split_file = f"split_zhou_{stem}.json"
     expects = f"ROOT/{folder}/{pattern} and ROOT/{folder}/{split_file}"
-    return Layout(title, folder, images, num_classes, expects, split_file)
+    return Layout(title, folder, images, classes, expects, split_file)
 
 
-def _wnid_layout(title: str, folder: str, images: str, num_classes: int, pattern: str) -> Layout:
+def _wnid_layout(title: str, folder: str, images: str, classes: int, pattern: str) -> Layout:
     expects = f"ROOT/{folder}/{images}/{pattern} and ROOT/{folder}/classnames.txt"
-    return Layout(title, folder, images, num_classes, expects)
+    return Layout(title, folder, images, classes, expects)
 
 
+_FGVC_EXPECTS = (
+    "ROOT/fgvc_aircraft/images/*.jpg, ROOT/fgvc_aircraft/variants.txt and "
+    "ROOT/fgvc_aircraft/images_variant_{train,val,test}.txt"
+)
+
+# [CODE] CoOp datasets/*.py: dataset_dir, image_dir and split_path of each class. Stanford Cars'
+# split paths are relative to the dataset folder itself (image folder ".").
+# fmt: off
 LAYOUTS: dict[str, Layout] = {
     "imagenet": _wnid_layout("ImageNet", "imagenet", "images", 1000, "{train,val}/<wnid>/*.JPEG"),
-    "caltech101": _split_layout(
-        "Caltech101", "caltech-101", "101_ObjectCategories", 100, "Caltech101",
-        "101_ObjectCategories/<Class>/*.jpg",
-    ),
-    "oxford_pets": _split_layout(
-        "OxfordPets", "oxford_pets", "images", 37, "OxfordPets", "images/*.jpg"
-    ),
-    # [CODE] CoOp stanford_cars.py: split paths are relative to the dataset folder itself
-    "stanford_cars": _split_layout(
-        "StanfordCars", "stanford_cars", ".", 196, "StanfordCars", "{cars_train,cars_test}/*.jpg"
-    ),
-    "oxford_flowers": _split_layout(
-        "Flowers102", "oxford_flowers", "jpg", 102, "OxfordFlowers", "jpg/*.jpg"
-    ),
-    "food101": _split_layout("Food101", "food-101", "images", 101, "Food101", "images/<class>/*.jpg"),
-    "fgvc_aircraft": Layout(
-        "FGVCAircraft", "fgvc_aircraft", "images", 100,
-        "ROOT/fgvc_aircraft/images/*.jpg, ROOT/fgvc_aircraft/variants.txt and "
-        "ROOT/fgvc_aircraft/images_variant_{train,val,test}.txt",
-    ),
-    "sun397": _split_layout(
-        "SUN397", "sun397", "SUN397", 397, "SUN397", "SUN397/<letter>/<scene>/*.jpg"
-    ),
-    "dtd": _split_layout(
-        "DTD", "dtd", "images", 47, "DescribableTextures", "images/<texture>/*.jpg"
-    ),
+    "caltech101": _split_layout("Caltech101", "caltech-101", "101_ObjectCategories", 100,
+                                "Caltech101", "101_ObjectCategories/<Class>/*.jpg"),
+    "oxford_pets": _split_layout("OxfordPets", "oxford_pets", "images", 37,
+                                 "OxfordPets", "images/*.jpg"),
+    "stanford_cars": _split_layout("StanfordCars", "stanford_cars", ".", 196,
+                                   "StanfordCars", "{cars_train,cars_test}/*.jpg"),
+    "oxford_flowers": _split_layout("Flowers102", "oxford_flowers", "jpg", 102,
+                                    "OxfordFlowers", "jpg/*.jpg"),
+    "food101": _split_layout("Food101", "food-101", "images", 101,
+                             "Food101", "images/<class>/*.jpg"),
+    "fgvc_aircraft": Layout("FGVCAircraft", "fgvc_aircraft", "images", 100, _FGVC_EXPECTS),
+    "sun397": _split_layout("SUN397", "sun397", "SUN397", 397,
+                            "SUN397", "SUN397/<letter>/<scene>/*.jpg"),
+    "dtd": _split_layout("DTD", "dtd", "images", 47,
+                         "DescribableTextures", "images/<texture>/*.jpg"),
     "eurosat": _split_layout("EuroSAT", "eurosat", "2750", 10, "EuroSAT", "2750/<Class>/*.jpg"),
-    "ucf101": _split_layout(
-        "UCF101", "ucf101", "UCF-101-midframes", 101, "UCF101", "UCF-101-midframes/<Action>/*.jpg"
-    ),
-    "imagenet_v2": _wnid_layout(
-        "ImageNet-V2", "imagenetv2", "imagenetv2-matched-frequency-format-val", 1000,
-        "<0..999>/*.jpeg",
-    ),
-    "imagenet_sketch": _wnid_layout(
-        "ImageNet-Sketch", "imagenet-sketch", "images", 1000, "<wnid>/*.JPEG"
-    ),
-    "imagenet_a": _wnid_layout("ImageNet-A", "imagenet-adversarial", "imagenet-a", 200, "<wnid>/*.jpg"),
-    "imagenet_r": _wnid_layout("ImageNet-R", "imagenet-rendition", "imagenet-r", 200, "<wnid>/*.jpg"),
+    "ucf101": _split_layout("UCF101", "ucf101", "UCF-101-midframes", 101,
+                            "UCF101", "UCF-101-midframes/<Action>/*.jpg"),
+    "imagenet_v2": _wnid_layout("ImageNet-V2", "imagenetv2",
+                                "imagenetv2-matched-frequency-format-val", 1000, "<0..999>/*.jpeg"),
+    "imagenet_sketch": _wnid_layout("ImageNet-Sketch", "imagenet-sketch", "images", 1000,
+                                    "<wnid>/*.JPEG"),
+    "imagenet_a": _wnid_layout("ImageNet-A", "imagenet-adversarial", "imagenet-a", 200,
+                               "<wnid>/*.jpg"),
+    "imagenet_r": _wnid_layout("ImageNet-R", "imagenet-rendition", "imagenet-r", 200,
+                               "<wnid>/*.jpg"),
 }
+# fmt: on
 
 
 # ---------------------------------------------------------------------------- layout checks
@@ -127,6 +124,11 @@ def _require(path: Path, layout: Layout, *, folder: bool = False) -> Path:
     return path
 
 
+def _check_items(image_root: Path, splits: dict[str, list[Item]], layout: Layout) -> None:
+    relpaths = [path for items in splits.values() for path, _ in items]
+    check_files_exist(image_root, relpaths, expects=layout.describe())
+
+
 def _spec(name: str, image_root: Path, classnames, splits, source_hash: str, notes=()):
     return DatasetSpec(
         name=name,
@@ -143,7 +145,7 @@ def _spec(name: str, image_root: Path, classnames, splits, source_hash: str, not
 
 
 def read_split_json(path: Path, *, num_classes: int) -> tuple[dict[str, list[Item]], list[str]]:
-    """Parse a CoOp ``split_zhou_*.json``: ``{"train"|"val"|"test": [[relpath, label, classname], ...]}``.
+    """Parse a CoOp ``split_zhou_*.json``: ``{split: [[relpath, label, classname], ...]}``.
 
     Returns the splits in file order and the class names ordered by label, ``_`` replaced by a
     space ([CODE] CoOp coop.py::PromptLearner). Any malformed entry is a :class:`DatasetError`.
@@ -158,7 +160,9 @@ def read_split_json(path: Path, *, num_classes: int) -> tuple[dict[str, list[Ite
     splits = {s: _parse_split(data, s, path, num_classes, names) for s in ("train", "val", "test")}
     absent = [label for label in range(num_classes) if label not in names]
     if absent:
-        raise DatasetError(f"Bad split file {path}: no item has label {absent[0]} ({len(absent)} labels unused)")
+        raise DatasetError(
+            f"Bad split file {path}: no item has label {absent[0]} ({len(absent)} labels unused)"
+        )
     return splits, [names[label].replace("_", " ") for label in range(num_classes)]
 
 
@@ -166,8 +170,13 @@ def _parse_split(data: dict, split: str, path: Path, num_classes: int, names: di
     if split not in data:
         raise DatasetError(f"Bad split file {path}: missing key '{split}' (needs train, val, test)")
     if not isinstance(data[split], list):
-        raise DatasetError(f"Bad split file {path}: '{split}' must be a list of [path, label, classname]")
-    return [_parse_entry(e, f"{split}[{i}]", path, num_classes, names) for i, e in enumerate(data[split])]
+        raise DatasetError(
+            f"Bad split file {path}: '{split}' must be a list of [path, label, classname]"
+        )
+    return [
+        _parse_entry(e, f"{split}[{i}]", path, num_classes, names)
+        for i, e in enumerate(data[split])
+    ]
 
 
 def _parse_entry(entry, where: str, path: Path, num_classes: int, names: dict[int, str]) -> Item:
@@ -180,11 +189,15 @@ def _parse_entry(entry, where: str, path: Path, num_classes: int, names: dict[in
     if type(label) is not int:  # bool is an int subclass; "3" is not accepted either
         raise DatasetError(f"{bad}: label must be an int, got {label!r}")
     if not 0 <= label < num_classes:
-        raise DatasetError(f"{bad}: label {label} out of range 0..{num_classes - 1} ({num_classes} classes)")
+        raise DatasetError(
+            f"{bad}: label {label} out of range 0..{num_classes - 1} ({num_classes} classes)"
+        )
     if not isinstance(name, str):
         raise DatasetError(f"{bad}: classname must be a string, got {name!r}")
     if names.setdefault(label, name) != name:
-        raise DatasetError(f"{bad}: label {label} is named '{name}' here but '{names[label]}' before")
+        raise DatasetError(
+            f"{bad}: label {label} is named '{name}' here but '{names[label]}' before"
+        )
     return rel, label
 
 
@@ -194,14 +207,14 @@ def _load_split_json(name: str, root: Path) -> DatasetSpec:
     image_root = _require(folder / layout.images, layout, folder=True)
     split_path = _require(folder / layout.split_file, layout)
     splits, classnames = read_split_json(split_path, num_classes=layout.num_classes)
-    check_files_exist(image_root, [p for items in splits.values() for p, _ in items], expects=layout.describe())
+    _check_items(image_root, splits, layout)
     note = f"splits: CoOp {layout.split_file}"
     return _spec(name, image_root.resolve(), classnames, splits, sha256_file(split_path), [note])
 
 
-for _name in ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "sun397",
-              "dtd", "eurosat", "ucf101"):
-    register_dataset(_name)(functools.partial(_load_split_json, _name))
+for _name, _layout in LAYOUTS.items():
+    if _layout.split_file:
+        register_dataset(_name)(functools.partial(_load_split_json, _name))
 
 
 # ---------------------------------------------------------------------------- FGVC-Aircraft
@@ -220,7 +233,7 @@ def load_fgvc_aircraft(root: Path) -> DatasetSpec:
     split_paths = {s: _require(folder / f, layout) for s, f in FGVC_SPLIT_FILES.items()}
     label_of = {v: i for i, v in enumerate(variants)}
     splits = {s: _read_variant_split(p, label_of) for s, p in split_paths.items()}
-    check_files_exist(image_root, [p for items in splits.values() for p, _ in items], expects=layout.describe())
+    _check_items(image_root, splits, layout)
     digest = _hash_files([variants_path, *split_paths.values()])
     classnames = [v.replace("_", " ") for v in variants]
     note = "splits: official images_variant_{train,val,test}.txt"
@@ -261,14 +274,15 @@ def _scan_wnid_folders(image_dir: Path, label_of: dict[str, int], prefix: str = 
     for wnid in sorted_subdirs(image_dir):
         if wnid not in label_of:
             raise DatasetError(
-                f"{image_dir / wnid}: class folder '{wnid}' is not among the {len(label_of)} known classes"
+                f"{image_dir / wnid}: class folder '{wnid}' is not among the "
+                f"{len(label_of)} known classes"
             )
         items += [(f"{prefix}{wnid}/{f}", label_of[wnid]) for f in list_images(image_dir / wnid)]
     return items
 
 
 def _hold_out_val(items: list[Item], num_classes: int) -> tuple[list[Item], list[Item]]:
-    """[PROPOSED] ImageNet val: a fixed per-class subset of train, disjoint from every train pool."""
+    """[PROPOSED] ImageNet val: a fixed per-class subset of train, disjoint from any train pool."""
     by_class: dict[int, list[int]] = {}
     for index, (_, label) in enumerate(items):
         by_class.setdefault(label, []).append(index)
@@ -292,7 +306,7 @@ IMAGENET_NOTES = (
 
 @register_dataset("imagenet")
 def load_imagenet(root: Path) -> DatasetSpec:
-    """ImageNet-1k: classes are the sorted wnid folders of ``images/train``, names from classnames.txt."""
+    """ImageNet-1k: classes are the sorted wnid folders of ``images/train`` (classnames.txt)."""
     layout = LAYOUTS["imagenet"]
     folder = _dataset_dir(Path(root), layout)
     names = read_wnid_classnames(_require(folder / "classnames.txt", layout))
@@ -303,8 +317,14 @@ def load_imagenet(root: Path) -> DatasetSpec:
     train, val = _hold_out_val(_scan_wnid_folders(train_dir, label_of, "train/"), len(wnids))
     splits = {"train": train, "val": val, "test": _scan_wnid_folders(test_dir, label_of, "val/")}
     classnames = [names[w] for w in wnids]
-    return _spec("imagenet", (folder / "images").resolve(), classnames, splits,
-                 hash_items(splits, classnames), IMAGENET_NOTES)
+    return _spec(
+        "imagenet",
+        (folder / "images").resolve(),
+        classnames,
+        splits,
+        hash_items(splits, classnames),
+        IMAGENET_NOTES,
+    )
 
 
 def _class_folders(image_dir: Path, names: dict[str, str], layout: Layout) -> list[str]:
@@ -313,7 +333,9 @@ def _class_folders(image_dir: Path, names: dict[str, str], layout: Layout) -> li
         raise DatasetError(f"{layout.describe()}; no class folders in {image_dir}")
     unknown = [w for w in wnids if w not in names]
     if unknown:
-        raise DatasetError(f"{image_dir / unknown[0]}: folder '{unknown[0]}' has no entry in classnames.txt")
+        raise DatasetError(
+            f"{image_dir / unknown[0]}: folder '{unknown[0]}' has no entry in classnames.txt"
+        )
     return wnids
 
 
@@ -332,7 +354,9 @@ def _load_wnid_test_set(name: str, root: Path) -> DatasetSpec:
 def _test_only(name: str, image_dir: Path, classnames: list[str], test: list[Item]) -> DatasetSpec:
     splits = {"train": [], "val": [], "test": test}
     note = "test-only evaluation set (train and val are empty)"
-    return _spec(name, image_dir.resolve(), classnames, splits, hash_items(splits, classnames), [note])
+    return _spec(
+        name, image_dir.resolve(), classnames, splits, hash_items(splits, classnames), [note]
+    )
 
 
 for _name in ("imagenet_sketch", "imagenet_a", "imagenet_r"):

@@ -1,10 +1,12 @@
-"""User datasets: ``imagefolder:DIR`` and ``csv:FILE``, with a deterministic split when none is given."""
+"""User datasets, ``imagefolder:DIR`` and ``csv:FILE``, split deterministically when not split."""
+
 from __future__ import annotations
 
 import csv
 import random
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from fsl_cache.datasets.base import SPLITS, DatasetSpec, sha256_file
@@ -33,7 +35,7 @@ SPLIT_SEED = 0
 THREE_WAY = {"val": 20, "test": 30}
 """[PROPOSED] Percent of each class held out when no split is given; the rest (50 %) is train."""
 VAL_FROM_TRAIN = {"val": 20}
-"""[PROPOSED] Percent of each train class held out as val when ``train/`` has no ``val/`` beside it."""
+"""[PROPOSED] Percent of each train class held out as val when there is no ``val/`` folder."""
 
 
 # ---------------------------------------------------------------------------- stratified split
@@ -57,7 +59,7 @@ def stratified_split(
         start = 0
         for name, pct in held_out.items():
             count = max(1, len(paths) * pct // 100) if enough else 0
-            out[name] += [(p, label) for p in sorted(shuffled[start:start + count])]
+            out[name] += [(p, label) for p in sorted(shuffled[start : start + count])]
             start += count
         out["train"] += [(p, label) for p in sorted(shuffled[start:])]
     return out
@@ -65,11 +67,13 @@ def stratified_split(
 
 def split_rule(held_out: dict[str, int]) -> str:
     """The note that records how :func:`stratified_split` made the splits."""
-    parts = ", ".join(f"{name} = max(1, {pct}% of n, rounded down)" for name, pct in held_out.items())
+    parts = ", ".join(
+        f"{name} = max(1, {pct}% of n, rounded down)" for name, pct in held_out.items()
+    )
     return (
         f"[PROPOSED] stratified split: per class, paths sorted then shuffled with "
-        f"random.Random('{SPLIT_SEED}:<class>'); {parts}; train = the rest; classes with fewer than "
-        f"{1 + len(held_out)} images go to train only"
+        f"random.Random('{SPLIT_SEED}:<class>'); {parts}; train = the rest; classes with fewer "
+        f"than {1 + len(held_out)} images go to train only"
     )
 
 
@@ -84,12 +88,14 @@ def read_classnames(folder: Path, keys: Sequence[str]) -> list[str]:
     names = [line for _, line in read_lines(path)]
     if len(names) != len(keys):
         shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
-        raise DatasetError(f"{path} has {len(names)} names but there are {len(keys)} classes ({shown})")
+        raise DatasetError(
+            f"{path} has {len(names)} names but there are {len(keys)} classes ({shown})"
+        )
     return names
 
 
 def read_templates(folder: Path) -> dict[str, tuple[str, ...]]:
-    """``tip`` from ``folder/templates.txt`` (one template with ``{}`` a line); ``coop`` is its first."""
+    """``tip`` from ``folder/templates.txt`` (one template with ``{}`` a line); coop: the first."""
     path = folder / "templates.txt"
     templates = DEFAULT_TEMPLATES
     if path.is_file():
@@ -105,7 +111,9 @@ def _check_template(path: Path, lineno: int, line: str) -> str:
     except (IndexError, KeyError, ValueError):
         ok = False
     if not ok:
-        raise DatasetError(f"{path}:{lineno}: a template needs exactly one {{}} and no other braces: '{line}'")
+        raise DatasetError(
+            f"{path}:{lineno}: a template needs exactly one {{}} and no other braces: '{line}'"
+        )
     return line
 
 
@@ -113,7 +121,7 @@ def _check_template(path: Path, lineno: int, line: str) -> str:
 
 
 def load_imagefolder(folder: Path | str) -> DatasetSpec:
-    """``imagefolder:DIR``: one sub-folder per class (sorted); ``train/ val/ test/`` used when present."""
+    """``imagefolder:DIR``: a sub-folder per class (sorted); ``train/ val/ test/`` if present."""
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise DatasetError(f"imagefolder expects {IMAGEFOLDER_LAYOUT}; missing: {folder}")
@@ -136,14 +144,18 @@ def load_imagefolder(folder: Path | str) -> DatasetSpec:
 def _class_images(class_dir: Path) -> list[str]:
     images = list_images(class_dir, recursive=True)
     if not images:
-        raise DatasetError(f"imagefolder: {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DatasetError(
+            f"imagefolder: {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+        )
     return images
 
 
 def _class_dirs(folder: Path) -> list[str]:
     keys = sorted_subdirs(folder)
     if not keys:
-        raise DatasetError(f"imagefolder expects {IMAGEFOLDER_LAYOUT}; no class folders in {folder}")
+        raise DatasetError(
+            f"imagefolder expects {IMAGEFOLDER_LAYOUT}; no class folders in {folder}"
+        )
     return keys
 
 
@@ -164,9 +176,14 @@ def _from_split_folders(folder: Path):
     label_of = {key: label for label, key in enumerate(keys)}
     test = _scan_split(folder, "test", label_of)
     if (folder / "val").is_dir():
-        splits = {"train": _scan_split(folder, "train", label_of), "val": _scan_split(folder, "val", label_of)}
+        splits = {
+            "train": _scan_split(folder, "train", label_of),
+            "val": _scan_split(folder, "val", label_of),
+        }
         return keys, {**splits, "test": test}, ["splits: train/, val/, test/ folders"]
-    groups = [(key, [f"train/{key}/{p}" for p in _class_images(folder / "train" / key)]) for key in keys]
+    groups = [
+        (key, [f"train/{key}/{p}" for p in _class_images(folder / "train" / key)]) for key in keys
+    ]
     notes = ["splits: train/ and test/ folders; val held out of train/", split_rule(VAL_FROM_TRAIN)]
     return keys, {**stratified_split(groups, held_out=VAL_FROM_TRAIN), "test": test}, notes
 
@@ -175,8 +192,14 @@ def _scan_split(folder: Path, split: str, label_of: dict[str, int]) -> list[Item
     items = []
     for key in sorted_subdirs(folder / split):
         if key not in label_of:
-            raise DatasetError(f"imagefolder: {folder / split / key} is not a class folder of {folder / 'train'}")
-        images = _class_images(folder / split / key) if split == "train" else list_images(folder / split / key, recursive=True)
+            raise DatasetError(
+                f"imagefolder: {folder / split / key} is not a class folder of {folder / 'train'}"
+            )
+        class_dir = folder / split / key
+        # a class may lack val or test images, but one without train images is a mistake
+        images = (
+            _class_images(class_dir) if split == "train" else list_images(class_dir, recursive=True)
+        )
         items += [(f"{split}/{key}/{p}", label_of[key]) for p in images]
     return items
 
@@ -186,20 +209,27 @@ def _scan_split(folder: Path, split: str, label_of: dict[str, int]) -> list[Item
 CSV_COLUMNS = ("path", "label", "split")
 
 
+@dataclass(frozen=True)
+class CsvRow:
+    """One data row of a ``csv:FILE`` dataset, as written."""
+
+    line: int
+    path: str
+    label: str
+    split: str | None
+    """``None`` when the file has no split column."""
+
+
 def load_csv(file: Path | str) -> DatasetSpec:
-    """``csv:FILE``: rows ``path,label[,split]`` under a header; a stratified split when no split column."""
+    """``csv:FILE``: ``path,label[,split]`` rows under a header; stratified if no split column."""
     file = Path(file).expanduser().resolve()
     if not file.is_file():
         raise DatasetError(f"csv expects {CSV_LAYOUT}; missing: {file}")
     rows = _read_rows(file)
     labels, classnames = _resolve_labels(rows, file)
-    if rows[0][3] is None:
-        groups = [(name, [r[1] for r, y in zip(rows, labels) if y == label]) for label, name in enumerate(classnames)]
-        splits, notes = stratified_split(groups, held_out=THREE_WAY), [split_rule(THREE_WAY)]
-    else:
-        splits = {s: [(r[1], y) for r, y in zip(rows, labels) if r[3] == s] for s in SPLITS}
-        notes = ["splits: the CSV's split column"]
-    check_files_exist(file.parent, [r[1] for r in rows], expects=f"csv:{file} expects {CSV_LAYOUT}")
+    splits, notes = _csv_splits(rows, labels, classnames)
+    expects = f"csv:{file} expects {CSV_LAYOUT}"
+    check_files_exist(file.parent, [row.path for row in rows], expects=expects)
     return DatasetSpec(
         name=f"csv:{file}",
         image_root=file.parent,
@@ -211,15 +241,27 @@ def load_csv(file: Path | str) -> DatasetSpec:
     )
 
 
-Row = tuple[int, str, str, "str | None"]
-"""(line number, path, label text, split or None)."""
+def _csv_splits(rows: list[CsvRow], labels: list[int], classnames: list[str]):
+    if rows[0].split is not None:  # the split column is on every row or on none
+        pairs = list(zip(rows, labels, strict=True))
+        splits = {s: [(row.path, y) for row, y in pairs if row.split == s] for s in SPLITS}
+        return splits, ["splits: the CSV's split column"]
+    groups = [
+        (name, [row.path for row, y in zip(rows, labels, strict=True) if y == label])
+        for label, name in enumerate(classnames)
+    ]
+    return stratified_split(groups, held_out=THREE_WAY), [split_rule(THREE_WAY)]
 
 
-def _read_rows(file: Path) -> list[Row]:
+def _read_rows(file: Path) -> list[CsvRow]:
     with open(file, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         columns = _header(next(reader, []), file)
-        rows = [_row(reader.line_num, values, columns, file) for values in reader if any(v.strip() for v in values)]
+        rows = [
+            _row(reader.line_num, values, columns, file)
+            for values in reader
+            if any(v.strip() for v in values)
+        ]
     if not rows:
         raise DatasetError(f"{file}: no rows after the header (expects {CSV_LAYOUT})")
     return rows
@@ -227,37 +269,48 @@ def _read_rows(file: Path) -> list[Row]:
 
 def _header(values: list[str], file: Path) -> list[str]:
     columns = [v.strip().lower() for v in values]
-    unknown = [c for c in columns if c not in CSV_COLUMNS]
-    if unknown or "path" not in columns or "label" not in columns or len(set(columns)) != len(columns):
+    known = set(columns) <= set(CSV_COLUMNS) and len(set(columns)) == len(columns)
+    if not (known and "path" in columns and "label" in columns):
         found = ",".join(values) or "nothing"
-        raise DatasetError(f"{file}:1: header must name the columns path,label[,split]; found: {found}")
+        raise DatasetError(
+            f"{file}:1: header must name the columns path,label[,split]; found: {found}"
+        )
     return columns
 
 
-def _row(lineno: int, values: list[str], columns: list[str], file: Path) -> Row:
+def _row(line: int, values: list[str], columns: list[str], file: Path) -> CsvRow:
     if len(values) != len(columns):
-        raise DatasetError(f"{file}:{lineno}: expected {len(columns)} columns ({','.join(columns)}), got {len(values)}")
-    cells = {c: v.strip() for c, v in zip(columns, values)}
-    for column in columns:
-        if not cells[column]:
-            raise DatasetError(f"{file}:{lineno}: empty {column}")
+        raise DatasetError(
+            f"{file}:{line}: expected {len(columns)} columns ({','.join(columns)}), "
+            f"got {len(values)}"
+        )
+    cells = {c: v.strip() for c, v in zip(columns, values, strict=True)}
+    empty = [c for c in columns if not cells[c]]
+    if empty:
+        raise DatasetError(f"{file}:{line}: empty {empty[0]}")
     split = cells.get("split")
     if split is not None and split not in SPLITS:
-        raise DatasetError(f"{file}:{lineno}: split must be one of train, val, test; got '{split}'")
-    return lineno, cells["path"], cells["label"], split
+        raise DatasetError(f"{file}:{line}: split must be one of train, val, test; got '{split}'")
+    return CsvRow(line, cells["path"], cells["label"], split)
 
 
-def _resolve_labels(rows: list[Row], file: Path) -> tuple[list[int], list[str]]:
-    """Integer labels index classnames.txt; otherwise labels are class names, sorted like folders."""
-    if all(re.fullmatch(r"[0-9]+", r[2]) for r in rows):
-        names_path = file.parent / "classnames.txt"
-        if not names_path.is_file():
-            raise DatasetError(f"{file}: labels are integers, so {names_path} must list the class names (line i names label i)")
-        classnames = [line for _, line in read_lines(names_path)]
-        for lineno, _, label, _ in rows:
-            if int(label) >= len(classnames):
-                raise DatasetError(f"{file}:{lineno}: label {label} out of range 0..{len(classnames) - 1} (classnames.txt has {len(classnames)} names)")
-        return [int(r[2]) for r in rows], classnames
-    keys = sorted({r[2] for r in rows})
-    label_of = {key: label for label, key in enumerate(keys)}
-    return [label_of[r[2]] for r in rows], read_classnames(file.parent, keys)
+def _resolve_labels(rows: list[CsvRow], file: Path) -> tuple[list[int], list[str]]:
+    """Integer labels index classnames.txt; other labels are class names, sorted like folders."""
+    if not all(re.fullmatch(r"[0-9]+", row.label) for row in rows):
+        keys = sorted({row.label for row in rows})
+        label_of = {key: label for label, key in enumerate(keys)}
+        return [label_of[row.label] for row in rows], read_classnames(file.parent, keys)
+    names_path = file.parent / "classnames.txt"
+    if not names_path.is_file():
+        raise DatasetError(
+            f"{file}: labels are integers, so {names_path} must list the class names "
+            "(line i names label i)"
+        )
+    classnames = [line for _, line in read_lines(names_path)]
+    for row in rows:
+        if int(row.label) >= len(classnames):
+            raise DatasetError(
+                f"{file}:{row.line}: label {row.label} out of range 0..{len(classnames) - 1} "
+                f"({names_path.name} has {len(classnames)} names)"
+            )
+    return [int(row.label) for row in rows], classnames

@@ -1,4 +1,5 @@
 """A small synthetic dataset in ``imagefolder`` layout, so every command can be tried offline."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,11 @@ CLASSES = {
     "checkerboard": "checkerboard",
 }
 """Folder name → class name. Shapes differ in form and hue, textures in pattern (random colours)."""
-SHAPE_COLOURS = {"red_circle": (210, 40, 40), "blue_square": (40, 70, 210), "green_triangle": (40, 170, 60)}
+SHAPE_COLOURS = {
+    "red_circle": (210, 40, 40),
+    "blue_square": (40, 70, 210),
+    "green_triangle": (40, 170, 60),
+}
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.")
 MARKER = ".demo-complete"
 VERSION = 1
@@ -39,8 +44,10 @@ def make_demo_dataset(out_dir: Path | str, *, seed: int = 0) -> Path:
     if marker.is_file():
         if marker.read_text() == stamp:
             return out
-        raise UsageError(f"{out} already holds another demo dataset ({marker.read_text().strip()}); "
-                         "choose another folder")
+        raise UsageError(
+            f"{out} already holds another demo dataset ({marker.read_text().strip()}); "
+            "choose another folder"
+        )
     _check_writable_here(out)
     for split_index, (split, count) in enumerate(COUNTS.items()):
         for label, key in enumerate(CLASSES):
@@ -56,8 +63,10 @@ def _check_writable_here(out: Path) -> None:
     ours = {*COUNTS, "classnames.txt", "templates.txt"}
     foreign = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
     if foreign:
-        raise UsageError(f"{out} is not empty (holds {', '.join(foreign[:3])}); choose an empty folder "
-                         "for the demo dataset")
+        raise UsageError(
+            f"{out} is not empty (holds {', '.join(foreign[:3])}); choose an empty folder "
+            "for the demo dataset"
+        )
 
 
 def _write_class(folder: Path, key: str, count: int, entropy: list[int]) -> None:
@@ -81,7 +90,9 @@ def _draw(key: str, rng: np.random.Generator) -> Image.Image:
 def _shape(key: str, rng: np.random.Generator) -> np.ndarray:
     background = tuple(int(v) for v in rng.integers(70, 190, 3))
     img = Image.new("RGB", (SIZE, SIZE), background)
-    colour = tuple(int(c) for c in np.clip(np.array(SHAPE_COLOURS[key]) + rng.integers(-30, 31, 3), 0, 255))
+    colour = tuple(
+        int(c) for c in np.clip(np.array(SHAPE_COLOURS[key]) + rng.integers(-30, 31, 3), 0, 255)
+    )
     half = rng.uniform(0.18, 0.38) * SIZE
     cx, cy = rng.uniform(half, SIZE - half, 2)
     box = (cx - half, cy - half, cx + half, cy + half)

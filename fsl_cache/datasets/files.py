@@ -1,4 +1,5 @@
 """File-system helpers shared by the loaders: listing images, cheap existence checks, hashing."""
+
 from __future__ import annotations
 
 import hashlib
@@ -86,7 +87,7 @@ def hash_items(splits: dict[str, Sequence[tuple[str, int]]], classnames: Sequenc
 def read_lines(path: Path) -> list[tuple[int, str]]:
     """Non-blank lines of a UTF-8 text file, stripped, with their 1-based line numbers."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM from Windows editors
     except UnicodeDecodeError as err:
         raise DatasetError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]

@@ -1,4 +1,5 @@
 """Decoding one image into 8-bit RGB, whatever mode it is stored in, or failing with its path."""
+
 from __future__ import annotations
 
 import warnings
@@ -55,6 +56,8 @@ def _decode(path: Path) -> Image.Image:
         raise BadImageError(path, f"refusing a possible decompression bomb: {err}") from None
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image file (unknown format)") from None
+    except PermissionError:
+        raise BadImageError(path, "permission denied") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise BadImageError(path, f"truncated or corrupt ({err})") from None
 
@@ -80,7 +83,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _composite(rgba: Image.Image) -> Image.Image:
-    background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+    background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 

@@ -1,4 +1,5 @@
-"""CoOp/Dassl few-shot sampling, reproduced exactly (METHODS §1.5), as indices into the split lists."""
+"""CoOp/Dassl few-shot sampling reproduced exactly (METHODS §1.5), as indices into split lists."""
+
 from __future__ import annotations
 
 import numbers
@@ -61,18 +62,27 @@ def sample_few_shot(
     and ``sample`` picks the same positions whether it is given items or their indices.
     """
     shots = _check_positive(shots, "shots")
-    rng = random.Random(_check_positive(seed, "seed"))
-    train = _sample_per_class(train_labels, shots, rng)
-    val = _sample_per_class(val_labels, min(shots, VAL_SHOTS_CAP), rng)
-    return FewShotSubset(train=train, val=val)
+    seed = _check_positive(seed, "seed")
+    return _draw(_group_by_label(train_labels), _group_by_label(val_labels), shots, seed)
 
 
-def _sample_per_class(labels: Sequence[int], k: int, rng: random.Random) -> tuple[int, ...]:
-    by_label: dict[int, list[int]] = {}  # insertion order = order of first appearance
+def _group_by_label(labels: Sequence[int]) -> list[list[int]]:
+    """Indices per label, classes in order of first appearance, file order kept (Dassl tracker)."""
+    by_label: dict[int, list[int]] = {}
     for index, label in enumerate(labels):
         by_label.setdefault(label, []).append(index)
+    return list(by_label.values())
+
+
+def _draw(train: list[list[int]], val: list[list[int]], shots: int, seed: int) -> FewShotSubset:
+    rng = random.Random(seed)
+    picked_train = _sample_per_class(train, shots, rng)
+    return FewShotSubset(picked_train, _sample_per_class(val, min(shots, VAL_SHOTS_CAP), rng))
+
+
+def _sample_per_class(groups: list[list[int]], k: int, rng: random.Random) -> tuple[int, ...]:
     picked: list[int] = []
-    for indices in by_label.values():
+    for indices in groups:
         # [CODE] Dassl: sample when len >= k (even ==, which consumes RNG); else take all, no draw
         picked += rng.sample(indices, k) if len(indices) >= k else indices
     return tuple(picked)
@@ -84,18 +94,15 @@ def few_shot_pools(
     shots: Iterable[int] = DEFAULT_SHOTS,
     seeds: Iterable[int] = DEFAULT_SEEDS,
 ) -> FewShotPools:
-    """All CoOp subsets of ``spec`` for ``shots`` × ``seeds``, their unions and the class shortfalls."""
+    """All CoOp subsets of ``spec`` for shots x seeds, their unions and the class shortfalls.
+
+    A test-only dataset (empty train and val, e.g. ImageNet-A) gets empty subsets and no shortfall.
+    """
     shots = _check_all_positive(shots, "shots")
     seeds = _check_all_positive(seeds, "seeds")
-    train_labels, val_labels = spec.labels("train"), spec.labels("val")
-    if not train_labels:
-        raise UsageError(f"Dataset '{spec.name}' has no train split (it is test-only); "
-                         "few-shot pools need one")
-    subsets = {
-        (k, s): sample_few_shot(train_labels, val_labels, shots=k, seed=s)
-        for k in shots
-        for s in seeds
-    }
+    train_groups = _group_by_label(spec.labels("train"))
+    val_groups = _group_by_label(spec.labels("val"))
+    subsets = {(k, s): _draw(train_groups, val_groups, k, s) for k in shots for s in seeds}
     val_wanted = min(max(shots), VAL_SHOTS_CAP)
     return FewShotPools(
         subsets=subsets,
@@ -107,6 +114,8 @@ def few_shot_pools(
 
 def _shortfall(spec: DatasetSpec, split: str, wanted: int) -> tuple[Shortfall, ...]:
     counts = Counter(spec.labels(split))
+    if not counts:  # no such split at all (test-only sets): nothing is short, nothing is asked
+        return ()
     return tuple(
         Shortfall(split, label, spec.classnames[label], counts[label], wanted)
         for label in range(spec.num_classes)

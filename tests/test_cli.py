@@ -1,0 +1,94 @@
+"""The command line as a user meets it: help, JSON on stdout, one-line errors, cache management."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fsl_cache.cli import main
+from fsl_cache.datasets import make_demo_dataset
+
+COMMANDS = [[], ["extract"], ["cache"], ["cache", "ls"], ["cache", "info"], ["cache", "verify"], ["cache", "rm"],
+            ["datasets"], ["models"], ["demo"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "main")
+def test_help_answers_for_every_command(command):
+    result = CliRunner().invoke(main, command + ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from fsl_cache.cli import main\ntry: main(['extract', '--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
+
+
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory):
+    root = make_demo_dataset(tmp_path_factory.mktemp("data") / "demo")
+    cache = tmp_path_factory.mktemp("cache")
+    args = ["extract", "--dataset", f"imagefolder:{root}", "--model", "fsl-tiny-rn", "--pretrained", "none",
+            "--shots", "1,2", "--seeds", "1", "--workers", "0", "--cache-dir", str(cache), "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return cache, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_extract_json_has_the_contract_keys(cli_store):
+    _, record = cli_store
+    assert {"store", "fingerprint", "arrays", "images_per_s"} <= set(record)
+    pooled = record["arrays"]["images/test/views/center/pooled"]
+    assert set(pooled) == {"shape", "dtype", "bytes"} and pooled["dtype"] == "float16"
+    assert record["images_per_s"] > 0 and record["random_init"] is True
+
+
+def test_cache_ls_info_verify_rm(cli_store):
+    cache, record = cli_store
+    key = record["fingerprint"][:8]
+    runner = CliRunner()
+    listed = [json.loads(line) for line in runner.invoke(main, ["cache", "ls", "--cache-dir", str(cache), "--json"]).stdout.splitlines()]
+    assert [e["key"] for e in listed] == [record["fingerprint"]] and listed[0]["finished"]
+    info = json.loads(runner.invoke(main, ["cache", "info", key, "--cache-dir", str(cache), "--json"]).stdout)
+    assert info["fingerprint"] == record["fingerprint"] and "images/test/views/center/pooled" in info["arrays"]
+    verified = runner.invoke(main, ["cache", "verify", key, "--cache-dir", str(cache), "--json"])
+    assert verified.exit_code == 0 and json.loads(verified.stdout)["ok"]
+    ambiguous = runner.invoke(main, ["cache", "info", "zz", "--cache-dir", str(cache)])
+    assert ambiguous.exit_code == 2 and "too short" in ambiguous.output
+
+
+def test_verify_fails_on_a_corrupted_chunk(cli_store, tmp_path):
+    import shutil
+
+    cache, record = cli_store
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    chunk = next(p for p in copy.rglob("arrays.zarr/images/test/views/center/pooled/c/**/*") if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[3] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, ["cache", "verify", record["fingerprint"][:8], "--cache-dir", str(copy)])
+    assert result.exit_code == 1
+    assert "images/test/views/center/pooled rows 0.." in result.output
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["extract", "--dataset", "eurosta", "--root", "."], 2, "Did you mean eurosat?"),
+        (["extract", "--dataset", "imagefolder:/does/not/exist", "--model", "fsl-tiny-rn", "--pretrained", "none"], 1, "/does/not/exist"),
+        (["extract", "--dataset", "imagefolder:{demo}", "--model", "fsl-tiny-rnn", "--pretrained", "none"], 2, "fsl-tiny-rn"),
+        (["extract", "--dataset", "imagefolder:{demo}", "--model", "fsl-tiny-rn", "--pretrained", "none", "--for", "tip_adaptor"], 2, "Did you mean tip_adapter?"),
+        (["extract", "--dataset", "imagefolder:{demo}", "--model", "fsl-tiny-rn", "--pretrained", "/nope/weights.pt"], 1, "/nope/weights.pt"),
+    ],
+)
+def test_user_mistakes_get_one_line_and_no_traceback(args, code, message, tmp_path):
+    demo = make_demo_dataset(tmp_path / "demo")
+    args = [a.replace("{demo}", str(demo)) for a in args] + ["--cache-dir", str(tmp_path / "c")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
