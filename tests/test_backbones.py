@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -18,7 +20,8 @@ import torch
 from open_clip.pretrained import _pcfg
 from safetensors.torch import save_file
 
-from fsl_cache.backbones import TINY_MODELS, load_backbone, list_models
+from fsl_cache.backbones import TINY_MODELS, list_models, load_backbone
+from fsl_cache.backbones.weights import openai_release_name
 from fsl_cache.errors import BackboneError, UsageError
 
 
@@ -141,6 +144,15 @@ def test_tap_names_and_shapes(rn, vit):
     assert vit.tap_shape("vit/block06") == (65, 128) and vit.tap_shape("pooled") == (64,)
 
 
+def test_real_architecture_tap_shapes():
+    """METHODS §1.1 shapes for RN50 and ViT-B/16, read off the architecture (random init, no forward)."""
+    rn50, vit_b16 = load_backbone("RN50", "none"), load_backbone("ViT-B-16", "none")
+    assert [rn50.tap_shape(t) for t in rn50.taps()] == [
+        (1024,), (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
+    assert vit_b16.tap_shape("vit/block06") == (197, 768) and vit_b16.tap_shape("pooled") == (512,)
+    assert vit_b16.dense_tap == "vit/block11" and vit_b16.taps()[-1] == "vit/block12"
+
+
 def test_unknown_tap_suggests(vit):
     with pytest.raises(UsageError, match="Did you mean vit/block06"):
         vit.encode_taps(_images(1), ["vit/block6"])
@@ -242,28 +254,48 @@ def test_local_dir_applies_and_records_preprocessing(vit, tmp_path):
     assert parts["arch"] == "local-dir" and parts["preprocess"] == cfg and "model_cfg" in parts
     # Lenient spelling, and a moved folder keeps its identity.
     moved = shutil.copytree(folder, tmp_path / "moved")
-    lenient = load_backbone("fsl-tiny-vit", pretrained=f"local-dir:{moved}")
-    assert lenient.fingerprint_parts() == parts
+    for lenient in (load_backbone("fsl-tiny-vit", pretrained=f"local-dir:{moved}"),
+                    load_backbone(pretrained=str(moved))):
+        assert lenient.fingerprint_parts() == parts
+
+
+def _hf_cache_snapshot(cache: Path, repo: str) -> Path:
+    """The snapshot folder of ``repo`` in a Hugging Face cache laid out as huggingface_hub does."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("0" * 40)
+    snapshot = root / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    return snapshot
 
 
 def test_tag_resolved_from_an_offline_cache(rn, offline, monkeypatch, tmp_path):
     """A tag goes through open_clip's resolver; its quick_gelu and preprocessing are applied."""
     tag_cfg = _pcfg(hf_hub="fsl/tiny-rn/", quick_gelu=True, mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1))
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "fsl-tiny-rn", {"testtag": tag_cfg})
-    repo = tmp_path / "models--fsl--tiny-rn"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    snapshot = repo / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
+    weights = _hf_cache_snapshot(tmp_path, "fsl/tiny-rn") / "open_clip_pytorch_model.bin"
     state = _perturbed_state(rn)
-    torch.save(state, snapshot / "open_clip_pytorch_model.bin")
+    torch.save(state, weights)
     backbone = load_backbone("fsl-tiny-rn", "TestTag", cache_dir=str(tmp_path))
     _assert_same_weights(backbone.model, state)
     assert backbone.quick_gelu and any("QuickGELU" in n for n in backbone.notes)
     assert backbone.preprocess_cfg["mean"] == [0.1, 0.2, 0.3]
-    weights = backbone.fingerprint_parts()["weights"]
-    assert weights == {"source": "tag", "tag": "testtag",
-                       "sha256": _sha256(snapshot / "open_clip_pytorch_model.bin")}
+    assert backbone.fingerprint_parts()["weights"] == {"source": "tag", "tag": "testtag",
+                                                       "sha256": _sha256(weights)}
+
+
+def test_hf_hub_resolved_from_an_offline_cache(vit, offline, tmp_path):
+    snapshot = _hf_cache_snapshot(tmp_path / "cache", "fsl/tiny-vit")
+    state = _perturbed_state(vit)
+    _write_local_dir(tmp_path / "export", state, open_clip.get_model_config("fsl-tiny-vit"))
+    for name in ("open_clip_config.json", "open_clip_model.safetensors"):
+        shutil.copy(tmp_path / "export" / name, snapshot / name)
+    backbone = load_backbone("hf-hub:fsl/tiny-vit", cache_dir=str(tmp_path / "cache"))
+    _assert_same_weights(backbone.model, state)
+    assert backbone.arch == "hf-hub:fsl/tiny-vit" and backbone.preprocess_cfg["mean"] == [0.5, 0.4, 0.3]
+    digest = _sha256(snapshot / "open_clip_model.safetensors")
+    assert backbone.fingerprint_parts()["weights"] == {"source": "hf-hub", "repo": "fsl/tiny-vit",
+                                                       "sha256": digest}
 
 
 # --- OpenAI TorchScript archives ------------------------------------------------------------------
@@ -313,8 +345,13 @@ def test_openai_torchscript_goes_through_load_openai_model(openai_jit, monkeypat
     assert backbone.fingerprint_parts()["weights"] == {"source": "openai-jit", "sha256": _sha256(path)}
 
 
+def test_openai_release_is_recognised_by_its_hash():
+    rn50 = "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"  # METHODS §1.1
+    assert openai_release_name(rn50) == "RN50" and openai_release_name("0" * 64) is None
+
+
 def test_openai_torchscript_for_another_arch_names_it(openai_jit):
-    with pytest.raises(BackboneError, match="different architecture than fsl-tiny-vit.*matches fsl-tiny-rn"):
+    with pytest.raises(BackboneError, match=r"different architecture than fsl-tiny-vit.*matches fsl-tiny-rn"):
         load_backbone("fsl-tiny-vit", str(openai_jit[0]))
 
 
@@ -356,19 +393,37 @@ def test_offline_tag_says_what_to_download(offline, tmp_path):
     assert time.perf_counter() - start < 1.0
     message = str(info.value)
     assert "timm/resnet50_clip.openai" in message
-    assert f"hf download timm/resnet50_clip.openai open_clip_pytorch_model.bin --cache-dir {tmp_path}" in message
+    command = f"hf download timm/resnet50_clip.openai open_clip_pytorch_model.bin --cache-dir {tmp_path}"
+    assert command in message
     assert "--pretrained" in message and "\n" not in message and "Traceback" not in message
 
 
+def test_unresolvable_hub_fails_fast_instead_of_retrying(monkeypatch, tmp_path):
+    """No HF_HUB_OFFLINE, but no DNS either: huggingface_hub alone would retry for ~45 s."""
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    start = time.perf_counter()
+    with pytest.raises(BackboneError, match=r"cannot be resolved.*hf download timm/resnet50_clip\.openai"):
+        load_backbone("RN50", "openai", cache_dir=str(tmp_path))
+    assert time.perf_counter() - start < 1.0
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # restored
+
+
 def test_offline_hf_hub_says_what_to_download(offline, tmp_path):
-    with pytest.raises(BackboneError, match=f"hf download someone/clip-x --cache-dir {tmp_path}"):
+    with pytest.raises(BackboneError, match=re.escape(f"hf download someone/clip-x --cache-dir {tmp_path}")):
         load_backbone("hf-hub:someone/clip-x", cache_dir=str(tmp_path))
 
 
 def test_unknown_names_suggest():
-    with pytest.raises(UsageError, match="Did you mean RN50\\?"):
+    with pytest.raises(UsageError, match=r"Did you mean RN50\?"):
         load_backbone("RN-50")
-    with pytest.raises(UsageError, match="Did you mean openai\\?.*cc12m, none, openai, yfcc15m"):
+    with pytest.raises(UsageError, match=r"Did you mean openai\?.*cc12m, none, openai, yfcc15m"):
         load_backbone("RN50", "opneai")
     with pytest.raises(BackboneError, match="Weights file not found"):
         load_backbone("RN50", "/nowhere/weights.pt")

@@ -31,7 +31,7 @@ class Backbone:
     arch: str
     """Architecture name (``RN50``) or the ``hf-hub:``/``local-dir:`` spec it came from."""
     pretrained: str
-    """The weights argument as given (tag, path, ``none``)."""
+    """The weights argument as given (tag, path, ``none``); the spec itself for hf-hub:/local-dir:."""
     kind: str
     """``rn`` or ``vit``."""
     random_init: bool
@@ -142,7 +142,7 @@ class Backbone:
         res = self.model.forward_intermediates(
             image=x, image_indices=asked, normalize=False,
             intermediates_only=not want_pooled, stop_early=False)
-        out = {f"rn/layer{k}": t for k, t in zip(asked, res["image_intermediates"])}
+        out = {f"rn/layer{k}": t for k, t in zip(asked, res["image_intermediates"], strict=True)}
         if want_pooled:
             out[POOLED] = res["image_features"]  # attnpool output, un-normalised
         return out
@@ -152,7 +152,7 @@ class Backbone:
             image=x, image_indices=blocks, normalize=False,
             intermediates_only=not want_pooled, stop_early=not want_pooled,
             image_output_fmt="NLC", image_output_extra_tokens=True)
-        pairs = zip(blocks, res["image_intermediates_prefix"], res["image_intermediates"])
+        pairs = zip(blocks, res["image_intermediates_prefix"], res["image_intermediates"], strict=True)
         out = {self._vit_tap(i): torch.cat([cls, patches], dim=1)  # [B, 1 + HW, W], CLS first
                for i, cls, patches in pairs}
         if want_pooled:
@@ -212,7 +212,7 @@ def _fill(template: str | Callable, classname: str) -> str:
 
 
 def _rn_stem_side(image_size: int) -> int:
-    """Side after ModifiedResNet's stem: a stride-2 3×3 conv (padding 1), then AvgPool2d(2)."""
+    """Side after ModifiedResNet's stem: a stride-2 3x3 conv (padding 1), then AvgPool2d(2)."""
     return ((image_size - 1) // 2 + 1) // 2
 
 
@@ -237,7 +237,7 @@ def describe_model(model: torch.nn.Module, arch: str) -> dict:
     size = visual.image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     if height != width:
-        raise BackboneError(f"{arch} takes {height}×{width} inputs; only square inputs are supported")
+        raise BackboneError(f"{arch} takes {height}x{width} inputs; only square inputs are supported")
     return {
         "kind": kind,
         "image_size": int(height),

@@ -18,14 +18,16 @@ from fsl_cache.backbones.tiny import TINY_MODELS
 from fsl_cache.backbones.weights import (
     WeightsSource,
     describe_mismatch,
+    file_sha256,
     first_line,
     is_torchscript_archive,
+    openai_release_name,
     resolve_hf_hub,
     resolve_local_dir,
     resolve_tag,
     weights_file_error,
 )
-from fsl_cache.errors import BackboneError, UsageError, did_you_mean
+from fsl_cache.errors import BackboneError, FslError, UsageError, did_you_mean
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RANDOM_INIT_SEED = 0
@@ -86,6 +88,8 @@ def _target(device: str, precision: str) -> tuple[torch.device, torch.dtype]:
         raise UsageError(f"Unknown device '{device}' (use cpu, cuda or cuda:N)") from exc
     if target.type == "cuda" and not torch.cuda.is_available():
         raise BackboneError(f"Device '{device}' asked for, but torch {torch.__version__} sees no CUDA device")
+    if target.type == "cuda" and target.index is None:  # so tensors' devices compare equal to it
+        target = torch.device("cuda", torch.cuda.current_device())
     if precision == "fp16" and target.type == "cpu":
         raise UsageError("Precision fp16 needs a CUDA device (CPU fp16 is emulated and slow); "
                          "use fp32 or bf16 on CPU")
@@ -116,25 +120,30 @@ def _schema_from_pretrained(model: str, pretrained: str, notes: list[str]) -> tu
         spec = LOCAL_DIR + spec
     if not spec.startswith((HF_HUB, LOCAL_DIR)):
         return model, pretrained
-    if model != "RN50" and not model.startswith((HF_HUB, LOCAL_DIR)):
+    if model not in ("RN50", spec):  # RN50 is only the signature's default
         notes.append(f"model '{model}' ignored: the architecture comes from {spec}")
     return spec, spec
 
 
 def _schema_spec(model: str, pretrained: str, *, cache_dir: str | None) -> _Spec:
+    if not model.split(":", 1)[1].strip():
+        raise UsageError(f"'{model}' names no repo or folder after the colon")
     notes = []
     if pretrained not in ("openai", model):  # 'openai' is only the signature's default here
         notes.append(f"pretrained '{pretrained}' ignored: {model.split(':')[0]}: models carry their weights")
     if model.startswith(HF_HUB):
         repo = model[len(HF_HUB):]
-        path, cfg = resolve_hf_hub(repo, cache_dir=cache_dir)
+        folder = resolve_hf_hub(repo, cache_dir=cache_dir)
+        path, cfg = resolve_local_dir(folder)
         source = WeightsSource("hf-hub", path, repo=repo)
     else:
         folder = Path(model[len(LOCAL_DIR):]).expanduser().resolve()
         path, cfg = resolve_local_dir(folder)
         model, source = LOCAL_DIR + str(folder), WeightsSource("local-dir", path)
     _check_tower(model, cfg)
-    return _Spec(arch=model, name=model, pretrained=model, weights=source, model_cfg=cfg, notes=notes)
+    # Both build from the folder: an hf-hub snapshot is a local-dir, so no network is touched.
+    return _Spec(arch=model, name=LOCAL_DIR + str(folder), pretrained=model, weights=source,
+                 model_cfg=cfg, notes=notes)
 
 
 def _known_arch(model: str) -> str:
@@ -164,7 +173,7 @@ def _named_spec(arch: str, pretrained: str, *, cache_dir: str | None) -> _Spec:
         return _file_spec(arch, pretrained, path)
     if Path(pretrained).suffix in WEIGHTS_SUFFIXES or "/" in pretrained or "\\" in pretrained:
         raise BackboneError(f"Weights file not found: {pretrained}")
-    tags = open_clip.list_pretrained_tags_by_model(arch) + ["none"]
+    tags = [*open_clip.list_pretrained_tags_by_model(arch), "none"]
     raise did_you_mean(pretrained, tags, what=f"pretrained tag for {arch}")
 
 
@@ -185,7 +194,11 @@ def _file_spec(arch: str, pretrained: str, path: Path) -> _Spec:
     if is_torchscript_archive(path):
         note = (f"{path.name} is a TorchScript archive (OpenAI format): loaded with torch.jit.load, "
                 "which is not weights-only and can run code from the file; load only files you trust")
-        return _Spec(arch, arch, pretrained, WeightsSource("openai-jit", path), notes=[note])
+        spec = _Spec(arch, arch, pretrained, WeightsSource("openai-jit", path), notes=[note])
+        release = openai_release_name(file_sha256(path))
+        if release:
+            spec.notes.append(f"{path.name} is OpenAI's {release} release (SHA-256 as in its URL)")
+        return spec
     spec = _Spec(arch, arch, pretrained, WeightsSource("file", path))
     quick = f"{arch}-quickgelu"
     if not open_clip.get_model_config(arch).get("quick_gelu") and quick in open_clip.list_models():
@@ -197,20 +210,32 @@ def _file_spec(arch: str, pretrained: str, path: Path) -> _Spec:
 
 
 def _build(spec: _Spec, device: torch.device, precision: str, cache_dir: str | None) -> torch.nn.Module:
-    if spec.weights.kind == "openai-jit":
-        return _load_openai_jit(spec, device, precision)
-    if spec.weights.kind == "none":
-        return _random_model(spec.arch, device, precision)
-    file_given = spec.weights.kind in ("tag", "file")
     try:
+        if spec.weights.kind == "openai-jit":
+            return _load_openai_jit(spec, device, precision)
+        if spec.weights.kind == "none":
+            return _random_model(spec.arch, device, precision)
+        file_given = spec.weights.kind in ("tag", "file")
         return open_clip.create_model(
             spec.name, pretrained=str(spec.weights.path) if file_given else None,
             precision=precision, device=device, force_quick_gelu=spec.force_quick_gelu,
             force_preprocess_cfg=spec.force_preprocess, cache_dir=cache_dir,
             require_pretrained=True)  # never a silent random init
+    except FslError:
+        raise
     except Exception as exc:
+        raise _build_error(spec, exc, cache_dir) from exc
+
+
+def _build_error(spec: _Spec, exc: Exception, cache_dir: str | None) -> BackboneError:
+    """One line for a failed build: what is wrong with the weights file, if there is one."""
+    try:
         expected = _meta_shapes(spec.name, cache_dir=cache_dir)
-        raise weights_file_error(spec.weights.path, spec.arch, expected, exc) from exc
+    except Exception:
+        expected = None
+    if spec.weights.path is None or expected is None:
+        return BackboneError(f"Cannot build {spec.arch}: {first_line(exc)}")
+    return weights_file_error(spec.weights.path, spec.arch, expected, exc)
 
 
 def _random_model(arch: str, device: torch.device, precision: str) -> torch.nn.Module:
@@ -241,7 +266,7 @@ def _load_openai_jit(spec: _Spec, device: torch.device, precision: str) -> torch
 
 
 def _openai_archs() -> list[str]:
-    return open_clip.list_pretrained_models_by_tag("openai") + list(TINY_MODELS)
+    return [*open_clip.list_pretrained_models_by_tag("openai"), *TINY_MODELS]
 
 
 def _meta_shapes(name: str, *, cache_dir: str | None = None) -> dict[str, tuple[int, ...]]:

@@ -1,7 +1,7 @@
 """Tiny random-weight CLIP architectures for tests and the demo, registered with open_clip.
 
 ``fsl-tiny-rn`` is RN50's ModifiedResNet shrunk to one bottleneck per stage and width 8 (64 px
-input: layer1 32×16×16 … layer4 256×2×2, attention pooling to 64). ``fsl-tiny-vit`` is a 12-block
+input: layer1 32x16x16 … layer4 256x2x2, attention pooling to 64). ``fsl-tiny-vit`` is a 12-block
 ViT of width 128 (64 px, patch 8: 64 patches + CLS). Both keep OpenAI's head width of 64 so that
 ``open_clip.openai.load_openai_model`` infers them from a state dict exactly as it does RN50 or
 ViT-B/16, and both keep the 49,408-token vocabulary so the standard tokenizer works.

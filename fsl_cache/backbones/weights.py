@@ -9,9 +9,13 @@ import hashlib
 import json
 import os
 import pickle
+import socket
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import huggingface_hub.constants
 import open_clip
@@ -98,48 +102,49 @@ def openai_release_name(sha256: str) -> str | None:
     return None
 
 
-# --- tags -----------------------------------------------------------------------------------------
+# --- the Hugging Face Hub ---------------------------------------------------------------------------
 
 
-def resolve_tag(arch: str, tag: str, *, cache_dir: str | None) -> Path:
-    """The local file for ``arch``/``tag``, downloaded by open_clip's own resolver when online."""
-    cfg = open_clip.get_pretrained_cfg(arch, tag)
+@contextmanager
+def hub_access() -> Iterator[str | None]:
+    """Yield why the Hub is offline, or None when it may be reached.
+
+    A Hub host that does not resolve counts as offline: huggingface_hub would otherwise retry
+    every missing file for about 45 s before failing. Only the local cache is used then.
+    """
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        yield "HF_HUB_OFFLINE is set"
+        return
+    reason = _hub_unresolvable()
+    if reason is None:
+        yield None
+        return
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
-        path = download_pretrained(cfg, cache_dir=cache_dir)
-    except Exception as exc:  # open_clip wraps every hub/URL failure differently
-        raise missing_tag_error(arch, tag, cfg, cache_dir=cache_dir, cause=exc) from exc
-    if not path:
-        raise BackboneError(f"open_clip has no download location for {arch} '{tag}'")
-    return Path(path)
+        yield reason
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = False
 
 
-def missing_tag_error(arch: str, tag: str, cfg: dict, *, cache_dir: str | None,
-                      cause: Exception) -> BackboneError:
-    """One line saying exactly what to download, where to, and the local-file alternative."""
-    why = _why_unavailable(cause, cache_dir)
-    local = "or pass a local weights file instead (--pretrained /path/to/weights.safetensors or .pt)"
-    hub = cfg.get("hf_hub", "")
-    if hub:
-        repo, filename = os.path.split(hub)  # 'org/repo/' or 'org/repo/file', as open_clip reads it
-        # open_clip falls back to this file name, which every repo it lists carries.
-        command = f"hf download {repo} {filename or HF_WEIGHTS_NAME}{_cache_flag(cache_dir)}"
-        return BackboneError(f"Weights {arch} '{tag}' are not available ({why}). They come from the "
-                             f"Hugging Face repo {repo}: run `{command}`, {local}.")
-    url = cfg.get("url", "")
-    target = Path(cache_dir or "~/.cache/clip") / os.path.basename(url)
-    return BackboneError(f"Weights {arch} '{tag}' are not available ({why}). Download {url} to "
-                         f"{target} (`curl -L -o {target} {url}`), {local}.")
+def _hub_unresolvable() -> str | None:
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # the proxy resolves names, not us
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"{host} cannot be resolved (no network?)"
+    return None
+
+
+def _why_unavailable(offline: str | None, cause: Exception, where: str) -> str:
+    if offline:
+        return f"{offline} and {where} has no copy"
+    return f"not in {where} and the download failed: {first_line(cause)}"
 
 
 def _cache_flag(cache_dir: str | None) -> str:
     return f" --cache-dir {cache_dir}" if cache_dir else ""
-
-
-def _why_unavailable(cause: Exception, cache_dir: str | None) -> str:
-    where = cache_dir or "the default Hugging Face cache"
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return f"HF_HUB_OFFLINE is set and {where} has no copy"
-    return f"not in {where} and the download failed: {first_line(cause)}"
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
@@ -149,21 +154,63 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# --- tags -----------------------------------------------------------------------------------------
+
+
+def resolve_tag(arch: str, tag: str, *, cache_dir: str | None) -> Path:
+    """The local file for ``arch``/``tag``, downloaded by open_clip's own resolver when online."""
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    with hub_access() as offline:
+        try:
+            path = download_pretrained(cfg, cache_dir=cache_dir)
+        except Exception as exc:  # open_clip wraps every hub/URL failure differently
+            raise missing_tag_error(arch, tag, cfg, cache_dir=cache_dir, offline=offline,
+                                    cause=exc) from exc
+    if not path:
+        raise BackboneError(f"open_clip has no download location for {arch} '{tag}'")
+    return Path(path)
+
+
+def missing_tag_error(arch: str, tag: str, cfg: dict, *, cache_dir: str | None,
+                      offline: str | None, cause: Exception) -> BackboneError:
+    """One line saying exactly what to download, where to, and the local-file alternative."""
+    local = "or pass a local weights file instead (--pretrained /path/to/weights.safetensors or .pt)"
+    hub = cfg.get("hf_hub", "")
+    if hub and open_clip.pretrained.has_hf_hub():  # open_clip prefers the Hub to URLs when it can
+        repo, filename = os.path.split(hub)  # 'org/repo/' or 'org/repo/file', as open_clip reads it
+        # open_clip falls back to this file name, which every repo it lists carries.
+        command = f"hf download {repo} {filename or HF_WEIGHTS_NAME}{_cache_flag(cache_dir)}"
+        why = _why_unavailable(offline, cause, cache_dir or "the default Hugging Face cache")
+        return BackboneError(f"Weights {arch} '{tag}' are not available ({why}). They come from the "
+                             f"Hugging Face repo {repo}: run `{command}`, {local}.")
+    url = cfg.get("url", "")
+    folder = cache_dir or "~/.cache/clip"  # open_clip's default for URL downloads
+    target = f"{folder}/{os.path.basename(url)}"
+    why = _why_unavailable(None, cause, folder)
+    return BackboneError(f"Weights {arch} '{tag}' are not available ({why}). "
+                         f"Download {url} to {target} (`curl -L -o {target} {url}`), {local}.")
+
+
 # --- schemas --------------------------------------------------------------------------------------
 
 
-def resolve_hf_hub(repo: str, *, cache_dir: str | None) -> tuple[Path, dict]:
-    """(weights file, model_cfg) of ``hf-hub:repo``, raising with the download command if absent."""
-    try:
-        config_path = download_pretrained_from_hf(repo, filename=HF_CONFIG_NAME, cache_dir=cache_dir)
-        weights = download_pretrained_from_hf(repo, cache_dir=cache_dir)
-    except Exception as exc:
-        why = _why_unavailable(exc, cache_dir)
-        raise BackboneError(
-            f"hf-hub:{repo} is not available ({why}). Run `hf download {repo}{_cache_flag(cache_dir)}`, "
-            f"or download the repo's files into a folder and pass --model local-dir:FOLDER."
-        ) from exc
-    return Path(weights), _model_cfg(Path(config_path))
+def resolve_hf_hub(repo: str, *, cache_dir: str | None) -> Path:
+    """The local snapshot folder of ``hf-hub:repo`` (config and weights), fetched if online.
+
+    The folder is then loaded as a ``local-dir:``, so building the model touches no network.
+    """
+    with hub_access() as offline:
+        try:
+            config = download_pretrained_from_hf(repo, filename=HF_CONFIG_NAME, cache_dir=cache_dir)
+            download_pretrained_from_hf(repo, cache_dir=cache_dir)
+        except Exception as exc:
+            why = _why_unavailable(offline, exc, cache_dir or "the default Hugging Face cache")
+            raise BackboneError(
+                f"hf-hub:{repo} is not available ({why}). Run `hf download {repo}"
+                f"{_cache_flag(cache_dir)}`, or download the repo's files into a folder and pass "
+                "--model local-dir:FOLDER."
+            ) from exc
+    return Path(config).parent
 
 
 def resolve_local_dir(folder: Path) -> tuple[Path, dict]:

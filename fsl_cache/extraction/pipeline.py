@@ -6,7 +6,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import torch
 from .. import __version__
 from ..backbones import load_backbone
 from ..datasets import DatasetSpec, few_shot_pools, load_dataset
-from ..errors import StoreError, UsageError
+from ..errors import DiskFullError, FslError, StoreError, UsageError
 from ..store.backend import FORMATS, ArraySpec
 from ..store.fingerprint import EXTRACTION_VERSION, dataset_dirname, fingerprint, store_dirname
 from ..store.store import MANIFEST, SCHEMA, FeatureStore, StoreWriter, check_manifest
@@ -23,6 +23,7 @@ from ..console import progress_bar
 from .augment import POLICIES, ViewRenderer
 from .needs import DEFAULT_FOR, method_needs
 from .plan import ExtractionPlan, Pool, array_layout, check_fits, plan_extraction
+from .ranks import Ranks, rank_device, ranks_from_env
 from .run import ZS_SCALE, Encoder, RunStats, run_job
 
 PRECISIONS = {"fp16": np.float16, "fp32": np.float32}
@@ -105,12 +106,23 @@ def extract(
     on_plan: Callable[["PreparedExtraction"], None] | None = None,
     progress: bool = True,
 ) -> ExtractResult:
-    """Extract what ``options.for_methods`` need from ``dataset`` into a fingerprinted store."""
+    """Extract what ``options.for_methods`` need from ``dataset`` into a fingerprinted store.
+
+    Under ``torchrun`` every rank calls this with the same arguments; they share the work by shard.
+    """
+    ranks = ranks_from_env()
+    options = replace(options, device=rank_device(options.device, ranks))
     prepared = prepare_extraction(dataset, root=root, model=model, pretrained=pretrained, cache_dir=cache_dir, options=options)
-    if on_plan is not None:
-        on_plan(prepared)
-    check_fits(prepared.plan, free_bytes=_free_bytes(prepared.store_dir))
-    return prepared.run(progress=progress)
+    error = None
+    if ranks.is_main:
+        if on_plan is not None:
+            on_plan(prepared)
+        try:
+            check_fits(prepared.plan, free_bytes=_free_bytes(prepared.store_dir))
+        except DiskFullError as err:
+            error = err
+    ranks.raise_if_any(error)
+    return prepared.run(progress=progress and ranks.is_main, ranks=ranks)
 
 
 @dataclass
@@ -125,12 +137,18 @@ class PreparedExtraction:
     manifest: dict
     plan: ExtractionPlan
 
-    def run(self, *, progress: bool = True) -> ExtractResult:
-        writer = StoreWriter(self.store_dir, fmt=self.options.format, manifest=self.manifest)
+    def run(self, *, progress: bool = True, ranks: Ranks = Ranks()) -> ExtractResult:
+        writer, error = None, None
         try:
-            stats = self._write(writer, progress=progress)
+            writer = StoreWriter(self.store_dir, fmt=self.options.format, manifest=self.manifest, lock=ranks.is_main)
+        except StoreError as err:
+            error = err
+        ranks.raise_if_any(error)
+        try:
+            stats = self._write(writer, progress=progress, ranks=ranks)
         finally:
             writer.close()
+        ranks.barrier()  # the manifest exists before any rank returns
         store = FeatureStore.open(self.store_dir)
         return ExtractResult(
             store=self.store_dir,
@@ -145,27 +163,45 @@ class PreparedExtraction:
             skipped=stats.skipped,
         )
 
-    def _write(self, writer: StoreWriter, *, progress: bool) -> RunStats:
-        text = self._text_weights(writer)
-        for spec, data in self.plan.whole:
-            writer.write_whole(spec, data)
+    def _write(self, writer: StoreWriter, *, progress: bool, ranks: Ranks) -> RunStats:
+        text = self._text_weights(writer if ranks.is_main else None)
+        if ranks.is_main:
+            for spec, data in self.plan.whole:
+                writer.write_whole(spec, data)
+            for job in self.plan.jobs:  # one process creates arrays; then every rank fills its shards
+                for spec in job.arrays:
+                    writer.create(spec)
+        ranks.barrier()
         stats = RunStats()
         opts = self.options
         encoder = Encoder(self.backbone, text, np.dtype(PRECISIONS[opts.precision]))
         renderer = ViewRenderer(self.backbone.preprocess_cfg)
         total = sum(job.images for job in self.plan.jobs)
-        with progress_bar(total, f"extract {self.spec.name}", enabled=progress) as advance:
-            for job in self.plan.jobs:
-                run_job(job, spec=self.spec, writer=writer, encoder=encoder, renderer=renderer,
-                        aug_seed=opts.aug_seed, batch_size=opts.batch_size, workers=opts.workers,
-                        skip_bad=opts.skip_bad, stats=stats, advance=advance)
-        _merge_skipped(writer.manifest, stats.skipped)
-        writer.manifest["views"] = self.plan.view_counts
-        writer.finalize(self.plan.all_arrays)
+        error = None
+        with progress_bar(total // ranks.world_size, f"extract {self.spec.name}", enabled=progress) as advance:
+            try:
+                for job in self.plan.jobs:
+                    run_job(job, spec=self.spec, writer=writer, encoder=encoder, renderer=renderer,
+                            aug_seed=opts.aug_seed, batch_size=opts.batch_size, workers=opts.workers,
+                            skip_bad=opts.skip_bad, stats=stats, advance=advance,
+                            rank=ranks.rank, world_size=ranks.world_size)
+            except FslError as err:
+                error = err
+        ranks.raise_if_any(error)
+        everyone = ranks.gather((stats.images, stats.seconds, stats.skipped))
+        stats = RunStats(sum(e[0] for e in everyone), max(e[1] for e in everyone))
+        for _, _, skipped in everyone:
+            _merge_skipped(writer.manifest, skipped)
+            for pool, indices in skipped.items():
+                stats.skipped.setdefault(pool, []).extend(indices)
+        ranks.barrier()  # every rank's shards are committed before the manifest is published
+        if ranks.is_main:
+            writer.manifest["views"] = self.plan.view_counts
+            writer.finalize(self.plan.all_arrays)
         return stats
 
-    def _text_weights(self, writer: StoreWriter) -> dict[str, torch.Tensor]:
-        """Class text weights per template set: read back if stored, else encoded and written."""
+    def _text_weights(self, writer: StoreWriter | None) -> dict[str, torch.Tensor]:
+        """Class text weights per template set: read back if stored, else encoded (and written by ``writer``)."""
         weights = {}
         to_encode = {s.name: s for s in self.plan.text}
         for name, templates in self.spec.templates.items():
@@ -175,7 +211,8 @@ class PreparedExtraction:
                 continue
             with torch.no_grad():
                 w = self.backbone.text_classifier(list(self.spec.classnames), list(templates)).float().cpu()
-            writer.write_whole(spec, w.numpy())
+            if writer is not None:
+                writer.write_whole(spec, w.numpy())
             weights[name] = w
         return weights
 

@@ -75,17 +75,19 @@ class ShardMarker:
 class StoreWriter:
     """Writes arrays into a store folder shard by shard; :meth:`finalize` publishes the manifest."""
 
-    def __init__(self, root: Path, *, fmt: str, manifest: dict) -> None:
+    def __init__(self, root: Path, *, fmt: str, manifest: dict, lock: bool = True) -> None:
+        """``lock=False`` is for the extra ranks of one torchrun job, whose rank 0 holds the lock."""
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self._lock = _acquire_lock(root)
+        self._lock = _acquire_lock(root) if lock else None
         self.manifest = manifest
         self.backend = open_backend(root, fmt, mode="a")
         self.progress = root / "progress"
 
     def close(self) -> None:
         self.backend.close()
-        self._lock.close()
+        if self._lock is not None:
+            self._lock.close()
 
     def create(self, spec: ArraySpec) -> None:
         self.backend.create(spec)
