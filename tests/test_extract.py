@@ -199,3 +199,19 @@ def test_killed_extraction_resumes_bit_identical(demo_root, tmp_path, fmt):
     for name in ref:
         np.testing.assert_array_equal(ref[name], new[name], err_msg=name)
     assert verify_store(new_store) == []
+
+
+def test_lite_taps_are_pooled_maps_and_token_means(demo_root, tmp_path):
+    rn = api.extract(f"imagefolder:{demo_root}", model="fsl-tiny-rn", pretrained="none", cache_dir=tmp_path,
+                     for_methods=["ldc", "ldc_lite"], views=2, **FEW)
+    store = FeatureStore.open(rn.store)
+    full = torch.from_numpy(store.read("images/test/views/center/rn/layer1")).float()[:, 0]
+    lite = torch.from_numpy(store.read("images/test/views/center/rn/layer1_pool7")).float()[:, 0]
+    assert lite.shape[-2:] == (2, 2)  # tiny RN layer4 grid
+    torch.testing.assert_close(lite, torch.nn.functional.avg_pool2d(full, 8), atol=2e-3, rtol=2e-3)
+    vit = api.extract(f"imagefolder:{demo_root}", model="fsl-tiny-vit", pretrained="none", cache_dir=tmp_path,
+                      for_methods=["ldc", "ldc_lite"], views=2, **FEW)
+    store = FeatureStore.open(vit.store)
+    tokens = torch.from_numpy(store.read("images/test/views/center/vit/block06")).float()[:, 0]
+    means = torch.from_numpy(store.read("images/test/views/center/vit/block06_mean")).float()[:, 0]
+    torch.testing.assert_close(means, tokens.mean(dim=1), atol=2e-3, rtol=2e-3)

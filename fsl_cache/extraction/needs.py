@@ -1,8 +1,9 @@
 """Which cached tensors each method needs, so ``extract --for METHOD`` writes only those.
 
 Tap names here are generic: ``pooled`` (the embedding), ``multilevel`` (RN ``layer1..4`` or the ViT
-blocks LDC adapts), ``dense`` (the map entering the pooling layer) and ``dense_embed`` (CAPT-C's
-projected tokens, optional). :func:`resolve_taps` turns them into a backbone's concrete taps. The
+blocks LDC adapts), ``multilevel_lite`` (the same maps average-pooled to layer4's 7×7 grid, or ViT
+block token means: LDC-lite's approximation), ``dense`` (the map entering the pooling layer) and
+``dense_embed`` (CAPT-C's projected tokens, optional). :func:`resolve_taps` turns them into a backbone's concrete taps. The
 table exists before the methods do: it is the contract between stage one and stage two.
 """
 from __future__ import annotations
@@ -50,6 +51,8 @@ def _needs_table(dataset: str) -> dict[str, Needs]:
         "clip_adapter": Needs(train_views=(ViewNeed("coop", 51, ("pooled",)),)),
         "coop": Needs(train_views=(ViewNeed("coop", 51, ("pooled",)),)),
         "ldc": Needs(eval_taps=("pooled", "multilevel"), train_views=(ViewNeed("ldc", 10, ("pooled", "multilevel")),)),
+        # [PROPOSED] METHODS §2.6.7 ldc-lite: 376 KB instead of 3 MB per RN50 view; an approximation
+        "ldc_lite": Needs(eval_taps=("pooled", "multilevel_lite"), train_views=(ViewNeed("ldc", 10, ("pooled", "multilevel_lite")),)),
         "safe": Needs(eval_taps=("pooled", "dense"), train_views=(ViewNeed("flip", 2, ("pooled", "dense")),)),
         "safe_a": Needs(
             eval_taps=("pooled", "dense"),
@@ -75,12 +78,47 @@ DEFAULT_FOR = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f")
 """What ``extract`` writes without ``--for``: the light pooled-embedding methods."""
 
 
+POOL7 = "pool7"
+"""Derived tap suffix: a RN map average-pooled to layer4's grid (kernel = stride = its downsampling)."""
+MEAN = "mean"
+"""Derived tap suffix: a ViT block's mean over all tokens, CLS included (as LDC's PatchMean)."""
+
+
+def derived_tap(tap: str) -> tuple[str, str | None]:
+    """``(base tap, derivation)``: ``rn/layer1_pool7`` → ``(rn/layer1, pool7)``; plain taps → ``(tap, None)``."""
+    base, _, suffix = tap.rpartition("_")
+    return (base, suffix) if suffix in (POOL7, MEAN) else (tap, None)
+
+
+def derived_shape(tap: str, base_shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    base, how = derived_tap(tap)
+    shape = tuple(base_shapes[base])
+    if how == POOL7:
+        return (shape[0],) + tuple(base_shapes["rn/layer4"][1:])
+    if how == MEAN:
+        return shape[1:]
+    return shape
+
+
+def derive(tensor, how: str | None, *, grid: tuple[int, int] | None = None):
+    """Apply a derivation to a batch of base-tap tensors ``[B, ...]``."""
+    import torch.nn.functional as F
+
+    if how == POOL7:
+        return F.adaptive_avg_pool2d(tensor, grid)  # sizes divide exactly, so this is AvgPool2d(k=s=ratio)
+    if how == MEAN:
+        return tensor.mean(dim=1)
+    return tensor
+
+
 def resolve_taps(generic: tuple[str, ...], *, kind: str, dense_tap: str, vit_blocks: tuple[int, ...]) -> tuple[str, ...]:
     """Concrete backbone taps for generic names, in a stable order without repeats."""
     out: list[str] = []
     for tap in generic:
         if tap == "multilevel":
             out += [f"rn/layer{i}" for i in range(1, 5)] if kind == "rn" else [f"vit/block{b:02d}" for b in vit_blocks]
+        elif tap == "multilevel_lite":
+            out += [f"rn/layer{i}_{POOL7}" for i in range(1, 5)] if kind == "rn" else [f"vit/block{b:02d}_{MEAN}" for b in vit_blocks]
         elif tap == "dense":
             out.append(dense_tap)
         else:

@@ -21,7 +21,7 @@ from ..store.fingerprint import EXTRACTION_VERSION, dataset_dirname, fingerprint
 from ..store.store import MANIFEST, SCHEMA, FeatureStore, StoreWriter, check_manifest
 from ..console import progress_bar
 from .augment import POLICIES, ViewRenderer
-from .needs import DEFAULT_FOR, method_needs
+from .needs import DEFAULT_FOR, derived_shape, method_needs
 from .plan import ExtractionPlan, Pool, array_layout, check_fits, plan_extraction
 from .ranks import Ranks, rank_device, ranks_from_env
 from .run import ZS_SCALE, Encoder, RunStats, run_job
@@ -248,7 +248,8 @@ def prepare_extraction(dataset: str, *, root, model: str, pretrained: str, cache
     existing = {n: ArraySpec.from_json(n, a) for n, a in manifest.get("arrays", {}).items()}
     pools, whole = _pools_and_metadata(spec, options, existing)
     manifest["pools"] = {**manifest.get("pools", {}), **{p.name: {"split": p.split, "size": p.size} for p in pools.values()}}
-    tap_shapes = {t: tuple(backbone.tap_shape(t)) for t in backbone.taps()}
+    base_shapes = {t: tuple(backbone.tap_shape(t)) for t in backbone.taps()}
+    tap_shapes = _TapShapes(base_shapes)
     plan = plan_extraction(
         pools=pools, needs=needs, kind=backbone.kind, dense_tap=backbone.dense_tap, vit_blocks=options.vit_blocks,
         tap_shapes=tap_shapes, num_classes=spec.num_classes, template_sets=tuple(spec.templates),
@@ -259,6 +260,13 @@ def prepare_extraction(dataset: str, *, root, model: str, pretrained: str, cache
     shape = (spec.num_classes, backbone.embed_dim)
     plan.text = [ArraySpec(f"text/{t}", shape, "float32", shape) for t in spec.templates if f"text/{t}" not in existing]
     return PreparedExtraction(spec, backbone, options, store_dir, key, manifest, plan)
+
+
+class _TapShapes(dict):
+    """Per-image shapes of backbone taps and of taps derived from them (``rn/layer1_pool7``)."""
+
+    def __missing__(self, tap: str) -> tuple[int, ...]:
+        return derived_shape(tap, self)
 
 
 def _pools_and_metadata(spec: DatasetSpec, options: ExtractOptions, existing: dict) -> tuple[dict[str, Pool], list]:

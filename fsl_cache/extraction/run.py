@@ -17,6 +17,7 @@ from ..datasets import BadImageError, DatasetSpec, open_image
 from ..errors import DatasetError
 from ..store.store import ShardBlocks, StoreWriter
 from .augment import ViewRenderer, sample_params
+from .needs import POOL7, derive, derived_tap
 from .plan import SHARD_SAMPLES, Job
 
 ZS_SCALE = 100.0
@@ -91,8 +92,15 @@ class Encoder:
     def __call__(self, images: torch.Tensor, taps: tuple[str, ...]) -> dict[str, np.ndarray]:
         bb = self.backbone
         x = images.to(device=bb.device, dtype=bb.dtype)
-        out = bb.encode_taps(x, taps)
-        arrays = {tap: self._store(t) for tap, t in out.items()}
+        base_taps = list(dict.fromkeys(derived_tap(t)[0] for t in taps))
+        if any(derived_tap(t)[1] == POOL7 for t in taps) and "rn/layer4" not in base_taps:
+            base_taps.append("rn/layer4")  # its grid is the pooling target
+        out = bb.encode_taps(x, base_taps)
+        grid = tuple(out["rn/layer4"].shape[-2:]) if "rn/layer4" in out else None
+        arrays = {}
+        for tap in taps:
+            base, how = derived_tap(tap)
+            arrays[tap] = self._store(derive(out[base], how, grid=grid))
         if "pooled" in out:
             f = torch.nn.functional.normalize(out["pooled"].float(), dim=-1)
             for name, weights in self.text.items():
