@@ -71,3 +71,51 @@ def cache_rm(key: str, *, cache_dir: str | Path | None = None) -> Path:
     entry = find_store(_cache_dir(cache_dir), key)
     remove_store(entry)
     return entry.path
+
+
+def fit(
+    method: str,
+    *,
+    dataset: str,
+    shots: int,
+    seeds: Sequence[int] = (1, 2, 3),
+    protocol: str = "coop",
+    model: str = "RN50",
+    pretrained: str = "openai",
+    store: str | None = None,
+    options: dict | None = None,
+    cache_dir: str | Path | None = None,
+    runs_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+    memory_budget: int | None = None,
+    on_run: Callable | None = None,
+) -> list:
+    """Stage two: fit ``method`` on the cached features of ``dataset`` once per seed.
+
+    The store is the one ``extract`` made for ``dataset`` with ``model``/``pretrained`` (or the one
+    ``store``, a key prefix or folder, names). ``options`` are the method's ``-o key=value`` settings.
+    A run whose fingerprint already has a record under ``runs_dir`` is returned without recomputing
+    (``force=True`` redoes it). Returns one :class:`fsl_cache.runs.RunResult` per seed.
+    """
+    from .runs import fit_runs
+
+    def report(result) -> None:
+        if progress:
+            from .render import show_fit_progress
+
+            show_fit_progress(result)
+        if on_run is not None:
+            on_run(result)
+
+    return fit_runs(method, dataset=dataset, shots=shots, seeds=seeds, protocol=protocol, model=model,
+                    pretrained=pretrained, store=store, options=options, cache_dir=cache_dir, runs_dir=runs_dir,
+                    force=force, device=device, memory_budget=memory_budget, on_run=report)
+
+
+def methods() -> list:
+    """Every registered method (:class:`fsl_cache.methods.MethodInfo`), sorted by name."""
+    from .methods import get_method, list_methods
+
+    return [get_method(name) for name in list_methods()]

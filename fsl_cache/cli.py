@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich.markup import escape  # messages quote paths and "[path, label, classname]": never markup
 
 from .console import err_console
 
@@ -44,7 +45,7 @@ class FslGroup(click.Group):
         except FslError as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             sys.exit(err.exit_code)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted:[/] finished shards are kept; re-run the same command to resume")
@@ -55,7 +56,7 @@ class FslGroup(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             hint = " (disk full: free space or use another --cache-dir)" if err.errno == 28 else ""
-            err_console.print(f"[bold red]error:[/] {err}{hint}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}{hint}", highlight=False, soft_wrap=True)
             sys.exit(1)
 
 
@@ -155,7 +156,7 @@ def cache_verify(key, cache_dir, as_json) -> None:
     if as_json:
         click.echo(json.dumps({"key": key, "ok": not problems, "problems": [str(p) for p in problems]}))
     for problem in problems:
-        err_console.print(f"[red]corrupt:[/] {problem}", highlight=False)
+        err_console.print(f"[red]corrupt:[/] {escape(str(problem))}", highlight=False)
     if problems:
         err_console.print(f"[bold red]{len(problems)} problem(s)[/]: remove the store and extract again")
         sys.exit(1)
@@ -226,6 +227,80 @@ def demo(out, cache_dir, as_json) -> None:
     show_extract_result(result)
     if as_json:
         click.echo(json.dumps(result.to_json()))
+
+
+def _seed_list(ctx, param, value: tuple[str, ...]):
+    """``--seed 1 --seed 2`` or ``--seed 1,2,3``; default 1,2,3."""
+    seeds = [v for item in value for v in item.split(",") if v.strip()] or ["1", "2", "3"]
+    try:
+        return tuple(int(v) for v in seeds)
+    except ValueError:
+        raise click.BadParameter(f"expected integers, got {', '.join(value)}")
+
+
+def _key_values(ctx, param, value: tuple[str, ...]) -> dict:
+    options = {}
+    for item in value:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected key=value, got '{item}'")
+        options[key.strip()] = val.strip()
+    return options
+
+
+@main.command()
+@click.argument("method")
+@click.option("--dataset", required=True, help="Dataset the store was extracted from (name, imagefolder:DIR, csv:FILE).")
+@click.option("--shots", type=int, required=True, help="Images per class (a few-shot split the store holds).")
+@click.option("--seed", "seeds", multiple=True, callback=_seed_list, help="Sampling seed; repeat or comma-separate [default: 1,2,3].")
+@click.option("--protocol", type=click.Choice(["coop", "paper", "base2novel"]), default="coop", show_default=True,
+              help="coop: few-shot val for every choice, test once; paper: each paper's own quirks; "
+                   "base2novel: train on base classes, report base, novel and their harmonic mean.")
+@click.option("--model", default="RN50", show_default=True, help="Backbone architecture of the store.")
+@click.option("--pretrained", default="openai", show_default=True, help="Backbone weights of the store.")
+@click.option("--store", default=None, help="Store key (fingerprint prefix) or folder, instead of --model/--pretrained.")
+@click.option("-o", "--option", "options", multiple=True, callback=_key_values, help="Method option key=value (repeatable).")
+@CACHE_DIR_OPTION
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where run records go [default: $FSL_RUNS_DIR or ./runs].")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Recompute runs whose record already exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line per run on stdout.")
+def fit(method, dataset, shots, seeds, protocol, model, pretrained, store, options, cache_dir, runs_dir, device,
+        force, as_json) -> None:
+    """Stage two: fit METHOD on cached features, once per seed (`fsl-cache methods` lists them)."""
+    from . import api
+    from .render import show_fit_results
+
+    results = api.fit(method, dataset=dataset, shots=shots, seeds=seeds, protocol=protocol, model=model,
+                      pretrained=pretrained, store=store, options=options, cache_dir=cache_dir, runs_dir=runs_dir,
+                      force=force, device=device, progress=not as_json)
+    show_fit_results(results)
+    if as_json:
+        for result in results:
+            click.echo(json.dumps(result.to_json()))
+
+
+@main.command("methods")
+@click.option("--json", "as_json", is_flag=True)
+def methods_(as_json) -> None:
+    """The registered methods: what each reads from the store, its -o options and their defaults."""
+    from . import api
+    from .render import show_methods
+
+    infos = api.methods()
+    if not as_json:
+        show_methods(infos)
+        return
+    for info in infos:
+        needs = info.needs()
+        click.echo(json.dumps({
+            "name": info.name, "description": info.description, "trains": info.trains,
+            "needs": {"eval_taps": list(needs.eval_taps),
+                      "train_views": [{"policy": v.policy, "views": v.views, "taps": list(v.taps)} for v in needs.train_views]},
+            "options": [o.__dict__ for o in info.options()], "deviations": list(info.deviations),
+            "paper_protocol": info.paper_protocol,
+        }))
 
 
 if __name__ == "__main__":

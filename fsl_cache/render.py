@@ -95,3 +95,49 @@ def show_models(infos) -> None:
     for info in infos:
         table.add_row(info.name, ", ".join(info.tags))
     err_console.print(table)
+
+
+def show_fit_progress(result) -> None:
+    """One line per finished (or reused) run while ``fit`` goes through the seeds."""
+    state = "[dim]reused[/]" if result.reused else f"{result.seconds:.1f} s"
+    err_console.print(f"{result.method} k={result.shots} seed={result.seed} ({result.protocol}): "
+                      f"val {result.val_acc:.2f}  test {result.test_acc:.2f}  {state}", highlight=False)
+
+
+def show_fit_results(results) -> None:
+    """The runs of one ``fit`` call as a table, with the mean over seeds and any caveats."""
+    if not results:
+        return
+    heads = [h for h in results[0].heads if h != "main"]
+    table = Table(show_edge=False, title=f"{results[0].method} on {results[0].dataset}", title_justify="left")
+    for col in ("shots", "seed", "protocol", "val acc", "test acc", "test mean/class", *heads, "time", "run"):
+        table.add_column(col, justify="left" if col in ("protocol", "run") else "right",
+                         overflow="fold" if col == "run" else "ellipsis")
+    for r in results:
+        extra = [f"{r.heads[h]['test']:.2f}" for h in heads]
+        time_s = "reused" if r.reused else f"{r.seconds:.1f} s"
+        table.add_row(str(r.shots), str(r.seed), r.protocol, f"{r.val_acc:.2f}", f"{r.test_acc:.2f}",
+                      f"{r.test_mean_per_class:.2f}", *extra, time_s, str(r.run_dir))
+    if len(results) > 1:
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        table.add_row("", "[bold]mean[/]", "", f"{mean([r.val_acc for r in results]):.2f}",
+                      f"[bold]{mean([r.test_acc for r in results]):.2f}[/]",
+                      f"{mean([r.test_mean_per_class for r in results]):.2f}", *[""] * len(heads), "", "")
+    err_console.print(table)
+    for warning in dict.fromkeys(w for r in results for w in r.warnings):
+        err_console.print(f"[yellow]note:[/] {warning}", highlight=False)
+
+
+def show_methods(infos) -> None:
+    """``fsl-cache methods``: name, what it is, what it reads from the store, its options and defaults."""
+    table = Table(show_edge=False, show_lines=True)
+    for col in ("method", "description", "needs", "options (defaults)"):
+        table.add_column(col, overflow="fold")
+    for info in infos:
+        needs = info.needs()
+        reads = [f"center: {', '.join(needs.eval_taps)}"]
+        reads += [f"{v.policy} ×{v.views}: {', '.join(v.taps)}" for v in needs.train_views]
+        options = ", ".join(f"{o.name}={o.default}" for o in info.options()) or "-"
+        table.add_row(f"[bold]{info.name}[/]" + (" [dim](trains)[/]" if info.trains else ""), info.description,
+                      "\n".join(reads), options)
+    err_console.print(table)

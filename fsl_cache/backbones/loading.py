@@ -116,7 +116,7 @@ def resolve_spec(model: str, pretrained: str, *, cache_dir: str | None) -> _Spec
 def _schema_from_pretrained(model: str, pretrained: str, notes: list[str]) -> tuple[str, str]:
     """Be lenient: ``pretrained="local-dir:DIR"``, ``"hf-hub:…"`` or a config folder names the model."""
     spec = pretrained
-    if not spec.startswith((HF_HUB, LOCAL_DIR)) and Path(spec).expanduser().is_dir():
+    if not spec.startswith((HF_HUB, LOCAL_DIR)) and _is_dir(spec):
         spec = LOCAL_DIR + spec
     if not spec.startswith((HF_HUB, LOCAL_DIR)):
         return model, pretrained
@@ -137,13 +137,31 @@ def _schema_spec(model: str, pretrained: str, *, cache_dir: str | None) -> _Spec
         path, cfg = resolve_local_dir(folder)
         source = WeightsSource("hf-hub", path, repo=repo)
     else:
-        folder = Path(model[len(LOCAL_DIR):]).expanduser().resolve()
+        folder = _user_path(model[len(LOCAL_DIR):], resolve=True)
         path, cfg = resolve_local_dir(folder)
         model, source = LOCAL_DIR + str(folder), WeightsSource("local-dir", path)
     _check_tower(model, cfg)
     # Both build from the folder: an hf-hub snapshot is a local-dir, so no network is touched.
     return _Spec(arch=model, name=LOCAL_DIR + str(folder), pretrained=model, weights=source,
                  model_cfg=cfg, notes=notes)
+
+
+def _user_path(text: str, *, resolve: bool = False) -> Path:
+    """``text`` with ``~`` expanded; a :class:`BackboneError` for a path no file system can have."""
+    if "\0" in text:
+        raise BackboneError(f"Weights path {text!r} contains a NUL byte")
+    try:
+        path = Path(text).expanduser()
+        return path.resolve() if resolve else path
+    except (RuntimeError, OSError) as err:  # an unknown ~user, a symlink loop
+        raise BackboneError(f"Cannot use the path {text}: {err}") from None
+
+
+def _is_dir(text: str) -> bool:
+    try:
+        return _user_path(text).is_dir()
+    except BackboneError:
+        return False  # then it is no folder; the weights lookup says why it is nothing else either
 
 
 def _known_arch(model: str) -> str:
@@ -168,7 +186,7 @@ def _named_spec(arch: str, pretrained: str, *, cache_dir: str | None) -> _Spec:
         return _Spec(arch, arch, pretrained, WeightsSource("none"), notes=[note])
     if open_clip.get_pretrained_cfg(arch, pretrained):
         return _tag_spec(arch, pretrained, cache_dir=cache_dir)
-    path = Path(pretrained).expanduser()
+    path = _user_path(pretrained)
     if path.is_file():
         return _file_spec(arch, pretrained, path)
     if Path(pretrained).suffix in WEIGHTS_SUFFIXES or "/" in pretrained or "\\" in pretrained:

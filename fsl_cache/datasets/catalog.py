@@ -9,6 +9,7 @@ from pathlib import Path
 from fsl_cache.datasets import coop
 from fsl_cache.datasets.base import DatasetSpec, builtin_loaders
 from fsl_cache.datasets.custom import CSV_LAYOUT, IMAGEFOLDER_LAYOUT, load_csv, load_imagefolder
+from fsl_cache.datasets.files import user_path
 from fsl_cache.errors import UsageError, did_you_mean
 
 DATA_ENV = "FSL_DATA"
@@ -66,4 +67,4 @@ def _data_root(name: str, root: Path | str | None) -> Path:
             f"Dataset '{name}' needs a data root: pass --root DIR or set {DATA_ENV} "
             f"(DIR is the folder that contains {folder}/)"
         )
-    return Path(root).expanduser()
+    return user_path(root, what="--root", resolve=False)

@@ -17,6 +17,7 @@ from fsl_cache.datasets.files import (
     list_images,
     read_lines,
     sorted_subdirs,
+    user_path,
 )
 from fsl_cache.errors import DatasetError
 
@@ -122,7 +123,7 @@ def _check_template(path: Path, lineno: int, line: str) -> str:
 
 def load_imagefolder(folder: Path | str) -> DatasetSpec:
     """``imagefolder:DIR``: a sub-folder per class (sorted); ``train/ val/ test/`` if present."""
-    folder = Path(folder).expanduser().resolve()
+    folder = user_path(folder, what="imagefolder:")
     if not folder.is_dir():
         raise DatasetError(f"imagefolder expects {IMAGEFOLDER_LAYOUT}; missing: {folder}")
     if any((folder / split).is_dir() for split in SPLITS):
@@ -222,7 +223,7 @@ class CsvRow:
 
 def load_csv(file: Path | str) -> DatasetSpec:
     """``csv:FILE``: ``path,label[,split]`` rows under a header; stratified if no split column."""
-    file = Path(file).expanduser().resolve()
+    file = user_path(file, what="csv:")
     if not file.is_file():
         raise DatasetError(f"csv expects {CSV_LAYOUT}; missing: {file}")
     rows = _read_rows(file)
@@ -256,12 +257,17 @@ def _csv_splits(rows: list[CsvRow], labels: list[int], classnames: list[str]):
 def _read_rows(file: Path) -> list[CsvRow]:
     with open(file, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
-        columns = _header(next(reader, []), file)
-        rows = [
-            _row(reader.line_num, values, columns, file)
-            for values in reader
-            if any(v.strip() for v in values)
-        ]
+        try:
+            columns = _header(next(reader, []), file)
+            rows = [
+                _row(reader.line_num, values, columns, file)
+                for values in reader
+                if any(v.strip() for v in values)
+            ]
+        except UnicodeDecodeError as err:
+            raise DatasetError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except csv.Error as err:  # e.g. a field over csv.field_size_limit()
+            raise DatasetError(f"{file}:{reader.line_num}: not a readable CSV row ({err})") from None
     if not rows:
         raise DatasetError(f"{file}: no rows after the header (expects {CSV_LAYOUT})")
     return rows

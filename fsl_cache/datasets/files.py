@@ -15,6 +15,21 @@ MISSING_SHOWN = 3
 """How many missing paths an error names before it only gives the count."""
 
 
+def user_path(text: str | Path, *, what: str, resolve: bool = True) -> Path:
+    """``text`` as given on the command line, ``~`` expanded (and made absolute unless ``resolve=False``).
+
+    A :class:`DatasetError` for what no file system can have: a NUL byte, ``~user`` of an unknown
+    user, a symlink loop.
+    """
+    if "\0" in str(text):
+        raise DatasetError(f"{what} {str(text)!r} contains a NUL byte")
+    try:
+        path = Path(text).expanduser()
+        return path.resolve() if resolve else path
+    except (RuntimeError, OSError, ValueError) as err:  # RuntimeError: unknown ~user or a symlink loop
+        raise DatasetError(f"{what} {text}: {err}") from None
+
+
 def is_image_name(name: str) -> bool:
     """True for a visible file name with one of :data:`IMAGE_EXTENSIONS` (any case)."""
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
@@ -61,7 +76,7 @@ def missing_files(image_root: Path, relpaths: Iterable[str]) -> list[str]:
 def _names_in(folder: Path) -> frozenset[str]:
     try:
         return frozenset(os.listdir(folder))
-    except (FileNotFoundError, NotADirectoryError):
+    except (OSError, ValueError):  # missing, not a folder, unreadable, a NUL byte: its files are missing
         return frozenset()
 
 

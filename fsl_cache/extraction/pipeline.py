@@ -1,7 +1,8 @@
 """Stage one end to end: dataset + backbone → plan → shards → a finished, fingerprinted store."""
 from __future__ import annotations
 
-import json
+import errno
+import hashlib
 import os
 import shutil
 import time
@@ -18,11 +19,11 @@ from ..datasets import DatasetSpec, few_shot_pools, load_dataset
 from ..errors import DiskFullError, FslError, StoreError, UsageError
 from ..store.backend import FORMATS, ArraySpec
 from ..store.fingerprint import EXTRACTION_VERSION, dataset_dirname, fingerprint, store_dirname
-from ..store.store import MANIFEST, SCHEMA, FeatureStore, StoreWriter, check_manifest
+from ..store.store import MANIFEST, SCHEMA, FeatureStore, StoreWriter, check_manifest, read_manifest
 from ..console import progress_bar
 from .augment import POLICIES, ViewRenderer
-from .needs import DEFAULT_FOR, derived_shape, method_needs
-from .plan import ExtractionPlan, Pool, array_layout, check_fits, plan_extraction
+from .needs import DEFAULT_FOR, derived_shape, derived_tap, method_needs
+from .plan import ExtractionPlan, Pool, array_layout, check_fits, human_bytes, plan_extraction
 from .ranks import Ranks, rank_device, ranks_from_env
 from .run import ZS_SCALE, Encoder, RunStats, run_job
 
@@ -136,16 +137,27 @@ class PreparedExtraction:
     key: str
     manifest: dict
     plan: ExtractionPlan
+    planned_on: str | None = None
+    """SHA-256 of the manifest the plan was made against (``None``: there was none)."""
 
     def run(self, *, progress: bool = True, ranks: Ranks = Ranks()) -> ExtractResult:
         writer, error = None, None
         try:
             writer = StoreWriter(self.store_dir, fmt=self.options.format, manifest=self.manifest, lock=ranks.is_main)
+            if ranks.is_main and _manifest_digest(self.store_dir) != self.planned_on:
+                writer.close()
+                # Planned against an older manifest, it would drop the other run's arrays on publishing.
+                raise StoreError(f"Another extraction finished writing {self.store_dir} while this one was being "
+                                 "planned; re-run the same command to plan against what it wrote")
         except StoreError as err:
             error = err
         ranks.raise_if_any(error)
         try:
             stats = self._write(writer, progress=progress, ranks=ranks)
+        except OSError as err:
+            if not _is_disk_full(err):
+                raise
+            raise self._disk_full(err) from err
         finally:
             writer.close()
         ranks.barrier()  # the manifest exists before any rank returns
@@ -163,9 +175,18 @@ class PreparedExtraction:
             skipped=stats.skipped,
         )
 
+    def _disk_full(self, err: OSError) -> DiskFullError:
+        return DiskFullError(
+            f"Disk full while writing {self.store_dir} ({err.strerror or err}): "
+            f"{human_bytes(_free_bytes(self.store_dir))} is free and this extraction writes up to "
+            f"{human_bytes(self.plan.new_bytes)}. Free that much space on that disk (or pick another --cache-dir) "
+            "and re-run the same command: finished shards are kept and only the rest is written."
+        )
+
     def _write(self, writer: StoreWriter, *, progress: bool, ranks: Ranks) -> RunStats:
         text = self._text_weights(writer if ranks.is_main else None)
         if ranks.is_main:
+            writer.forget_other_jobs({a.name: job.id for job in self.plan.jobs for a in job.arrays})
             for spec, data in self.plan.whole:
                 writer.write_whole(spec, data)
             for job in self.plan.jobs:  # one process creates arrays; then every rank fills its shards
@@ -187,6 +208,10 @@ class PreparedExtraction:
                             rank=ranks.rank, world_size=ranks.world_size)
             except FslError as err:
                 error = err
+            except OSError as err:  # shared with the other ranks, which would otherwise wait forever
+                if not _is_disk_full(err):
+                    raise
+                error = self._disk_full(err)
         ranks.raise_if_any(error)
         everyone = ranks.gather((stats.images, stats.seconds, stats.skipped))
         stats = RunStats(sum(e[0] for e in everyone), max(e[1] for e in everyone))
@@ -196,6 +221,10 @@ class PreparedExtraction:
                 stats.skipped.setdefault(pool, []).extend(indices)
         ranks.barrier()  # every rank's shards are committed before the manifest is published
         if ranks.is_main:
+            pools = {job.id: job.pool.name for job in self.plan.jobs}
+            for marker in writer.markers():  # shards an interrupted run finished skipped images too
+                if marker.skipped and marker.job in pools:
+                    _merge_skipped(writer.manifest, {pools[marker.job]: marker.skipped})
             writer.manifest["views"] = self.plan.view_counts
             writer.finalize(self.plan.all_arrays)
         return stats
@@ -244,6 +273,7 @@ def prepare_extraction(dataset: str, *, root, model: str, pretrained: str, cache
     weights = Path(pretrained).stem if os.sep in pretrained or "." in pretrained else pretrained
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     store_dir = cache_dir / dataset_dirname(spec.name) / store_dirname(arch=backbone.arch, weights=weights, precision=options.precision, key=key)
+    planned_on = _manifest_digest(store_dir)  # before reading it: a newer manifest then refuses, never an older
     manifest = _load_or_new_manifest(store_dir, key=key, parts=parts, spec=spec, backbone=backbone, options=options)
     existing = {n: ArraySpec.from_json(n, a) for n, a in manifest.get("arrays", {}).items()}
     pools, whole = _pools_and_metadata(spec, options, existing)
@@ -259,13 +289,18 @@ def prepare_extraction(dataset: str, *, root, model: str, pretrained: str, cache
     plan.whole = whole
     shape = (spec.num_classes, backbone.embed_dim)
     plan.text = [ArraySpec(f"text/{t}", shape, "float32", shape) for t in spec.templates if f"text/{t}" not in existing]
-    return PreparedExtraction(spec, backbone, options, store_dir, key, manifest, plan)
+    return PreparedExtraction(spec, backbone, options, store_dir, key, manifest, plan, planned_on)
 
 
 class _TapShapes(dict):
     """Per-image shapes of backbone taps and of taps derived from them (``rn/layer1_pool7``)."""
 
     def __missing__(self, tap: str) -> tuple[int, ...]:
+        base, _ = derived_tap(tap)
+        if base not in self:  # a plain tap that is not there would recurse here forever
+            blocks = [t for t in self if t.startswith("vit/block")]
+            hint = f"; --vit-blocks must lie in 1..{len(blocks)}" if blocks else ""
+            raise UsageError(f"The backbone has no tap '{base}'{hint}")
         return derived_shape(tap, self)
 
 
@@ -297,7 +332,7 @@ def _pools_and_metadata(spec: DatasetSpec, options: ExtractOptions, existing: di
 def _load_or_new_manifest(store_dir: Path, *, key: str, parts: dict, spec: DatasetSpec, backbone, options: ExtractOptions) -> dict:
     path = store_dir / MANIFEST
     if path.exists():
-        manifest = json.loads(path.read_text())
+        manifest = read_manifest(store_dir)
         check_manifest(store_dir, manifest)
         if manifest["fingerprint"] != key:
             raise StoreError(f"{store_dir} belongs to another extraction (key {manifest['fingerprint'][:16]}); remove it")
@@ -349,6 +384,18 @@ def _versions() -> dict:
     import open_clip
 
     return {"fsl_cache": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__, "numpy": np.__version__}
+
+
+def _manifest_digest(store_dir: Path) -> str | None:
+    try:
+        return hashlib.sha256((store_dir / MANIFEST).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _is_disk_full(err: OSError) -> bool:
+    # h5py reports the C library's errno only in its message
+    return err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err)
 
 
 def _free_bytes(path: Path) -> int:

@@ -45,8 +45,9 @@ class Job:
 
     @property
     def id(self) -> str:
-        names = ",".join(a.name for a in self.arrays)
-        return f"{self.pool.name}.{self.policy}.{hashlib.sha256(names.encode()).hexdigest()[:10]}"
+        # Shapes are part of the id: shards a killed run wrote with another view count are not this job's.
+        arrays = ",".join(f"{a.name}{list(a.shape)}{a.dtype}" for a in self.arrays)
+        return f"{self.pool.name}.{self.policy}.{hashlib.sha256(arrays.encode()).hexdigest()[:10]}"
 
     @property
     def num_shards(self) -> int:

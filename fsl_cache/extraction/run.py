@@ -152,7 +152,7 @@ def run_job(
         shard = rows[0] // SHARD_SAMPLES
         if blocks is None or blocks.marker.shard != shard:
             blocks = writer.begin_shard(job.id, shard, *job.shard_rows(shard))
-        _check_errors(job, rows, errors, skip_bad=skip_bad, stats=stats)
+        blocks.marker.skipped += _check_errors(job, rows, errors, skip_bad=skip_bad, stats=stats)
         b, v = views.shape[:2]
         out = encoder(views.flatten(0, 1), job.taps)
         for name, data in out.items():
@@ -167,7 +167,9 @@ def run_job(
     stats.seconds += time.perf_counter() - started
 
 
-def _check_errors(job: Job, rows: list[int], errors: list[str], *, skip_bad: bool, stats: RunStats) -> None:
+def _check_errors(job: Job, rows: list[int], errors: list[str], *, skip_bad: bool, stats: RunStats) -> list[int]:
+    """The split indices of the unreadable images in the batch (an error unless ``skip_bad``)."""
+    found = []
     for row, error in zip(rows, errors):
         if not error:
             continue
@@ -175,5 +177,7 @@ def _check_errors(job: Job, rows: list[int], errors: list[str], *, skip_bad: boo
             raise DatasetError(f"{error} (pass --skip-bad to skip unreadable images and record them)")
         skipped = stats.skipped.setdefault(job.pool.name, [])
         index = int(job.pool.indices[row])
+        found.append(index)
         if index not in skipped:
             skipped.append(index)
+    return found

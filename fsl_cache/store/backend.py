@@ -61,6 +61,7 @@ class Backend(Protocol):
         self, spec: ArraySpec, start: int, data: np.ndarray, *, part: str, part_rows: tuple[int, int]
     ) -> None: ...
     def commit_part(self, part: str) -> None: ...
+    def drop_part(self, part: str) -> None: ...
     def open(self, name: str) -> Any: ...
     def finalize(self, specs: list[ArraySpec], parts: dict[str, list[tuple[str, int, int]]]) -> None: ...
     def stored_bytes(self, name: str) -> int: ...
@@ -78,7 +79,8 @@ def open_backend(root: Path, fmt: str, *, mode: str) -> Backend:
 def _du(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    # zarr's *.partial files are writes a killed run left behind, not part of the array
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix != ".partial")
 
 
 class ZarrBackend:
@@ -91,13 +93,17 @@ class ZarrBackend:
         self.path = root / "arrays.zarr"
         if mode == "r" and not self.path.exists():
             raise StoreError(f"Store {root} has no arrays.zarr: it is incomplete or not a zarr store")
-        self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a", zarr_format=3)
+        try:
+            self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a", zarr_format=3)
+        except Exception as err:  # a damaged zarr.json: JSON, key or value errors from zarr
+            raise StoreError(f"Cannot open {self.path} ({type(err).__name__}: {err}); the store is damaged: "
+                             "remove it and extract again") from err
 
     def _codecs(self, spec: ArraySpec) -> list:
         from zarr.codecs import Crc32cCodec, ZstdCodec
 
-        if spec.dtype == "str":
-            return []  # variable-length strings take zarr's own vlen codec chain
+        if spec.dtype == "str":  # zarr's own vlen-utf8 + zstd chain, checksummed like every other array
+            return [ZstdCodec(level=0), Crc32cCodec()]
         head = [ZstdCodec(level=1)] if spec.codec == "zstd1" else []
         return head + [Crc32cCodec()]
 
@@ -108,14 +114,17 @@ class ZarrBackend:
             if tuple(existing.shape) == spec.shape and tuple(existing.chunks) == spec.chunks:
                 return  # resuming: the array was created by the killed run
             del self.group[spec.name]
-        kwargs = {} if spec.dtype == "str" else {"compressors": self._codecs(spec)}
-        self.group.create_array(spec.name, shape=spec.shape, dtype=dtype, chunks=spec.chunks, **kwargs)
+        self.group.create_array(spec.name, shape=spec.shape, dtype=dtype, chunks=spec.chunks,
+                                compressors=self._codecs(spec))
 
     def write_block(self, spec: ArraySpec, start: int, data: np.ndarray, *, part: str, part_rows) -> None:
         self.group[spec.name][start : start + len(data)] = data
 
     def commit_part(self, part: str) -> None:
         """Zarr writes land in place; the store's progress marker is the commit."""
+
+    def drop_part(self, part: str) -> None:
+        """Nothing to remove: a dropped shard's rows are simply written again."""
 
     def open(self, name: str) -> Any:
         return self.group[name]
@@ -145,11 +154,16 @@ class HDF5Backend:
         self.parts_dir = root / "parts"
         self.path = root / "store.h5"
         self._open_parts: dict[str, Any] = {}
+        self._checked: set[str] = set()
         self._file = None
         if mode == "r":
             if not self.path.exists():
                 raise StoreError(f"Store {root} has no store.h5: it is incomplete or not an HDF5 store")
-            self._file = h5py.File(self.path, "r")
+            try:
+                self._file = h5py.File(self.path, "r")
+            except OSError as err:
+                raise StoreError(f"Cannot open {self.path} ({err}); the store is damaged: remove it and "
+                                 "extract again") from err
         else:
             self.parts_dir.mkdir(parents=True, exist_ok=True)
 
@@ -168,7 +182,7 @@ class HDF5Backend:
         first, stop = part_rows
         key = f"{spec.name}@{first}"
         if spec.dtype == "str":
-            fh.create_dataset(key, data=_encode_strings(data))
+            fh.create_dataset(key, data=_encode_strings(data), chunks=True, fletcher32=True)
             return
         if key not in fh:
             shape = (stop - first,) + spec.shape[1:]
@@ -186,8 +200,25 @@ class HDF5Backend:
         tmp = self.parts_dir / (_part_file_name(part) + ".incomplete")
         os.replace(tmp, self.parts_dir / _part_file_name(part))
 
+    def drop_part(self, part: str) -> None:
+        (self.parts_dir / _part_file_name(part)).unlink(missing_ok=True)
+
     def open(self, name: str) -> Any:
-        return self._file[name]
+        """The virtual dataset ``name``, once its part files are known to exist.
+
+        HDF5 reads the fill value (zeros) wherever a part file is missing, without any error.
+        """
+        dataset = self._file[name]
+        if name not in self._checked:
+            missing = [(m.file_name, m.vspace.get_select_bounds()) for m in dataset.virtual_sources()
+                       if not (self.root / m.file_name).is_file()]
+            if missing:
+                file, (lo, hi) = missing[0]
+                raise StoreError(f"Store {self.root} is damaged: array '{name}' rows {lo[0]}..{hi[0]} live in "
+                                 f"{file}, which is missing ({len(missing)} part file(s) missing in all); "
+                                 "remove the store and extract again")
+            self._checked.add(name)
+        return dataset
 
     def finalize(self, specs: list[ArraySpec], parts: dict[str, list[tuple[str, int, int]]]) -> None:
         """Write ``store.h5`` mapping each array onto the part files that hold its blocks."""
@@ -208,8 +239,11 @@ class HDF5Backend:
         return 0
 
     def close(self) -> None:
-        for part in list(self._open_parts):
-            self._open_parts.pop(part).close()
+        for part in list(self._open_parts):  # parts still open were never committed: abandoned
+            try:
+                self._open_parts.pop(part).close()
+            except Exception:  # e.g. no space left to flush them; the *.incomplete file is redone
+                pass
         if self._file is not None:
             self._file.close()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StoreError, UsageError
-from .store import MANIFEST, FeatureStore, block_digest
+from .store import MANIFEST, FeatureStore, block_digest, read_manifest
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def list_stores(cache_dir: Path) -> list[StoreEntry]:
             m = json.loads(manifest_path.read_text())
             backbone = f"{m['backbone']['arch']}/{m['backbone']['pretrained']}"
             entries.append(StoreEntry(folder, m["fingerprint"], m["dataset"]["name"], backbone, m["precision"], m["format"], True, size))
-        except (json.JSONDecodeError, KeyError):
+        except (ValueError, KeyError, TypeError):  # damaged: listed as unfinished, `verify` says why
             entries.append(StoreEntry(folder, folder.name.rsplit("-", 1)[-1], folder.parent.name, "?", "?", "?", False, size))
     return entries
 
@@ -47,8 +47,10 @@ def list_stores(cache_dir: Path) -> list[StoreEntry]:
 def find_store(cache_dir: Path, key: str) -> StoreEntry:
     """The one store whose key starts with ``key`` (a folder path is accepted too)."""
     if Path(key).is_dir() and (Path(key) / MANIFEST).exists():
-        manifest = json.loads((Path(key) / MANIFEST).read_text())
-        return StoreEntry(Path(key), manifest["fingerprint"], manifest["dataset"]["name"], "", manifest["precision"], manifest["format"], True, 0)
+        manifest = read_manifest(Path(key))
+        field = lambda *keys: _get(manifest, keys)  # noqa: E731 -- opening the store says what is wrong
+        return StoreEntry(Path(key), field("fingerprint"), field("dataset", "name"), "", field("precision"),
+                          field("format"), True, 0)
     if len(key) < 4:
         raise UsageError(f"Store key '{key}' is too short; give at least 4 characters of the fingerprint")
     matches = [e for e in list_stores(cache_dir) if e.key.startswith(key)]
@@ -58,6 +60,12 @@ def find_store(cache_dir: Path, key: str) -> StoreEntry:
         listed = ", ".join(f"{e.key[:16]} ({e.dataset})" for e in matches)
         raise UsageError(f"Store key '{key}' is ambiguous: {listed}. Give more characters.")
     return matches[0]
+
+
+def _get(manifest, keys: tuple[str, ...]) -> str:
+    for key in keys:
+        manifest = manifest.get(key, "?") if isinstance(manifest, dict) else "?"
+    return manifest if isinstance(manifest, str) else "?"
 
 
 @dataclass(frozen=True)
@@ -85,13 +93,17 @@ def verify_store(path: Path, *, on_array=None) -> list[VerifyProblem]:
 
 
 def _verify_array(store: FeatureStore, name: str, entry: dict) -> list[VerifyProblem]:
+    try:
+        arr = store.array(name)
+    except StoreError as err:  # missing from the arrays, another shape, a missing part file
+        return [VerifyProblem(name, (0, entry["shape"][0]), str(err))]
     problems = []
     covered = 0
     for start, stop, digest in entry.get("blocks", []):
         covered += stop - start
         try:
-            block = store.array(name)[start:stop]
-        except Exception as err:  # a codec checksum or a missing part file: report, keep checking
+            block = arr[start:stop]
+        except Exception as err:  # a codec checksum or a truncated part file: report, keep checking
             problems.append(VerifyProblem(name, (start, stop), f"unreadable ({type(err).__name__}: {err})"))
             continue
         if block_digest(_normalise(block)) != digest:

@@ -66,6 +66,8 @@ class ShardMarker:
     start: int
     stop: int
     digests: dict[str, str] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)
+    """Split indices of unreadable images in the shard (``--skip-bad``), kept for a resumed run."""
 
     @property
     def part(self) -> str:
@@ -85,9 +87,11 @@ class StoreWriter:
         self.progress = root / "progress"
 
     def close(self) -> None:
-        self.backend.close()
-        if self._lock is not None:
-            self._lock.close()
+        try:
+            self.backend.close()
+        finally:  # a failing close (disk full) must still release the lock
+            if self._lock is not None:
+                self._lock.close()
 
     def create(self, spec: ArraySpec) -> None:
         self.backend.create(spec)
@@ -122,8 +126,22 @@ class StoreWriter:
     def markers(self) -> list[ShardMarker]:
         found = []
         for path in sorted(self.progress.glob("**/*.json")):
-            found.append(ShardMarker(**json.loads(path.read_text())))
+            try:
+                found.append(ShardMarker(**json.loads(path.read_text())))
+            except (ValueError, TypeError) as err:  # written atomically, so only outside damage gets here
+                raise StoreError(f"Progress marker {path} is damaged ({err}); delete it and re-run to redo its shard") from err
         return found
+
+    def forget_other_jobs(self, owner: dict[str, str]) -> None:
+        """Drop markers of arrays in ``owner`` (array → job id) that another job wrote.
+
+        An interrupted run planned with other view counts leaves shards of differently shaped arrays;
+        counted as done they would publish the wrong data, so they are redone instead.
+        """
+        for marker in self.markers():
+            if any(owner.get(name, marker.job) != marker.job for name in marker.digests):
+                self._marker_path(marker.job, marker.shard).unlink()
+                self.backend.drop_part(marker.part)
 
     def finalize(self, specs: list[ArraySpec]) -> dict:
         """Assemble and publish: every array in ``specs`` must be covered by finished shards."""
@@ -148,6 +166,7 @@ class StoreWriter:
             arrays[spec.name] = entry
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json_atomic(self.root / MANIFEST, self.manifest)
+        _remove_leftovers(self.root)
         return self.manifest
 
 
@@ -168,6 +187,14 @@ class ShardBlocks:
     def finish(self) -> ShardMarker:
         self.marker.digests = {name: d.hexdigest() for name, d in self._digests.items()}
         return self.marker
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Temp files of writes a killed run never finished (zarr's own ``*.partial`` chunks are left:
+    finding them means walking every chunk of the store)."""
+    for pattern in ("*.incomplete", "progress/**/*.incomplete", "parts/*.incomplete"):
+        for path in root.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def _acquire_lock(root: Path):
@@ -194,10 +221,7 @@ class FeatureStore:
         path = root / MANIFEST
         if not path.exists():
             raise StoreError(f"{root} is not a finished feature store (no {MANIFEST}); re-run the extraction")
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise StoreError(f"{path} is corrupted ({err}); remove the store and extract again") from err
+        manifest = read_manifest(root)
         check_manifest(root, manifest)
         return cls(root, manifest)
 
@@ -217,20 +241,54 @@ class FeatureStore:
         return name in self.arrays
 
     def array(self, name: str) -> Any:
-        """The lazy array (zarr array or h5py dataset) behind ``name``."""
+        """The lazy array (zarr array or h5py dataset) behind ``name``, checked against the manifest."""
         if name not in self.arrays:
             raise StoreError(f"Store {self.root.name} has no array '{name}'")
-        return self.backend.open(name)
+        try:
+            arr = self.backend.open(name)
+        except StoreError:
+            raise
+        except Exception as err:  # KeyError from zarr, OSError from h5py
+            raise StoreError(f"{self._damaged(name)}: listed in the manifest but not readable from the "
+                             f"{self.manifest['format']} arrays ({type(err).__name__}: {err}); {REMEDY}") from err
+        entry = self.arrays[name]
+        if tuple(arr.shape) != tuple(entry["shape"]):
+            raise StoreError(f"{self._damaged(name)}: shape {tuple(arr.shape)} on disk but {tuple(entry['shape'])} "
+                             f"in the manifest; {REMEDY}")
+        if entry["dtype"] != "str" and str(np.dtype(arr.dtype)) != entry["dtype"]:
+            raise StoreError(f"{self._damaged(name)}: dtype {arr.dtype} on disk but {entry['dtype']} in the manifest; {REMEDY}")
+        return arr
+
+    def _damaged(self, name: str) -> str:
+        return f"Store {self.root} is damaged: array '{name}'"
+
+    def _bad_rows(self, arr: Any, name: str, rows: np.ndarray | None) -> str:
+        """The first written block (of those ``rows`` touch) that cannot be read, as ``rows a..b``."""
+        for start, stop, _ in self.arrays[name].get("blocks", []):
+            if rows is not None and not ((rows >= start) & (rows < stop)).any():
+                continue
+            try:
+                arr[start:stop]
+            except Exception:
+                return f"rows {start}..{stop - 1}"
+        return f"rows 0..{arr.shape[0] - 1}"
 
     def read(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
         """Read all of ``name``, or the given rows (any order, repeats allowed) along axis 0."""
         arr = self.array(name)
-        if rows is None:
-            data = arr[...]
-        else:
+        if rows is not None:
             rows = np.asarray(rows, dtype=np.int64)
-            uniq, inverse = np.unique(rows, return_inverse=True)
-            data = _read_rows(arr, uniq)[inverse]
+        try:
+            if rows is None:
+                data = arr[...]
+            else:
+                uniq, inverse = np.unique(rows, return_inverse=True)
+                data = _read_rows(arr, uniq)[inverse]
+        except IndexError:
+            raise  # rows out of range: the caller's mistake, not the store's
+        except Exception as err:  # a chunk checksum (zarr ValueError, HDF5 OSError), a truncated file
+            raise StoreError(f"{self._damaged(name)}, {self._bad_rows(arr, name, rows)}: {type(err).__name__}: "
+                             f"{err}. `fsl-cache cache verify` lists every damaged block; {REMEDY}") from err
         if data.dtype.kind == "S":
             return np.array([s.decode("utf-8") for s in data.reshape(-1)], dtype=object).reshape(data.shape)
         if data.dtype.kind == "T":
@@ -247,14 +305,48 @@ def _read_rows(arr: Any, sorted_rows: np.ndarray) -> np.ndarray:
     return arr[sorted_rows]
 
 
+REMEDY = "remove the store (fsl-cache cache rm KEY) and extract again"
+
+
+def read_manifest(root: Path) -> Any:
+    """The parsed ``manifest.json`` of ``root``; a :class:`StoreError` if it is not JSON."""
+    path = root / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise StoreError(f"{path} is corrupted ({err}); {REMEDY}") from err
+
+
+def _well_formed(entry: Any) -> bool:
+    """An array entry with the fields readers and ``verify`` rely on: shape, dtype, [start, stop, digest] blocks."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list) and entry["shape"]
+            and all(type(n) is int for n in entry["shape"]) and isinstance(entry.get("dtype"), str)):
+        return False
+    blocks = entry.get("blocks", [])
+    return isinstance(blocks, list) and all(
+        isinstance(b, list) and len(b) == 3 and type(b[0]) is int and type(b[1]) is int and isinstance(b[2], str)
+        for b in blocks)
+
+
 def check_manifest(root: Path, manifest: dict) -> None:
     """Refuse a store whose manifest does not hash to its own key or folder name."""
-    for key in ("schema", "fingerprint", "fingerprint_parts", "format", "arrays"):
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{root}: manifest is not a JSON object; the store is corrupted or foreign")
+    for key, kind in (("schema", int), ("fingerprint", str), ("fingerprint_parts", dict), ("format", str), ("arrays", dict)):
         if key not in manifest:
             raise StoreError(f"{root}: manifest lacks '{key}'; the store is corrupted or foreign")
+        if not isinstance(manifest[key], kind):
+            raise StoreError(f"{root}: manifest '{key}' is not a {kind.__name__}; the store is corrupted or foreign")
+    for name, entry in manifest["arrays"].items():
+        if not _well_formed(entry):
+            raise StoreError(f"{root}: manifest entry of array '{name}' is malformed; the store is corrupted")
     if manifest["schema"] != SCHEMA:
         raise StoreError(f"{root}: store schema {manifest['schema']} is not supported (expected {SCHEMA})")
-    if fingerprint(manifest["fingerprint_parts"]) != manifest["fingerprint"]:
+    try:
+        own = fingerprint(manifest["fingerprint_parts"])
+    except TypeError as err:  # NaN or Infinity in the parts
+        raise StoreError(f"{root}: manifest fingerprint parts cannot be hashed ({err}); the store was altered") from err
+    if own != manifest["fingerprint"]:
         raise StoreError(f"{root}: manifest fingerprint does not match its contents; the store was altered")
     if not root.name.endswith(manifest["fingerprint"][:16]):
         raise StoreError(f"{root}: folder name does not carry the store key {manifest['fingerprint'][:16]}")

@@ -1,0 +1,134 @@
+"""The method contract: a small class registered by name that fits a head on cached tensors.
+
+A method declares its ``name``, ``description``, ``Config`` (the ``-o`` options), its deviations
+from the official code, and what ``--protocol paper`` changes. Gradient-based methods implement
+:meth:`Method.build_head` (and, if needed, :meth:`~Method.train_settings`, :meth:`~Method.loss`,
+:meth:`~Method.finalize`); the shared trainer does the rest. Closed-form or search-based methods
+override :meth:`Method.fit`. Its needs come from stage one's table (:func:`method_needs`).
+
+A new method is one module in this package (found automatically) plus its test::
+
+    @dataclass(frozen=True)
+    class MyConfig(TrainOptions):
+        epochs: int = 30
+        \"\"\"Passes over the support set.\"\"\"
+
+    @register_method
+    class MyMethod(Method):
+        name, description, Config = "my_method", "What it does (METHODS §x).", MyConfig
+        deviations = ("[PROPOSED] how it differs from the official code.",)
+
+        def build_head(self, task, *, generator):
+            with seeded_init(generator):  # default inits drawn from the run's generator
+                return MyHead(task.text("tip"), scale=task.info.zs_scale)
+
+        def train_settings(self, task):
+            return self.config.train_settings(policy="tip")  # which cached views train it
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..extraction.needs import Needs, method_needs
+from ..training import FitTask, Head, Selector, TaskInfo, TrainData, TrainResult, TrainSettings, train
+from ..training.trainer import cross_entropy
+from .options import MethodConfig, TrainOptions
+
+
+@dataclass
+class FitResult:
+    """What a method hands back: the fitted head and how its choices were made."""
+
+    head: Head
+    selection: dict = field(default_factory=dict)
+    """Chosen hyper-parameters / epoch and the selection scores behind them (for the run record)."""
+    history: list[dict] = field(default_factory=list)
+    """Per-epoch (or per-evaluation) training log."""
+    paper_test_acc: float | None = None
+    """[paper protocol] The test number the official code prints, when it is not the final head's
+    accuracy (Tip-Adapter-F prints max(best oracle epoch, final))."""
+
+
+class Method:
+    """Base class of every method. Subclass, set the class attributes, decorate with ``@register_method``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    deviations: ClassVar[tuple[str, ...]] = ()
+    """Every way this implementation differs from the official code, each tagged [CODE]/[PROPOSED]."""
+    paper_protocol: ClassVar[str] = "Same as coop: the official code has no selection quirk to reproduce."
+    paper_full_val: ClassVar[bool] = False
+    """Under ``--protocol paper``, select on the whole val split (when the store holds ``val_full``)."""
+    paper_test_oracle: ClassVar[bool] = False
+    """Under ``--protocol paper``, the method receives the test split as ``task.oracle``."""
+    paper_sampling: ClassVar[str] = "coop"
+    """Under ``--protocol paper``: ``coop`` (the store's CoOp splits) or ``lpclip`` (CoOp lpclip's np sampling)."""
+    min_views: ClassVar[dict[str, int]] = {}
+    """Fewest cached views per policy the method can run with at all (more are wanted: see needs)."""
+    needs_backbone: ClassVar[bool] = False
+    """The method runs part of the backbone online (CoOp's text encoder) via ``task.backbone()``."""
+    trains: ClassVar[bool] = True
+    """Whether the method runs the shared trainer (``fsl-cache methods`` shows it)."""
+    base2novel: ClassVar[bool] = False
+    """The method can classify classes it never trained on (``--protocol base2novel``): it overrides :meth:`novel_head`."""
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def needs(cls, dataset: str = "") -> Needs:
+        """Cached tensors this method reads, from stage one's table (the single source of truth)."""
+        return method_needs(cls.name, dataset=dataset)
+
+    def resolve(self, info: TaskInfo) -> MethodConfig:
+        """The config with per-dataset / per-shot defaults filled in (what the run fingerprint hashes)."""
+        return self.config
+
+    # ------------------------------------------------------------------ the default, trained path
+
+    def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
+        """Build the head, train it with the shared trainer, select on val, then :meth:`finalize`."""
+        head = self.build_head(task, generator=generator)
+        settings = self.train_settings(task)
+        source = task.views(task.train, policy=settings.policy, taps=head.inputs)
+        warn_view_reuse(task, policy=settings.policy, views=source.num_views, epochs=settings.epochs)
+        result = train(head, TrainData(source, task.train.labels), settings=settings, generator=generator,
+                       selector=self.selector(task, head), loss_fn=self.loss, device=task.device)
+        return self.finalize(result, task)
+
+    def build_head(self, task: FitTask, *, generator: torch.Generator) -> Head:
+        """The untrained head (build modules inside :func:`seeded_init` so init follows ``generator``)."""
+        raise NotImplementedError(f"{type(self).__name__} must override fit() or build_head()")
+
+    def train_settings(self, task: FitTask) -> TrainSettings:
+        if not isinstance(self.config, TrainOptions):
+            raise NotImplementedError(f"{type(self).__name__} must override train_settings()")
+        return self.config.train_settings()
+
+    def selector(self, task: FitTask, head: Head) -> Selector | None:
+        """Model selection on the few-shot val (center view); override for other rules."""
+        return Selector(task.views(task.val, taps=head.inputs), task.val.labels, name=task.val.name)
+
+    def loss(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return cross_entropy(outputs, labels)
+
+    def novel_head(self, fitted: FitResult, task: FitTask) -> Head:
+        """[base2novel] A head over the novel classes of ``task`` (``task.text()`` holds their weights) built
+        from the head fitted on the base classes. Only methods with ``base2novel = True`` implement it."""
+        raise NotImplementedError(f"{self.name} cannot classify classes it was not trained on")
+
+    def finalize(self, result: TrainResult, task: FitTask) -> FitResult:
+        """After training: post-hoc searches (e.g. Tip's alpha/beta on val). Default: keep the head."""
+        return FitResult(result.head, selection={"epoch": result.best_epoch, "val_acc": result.best_score},
+                         history=result.history)
+
+
+def warn_view_reuse(task: FitTask, *, policy: str, views: int, epochs: int) -> None:
+    """Record when cached views repeat across epochs (an approximation of fresh augmentation)."""
+    if policy != "center" and 0 < views - 1 < epochs:
+        task.warn(f"{views - 1} cached '{policy}' views for {epochs} epochs: views repeat every {views - 1} "
+                  "epochs (approximation of fresh augmentation, METHODS §1.6)")

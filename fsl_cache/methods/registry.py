@@ -1,0 +1,85 @@
+"""The method registry: name → frozen :class:`MethodInfo`, filled by ``@register_method``.
+
+Every module of this package is imported on first lookup, so adding a method is adding one file
+(plus its test); nothing else lists methods.
+"""
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import did_you_mean
+from ..extraction.needs import Needs
+from .base import Method
+from .options import MethodConfig, OptionInfo
+
+_REGISTRY: dict[str, "MethodInfo"] = {}
+_INFRASTRUCTURE = {"base", "options", "registry"}
+_discovered = False
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """The registry's record of one method (one line of ``fsl-cache methods``)."""
+
+    name: str
+    description: str
+    cls: type[Method]
+    config: type[MethodConfig]
+    deviations: tuple[str, ...]
+    paper_protocol: str
+    trains: bool
+
+    def needs(self, dataset: str = "") -> Needs:
+        return self.cls.needs(dataset)
+
+    def options(self) -> list[OptionInfo]:
+        return self.config.options()
+
+    def defaults(self) -> dict[str, Any]:
+        return self.config().to_json()
+
+    def create(self, options: Mapping[str, Any] | None = None) -> Method:
+        """An instance configured from ``-o`` options (strings or typed values)."""
+        return self.cls(self.config.from_options(options or {}, method=self.name))
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add ``cls`` to the registry under ``cls.name``."""
+    if not cls.name or not cls.description:
+        raise TypeError(f"{cls.__name__} needs a name and a description")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name].cls.__qualname__ != cls.__qualname__:
+        raise TypeError(f"method '{cls.name}' is registered twice ({_REGISTRY[cls.name].cls.__qualname__})")
+    _REGISTRY[cls.name] = MethodInfo(cls.name, cls.description, cls, cls.Config, tuple(cls.deviations),
+                                     cls.paper_protocol, cls.trains)
+    return cls
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    from . import __name__ as package, __path__ as path
+
+    for module in pkgutil.iter_modules(path):
+        if module.name not in _INFRASTRUCTURE and not module.name.startswith("_"):
+            importlib.import_module(f"{package}.{module.name}")
+    _discovered = True
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    """Registered method names matching a glob ``pattern``, sorted."""
+    _discover()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def get_method(name: str) -> MethodInfo:
+    """The method ``name``; an unknown name raises a usage error suggesting the closest one."""
+    _discover()
+    if name not in _REGISTRY:
+        raise did_you_mean(name, _REGISTRY, what="method")
+    return _REGISTRY[name]

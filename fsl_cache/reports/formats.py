@@ -1,0 +1,129 @@
+"""The report table as text: a terminal table, Markdown, CSV, LaTeX (booktabs) or JSON lines.
+
+Every format shows one block per dataset (the average over datasets first): a row per method, a
+column per shot count, ``mean ± std`` over seeds, the best mean of each column in bold.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from .records import dataset_label
+from .table import AVERAGE, Cell, ReportTable
+
+FORMATS = ("table", "markdown", "csv", "latex", "json")
+
+
+def format_report(table: ReportTable, fmt: str) -> str:
+    """``table`` rendered as ``fmt`` (one of :data:`FORMATS`), ending with a newline."""
+    renderers = {"table": as_text, "markdown": as_markdown, "csv": as_csv, "latex": as_latex, "json": as_json}
+    if fmt not in renderers:
+        from ..errors import did_you_mean
+
+        raise did_you_mean(fmt, renderers, what="report format")
+    return renderers[fmt](table)
+
+
+def block_title(table: ReportTable, block: str) -> str:
+    if block == AVERAGE:
+        return f"Average over {len(table.datasets)} datasets"
+    return dataset_label(block)
+
+
+def cell_text(cell: Cell | None, *, pm: str = "±") -> str:
+    if cell is None:
+        return "-"
+    text = f"{cell.mean:.2f}"
+    if cell.std is not None and len(cell.values) > 1:
+        text += f" {pm} {cell.std:.2f}"
+    return text + ("*" if cell.partial else "")
+
+
+def _is_best(table: ReportTable, cell: Cell | None) -> bool:
+    best = table.best(cell.dataset, cell.shots) if cell is not None else None
+    return cell is not None and len(table.methods) > 1 and best is not None and cell.mean >= best - 1e-9
+
+
+def _shots_header(table: ReportTable) -> list[str]:
+    return [f"{k}-shot" for k in table.shots]
+
+
+def as_text(table: ReportTable) -> str:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    out = io.StringIO()
+    console = Console(file=out, width=max(100, 24 + 18 * len(table.shots)), force_terminal=False, color_system=None)
+    for block in table.blocks():
+        t = Table(title=escape(block_title(table, block)), title_justify="left", show_edge=False)
+        t.add_column("method")
+        for head in _shots_header(table):
+            t.add_column(head, justify="right")
+        for method in table.methods:
+            cells = [table.get(method, block, k) for k in table.shots]
+            t.add_row(escape(method), *[f"[bold]{cell_text(c)}[/]" if _is_best(table, c) else cell_text(c) for c in cells])
+        console.print(t)
+        console.print()
+    for note in table.notes:
+        console.print(f"note: {note}", highlight=False)
+    return out.getvalue()
+
+
+def as_markdown(table: ReportTable) -> str:
+    lines = []
+    for block in table.blocks():
+        lines += [f"### {block_title(table, block)}", "", "| method | " + " | ".join(_shots_header(table)) + " |",
+                  "|---|" + "---:|" * len(table.shots)]
+        for method in table.methods:
+            cells = [table.get(method, block, k) for k in table.shots]
+            texts = [f"**{cell_text(c)}**" if _is_best(table, c) else cell_text(c) for c in cells]
+            lines.append(f"| {method} | " + " | ".join(texts) + " |")
+        lines.append("")
+    lines += [f"_{note}_" for note in table.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def as_csv(table: ReportTable) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["method", "dataset", "shots", "mean", "std", "n", "seeds", "partial"])
+    for cell in _cells(table):
+        writer.writerow([cell.method, cell.dataset, cell.shots, f"{cell.mean:.4f}",
+                         "" if cell.std is None else f"{cell.std:.4f}", len(cell.values),
+                         " ".join(map(str, cell.seeds)), int(cell.partial)])
+    return out.getvalue()
+
+
+def as_json(table: ReportTable) -> str:
+    return "".join(json.dumps(cell.to_json()) + "\n" for cell in _cells(table))
+
+
+def _cells(table: ReportTable) -> list[Cell]:
+    return [c for block in table.blocks() for m in table.methods for k in table.shots
+            if (c := table.get(m, block, k)) is not None]
+
+
+def as_latex(table: ReportTable) -> str:
+    lines = ["% fsl-cache report: mean $\\pm$ std over seeds (test top-1, %); best per column in bold",
+             "% needs \\usepackage{booktabs}"]
+    for block in table.blocks():
+        lines += [f"% {block_title(table, block)}", "\\begin{tabular}{l" + "c" * len(table.shots) + "}",
+                  "\\toprule",
+                  f"\\multicolumn{{{1 + len(table.shots)}}}{{l}}{{{_tex(block_title(table, block))}}} \\\\",
+                  "Method & " + " & ".join(_shots_header(table)) + " \\\\", "\\midrule"]
+        for method in table.methods:
+            cells = [table.get(method, block, k) for k in table.shots]
+            texts = [cell_text(c, pm="$\\pm$") for c in cells]
+            texts = [f"\\textbf{{{t}}}" if _is_best(table, c) else t for t, c in zip(texts, cells)]
+            lines.append(f"{_tex(method)} & " + " & ".join(texts) + " \\\\")
+        lines += ["\\bottomrule", "\\end{tabular}", ""]
+    lines += [f"% {note}" for note in table.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _tex(text: str) -> str:
+    for char in ("&", "%", "$", "#", "_", "{", "}"):
+        text = text.replace(char, "\\" + char)
+    return text

@@ -1,0 +1,188 @@
+"""PNG figures of a report (matplotlib, Agg): accuracy vs shots, confusion heatmaps, most-confused class pairs.
+
+Confusion figures use the largest shot count each (method, dataset) has, summed over seeds and
+normalised per true class (row), so they read as "percent of class A's test images predicted B".
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+from ..store.fingerprint import slug
+from .records import RunRow, classnames_for, dataset_label
+from .table import AVERAGE, ReportTable, row_label
+
+MAX_HEATMAPS = 24
+"""Confusion heatmaps written at most (one per method row × dataset, largest shots)."""
+TOP_PAIRS = 10
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise UsageError("--plot needs matplotlib: pip install 'fsl-cache[plot]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(table: ReportTable, rows: Sequence[RunRow], out_dir: str | Path) -> list[Path]:
+    """Write every figure of the report under ``out_dir``; returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [plot_accuracy(table, out / "accuracy_vs_shots.png")]
+    matrices = confusion_by_group(rows)
+    for (label, dataset), (shots, matrix, names) in list(matrices.items())[:MAX_HEATMAPS]:
+        name = f"confusion_{slug(label)}_{slug(dataset_label(dataset))}_k{shots}.png"
+        written.append(plot_confusion(matrix, names, out / name, title=f"{label} on {dataset_label(dataset)}, {shots}-shot"))
+    for dataset in sorted({d for _, d in matrices}):
+        groups = {label: (m, names) for (label, d), (_, m, names) in matrices.items() if d == dataset}
+        path = out / f"confusable_pairs_{slug(dataset_label(dataset))}.png"
+        if (done := plot_confusable_pairs(groups, path, title=dataset_label(dataset))) is not None:
+            written.append(done)
+    return written
+
+
+# ---------------------------------------------------------------------------- accuracy vs shots
+
+
+def plot_accuracy(table: ReportTable, path: Path) -> Path:
+    """One panel per dataset (the average first): test accuracy vs shots per method, band = ±1 std over seeds."""
+    plt = _pyplot()
+    blocks = table.blocks()
+    cols = min(4, len(blocks))
+    rows = -(-len(blocks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    colours = plt.get_cmap("tab10" if len(table.methods) <= 10 else "tab20")
+    for ax, block in zip(axes.flat, blocks):
+        for i, method in enumerate(table.methods):
+            cells = [c for k in table.shots if (c := table.get(method, block, k)) is not None]
+            if not cells:
+                continue
+            x = np.array([c.shots for c in cells])
+            y = np.array([c.mean for c in cells])
+            s = np.array([c.std or 0.0 for c in cells])
+            ax.plot(x, y, marker="o", ms=4, lw=1.8, color=colours(i % colours.N), label=method)
+            ax.fill_between(x, y - s, y + s, color=colours(i % colours.N), alpha=0.18, lw=0)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(table.shots, [str(k) for k in table.shots])
+        ax.minorticks_off()
+        title = f"Average ({len(table.datasets)} datasets)" if block == AVERAGE else dataset_label(block)
+        ax.set_title(title, fontsize=11, fontweight="bold" if block == AVERAGE else "normal")
+        ax.set_xlabel("shots per class")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(blocks):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
+    legend_rows = -(-len(labels) // 4)
+    fig.suptitle("Few-shot test accuracy (mean ± std over seeds)", fontsize=12)
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * legend_rows, 1, 0.97))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- confusion
+
+
+def confusion_by_group(rows: Sequence[RunRow]) -> dict[tuple[str, str], tuple[int, np.ndarray, list[str]]]:
+    """``{(method row, dataset): (shots, confusion summed over seeds, class names)}`` at the largest shots."""
+    several_bb = len({r.backbone for r in rows}) > 1
+    several_proto = len({r.protocol for r in rows}) > 1
+    by_group: dict[tuple[str, str], list[RunRow]] = defaultdict(list)
+    for r in rows:
+        if r.confusion:
+            by_group[row_label(r, backbones=several_bb, protocols=several_proto), r.dataset].append(r)
+    out = {}
+    for key, group in by_group.items():
+        shots = max(r.shots for r in group)
+        chosen = [r for r in group if r.shots == shots]
+        matrix = np.sum([np.asarray(r.confusion, dtype=np.int64) for r in chosen], axis=0)
+        names = classnames_for(chosen) or [f"class {i}" for i in range(len(matrix))]
+        out[key] = (shots, matrix, names)
+    return out
+
+
+def row_normalised(matrix: np.ndarray) -> np.ndarray:
+    """Percent of each true class's images per predicted class."""
+    totals = matrix.sum(axis=1, keepdims=True)
+    return 100.0 * matrix / np.maximum(totals, 1)
+
+
+def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, *, title: str) -> Path:
+    plt = _pyplot()
+    c = len(matrix)
+    rates = row_normalised(matrix)
+    side = min(14.0, max(4.5, 0.32 * c + 2.5))
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=100)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of true class")
+    if c <= 40:
+        ax.set_xticks(range(c), names, rotation=45, ha="right", fontsize=8 if c > 15 else 9)
+        ax.set_yticks(range(c), names, fontsize=8 if c > 15 else 9)
+    if c <= 12:
+        for i in range(c):
+            for j in range(c):
+                if rates[i, j] >= 0.5:
+                    ax.text(j, i, f"{rates[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                            color="white" if rates[i, j] > 60 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = 100.0 * np.trace(matrix) / max(matrix.sum(), 1)
+    ax.set_title(f"{title}\ntest accuracy {accuracy:.1f}% (seeds summed)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confusable_pairs(matrix: np.ndarray, names: Sequence[str], *, top: int = TOP_PAIRS) -> list[tuple[str, float]]:
+    """Class pairs by how often either is taken for the other: ``(A ↔ B, rate(A→B) + rate(B→A))`` in %."""
+    rates = row_normalised(matrix)
+    sym = np.triu(rates + rates.T, k=1)
+    order = np.argsort(-sym, axis=None)[:top]
+    pairs = []
+    for flat in order:
+        i, j = divmod(int(flat), len(matrix))
+        if sym[i, j] <= 0:
+            break
+        pairs.append((f"{names[i]} ↔ {names[j]}", float(sym[i, j])))
+    return pairs
+
+
+def plot_confusable_pairs(groups: dict[str, tuple[np.ndarray, list[str]]], path: Path, *, title: str) -> Path | None:
+    """Horizontal bars: the most-confused pairs (ranked by the mean over methods), one bar per method."""
+    plt = _pyplot()
+    scores: dict[str, dict[str, float]] = defaultdict(dict)
+    for label, (matrix, names) in groups.items():
+        for pair, rate in confusable_pairs(matrix, names, top=len(matrix) ** 2):
+            scores[pair][label] = rate
+    if not scores:
+        return None
+    ranked = sorted(scores, key=lambda p: -np.mean([scores[p].get(m, 0.0) for m in groups]))[:TOP_PAIRS]
+    labels = list(groups)
+    height = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(8.5, 0.55 * len(ranked) * max(1, len(labels) / 2) + 1.8))
+    colours = plt.get_cmap("tab10")
+    for i, label in enumerate(labels):
+        y = np.arange(len(ranked)) + i * height
+        ax.barh(y, [scores[p].get(label, 0.0) for p in ranked], height=height, color=colours(i % 10), label=label)
+    ax.set_yticks(np.arange(len(ranked)) + 0.4 - height / 2, ranked)
+    ax.invert_yaxis()
+    ax.set_xlabel("% of the two classes' test images taken for each other (rate A→B + B→A)")
+    ax.set_title(f"Most confused class pairs: {title}", fontsize=11)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,114 @@
+"""The papers' table from run rows: mean ± std over seeds per method × dataset × shots, and the dataset average.
+
+A "method" row is a variant (method plus its ``-o`` options), qualified by backbone and protocol
+when a report mixes several. The std is numpy's default (population, ``ddof=0``). The average over
+datasets is the mean of the per-dataset means; its std is the spread over seeds of the per-seed
+dataset averages (only when every dataset has that seed). An average missing some datasets is
+marked partial rather than silently compared with complete ones.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .records import RunRow
+
+AVERAGE = "Average"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One entry of the table: accuracy over seeds for (method row, dataset, shots)."""
+
+    method: str
+    dataset: str
+    shots: int
+    mean: float
+    std: float | None
+    seeds: tuple[int, ...]
+    values: tuple[float, ...]
+    """Per-seed test accuracy (per-seed dataset averages for the average cell)."""
+    partial: bool = False
+    """Average cells only: some datasets of the table lack this (method, shots)."""
+    datasets: int = 1
+    """Datasets averaged (1 for a dataset cell)."""
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "dataset": self.dataset, "shots": self.shots, "mean": round(self.mean, 4),
+                "std": None if self.std is None else round(self.std, 4), "n": len(self.values),
+                "seeds": list(self.seeds), "values": [round(v, 4) for v in self.values], "partial": self.partial,
+                "datasets": self.datasets}
+
+
+@dataclass
+class ReportTable:
+    """Cells by (method row, dataset, shots), with the row, dataset and shots orders to show them in."""
+
+    methods: list[str]
+    datasets: list[str]
+    shots: list[int]
+    cells: dict[tuple[str, str, int], Cell] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def get(self, method: str, dataset: str, shots: int) -> Cell | None:
+        return self.cells.get((method, dataset, shots))
+
+    def blocks(self) -> list[str]:
+        """Datasets to show, the average first when there are several datasets."""
+        return ([AVERAGE] if len(self.datasets) > 1 else []) + self.datasets
+
+    def best(self, dataset: str, shots: int) -> float | None:
+        values = [c.mean for m in self.methods if (c := self.get(m, dataset, shots)) is not None]
+        return max(values) if values else None
+
+
+def row_label(row: RunRow, *, backbones: bool, protocols: bool) -> str:
+    label = row.variant
+    if backbones:
+        label += f" · {row.backbone}"
+    if protocols:
+        label += f" ({row.protocol})"
+    return label
+
+
+def build_table(rows: Sequence[RunRow]) -> ReportTable:
+    """Aggregate ``rows`` (one per seed) into the report table."""
+    several_bb = len({r.backbone for r in rows}) > 1
+    several_proto = len({r.protocol for r in rows}) > 1
+    groups: dict[tuple[str, str, int], dict[int, float]] = defaultdict(dict)
+    order: dict[str, None] = {}
+    for r in rows:
+        label = row_label(r, backbones=several_bb, protocols=several_proto)
+        order.setdefault(label)
+        groups[label, r.dataset, r.shots][r.seed] = r.test_acc
+    datasets = sorted({r.dataset for r in rows})
+    table = ReportTable(list(order), datasets, sorted({r.shots for r in rows}))
+    for (label, dataset, shots), by_seed in groups.items():
+        seeds = tuple(sorted(by_seed))
+        values = tuple(by_seed[s] for s in seeds)
+        table.cells[label, dataset, shots] = Cell(label, dataset, shots, float(np.mean(values)),
+                                                  float(np.std(values)), seeds, values)
+    if len(datasets) > 1:
+        _add_averages(table)
+    if any(r.random_init for r in rows):
+        table.notes.append("some runs use a RANDOM-weight backbone: their numbers measure the pipeline, not CLIP")
+    return table
+
+
+def _add_averages(table: ReportTable) -> None:
+    for method in table.methods:
+        for shots in table.shots:
+            cells = [c for d in table.datasets if (c := table.get(method, d, shots)) is not None]
+            if not cells:
+                continue
+            common = sorted(set.intersection(*(set(c.seeds) for c in cells)))
+            per_seed = tuple(float(np.mean([c.values[c.seeds.index(s)] for c in cells])) for s in common)
+            partial = len(cells) < len(table.datasets)
+            table.cells[method, AVERAGE, shots] = Cell(
+                method, AVERAGE, shots, float(np.mean([c.mean for c in cells])),
+                float(np.std(per_seed)) if per_seed else None, tuple(common), per_seed, partial, len(cells))
+    if any(c.partial for c in table.cells.values()):
+        table.notes.append(f"* average over fewer than the {len(table.datasets)} datasets (some runs are missing)")

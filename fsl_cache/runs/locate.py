@@ -1,0 +1,140 @@
+"""Finding the store a fit reads, and checking it holds what the method needs."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+
+from ..errors import StoreError, UsageError, did_you_mean
+from ..extraction.needs import resolve_taps
+from ..store.catalog import StoreEntry, find_store
+from ..store.store import MANIFEST
+from ..store.fingerprint import slug
+
+DEFAULT_SHOTS, DEFAULT_SEEDS = [1, 2, 4, 8, 16], [1, 2, 3]
+
+
+def canonical_dataset(spec: str) -> str:
+    """The name a store records for ``spec``: built-in names as is, ``kind:PATH`` with an absolute path."""
+    kind, sep, target = spec.partition(":")
+    if sep and kind in ("imagefolder", "csv") and target:
+        return f"{kind}:{Path(target).expanduser().resolve()}"
+    return spec
+
+
+def weights_tag(pretrained: str) -> str:
+    """The weights part of a store folder name, as ``extract`` derives it."""
+    return Path(pretrained).stem if os.sep in pretrained or "." in pretrained else pretrained
+
+
+def locate_store(cache_dir: Path, *, dataset: str, model: str, pretrained: str, store: str | None,
+                 method: str) -> StoreEntry:
+    """The one finished store for ``dataset`` + backbone (or the store ``store`` names)."""
+    name = canonical_dataset(dataset)
+    if store is not None:
+        entry = find_store(cache_dir, store)
+        if entry.dataset != name:
+            raise StoreError(f"Store {entry.key[:16]} holds dataset '{entry.dataset}', not '{name}'")
+        return entry
+    finished = finished_stores(cache_dir)
+    prefix = f"{slug(model)}.{slug(weights_tag(pretrained))}-"
+    matches = [e for e in finished if e.dataset == name
+               and (e.backbone == f"{model}/{pretrained}" or e.path.name.startswith(prefix))]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        listed = ", ".join(f"{e.key[:16]} ({e.precision}, {e.format})" for e in matches)
+        raise UsageError(f"Several stores hold {name} with {model}/{pretrained}: {listed}. Pass --store KEY")
+    raise _no_store(cache_dir, name, dataset=dataset, model=model, pretrained=pretrained, method=method, finished=finished)
+
+
+def _no_store(cache_dir: Path, name: str, *, dataset, model, pretrained, method, finished) -> Exception:
+    datasets = {e.dataset for e in finished}
+    if name not in datasets and ":" not in name:
+        from ..datasets.base import builtin_loaders
+        from ..datasets import catalog  # noqa: F401  (registers the built-in loaders)
+
+        known = set(builtin_loaders()) | datasets
+        if name not in known:
+            return did_you_mean(name, known, what="dataset")
+    others = ", ".join(sorted(e.backbone for e in finished if e.dataset == name))
+    hint = f" (stores for {name} there: {others}; pick one with --model/--pretrained or --store KEY)" if others else ""
+    command = f"fsl-cache extract --dataset {shlex.quote(dataset)} --model {model} --pretrained {pretrained} --for {method}"
+    return UsageError(f"No feature store for {name} with {model}/{pretrained} under {cache_dir}{hint}. "
+                      f"Create it first: {command}")
+
+
+def finished_stores(cache_dir: Path) -> list[StoreEntry]:
+    """Finished stores under ``cache_dir`` from their manifests alone (no walk over the array files)."""
+    entries = []
+    for manifest_path in sorted(Path(cache_dir).glob(f"*/*/{MANIFEST}")):
+        try:
+            m = json.loads(manifest_path.read_text())
+            entries.append(StoreEntry(manifest_path.parent, m["fingerprint"], m["dataset"]["name"],
+                                      f"{m['backbone']['arch']}/{m['backbone']['pretrained']}", m["precision"],
+                                      m["format"], True, 0))
+        except (OSError, json.JSONDecodeError, KeyError):
+            continue  # unfinished or foreign folders are not candidates
+    return entries
+
+
+# ---------------------------------------------------------------------------- needs
+
+
+def extract_command(manifest: dict, method: str, *, cache_dir: Path | None) -> str:
+    """The ``fsl-cache extract`` command that adds ``method``'s arrays to this very store."""
+    bb, fs = manifest["backbone"], manifest.get("few_shot", {})
+    words = ["fsl-cache extract", "--dataset", shlex.quote(manifest["dataset"]["name"]), "--model", bb["arch"],
+             "--pretrained", shlex.quote(str(bb["pretrained"])), "--for", method]
+    if manifest.get("precision", "fp16") != "fp16":
+        words += ["--precision", manifest["precision"]]
+    if manifest.get("format", "zarr") != "zarr":
+        words += ["--format", manifest["format"]]
+    if fs.get("shots", DEFAULT_SHOTS) != DEFAULT_SHOTS:
+        words += ["--shots", ",".join(map(str, fs["shots"]))]
+    if fs.get("seeds", DEFAULT_SEEDS) != DEFAULT_SEEDS:
+        words += ["--seeds", ",".join(map(str, fs["seeds"]))]
+    pools = manifest.get("pools", {})
+    words += ["--full-train"] * ("train_full" in pools) + ["--full-val"] * ("val_full" in pools)
+    if cache_dir is not None:
+        words += ["--cache-dir", shlex.quote(str(cache_dir))]
+    return " ".join(words)
+
+
+def check_needs(store, method_info, *, dataset: str, cache_dir: Path | None) -> list[str]:
+    """Refuse a store that lacks an array the method reads; return caveats (fewer views than wanted)."""
+    manifest = store.manifest
+    needs = method_info.needs(dataset)
+    bb = manifest["backbone"]
+    taps = lambda generic: resolve_taps(generic, kind=bb.get("kind", "rn"), dense_tap=bb.get("dense_tap", ""),  # noqa: E731
+                                        vit_blocks=vit_blocks(store))
+    pools = [p for p in manifest.get("pools", {}) if store.has(f"images/{p}/labels")]
+    train_pool = next((p for p in ("train_pool", "train_full") if p in pools), None)
+    missing = [f"images/{p}/views/center/{t}" for p in pools for t in taps(needs.eval_taps)
+               if not store.has(f"images/{p}/views/center/{t}")]
+    caveats = []
+    for view in needs.train_views:
+        prefix = f"images/{train_pool}/views/{view.policy}"
+        missing += [f"{prefix}/{t}" for t in taps(view.taps) if not store.has(f"{prefix}/{t}")]
+        have = int(manifest.get("views", {}).get(f"{train_pool}/{view.policy}", 0))
+        least = method_info.cls.min_views.get(view.policy, 2)
+        if store.has(f"{prefix}/{taps(view.taps)[0]}") and have < least:
+            raise StoreError(f"Store {store.root.name} holds {have} '{view.policy}' views per train image; "
+                             f"{method_info.name} needs at least {least}. Extract into a new store with --for "
+                             f"{method_info.name} (remove this one with fsl-cache cache rm {manifest['fingerprint'][:16]})")
+        if least <= have < view.views:
+            caveats.append(f"store holds {have} '{view.policy}' views per train image; {method_info.name} wants "
+                           f"{view.views} (1 + epochs) for fresh augmentation every epoch")
+    if missing:
+        more = f" and {len(missing) - 2} more" if len(missing) > 2 else ""
+        raise StoreError(f"Store {store.root.name} lacks {', '.join(missing[:2])}{more}, which {method_info.name} "
+                         f"needs. Add it with: {extract_command(manifest, method_info.name, cache_dir=cache_dir)}")
+    return caveats
+
+
+def vit_blocks(store) -> tuple[int, ...]:
+    """ViT blocks the store tapped (from its array names), or the extraction default."""
+    # split("_"): derived taps such as vit/block06_mean (ldc_lite) name the block they come from
+    blocks = sorted({int(n.rsplit("block", 1)[1].split("_")[0]) for n in store.arrays if "/vit/block" in n})
+    return tuple(blocks) or (6, 8, 10, 12)

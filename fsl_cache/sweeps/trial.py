@@ -1,0 +1,191 @@
+"""The trial function every sweep engine runs: one :class:`Trial` → a run record, claimed, never duplicated.
+
+Local workers, Optuna and Ray all call :func:`run_trial` with a per-process :class:`StoreCache`, so
+each process opens (and reads) a store once however many trials it runs on it.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import FslError
+from ..store.store import FeatureStore
+from .claims import STALE_AFTER, try_claim
+from .spec import Trial
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """Settings shared by every trial of a sweep (picklable: it travels to worker processes)."""
+
+    cache_dir: Path
+    runs_dir: Path
+    protocol: str = "coop"
+    model: str = "RN50"
+    pretrained: str = "openai"
+    store: str | None = None
+    """Store key or folder for every trial (single-dataset sweeps), instead of model/pretrained."""
+    device: str = "cpu"
+    memory_budget: int | None = None
+    stale_after: float = STALE_AFTER
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one trial."""
+
+    trial: Trial
+    status: str
+    """``done`` (fitted now), ``reused`` (its record existed), ``busy`` (another process holds its claim), ``failed``."""
+    run_dir: Path | None = None
+    val_acc: float | None = None
+    test_acc: float | None = None
+    seconds: float = 0.0
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        t = self.trial
+        return {"method": t.method, "dataset": t.dataset, "shots": t.shots, "seed": t.seed, "options": dict(t.options),
+                "status": self.status, "run_dir": str(self.run_dir) if self.run_dir else None,
+                "val_acc": self.val_acc, "test_acc": self.test_acc, "seconds": round(self.seconds, 3),
+                "error": self.error or None}
+
+
+class CachedStore(FeatureStore):
+    """A :class:`FeatureStore` that keeps every array it reads whole in memory (up to a byte budget)."""
+
+    def __init__(self, root: Path, manifest: dict, *, budget: int | None = None) -> None:
+        from ..training.data import DEFAULT_MEMORY_BUDGET
+
+        super().__init__(root, manifest)
+        self.budget = DEFAULT_MEMORY_BUDGET if budget is None else budget
+        self._held: dict[str, np.ndarray] = {}
+        self._bytes = 0
+
+    def read(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        data = self._held.get(name)
+        if data is None:
+            entry = self.arrays.get(name, {})
+            size = int(np.prod(entry.get("shape", [0]), dtype=np.int64)) * _itemsize(entry.get("dtype", "float32"))
+            if self._bytes + size > self.budget:
+                return super().read(name, rows)  # too big to hold: stream as usual
+            data = self._held[name] = super().read(name)
+            self._bytes += size
+        return data.copy() if rows is None else data[np.asarray(rows, dtype=np.int64)]
+
+
+def _itemsize(dtype: str) -> int:
+    return 8 if dtype == "str" else np.dtype(dtype).itemsize
+
+
+@dataclass
+class StoreCache:
+    """The stores one process has opened, by dataset, with the needs already checked per method."""
+
+    context: SweepContext
+    stores: dict[str, CachedStore] = field(default_factory=dict)
+    caveats: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+
+    def get(self, dataset: str, method: str) -> tuple[CachedStore, tuple[str, ...]]:
+        from ..methods import get_method
+        from ..runs.locate import check_needs, locate_store
+
+        ctx = self.context
+        if dataset not in self.stores:
+            entry = locate_store(ctx.cache_dir, dataset=dataset, model=ctx.model, pretrained=ctx.pretrained,
+                                 store=ctx.store, method=method)
+            store = CachedStore.open(entry.path)  # validates the manifest
+            if ctx.memory_budget is not None:
+                store.budget = ctx.memory_budget
+            self.stores[dataset] = store
+        store = self.stores[dataset]
+        if (dataset, method) not in self.caveats:
+            info = get_method(method)
+            self.caveats[dataset, method] = tuple(check_needs(store, info, dataset=store.manifest["dataset"]["name"],
+                                                              cache_dir=ctx.cache_dir))
+        return store, self.caveats[dataset, method]
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            store.close()
+        self.stores.clear()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A trial resolved against its store: the run's fingerprint and folder, and what ``fit_one`` needs."""
+
+    trial: Trial
+    store: CachedStore
+    instance: Any
+    plan: Any
+    key: str
+    path: Path
+
+
+def prepare(trial: Trial, stores: StoreCache) -> Prepared:
+    """Resolve ``trial``'s config on its store and compute its run fingerprint (nothing is fitted)."""
+    import torch
+
+    from ..methods import get_method
+    from ..runs.engine import RunPlan, task_info
+    from ..runs.record import run_dir, run_fingerprint
+    from ..training.data import DEFAULT_MEMORY_BUDGET
+
+    ctx = stores.context
+    info = get_method(trial.method)
+    options = dict(trial.options)
+    instance = info.create(options)
+    store, caveats = stores.get(trial.dataset, trial.method)
+    tinfo = task_info(store, shots=trial.shots, seed=trial.seed, protocol=ctx.protocol)
+    config = instance.resolve(tinfo)
+    key = run_fingerprint(store_fingerprint=store.fingerprint, method=info.name, config=config.to_json(),
+                          shots=trial.shots, seed=trial.seed, protocol=ctx.protocol)
+    path = run_dir(ctx.runs_dir, dataset=tinfo.dataset, store_dir=store.root.name, method=info.name,
+                   shots=trial.shots, seed=trial.seed, protocol=ctx.protocol, key=key)
+    plan = RunPlan(info, options, trial.shots, ctx.protocol, Path(ctx.runs_dir), False, torch.device(ctx.device),
+                   ctx.memory_budget or DEFAULT_MEMORY_BUDGET, caveats)
+    return Prepared(trial, store, instance, plan, key, path)
+
+
+def existing(prepared: Prepared) -> Outcome | None:
+    """The trial's outcome if its record is already written."""
+    from ..runs.record import load_record
+
+    record = load_record(prepared.path, key=prepared.key)
+    if record is None:
+        return None
+    m = record["metrics"]
+    return Outcome(prepared.trial, "reused", prepared.path, m["val_acc"], m["test_acc"])
+
+
+def run_trial(trial: Trial, stores: StoreCache) -> Outcome:
+    """Fit ``trial`` unless its record exists or another process has claimed it; never raises."""
+    from ..runs.engine import fit_one
+
+    started = time.perf_counter()
+    try:
+        prepared = prepare(trial, stores)
+        if (done := existing(prepared)) is not None:
+            return done
+        claim = try_claim(stores.context.runs_dir, prepared.key, stale_after=stores.context.stale_after)
+        if claim is None:
+            return Outcome(trial, "busy", prepared.path)
+        try:
+            if (done := existing(prepared)) is not None:  # finished between our look and our claim
+                return done
+            result = fit_one(prepared.store, prepared.instance, prepared.plan, seed=trial.seed)
+        finally:
+            claim.release()
+        return Outcome(trial, "done", result.run_dir, result.val_acc, result.test_acc, time.perf_counter() - started)
+    except FslError as err:
+        return Outcome(trial, "failed", error=str(err), seconds=time.perf_counter() - started)
+    except Exception as err:  # noqa: BLE001  (one broken trial must not sink a whole sweep)
+        detail = traceback.format_exc(limit=-3)
+        return Outcome(trial, "failed", error=f"{type(err).__name__}: {err}\n{detail}",
+                       seconds=time.perf_counter() - started)

@@ -1,0 +1,13 @@
+"""Stage two's shared machinery: cached tensors as batches, the view sampler, the one trainer."""
+from .data import DEFAULT_MEMORY_BUDGET, MemoryViews, SplitRef, StoreViews, ViewSource, open_views
+from .head import Head, seeded_init
+from .sampler import ViewSampler, epoch_batches
+from .settings import TrainSettings
+from .task import FitTask, TaskInfo
+from .trainer import Selector, TrainData, TrainResult, cross_entropy, train
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET", "FitTask", "Head", "MemoryViews", "Selector", "SplitRef", "StoreViews", "TaskInfo",
+    "TrainData", "TrainResult", "TrainSettings", "ViewSampler", "ViewSource", "cross_entropy", "epoch_batches",
+    "open_views", "seeded_init", "train",
+]

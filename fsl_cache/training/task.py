@@ -1,0 +1,132 @@
+"""What a method sees while it fits: the train and selection splits of one (shots, seed) draw.
+
+The test split is deliberately absent. Under ``--protocol coop`` nothing a method can reach reads a
+test tensor; the engine evaluates the finished head on test once. Only ``--protocol paper`` hands a
+method whose official code selects on test (Tip-Adapter-F's epoch oracle) the test split as
+``oracle``, and the run is flagged as such.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import StoreError, UsageError
+from .data import DEFAULT_MEMORY_BUDGET, SplitRef, ViewSource, open_views, read_rows
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """The facts of a fit that do not depend on tensors."""
+
+    dataset: str
+    """Dataset name as the store records it (``eurosat``, ``imagefolder:/abs/dir``)."""
+    classnames: tuple[str, ...]
+    shots: int
+    seed: int
+    protocol: str
+    """``coop`` (no test reads before the final evaluation) or ``paper`` (the official quirks)."""
+    embed_dim: int
+    backbone: dict = field(default_factory=dict)
+    """The store manifest's backbone section (arch, pretrained, kind, ...)."""
+    zs_scale: float = 100.0
+    """CLIP logit scale the store's zero-shot logits use."""
+    store_fingerprint: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+
+class FitTask:
+    """Train split, selection split (few-shot val, or full val under ``paper``), text weights, views."""
+
+    def __init__(self, store, info: TaskInfo, *, train: SplitRef, val: SplitRef, oracle: SplitRef | None = None,
+                 device: str | torch.device = "cpu", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 classes: np.ndarray | None = None) -> None:
+        self.store = store
+        self.info = info
+        self.train = train
+        self.val = val
+        self.oracle = oracle
+        """The test split, present only under ``--protocol paper`` for methods that select on it."""
+        self.device = torch.device(device)
+        self.memory_budget = memory_budget
+        self.warnings: list[str] = []
+        self._text: dict[str, torch.Tensor] = {}
+        self._backbone: Any = None
+        self.classes = None if classes is None else np.asarray(classes, dtype=np.int64)
+        """Store class indices this task classifies (``None``: all); ``--protocol base2novel`` sets them."""
+
+    def restricted(self, classes: np.ndarray, *, train: SplitRef | None = None, val: SplitRef | None = None) -> "FitTask":
+        """The same store and backbone, classifying only the store classes ``classes`` (relabelled 0..n-1).
+
+        Without ``train``/``val`` the new task has empty ones (e.g. base-to-novel's novel classes, text only).
+        """
+        classes = np.asarray(classes, dtype=np.int64)
+        names = tuple(self.store.manifest["dataset"]["classnames"][i] for i in classes)
+        info = replace(self.info, classnames=names)
+        empty = lambda s: SplitRef(s.name, s.pool, s.rows[:0], s.labels[:0], s.split_index[:0])  # noqa: E731
+        task = FitTask(self.store, info, train=train or empty(self.train), val=val or empty(self.val),
+                       device=self.device, memory_budget=self.memory_budget, classes=classes)
+        task._backbone, task.warnings = self._backbone, self.warnings
+        return task
+
+    def warn(self, message: str) -> None:
+        """Record a caveat in the run record (e.g. fewer cached views than epochs)."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def text(self, template_set: str = "tip") -> torch.Tensor:
+        """Zero-shot class weights ``[C, D]`` (L2-normalised rows) for ``template_set``."""
+        if template_set not in self._text:
+            name = f"text/{template_set}"
+            if not self.store.has(name):
+                sets = sorted(n.split("/", 1)[1] for n in self.store.arrays if n.startswith("text/"))
+                raise UsageError(f"Store has no template set '{template_set}'. Available: {', '.join(sets)}")
+            text = torch.from_numpy(read_rows(self.store, name, None)).float()
+            self._text[template_set] = text if self.classes is None else text[torch.from_numpy(self.classes)]
+        return self._text[template_set]
+
+    def num_views(self, policy: str) -> int:
+        """Views cached per train image under ``policy`` (0 if the store has none)."""
+        return int(self.store.manifest.get("views", {}).get(f"{self.train.pool}/{policy}", 0))
+
+    def views(self, split: SplitRef, *, policy: str = "center", taps: tuple[str, ...] = ("pooled",)) -> ViewSource:
+        """The ``taps`` of ``split`` under ``policy`` as batches (in memory when they fit)."""
+        return open_views(self.store, split, policy=policy, taps=taps, memory_budget=self.memory_budget)
+
+    def center(self, split: SplitRef, tap: str = "pooled") -> torch.Tensor:
+        """The center-view ``tap`` of every image of ``split``, float32 ``[N, ...]``, in memory."""
+        source = self.views(split, policy="center", taps=(tap,))
+        return source.batch(np.arange(len(split)))[tap]
+
+    def train_views(self, policy: str, tap: str = "pooled", *, views: range | None = None) -> torch.Tensor:
+        """Cached views of the train images under ``policy``, float32 ``[N, V, ...]`` (``views`` selects some)."""
+        source = self.views(self.train, policy=policy, taps=(tap,))
+        chosen = range(source.num_views) if views is None else views
+        positions = np.arange(len(self.train))
+        return torch.stack([source.batch(positions, np.full(len(positions), v))[tap] for v in chosen], dim=1)
+
+    def backbone(self):
+        """The store's backbone re-loaded from its manifest (for methods that need the text encoder).
+
+        Refuses when the loaded backbone does not fingerprint like the one the store was made with.
+        """
+        if self._backbone is None:
+            from ..backbones import load_backbone
+
+            meta = self.info.backbone
+            # the store's own compute dtype where the device allows it (random-init identities hash the weights)
+            fp16 = self.device.type == "cuda" and meta.get("compute_dtype") == "float16"
+            precision = "fp16" if fp16 else "fp32"
+            backbone = load_backbone(meta["arch"], meta["pretrained"], device=str(self.device), precision=precision)
+            expected = self.store.manifest["fingerprint_parts"].get("backbone")
+            if backbone.fingerprint_parts() != expected:
+                raise StoreError(f"The backbone {meta['arch']}/{meta['pretrained']} loaded now does not match the "
+                                 f"one store {self.store.root.name} was extracted with (weights or preprocessing "
+                                 "changed); extract again")
+            self._backbone = backbone
+        return self._backbone
