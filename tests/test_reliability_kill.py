@@ -294,7 +294,7 @@ def schedule(fmt: str, n_markers: int, rng: random.Random) -> list[dict]:
             steps.append({"point": "write_block", "after_markers": m, "then": rng.randint(1, 40), "signal": sig})
         elif kind.startswith("external"):
             steps.append({"point": "write_block", "after_markers": m, "then": 1, "signal": "PAUSE",
-                          "external": (kind.split(":")[1], rng.uniform(0.05, 1.0))})
+                          "external": (kind.split(":")[1], rng.uniform(0.3, 1.2))})
         else:
             steps.append({"point": f"replace:{kind}", "after_markers": m, "signal": sig})
     if fmt == "zarr":  # a chunk (or zarr.json) written to its temp file, not yet renamed

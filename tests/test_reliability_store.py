@@ -295,8 +295,8 @@ def test_disk_full_mid_array_keeps_the_store_consistent_and_resumes(demo, small_
         with pytest.raises(DiskFullError) as info:
             api.extract(f"imagefolder:{demo}", cache_dir=tmp_path, format=fmt, **SMALL)
     message = str(info.value)
-    assert "Disk full while writing" in message and "is free" in message and "Free that much space" in message
-    assert "re-run the same command" in message
+    assert "Disk full while writing" in message and "still to be written" in message and "is free" in message
+    assert "Free " in message and "re-run the same command" in message
     root = next(p for p in tmp_path.glob("*/*") if p.is_dir())
     assert not (root / "manifest.json").exists(), "no manifest for unfinished arrays"
     assert check_markers_are_whole_shards(root, small_refs[fmt]) > 0
@@ -406,16 +406,36 @@ def interrupt_before_publishing(monkeypatch) -> None:
     monkeypatch.setattr(StoreWriter, "finalize", stop)
 
 
+RESUMED_WITH = {  # (interrupted run, the run that resumes it): same store key, other arrays planned
+    "another view count": ({"for_methods": ["tip_adapter"], "views": 2}, {"for_methods": ["tip_adapter"], "views": 3}),
+    "more taps per view": ({"for_methods": ["tip_adapter"], "views": 2}, {"for_methods": ["tip_adapter", "safe_a"], "views": 2}),
+}
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
-def test_resuming_with_another_view_count_redoes_the_shards_of_the_old_one(demo, tmp_path, fmt):
-    opts = {**SMALL, "for_methods": ["tip_adapter"], "format": fmt}
+@pytest.mark.parametrize("case", list(RESUMED_WITH))
+def test_resuming_with_other_settings_redoes_the_shards_of_the_old_plan(demo, tmp_path, fmt, case):
+    first, then = RESUMED_WITH[case]
+    opts = {**SMALL, "format": fmt}
     with pytest.MonkeyPatch.context() as mp:
         interrupt_before_publishing(mp)
         with pytest.raises(KeyboardInterrupt):
-            api.extract(f"imagefolder:{demo}", cache_dir=tmp_path / "c", views=2, **opts)
-    resumed = api.extract(f"imagefolder:{demo}", cache_dir=tmp_path / "c", views=3, **opts)
-    clean = api.extract(f"imagefolder:{demo}", cache_dir=tmp_path / "ref", views=3, **opts)
+            api.extract(f"imagefolder:{demo}", cache_dir=tmp_path / "c", **{**opts, **first})
+    resumed = api.extract(f"imagefolder:{demo}", cache_dir=tmp_path / "c", **{**opts, **then})
+    clean = api.extract(f"imagefolder:{demo}", cache_dir=tmp_path / "ref", **{**opts, **then})
     assert_same_store(clean.store, resumed.store)
+
+
+def test_a_store_is_not_removed_from_under_a_running_extraction(small_refs, tmp_path):
+    root = copy_store(small_refs["zarr"], tmp_path)
+    writer = StoreWriter(root, fmt="zarr", manifest={})
+    try:
+        refused = cli("cache", "rm", "--yes", str(root))
+        assert refused.exit_code == 1 and "Another process is writing" in refused.output
+        assert (root / "manifest.json").exists()
+    finally:
+        writer.close()
+    assert cli("cache", "rm", "--yes", str(root)).exit_code == 0 and not root.exists()
 
 
 def test_images_skipped_by_an_interrupted_run_stay_recorded(tmp_path):

@@ -157,7 +157,7 @@ class PreparedExtraction:
         except OSError as err:
             if not _is_disk_full(err):
                 raise
-            raise self._disk_full(err) from err
+            raise self._disk_full(err, writer) from err
         finally:
             writer.close()
         ranks.barrier()  # the manifest exists before any rank returns
@@ -175,12 +175,19 @@ class PreparedExtraction:
             skipped=stats.skipped,
         )
 
-    def _disk_full(self, err: OSError) -> DiskFullError:
+    def _disk_full(self, err: OSError, writer: StoreWriter) -> DiskFullError:
+        rows_done: dict[str, int] = {}
+        for marker in writer.markers():
+            for name in marker.digests:
+                rows_done[name] = rows_done.get(name, 0) + marker.stop - marker.start
+        left = sum(a.nbytes * max(0, a.shape[0] - rows_done.get(a.name, 0)) // a.shape[0] for a in self.plan.new_arrays)
+        free = _free_bytes(self.store_dir)
+        # free may exceed left: blocks reserved for root, or a quota, still refuse the write
+        amount = f"at least {human_bytes(left - free)}" if left > free else "space"
         return DiskFullError(
-            f"Disk full while writing {self.store_dir} ({err.strerror or err}): "
-            f"{human_bytes(_free_bytes(self.store_dir))} is free and this extraction writes up to "
-            f"{human_bytes(self.plan.new_bytes)}. Free that much space on that disk (or pick another --cache-dir) "
-            "and re-run the same command: finished shards are kept and only the rest is written."
+            f"Disk full while writing {self.store_dir} ({err.strerror or err}): up to {human_bytes(left)} of this "
+            f"extraction is still to be written and {human_bytes(free)} is free. Free {amount} on that disk "
+            "(or pick another --cache-dir) and re-run the same command: the finished shards are kept."
         )
 
     def _write(self, writer: StoreWriter, *, progress: bool, ranks: Ranks) -> RunStats:
@@ -211,7 +218,7 @@ class PreparedExtraction:
             except OSError as err:  # shared with the other ranks, which would otherwise wait forever
                 if not _is_disk_full(err):
                     raise
-                error = self._disk_full(err)
+                error = self._disk_full(err, writer)
         ranks.raise_if_any(error)
         everyone = ranks.gather((stats.images, stats.seconds, stats.skipped))
         stats = RunStats(sum(e[0] for e in everyone), max(e[1] for e in everyone))

@@ -209,7 +209,7 @@ class HDF5Backend:
         HDF5 reads the fill value (zeros) wherever a part file is missing, without any error.
         """
         dataset = self._file[name]
-        if name not in self._checked:
+        if name not in self._checked and dataset.is_virtual:
             missing = [(m.file_name, m.vspace.get_select_bounds()) for m in dataset.virtual_sources()
                        if not (self.root / m.file_name).is_file()]
             if missing:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StoreError, UsageError
-from .store import MANIFEST, FeatureStore, block_digest, read_manifest
+from .store import MANIFEST, FeatureStore, _acquire_lock, block_digest, read_manifest
 
 
 @dataclass(frozen=True)
@@ -122,4 +122,8 @@ def _normalise(block: np.ndarray) -> np.ndarray:
 def remove_store(entry: StoreEntry) -> None:
     if not entry.path.exists():
         raise StoreError(f"{entry.path} does not exist")
-    shutil.rmtree(entry.path)
+    lock = _acquire_lock(entry.path)  # never pull a store from under a running extraction
+    try:
+        shutil.rmtree(entry.path)
+    finally:
+        lock.close()

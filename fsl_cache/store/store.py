@@ -135,8 +135,9 @@ class StoreWriter:
     def forget_other_jobs(self, owner: dict[str, str]) -> None:
         """Drop markers of arrays in ``owner`` (array → job id) that another job wrote.
 
-        An interrupted run planned with other view counts leaves shards of differently shaped arrays;
-        counted as done they would publish the wrong data, so they are redone instead.
+        An interrupted run planned with other view counts or taps (a job id covers its arrays and their
+        shapes) leaves shards that, counted as done, would publish the wrong data or twice the rows;
+        they are redone instead.
         """
         for marker in self.markers():
             if any(owner.get(name, marker.job) != marker.job for name in marker.digests):
