@@ -20,7 +20,8 @@ demo: install
 	$(VENV)/bin/fsl-cache demo
 
 test: install
-	$(PY) -m pytest
+	# one BLAS thread: deterministic float sums and no oversubscription with loader/subprocess workers
+	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 clean:
 	rm -rf $(VENV) cache demo_data

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fsl_cache.backbones import load_backbone
 from fsl_cache.extraction import ExtractOptions, ViewRenderer, prepare_extraction
 from fsl_cache.extraction.run import Encoder, RunStats, run_job
 from fsl_cache.datasets import open_image

@@ -119,3 +119,114 @@ def methods() -> list:
     from .methods import get_method, list_methods
 
     return [get_method(name) for name in list_methods()]
+
+
+def grid(
+    methods: Sequence[str] | None = None,
+    *,
+    datasets: Sequence[str] | None = None,
+    shots: Sequence[int] = (1, 2, 4, 8, 16),
+    seeds: Sequence[int] = (1, 2, 3),
+    options: dict[str, Sequence] | None = None,
+    recipe: str | Path | None = None,
+    protocol: str = "coop",
+    model: str = "RN50",
+    pretrained: str = "openai",
+    store: str | None = None,
+    workers: int = 1,
+    engine: str = "local",
+    sampler: str = "grid",
+    n_trials: int | None = None,
+    study_storage: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    runs_dir: str | Path | None = None,
+    device: str = "cpu",
+    on_start: Callable[[int, int], None] | None = None,
+    on_outcome: Callable | None = None,
+):
+    """Run every (method, options, dataset, shots, seed) of a grid, or of ``recipe`` (a pipelines/*.yaml).
+
+    Runs whose record exists are skipped, so an interrupted grid resumes where it stopped; workers
+    claim each run before fitting it, so no run is computed twice. ``options`` maps an option (or
+    ``method.option``) to the list of values to sweep. ``engine``: ``local`` (``workers`` processes),
+    ``optuna`` (studies in the journal file ``study_storage``, ``sampler`` grid or tpe, selection on
+    val) or ``ray``. Returns a :class:`fsl_cache.sweeps.SweepResult`.
+    """
+    from .errors import UsageError
+    from .runs import default_runs_dir
+    from .sweeps import GridSpec, SweepContext, load_recipe, run_sweep
+
+    if recipe is not None:
+        spec = load_recipe(recipe)
+    elif methods and datasets:
+        spec = GridSpec(methods=tuple(methods), datasets=tuple(datasets), shots=tuple(shots), seeds=tuple(seeds),
+                        options={k: tuple(v) for k, v in (options or {}).items()}, protocol=protocol, model=model,
+                        pretrained=pretrained)
+    else:
+        raise UsageError("grid needs METHOD[,METHOD] and --dataset, or --recipe pipelines/NAME.yaml")
+    runs = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    context = SweepContext(cache_dir=_cache_dir(cache_dir), runs_dir=runs, protocol=spec.protocol, model=spec.model,
+                           pretrained=spec.pretrained, store=store, device=device)
+    settings = None
+    if engine == "optuna":
+        from .sweeps.optuna_engine import OptunaSettings
+
+        settings = OptunaSettings(storage=Path(study_storage) if study_storage else runs / "optuna.journal",
+                                  sampler=sampler, n_trials=n_trials)
+    return run_sweep(spec, context, engine=engine, workers=workers, on_start=on_start, on_outcome=on_outcome,
+                     optuna=settings)
+
+
+def report(
+    *,
+    runs_dir: str | Path | None = None,
+    methods: Sequence[str] = (),
+    datasets: Sequence[str] = (),
+    shots: Sequence[int] = (),
+    protocols: Sequence[str] = (),
+    backbones: Sequence[str] = (),
+    plot_dir: str | Path | None = None,
+):
+    """The report table (mean ± std over seeds per method × dataset × shots, plus the dataset average)
+    over the run records under ``runs_dir``, filtered; with ``plot_dir``, its PNG figures too.
+
+    Returns ``(table, rows, plots)``: a :class:`fsl_cache.reports.ReportTable`, the records used, the PNGs written.
+    """
+    from .errors import UsageError
+    from .reports import Filters, build_table, load_rows
+    from .runs import default_runs_dir
+
+    root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    filters = Filters(tuple(methods), tuple(datasets), tuple(shots), tuple(protocols), tuple(backbones))
+    rows = load_rows(root, filters)
+    if not rows:
+        raise UsageError(f"No finished runs under {root}" + (" match the filters" if filters != Filters() else "")
+                         + "; run fsl-cache fit or fsl-cache grid first")
+    table = build_table(rows)
+    plots = []
+    if plot_dir is not None:
+        from .reports.plots import write_plots
+
+        plots = write_plots(table, rows, plot_dir)
+    return table, rows, plots
+
+
+def predict(run: str | Path, images: Sequence[str | Path], *, top_k: int = 5, runs_dir: str | Path | None = None,
+            device: str = "cpu") -> list:
+    """Top-k classes for image files from a run (folder or fingerprint prefix) or an exported folder.
+
+    Loads the backbone recorded with the store, refuses it if its weights or preprocessing differ,
+    encodes the center view as stage one did, applies the trained head. Returns
+    :class:`fsl_cache.inference.Prediction` per image.
+    """
+    from .inference import Predictor, find_run
+
+    return Predictor.load(find_run(run, runs_dir=runs_dir), device=device).predict(list(images), top_k=top_k)
+
+
+def export(run: str | Path, out_dir: str | Path, *, runs_dir: str | Path | None = None) -> Path:
+    """Write a run's head, config, class names, templates, text weights and backbone spec to ``out_dir``,
+    loadable by ``predict`` (and :class:`fsl_cache.inference.Predictor`) without the feature cache."""
+    from .inference import export_bundle, find_run
+
+    return export_bundle(find_run(run, runs_dir=runs_dir), out_dir)

@@ -20,6 +20,11 @@ CACHE_DIR_OPTION = click.option(
     help="Root of the feature stores [default: $FSL_CACHE_DIR or ./cache].",
 )
 
+RUNS_DIR_OPTION = click.option(
+    "--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Where run records are [default: $FSL_RUNS_DIR or ./runs].",
+)
+
 
 def _int_list(ctx, param, value: str | None):
     if value is None:
@@ -210,23 +215,43 @@ def models(as_json) -> None:
         show_models(infos)
 
 
+DEMO_METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f")
+"""The demo's small grid (pipelines/demo.yaml describes the same one)."""
+
+
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_data"), show_default=True)
 @CACHE_DIR_OPTION
+@RUNS_DIR_OPTION
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the report's PNG figures here.")
 @click.option("--json", "as_json", is_flag=True)
-def demo(out, cache_dir, as_json) -> None:
-    """Offline demo: generate a small dataset, extract it with a tiny random-weight backbone."""
+def demo(out, cache_dir, runs_dir, plot_dir, as_json) -> None:
+    """Offline demo: generate a small dataset, extract it with a tiny random-weight backbone, run a small grid, report."""
     from . import api
     from .datasets import make_demo_dataset
-    from .render import show_extract_plan, show_extract_result
+    from .reports import format_report
+    from .render import GridProgress, show_extract_plan, show_extract_result, show_grid_summary
 
     root = make_demo_dataset(out)
     err_console.print(f"demo dataset: {root}")
-    result = api.extract(f"imagefolder:{root}", model="fsl-tiny-rn", pretrained="none", cache_dir=cache_dir,
-                         batch_size=64, workers=min(2, os.cpu_count() or 1), on_plan=show_extract_plan)
+    dataset = f"imagefolder:{root}"
+    result = api.extract(dataset, model="fsl-tiny-rn", pretrained="none", cache_dir=cache_dir, for_methods=DEMO_METHODS,
+                         shots=(1, 2, 4), batch_size=64, workers=min(2, os.cpu_count() or 1), on_plan=show_extract_plan)
     show_extract_result(result)
+    with GridProgress() as bar:
+        sweep = api.grid(DEMO_METHODS, datasets=[dataset], shots=(1, 2, 4), seeds=(1, 2, 3),
+                         options={"tip_adapter_f.epochs": (10,)}, model="fsl-tiny-rn", pretrained="none",
+                         cache_dir=cache_dir, runs_dir=runs_dir, on_start=bar.start, on_outcome=bar.advance)
+    show_grid_summary(sweep)
+    table, _, plots = api.report(runs_dir=runs_dir, datasets=[dataset], backbones=["fsl-tiny-rn"], plot_dir=plot_dir)
     if as_json:
         click.echo(json.dumps(result.to_json()))
+        click.echo(format_report(table, "json"), nl=False)
+    else:
+        click.echo(format_report(table, "table"), nl=False)
+    if plots:
+        err_console.print(f"figures: {', '.join(str(p) for p in plots)}")
 
 
 def _seed_list(ctx, param, value: tuple[str, ...]):
@@ -302,6 +327,118 @@ def methods_(as_json) -> None:
             "paper_protocol": info.paper_protocol,
         }))
 
+
+
+
+def _grid_options(ctx, param, value: tuple[str, ...]) -> dict:
+    from .sweeps import parse_option_grid
+
+    try:
+        return parse_option_grid(value)
+    except Exception as err:  # UsageError → click's usage message
+        raise click.BadParameter(str(err))
+
+
+@main.command()
+@click.argument("methods", required=False, callback=_name_list)
+@click.option("--dataset", "datasets", callback=_name_list, help="Datasets, comma-separated (as for fit).")
+@click.option("--shots", callback=_int_list, default="1,2,4,8,16", show_default=True)
+@click.option("--seeds", callback=_int_list, default="1,2,3", show_default=True)
+@click.option("-o", "--option", "options", multiple=True, callback=_grid_options,
+              help="Option values to sweep: key=v1,v2 or method.key=v1,v2 (repeatable; [a,b] groups a tuple value).")
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A pipelines/*.yaml recipe instead of METHODS/--dataset/--shots/--seeds/-o.")
+@click.option("--protocol", type=click.Choice(["coop", "paper"]), default="coop", show_default=True)
+@click.option("--model", default="RN50", show_default=True, help="Backbone architecture of the stores.")
+@click.option("--pretrained", default="openai", show_default=True, help="Backbone weights of the stores.")
+@click.option("--store", default=None, help="Store key or folder (single-dataset grids).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (or concurrent trials).")
+@click.option("--engine", type=click.Choice(["local", "optuna", "ray"]), default="local", show_default=True)
+@click.option("--sampler", type=click.Choice(["grid", "tpe"]), default="grid", show_default=True,
+              help="Optuna sampler (--engine optuna).")
+@click.option("--trials", "n_trials", type=int, default=None, help="Optuna trials per study for --sampler tpe.")
+@click.option("--study-storage", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Optuna journal file [default: RUNS_DIR/optuna.journal]; share it to join from other nodes.")
+@CACHE_DIR_OPTION
+@RUNS_DIR_OPTION
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line per run on stdout.")
+def grid(methods, datasets, shots, seeds, options, recipe, protocol, model, pretrained, store, workers, engine,
+         sampler, n_trials, study_storage, cache_dir, runs_dir, device, as_json) -> None:
+    """Run METHOD[,METHOD] × datasets × shots × seeds × option values; finished runs are skipped (resumable)."""
+    from . import api
+    from .render import GridProgress, show_grid_summary
+
+    with GridProgress(enabled=True) as bar:
+        result = api.grid(methods, datasets=datasets, shots=shots, seeds=seeds, options=options, recipe=recipe,
+                          protocol=protocol, model=model, pretrained=pretrained, store=store, workers=workers,
+                          engine=engine, sampler=sampler, n_trials=n_trials, study_storage=study_storage,
+                          cache_dir=cache_dir, runs_dir=runs_dir, device=device, on_start=bar.start,
+                          on_outcome=bar.advance)
+    show_grid_summary(result)
+    if as_json:
+        for outcome in result.outcomes:
+            click.echo(json.dumps(outcome.to_json()))
+        for study in result.studies:
+            click.echo(json.dumps({"study": study.to_json()}))
+    if result.count("failed"):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--method", "methods", callback=_name_list, help="Methods (or variants such as tip_adapter_f[epochs=5]).")
+@click.option("--dataset", "datasets", callback=_name_list, help="Datasets, comma-separated.")
+@click.option("--shots", callback=_int_list, default=None, help="Shot counts, comma-separated.")
+@click.option("--protocol", "protocols", callback=_name_list, help="coop and/or paper.")
+@click.option("--model", "backbones", callback=_name_list, help="Backbones: arch or arch/pretrained.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "latex", "json"]), default="table",
+              show_default=True)
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write PNG figures here (accuracy vs shots, confusion heatmaps, confused pairs).")
+@RUNS_DIR_OPTION
+def report(methods, datasets, shots, protocols, backbones, fmt, plot_dir, runs_dir) -> None:
+    """The papers' table from run records: mean ± std over seeds per method × dataset × shots, and the average."""
+    from . import api
+    from .reports import format_report
+
+    table, rows, plots = api.report(runs_dir=runs_dir, methods=methods or (), datasets=datasets or (),
+                                    shots=shots or (), protocols=protocols or (), backbones=backbones or (),
+                                    plot_dir=plot_dir)
+    click.echo(format_report(table, fmt), nl=False)
+    err_console.print(f"{len(rows)} run(s)" + (f"; {len(plots)} figure(s) in {plot_dir}" if plots else ""))
+
+
+@main.command()
+@click.argument("run")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--top-k", type=int, default=5, show_default=True)
+@RUNS_DIR_OPTION
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per image on stdout.")
+def predict(run, images, top_k, runs_dir, device, as_json) -> None:
+    """Classify IMAGES with the head of RUN (a run folder, a run key prefix, or an exported folder)."""
+    from . import api
+    from .render import show_predictions
+
+    predictions = api.predict(run, images, top_k=top_k, runs_dir=runs_dir, device=device)
+    if as_json:
+        for p in predictions:
+            click.echo(json.dumps(p.to_json()))
+    else:
+        show_predictions(predictions)
+
+
+@main.command()
+@click.argument("run")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@RUNS_DIR_OPTION
+def export(run, out_dir, runs_dir) -> None:
+    """Write RUN's head, config, class names, templates and backbone spec to OUT_DIR (usable without the cache)."""
+    from . import api
+
+    out = api.export(run, out_dir, runs_dir=runs_dir)
+    err_console.print(f"[green]exported:[/] {out} (fsl-cache predict {out} IMAGE...)")
+    click.echo(str(out))
 
 if __name__ == "__main__":
     main()

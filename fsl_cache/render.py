@@ -141,3 +141,61 @@ def show_methods(infos) -> None:
         table.add_row(f"[bold]{info.name}[/]" + (" [dim](trains)[/]" if info.trains else ""), info.description,
                       "\n".join(reads), options)
     err_console.print(table)
+
+
+class GridProgress:
+    """One overall progress bar with ETA over a grid's pending runs, plus a line per failed run."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]grid"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
+                                 disable=not (enabled and err_console.is_terminal))
+        self.task = None
+        self.enabled = enabled
+
+    def __enter__(self) -> GridProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def start(self, pending: int, reused: int) -> None:
+        if self.enabled:
+            err_console.print(f"grid: {pending} run(s) to compute, {reused} already recorded (skipped)")
+        self.task = self.progress.add_task("grid", total=pending)
+
+    def advance(self, outcome) -> None:
+        if self.task is not None and outcome.status != "reused":
+            self.progress.advance(self.task)
+        if outcome.status == "failed":
+            first = outcome.error.splitlines()[0] if outcome.error else ""
+            err_console.print(f"[red]failed:[/] {outcome.trial.label}: {first}", highlight=False)
+        elif outcome.status == "busy":
+            err_console.print(f"[yellow]busy:[/] {outcome.trial.label} is being computed by another process",
+                              highlight=False)
+
+
+def show_grid_summary(result) -> None:
+    counts = {s: result.count(s) for s in ("done", "reused", "busy", "failed")}
+    err_console.print(f"[green]grid done:[/] {counts['done']} computed, {counts['reused']} reused, "
+                      f"{counts['busy']} held by other processes, {counts['failed']} failed", highlight=False)
+    for study in getattr(result, "studies", []):
+        best = ", ".join(f"{k}={v}" for k, v in study.best_options.items()) or "defaults"
+        val = f"{study.best_val_acc:.2f}" if study.best_val_acc is not None else "-"
+        err_console.print(f"  best {study.method} on {study.dataset} k={study.shots}: {best} (val {val}, "
+                          f"{study.trials} trials)", highlight=False)
+
+
+def show_predictions(predictions) -> None:
+    """``predict``'s results for people: one block per image, classes with probability bars (stdout)."""
+    from rich.console import Console
+
+    out = Console()
+    for p in predictions:
+        out.print(f"[bold]{p.image}[/]", highlight=False)
+        for name, prob in p.top:
+            bar = "█" * max(1, round(prob * 30))
+            out.print(f"  {prob * 100:6.2f}%  {bar:<30}  {name}", highlight=False)

@@ -137,7 +137,7 @@ class Capt(Method):
     # ------------------------------------------------------------------ fit
 
     def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
-        cfg, settings = self.config, self.train_settings(task)
+        settings = self.train_settings(task)
         self.task, self.notes = task, {"design": DESIGN}
         taps = self._taps(task)
         self.source = task.views(task.train, policy="coop", taps=taps)

@@ -16,6 +16,8 @@ from ..store.fingerprint import slug
 from .records import RunRow, classnames_for, dataset_label
 from .table import AVERAGE, ReportTable, row_label
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+STYLES = ("-", "--", ":")
 MAX_HEATMAPS = 24
 """Confusion heatmaps written at most (one per method row × dataset, largest shots)."""
 TOP_PAIRS = 10
@@ -68,7 +70,8 @@ def plot_accuracy(table: ReportTable, path: Path) -> Path:
             x = np.array([c.shots for c in cells])
             y = np.array([c.mean for c in cells])
             s = np.array([c.std or 0.0 for c in cells])
-            ax.plot(x, y, marker="o", ms=4, lw=1.8, color=colours(i % colours.N), label=method)
+            ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], ms=5, lw=1.8, ls=STYLES[(i // 10) % len(STYLES)],
+                    color=colours(i % colours.N), label=method, alpha=0.9)
             ax.fill_between(x, y - s, y + s, color=colours(i % colours.N), alpha=0.18, lw=0)
         ax.set_xscale("log", base=2)
         ax.set_xticks(table.shots, [str(k) for k in table.shots])
@@ -81,12 +84,12 @@ def plot_accuracy(table: ReportTable, path: Path) -> Path:
     for ax in axes.flat[len(blocks):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False,
-               bbox_to_anchor=(0.5, 0.0))
-    legend_rows = -(-len(labels) // 4)
-    fig.suptitle("Few-shot test accuracy (mean ± std over seeds)", fontsize=12)
-    fig.tight_layout(rect=(0, 0.05 + 0.035 * legend_rows, 1, 0.97))
-    fig.savefig(path, dpi=120)
+    fig.suptitle("Few-shot test accuracy (band: ± std over seeds)", fontsize=12)
+    fig.tight_layout()
+    # below the panels; bbox_inches="tight" grows the canvas so no label is cut
+    fig.legend(handles, labels, loc="upper center", ncol=max(1, min(len(labels), 2 * cols)), frameon=False,
+               bbox_to_anchor=(0.5, 0.0), fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -146,9 +149,9 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, *, titl
 
 
 def confusable_pairs(matrix: np.ndarray, names: Sequence[str], *, top: int = TOP_PAIRS) -> list[tuple[str, float]]:
-    """Class pairs by how often either is taken for the other: ``(A ↔ B, rate(A→B) + rate(B→A))`` in %."""
+    """Class pairs by how often either is taken for the other: ``(A ↔ B, (rate(A→B) + rate(B→A)) / 2)`` in %."""
     rates = row_normalised(matrix)
-    sym = np.triu(rates + rates.T, k=1)
+    sym = np.triu((rates + rates.T) / 2, k=1)
     order = np.argsort(-sym, axis=None)[:top]
     pairs = []
     for flat in order:
@@ -171,18 +174,19 @@ def plot_confusable_pairs(groups: dict[str, tuple[np.ndarray, list[str]]], path:
     ranked = sorted(scores, key=lambda p: -np.mean([scores[p].get(m, 0.0) for m in groups]))[:TOP_PAIRS]
     labels = list(groups)
     height = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(8.5, 0.55 * len(ranked) * max(1, len(labels) / 2) + 1.8))
+    fig, ax = plt.subplots(figsize=(8.5, min(12.0, 0.12 * len(ranked) * (len(labels) + 1) + 1.4)))
     colours = plt.get_cmap("tab10")
     for i, label in enumerate(labels):
         y = np.arange(len(ranked)) + i * height
         ax.barh(y, [scores[p].get(label, 0.0) for p in ranked], height=height, color=colours(i % 10), label=label)
     ax.set_yticks(np.arange(len(ranked)) + 0.4 - height / 2, ranked)
     ax.invert_yaxis()
-    ax.set_xlabel("% of the two classes' test images taken for each other (rate A→B + B→A)")
+    ax.set_xlabel("% of test images taken for the other class (mean of A→B and B→A)")
+    ax.set_xlim(0, 100)
     ax.set_title(f"Most confused class pairs: {title}", fontsize=11)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
