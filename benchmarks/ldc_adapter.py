@@ -48,8 +48,19 @@ def reset_peak() -> bool:
         return False
 
 
+def trim() -> None:
+    """Give freed heap pages back to the OS (glibc), so one variant's peak does not hide the other's."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def measure(step) -> tuple[float, float]:
     """(seconds, peak MB added) of one call of ``step``."""
+    trim()
     reset_peak()
     base = rss_kb("VmRSS:")
     t0 = time.perf_counter()

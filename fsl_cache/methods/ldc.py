@@ -114,11 +114,11 @@ def frozen_pooling(task: FitTask) -> nn.Module | torch.Tensor:
 
 
 def build_trunk(kind: str, shapes: list[tuple[int, ...]], frozen, *, embed_dim: int, fuse: Fuse,
-                lite: bool) -> RNMultiLevel | ViTMultiLevel:
+                lite: bool, fused: bool = False) -> RNMultiLevel | ViTMultiLevel:
     """The MAF trunk for cached maps of ``shapes`` (RN ``[c, h, w]`` ×4, ViT ``[L, W]`` or ``[W]`` ×4)."""
     if kind == "rn":
         return RNMultiLevel([s[0] for s in shapes], [s[-1] for s in shapes], attnpool=frozen, embed_dim=embed_dim,
-                            fuse=fuse, pre_pooled=lite)
+                            fuse=fuse, pre_pooled=lite, fused=fused)
     return ViTMultiLevel(shapes[0][-1], proj=frozen, fuse=fuse, pre_pooled=lite)
 
 
@@ -153,6 +153,9 @@ class LDCConfig(TrainOptions):
     """Template set of the zero-shot branch s^ZS ([CODE] Tip-Adapter templates)."""
     eval_batch_size: int = 64
     """Images per evaluation forward pass (maps are megabytes per image)."""
+    fused: bool = False
+    """RN adapters: compute Conv1×1 → BN → ReLU → AvgPool tile by tile from the input's moments (exact up to
+    fp32 rounding, ~0.2x the step's peak memory; slower than the plain modules on CPU, see benchmarks/README.md)."""
 
     def __post_init__(self) -> None:
         TrainOptions.__post_init__(self)
@@ -199,7 +202,8 @@ class LDC(Method):
         frozen = frozen_pooling(task)
         d = task.info.embed_dim
         with seeded_init(generator):
-            trunk = build_trunk(kind, tap_shapes(task, taps), frozen, embed_dim=d, fuse=cfg.fuse, lite=self.lite)
+            trunk = build_trunk(kind, tap_shapes(task, taps), frozen, embed_dim=d, fuse=cfg.fuse, lite=self.lite,
+                                fused=cfg.fused)
             return LDCHead(trunk, taps=taps, text=task.text(cfg.templates), scale=task.info.zs_scale,
                            maf_hidden=d if kind == "rn" else VIT_MAF_HIDDEN, eval_batch_size=cfg.eval_batch_size)
 

@@ -101,11 +101,15 @@ class RNMultiLevel(_MultiLevel):
     """
 
     def __init__(self, channels: Sequence[int], sides: Sequence[int], *, attnpool: nn.Module, embed_dim: int,
-                 fuse: Fuse = "wf", pre_pooled: bool = False) -> None:
+                 fuse: Fuse = "wf", pre_pooled: bool = False, fused: bool = False) -> None:
         super().__init__()
         out_channels, grid = channels[-1], sides[-1]
         pools = [1 if pre_pooled else side // grid for side in sides]
-        self.adapters = nn.ModuleList(ConvAdapter(c, out_channels, pool=p)
+        if fused:  # same parameters and state_dict, tile-by-tile kernel (ldc_fused.py)
+            from .ldc_fused import FusedConvAdapter as adapter_cls
+        else:
+            adapter_cls = ConvAdapter
+        self.adapters = nn.ModuleList(adapter_cls(c, out_channels, pool=p)
                                       for c, p in zip(channels, pools, strict=True))
         self.fuse = fuse
         self.lf = mlp(4 * embed_dim, out_channels, embed_dim) if fuse == "lf" else None

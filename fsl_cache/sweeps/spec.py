@@ -51,9 +51,9 @@ class GridSpec:
     name: str = ""
     """Recipe name (for messages only)."""
     root: str | None = None
-    """Dataset root for the ``extract`` commands a recipe can run first (``$FSL_DATA`` otherwise)."""
+    """Dataset root the recipe's stores were extracted from (documentation; ``grid`` reads only stores)."""
     extract_for: tuple[str, ...] = ()
-    """Methods the stores must serve; ``fsl-cache grid --extract`` extracts missing stores for them."""
+    """Methods the stores must serve, i.e. the ``--for`` of the ``extract`` commands a recipe documents."""
 
     def __post_init__(self) -> None:
         for what, values in (("methods", self.methods), ("datasets", self.datasets), ("shots", self.shots),

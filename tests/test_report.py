@@ -1,0 +1,124 @@
+"""``report``: the table's numbers against a hand computation from the records, formats, filters, plots."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fsl_cache import api
+from fsl_cache.cli import main
+from fsl_cache.errors import UsageError
+from fsl_cache.reports import AVERAGE, format_report
+from fsl_cache.reports.plots import confusable_pairs
+from fsl_cache.testing import make_synthetic_store
+
+SYNTH = dict(model="synthetic", pretrained="none")
+DATASETS = ("synthetic", "other")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    cache, runs = root / "cache", root / "runs"
+    make_synthetic_store(cache, views={"tip": 21})
+    make_synthetic_store(cache, name="other", num_classes=5, seed=7, zero_shot=0.5, views={"tip": 21})
+    api.grid(["zero_shot", "tip_adapter"], datasets=list(DATASETS), shots=(1, 2), seeds=(1, 2, 3), cache_dir=cache,
+             runs_dir=runs, **SYNTH)
+    return runs
+
+
+def by_hand(runs: Path) -> dict[tuple[str, str, int], dict[int, float]]:
+    """``{(method, dataset, shots): {seed: test_acc}}`` read straight from the record files."""
+    out: dict = {}
+    for path in runs.glob("*/*/*/*/record.json"):
+        r = json.loads(path.read_text())
+        out.setdefault((r["method"], r["dataset"], r["shots"]), {})[r["seed"]] = r["metrics"]["test_acc"]
+    return out
+
+
+def test_the_table_equals_a_hand_computation_from_the_records(runs):
+    table, rows, _ = api.report(runs_dir=runs)
+    hand = by_hand(runs)
+    assert len(rows) == 24 and table.methods == ["tip_adapter", "zero_shot"] and table.shots == [1, 2]
+    for (method, dataset, shots), by_seed in hand.items():
+        cell = table.get(method, dataset, shots)
+        values = [by_seed[s] for s in sorted(by_seed)]
+        assert cell.mean == pytest.approx(statistics.fmean(values))
+        assert cell.std == pytest.approx(statistics.pstdev(values))
+        assert cell.seeds == (1, 2, 3)
+    for method in ("tip_adapter", "zero_shot"):
+        for shots in (1, 2):
+            avg = table.get(method, AVERAGE, shots)
+            means = [statistics.fmean(hand[method, d, shots].values()) for d in DATASETS]
+            per_seed = [statistics.fmean(hand[method, d, shots][s] for d in DATASETS) for s in (1, 2, 3)]
+            assert avg.mean == pytest.approx(statistics.fmean(means))
+            assert avg.std == pytest.approx(statistics.pstdev(per_seed)) and not avg.partial
+
+
+def test_every_format_carries_the_same_numbers(runs):
+    table, _, _ = api.report(runs_dir=runs)
+    cell = table.get("tip_adapter", "other", 2)
+    rows = list(csv.DictReader(io.StringIO(format_report(table, "csv"))))
+    row = next(r for r in rows if (r["method"], r["dataset"], r["shots"]) == ("tip_adapter", "other", "2"))
+    assert float(row["mean"]) == pytest.approx(cell.mean, abs=1e-4) and row["seeds"] == "1 2 3"
+    lines = [json.loads(line) for line in format_report(table, "json").splitlines()]
+    assert len(lines) == 2 * 3 * 2  # methods × (2 datasets + average) × shots
+    assert {line["dataset"] for line in lines} == {AVERAGE, "synthetic", "other"}
+    text = f"{cell.mean:.2f} ± {cell.std:.2f}"
+    markdown = format_report(table, "markdown")
+    assert "### Average over 2 datasets" in markdown and text in markdown
+    assert markdown.index("Average") < markdown.index("### other")  # the average first, as in the papers
+    assert text in format_report(table, "table")
+    latex = format_report(table, "latex")
+    assert "\\begin{tabular}{lcc}" in latex and f"{cell.mean:.2f} $\\pm$ {cell.std:.2f}" in latex
+    assert "tip\\_adapter" in latex and "\\textbf{" in latex
+
+
+def test_filters_and_a_partial_average(runs, tmp_path):
+    table, rows, _ = api.report(runs_dir=runs, methods=["zero_shot"], shots=[2], datasets=["other"])
+    assert {(r.method, r.dataset, r.shots) for r in rows} == {("zero_shot", "other", 2)}
+    assert table.blocks() == ["other"]
+    with pytest.raises(UsageError, match="match the filters"):
+        api.report(runs_dir=runs, protocols=["paper"])
+    partial = [r for r in api.report(runs_dir=runs)[1] if not (r.dataset == "other" and r.method == "zero_shot")]
+    from fsl_cache.reports import build_table
+
+    t = build_table(partial)
+    assert t.get("zero_shot", AVERAGE, 1).partial and t.get("zero_shot", AVERAGE, 1).datasets == 1
+    assert "*" in format_report(t, "markdown")
+
+
+def test_plots_are_written_and_not_empty(runs, tmp_path):
+    import matplotlib.image
+
+    _, _, plots = api.report(runs_dir=runs, plot_dir=tmp_path / "plots")
+    names = {p.name for p in plots}
+    assert "accuracy_vs_shots.png" in names
+    assert {"confusable_pairs_synthetic.png", "confusable_pairs_other.png"} <= names
+    assert sum(n.startswith("confusion_") for n in names) == 4  # 2 methods × 2 datasets, at the largest shots
+    for path in plots:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+        image = matplotlib.image.imread(path)
+        assert image.shape[0] > 200 and image.shape[1] > 200 and image[..., :3].std() > 0.01  # not blank
+
+
+def test_confusable_pairs_rank_symmetric_confusion():
+    import numpy as np
+
+    m = np.array([[8, 2, 0], [4, 6, 0], [0, 1, 9]])
+    pairs = confusable_pairs(m, ["a", "b", "c"])
+    assert pairs[0] == ("a ↔ b", pytest.approx((20 + 40) / 2)) and pairs[1][0] == "b ↔ c"
+
+
+def test_cli_report_formats(runs):
+    result = CliRunner().invoke(main, ["report", "--runs-dir", str(runs), "--format", "json", "--method", "tip_adapter"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines and {line["method"] for line in lines} == {"tip_adapter"}
+    empty = CliRunner().invoke(main, ["report", "--runs-dir", str(runs / "nowhere")])
+    assert empty.exit_code == 2 and "No finished runs" in empty.output
