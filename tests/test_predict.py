@@ -20,7 +20,11 @@ from fsl_cache.training.data import open_views
 
 TINY = dict(model="fsl-tiny-rn", pretrained="none")
 FAST_SAFE = {"iterations": 10, "lrs": "1e-4", "wds": "0", "eval_every": 5, "warmup": 2}
-METHODS = {"zero_shot": {}, "linear_probe": {"search_steps": 1}, "tip_adapter": {}, "safe": FAST_SAFE}
+METHODS = {
+    "zero_shot": {}, "linear_probe": {"search_steps": 1}, "tip_adapter": {}, "safe": FAST_SAFE,
+    "tip_adapter_f": {"epochs": 2}, "clip_adapter": {"epochs": 2}, "coop": {"epochs": 1}, "ldc": {"epochs": 1},
+    "safe_a": {**FAST_SAFE, "tip_epochs": 1},
+}
 
 
 @pytest.fixture(scope="module")
