@@ -142,16 +142,19 @@ class PreparedExtraction:
 
     def run(self, *, progress: bool = True, ranks: Ranks = Ranks()) -> ExtractResult:
         writer, error = None, None
-        try:
-            writer = StoreWriter(self.store_dir, fmt=self.options.format, manifest=self.manifest, lock=ranks.is_main)
-            if ranks.is_main and _manifest_digest(self.store_dir) != self.planned_on:
-                writer.close()
-                # Planned against an older manifest, it would drop the other run's arrays on publishing.
-                raise StoreError(f"Another extraction finished writing {self.store_dir} while this one was being "
-                                 "planned; re-run the same command to plan against what it wrote")
-        except StoreError as err:
-            error = err
+        if ranks.is_main:  # rank 0 creates the store folder and takes the lock before the others open it
+            try:
+                writer = StoreWriter(self.store_dir, fmt=self.options.format, manifest=self.manifest)
+                if _manifest_digest(self.store_dir) != self.planned_on:
+                    writer.close()
+                    # Planned against an older manifest, it would drop the other run's arrays on publishing.
+                    raise StoreError(f"Another extraction finished writing {self.store_dir} while this one was being "
+                                     "planned; re-run the same command to plan against what it wrote")
+            except StoreError as err:
+                error = err
         ranks.raise_if_any(error)
+        if not ranks.is_main:
+            writer = StoreWriter(self.store_dir, fmt=self.options.format, manifest=self.manifest, lock=False)
         try:
             stats = self._write(writer, progress=progress, ranks=ranks)
         except OSError as err:
