@@ -193,3 +193,37 @@ def zero_shot_chance(num_classes: int) -> float:
 
 
 __all__: Sequence[str] = ("SyntheticSpec", "make_synthetic_store", "zero_shot_chance")
+
+
+class ArrayStore:
+    """In-memory stand-in for a :class:`FeatureStore`: the reads a ``FitTask`` makes (has, arrays, read, manifest)."""
+
+    def __init__(self, data: dict[str, np.ndarray], manifest: dict) -> None:
+        self.data, self.manifest, self.root = data, manifest, Path("synthetic")
+        self.arrays = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in data.items()}
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def read(self, name: str, rows=None) -> np.ndarray:
+        return self.data[name] if rows is None else self.data[name][rows]
+
+
+def fit_method(name: str, task, options: Mapping, *, seed: int = 1):
+    """Fit registered method ``name`` on ``task`` with ``options`` resolved as ``fsl-cache fit`` does."""
+    import torch
+
+    from .methods import get_method
+
+    method = get_method(name).create(options)
+    method = type(method)(method.resolve(task.info))
+    return method.fit(task, generator=torch.Generator().manual_seed(seed))
+
+
+def pooled_accuracy(head, test) -> float:
+    """Top-1 (%) of ``head`` on ``test = (pooled features [N, D], labels [N])``."""
+    import torch
+
+    head.eval()
+    with torch.no_grad():
+        return 100.0 * (head({"pooled": test[0]}).argmax(-1) == test[1]).float().mean().item()

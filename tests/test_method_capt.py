@@ -1,7 +1,6 @@
 """CAPT-C (METHODS §2.9.3 [PROPOSED]): the bank, retrieval, zero-shot-reproducing init, learning a confused
 pair, the base-to-novel protocol, and analytics in real run records."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from fsl_cache.methods import FitTask, TaskInfo, get_method
 from fsl_cache.methods.capt_modules import CaptHead, load_balance, load_descriptions
 from fsl_cache.methods.confusion_bank import build_bank, confusable_classes, retrieve
 from fsl_cache.training import SplitRef
+from fsl_cache.testing import ArrayStore
 
 NAMES = ("red circle", "blue square", "green triangle", "striped pattern")
 
@@ -142,18 +142,6 @@ def test_descriptions_json_in_capts_format(tmp_path):
 # ---------------------------------------------------------------------------- learning a confused pair
 
 
-class ArrayStore:
-    """In-memory stand-in for a FeatureStore (the reads a FitTask makes)."""
-
-    def __init__(self, data: dict[str, np.ndarray], manifest: dict) -> None:
-        self.data, self.manifest, self.root = data, manifest, Path("synthetic")
-        self.arrays = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in data.items()}
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def read(self, name: str, rows=None) -> np.ndarray:
-        return self.data[name] if rows is None else self.data[name][rows]
 
 
 def confused_task(parts: dict, *, d: int, shots=8, views=9):

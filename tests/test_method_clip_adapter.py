@@ -1,5 +1,4 @@
 """CLIP-Adapter (METHODS §2.4): the residual blend, training on cached coop views, the rho search."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,23 +12,12 @@ from fsl_cache.methods.clip_adapter import ClipAdapterHead, blend
 from fsl_cache.methods.zero_shot import ZeroShotHead
 from fsl_cache.runs.engine import fit_runs
 from fsl_cache.training import SplitRef
+from fsl_cache.testing import ArrayStore, fit_method, pooled_accuracy
 
 NAMES = ("a", "b", "c", "d", "e")
 FAST = {"epochs": 2, "batch_size": 4}
 
 
-class ArrayStore:
-    """In-memory stand-in for a FeatureStore: the reads a FitTask makes (has, arrays, read, manifest)."""
-
-    def __init__(self, data: dict[str, np.ndarray], manifest: dict) -> None:
-        self.data, self.manifest, self.root = data, manifest, Path("synthetic")
-        self.arrays = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in data.items()}
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def read(self, name: str, rows=None) -> np.ndarray:
-        return self.data[name] if rows is None else self.data[name][rows]
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +42,10 @@ def deranged():
     return task, (torch.from_numpy(te).float()[:, 0], yte)
 
 
-def accuracy(head, test) -> float:
-    head.eval()
-    with torch.no_grad():
-        return 100.0 * (head({"pooled": test[0]}).argmax(-1) == test[1]).float().mean().item()
 
 
 def fit(task, options, seed=1):
-    method = get_method("clip_adapter").create(options)
-    method = type(method)(method.resolve(task.info))
-    return method.fit(task, generator=torch.Generator().manual_seed(seed))
+    return fit_method("clip_adapter", task, options, seed=seed)
 
 
 def test_head_equals_its_formula_on_hand_made_tensors():
@@ -81,9 +63,9 @@ def test_head_equals_its_formula_on_hand_made_tensors():
 
 def test_learns_a_separable_task_beyond_zero_shot(deranged):
     task, test = deranged
-    zero_shot = accuracy(ZeroShotHead(task.text("coop"), scale=100.0), test)
+    zero_shot = pooled_accuracy(ZeroShotHead(task.text("coop"), scale=100.0), test)
     fitted = fit(task, {"epochs": 10, "batch_size": 4, "lr": 0.05})
-    assert zero_shot < 20 and accuracy(fitted.head, test) >= zero_shot + 60
+    assert zero_shot < 20 and pooled_accuracy(fitted.head, test) >= zero_shot + 60
     assert [n for n, p in fitted.head.named_parameters() if p.requires_grad] == ["adapter.fc.0.weight",
                                                                                  "adapter.fc.2.weight"]
 

@@ -1,5 +1,4 @@
 """CoOp (METHODS §2.5): prompt assembly, the exact truncated text encoder, training on cached views."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from fsl_cache.methods.coop import CoOpHead, assemble, name_lengths
 from fsl_cache.methods.zero_shot import ZeroShotHead
 from fsl_cache.runs.engine import fit_runs
 from fsl_cache.training import SplitRef
+from fsl_cache.testing import ArrayStore, fit_method, pooled_accuracy
 
 NAMES = ("red circle", "blue square", "green triangle", "striped pattern", "checkerboard")
 FAST = {"epochs": 2, "batch_size": 4}
@@ -25,18 +25,6 @@ def backbone():
     return load_backbone("fsl-tiny-rn", "none")
 
 
-class ArrayStore:
-    """In-memory stand-in for a FeatureStore: the reads a FitTask makes (has, arrays, read, manifest)."""
-
-    def __init__(self, data: dict[str, np.ndarray], manifest: dict) -> None:
-        self.data, self.manifest, self.root = data, manifest, Path("synthetic")
-        self.arrays = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in data.items()}
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def read(self, name: str, rows=None) -> np.ndarray:
-        return self.data[name] if rows is None else self.data[name][rows]
 
 
 def synthetic_task(means: torch.Tensor, text: torch.Tensor, parts: dict, *, shots=4, views=9, noise=0.01):
@@ -58,16 +46,10 @@ def synthetic_task(means: torch.Tensor, text: torch.Tensor, parts: dict, *, shot
     return task, (torch.from_numpy(te).float()[:, 0], yte)
 
 
-def accuracy(head, test) -> float:
-    head.eval()
-    with torch.no_grad():
-        return 100.0 * (head({"pooled": test[0]}).argmax(-1) == test[1]).float().mean().item()
 
 
 def fit(task, options, seed=1):
-    method = get_method("coop").create(options)
-    method = type(method)(method.resolve(task.info))
-    return method.fit(task, generator=torch.Generator().manual_seed(seed))
+    return fit_method("coop", task, options, seed=seed)
 
 
 # ---------------------------------------------------------------------------- formulas
@@ -153,11 +135,11 @@ def realizable(backbone):
 def test_learns_a_separable_task_beyond_zero_shot_and_trains_only_ctx(realizable, backbone):
     task, test = realizable
     frozen = {k: v.clone() for k, v in backbone.model.state_dict().items()}
-    zero_shot = accuracy(ZeroShotHead(task.text("coop"), scale=100.0), test)
+    zero_shot = pooled_accuracy(ZeroShotHead(task.text("coop"), scale=100.0), test)
     # [PROPOSED] AdamW for the test: the SGD recipe learns the random-weight tiny encoder too slowly for a unit test
     fitted = fit(task, {"epochs": 20, "batch_size": 4, "lr": 0.01, "warmup": 0, "optimizer": "adamw",
                         "weight_decay": 0.0})
-    assert accuracy(fitted.head, test) >= zero_shot + 25
+    assert pooled_accuracy(fitted.head, test) >= zero_shot + 25
     assert [n for n, p in fitted.head.named_parameters() if p.requires_grad] == ["prompt_learner.ctx"]
     for k, v in task.backbone().model.state_dict().items():
         assert torch.equal(v, frozen[k]), k
