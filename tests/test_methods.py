@@ -302,3 +302,21 @@ def test_same_seed_gives_the_same_numbers_and_weights(name, cache, tmp_path):
     a, b = (load_head_tensors(r.run_dir) for r in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+def test_a_method_that_skips_a_required_hook_fails_naming_it():
+    """The base class's hooks tell a method author exactly what is missing (users never reach them:
+    the engine refuses base2novel for methods without ``base2novel = True``)."""
+    from fsl_cache.methods.base import Method
+
+    class Incomplete(Method):
+        name = "incomplete"
+
+    method = Incomplete()
+    with pytest.raises(NotImplementedError, match="Incomplete must override fit\\(\\) or build_head\\(\\)"):
+        method.build_head(None, generator=torch.Generator())
+    with pytest.raises(NotImplementedError, match="Incomplete must override train_settings\\(\\)"):
+        method.train_settings(None)
+    with pytest.raises(NotImplementedError, match="incomplete cannot classify classes it was not trained on"):
+        method.novel_head(None, None)
+    assert not Incomplete.base2novel
