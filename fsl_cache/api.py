@@ -134,6 +134,7 @@ def grid(
     pretrained: str = "openai",
     store: str | None = None,
     workers: int = 1,
+    group_size: int = 8,
     engine: str = "local",
     sampler: str = "grid",
     n_trials: int | None = None,
@@ -148,7 +149,9 @@ def grid(
 
     Runs whose record exists are skipped, so an interrupted grid resumes where it stopped; workers
     claim each run before fitting it, so no run is computed twice. ``options`` maps an option (or
-    ``method.option``) to the list of values to sweep. ``engine``: ``local`` (``workers`` processes),
+    ``method.option``) to the list of values to sweep. Runs that differ only in options train together
+    in groups of up to ``group_size`` (one pass over the cached batches, results equal to separate
+    runs). ``engine``: ``local`` (``workers`` processes),
     ``optuna`` (studies in the journal file ``study_storage``, ``sampler`` grid or tpe, selection on
     val) or ``ray``. Returns a :class:`fsl_cache.sweeps.SweepResult`.
     """
@@ -166,7 +169,7 @@ def grid(
         raise UsageError("grid needs METHOD[,METHOD] and --dataset, or --recipe pipelines/NAME.yaml")
     runs = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     context = SweepContext(cache_dir=_cache_dir(cache_dir), runs_dir=runs, protocol=spec.protocol, model=spec.model,
-                           pretrained=spec.pretrained, store=store, device=device)
+                           pretrained=spec.pretrained, store=store, device=device, group_size=group_size)
     settings = None
     if engine == "optuna":
         from .sweeps.optuna_engine import OptunaSettings

@@ -353,6 +353,8 @@ def _grid_options(ctx, param, value: tuple[str, ...]) -> dict:
 @click.option("--pretrained", default="openai", show_default=True, help="Backbone weights of the stores.")
 @click.option("--store", default=None, help="Store key or folder (single-dataset grids).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (or concurrent trials).")
+@click.option("--group-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Runs differing only in -o values that train together, reading each cached batch once (local engine).")
 @click.option("--engine", type=click.Choice(["local", "optuna", "ray"]), default="local", show_default=True)
 @click.option("--sampler", type=click.Choice(["grid", "tpe"]), default="grid", show_default=True,
               help="Optuna sampler (--engine optuna).")
@@ -363,8 +365,8 @@ def _grid_options(ctx, param, value: tuple[str, ...]) -> dict:
 @RUNS_DIR_OPTION
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per run on stdout.")
-def grid(methods, datasets, shots, seeds, options, recipe, protocol, model, pretrained, store, workers, engine,
-         sampler, n_trials, study_storage, cache_dir, runs_dir, device, as_json) -> None:
+def grid(methods, datasets, shots, seeds, options, recipe, protocol, model, pretrained, store, workers, group_size,
+         engine, sampler, n_trials, study_storage, cache_dir, runs_dir, device, as_json) -> None:
     """Run METHOD[,METHOD] × datasets × shots × seeds × option values; finished runs are skipped (resumable)."""
     from . import api
     from .render import GridProgress, show_grid_summary
@@ -372,7 +374,7 @@ def grid(methods, datasets, shots, seeds, options, recipe, protocol, model, pret
     with GridProgress(enabled=True) as bar:
         result = api.grid(methods, datasets=datasets, shots=shots, seeds=seeds, options=options, recipe=recipe,
                           protocol=protocol, model=model, pretrained=pretrained, store=store, workers=workers,
-                          engine=engine, sampler=sampler, n_trials=n_trials, study_storage=study_storage,
+                          group_size=group_size, engine=engine, sampler=sampler, n_trials=n_trials, study_storage=study_storage,
                           cache_dir=cache_dir, runs_dir=runs_dir, device=device, on_start=bar.start,
                           on_outcome=bar.advance)
     show_grid_summary(result)

@@ -69,6 +69,23 @@ def test_query0_equals_the_full_attention_pool():
     torch.testing.assert_close(out[1], full, rtol=1e-5, atol=1e-5)
 
 
+def test_implicit_key_value_projections_give_the_attention_pool_gradients():
+    """Keys and values are never formed token by token; the gradients still equal open_clip's module's."""
+    torch.manual_seed(1)
+    pool = AttentionPool2d(7, 64, 4, 32)
+    x, target = torch.randn(5, 64, 7, 7), torch.randn(5, 32)
+    (pool(x) * target).sum().backward()
+    tail = _rn_tail(SimpleNamespace(attnpool=pool)).requires_grad_(True)
+    (tail(x)[0] * target).sum().backward()
+    reference = {"pos": pool.positional_embedding, "wq": pool.q_proj.weight, "bq": pool.q_proj.bias,
+                 "wk": pool.k_proj.weight, "wv": pool.v_proj.weight, "bv": pool.v_proj.bias,
+                 "wc": pool.c_proj.weight, "bc": pool.c_proj.bias}
+    for name, param in reference.items():
+        torch.testing.assert_close(tail.params[name].grad[0], param.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # softmax ignores the key bias: open_clip's gradient is rounding noise, ours is exactly absent
+    assert pool.k_proj.bias.grad.abs().max() < 1e-5 and tail.params["bk"].grad is None
+
+
 def test_cls_only_equals_the_full_last_vit_block():
     backbone = load_backbone("fsl-tiny-vit", "none")
     visual = backbone.model.visual

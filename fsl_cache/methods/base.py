@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 
 from ..extraction.needs import Needs, method_needs
-from ..training import FitTask, Head, Selector, TaskInfo, TrainData, TrainResult, TrainSettings, train
+from ..training import FitTask, Head, Member, Selector, TaskInfo, TrainData, TrainResult, TrainSettings, train_many
 from ..training.trainer import cross_entropy
 from .options import MethodConfig, TrainOptions
 
@@ -92,13 +92,17 @@ class Method:
 
     def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
         """Build the head, train it with the shared trainer, select on val, then :meth:`finalize`."""
+        result = train_many([self.trainee(task, generator=generator)], device=task.device)[0]
+        return self.finalize(result, task)
+
+    def trainee(self, task: FitTask, *, generator: torch.Generator) -> Member:
+        """The untrained head and everything the shared trainer needs for it (the default :meth:`fit`)."""
         head = self.build_head(task, generator=generator)
         settings = self.train_settings(task)
         source = task.views(task.train, policy=settings.policy, taps=head.inputs)
         warn_view_reuse(task, policy=settings.policy, views=source.num_views, epochs=settings.epochs)
-        result = train(head, TrainData(source, task.train.labels), settings=settings, generator=generator,
-                       selector=self.selector(task, head), loss_fn=self.loss, device=task.device)
-        return self.finalize(result, task)
+        return Member(head, TrainData(source, task.train.labels), settings, generator,
+                      self.selector(task, head), self.loss)
 
     def build_head(self, task: FitTask, *, generator: torch.Generator) -> Head:
         """The untrained head (build modules inside :func:`seeded_init` so init follows ``generator``)."""
@@ -132,3 +136,18 @@ def warn_view_reuse(task: FitTask, *, policy: str, views: int, epochs: int) -> N
     if policy != "center" and 0 < views - 1 < epochs:
         task.warn(f"{views - 1} cached '{policy}' views for {epochs} epochs: views repeat every {views - 1} "
                   "epochs (approximation of fresh augmentation, METHODS §1.6)")
+
+
+def fit_together(methods: list[Method], task: FitTask, *, seed: int) -> list[FitResult]:
+    """Fit several configurations on one task; equal to ``m.fit(task, generator=seeded(seed))`` for each.
+
+    Methods on the default trained path are trained in lockstep (:func:`~fsl_cache.training.train_many`)
+    with their splits opened once, so a grid over optimiser or loss settings reads each cached batch
+    once for all its members. Methods with their own :meth:`Method.fit` run one after another.
+    """
+    if not all(type(m).fit is Method.fit for m in methods):
+        return [m.fit(task, generator=torch.Generator().manual_seed(seed)) for m in methods]
+    with task.sharing_views():
+        members = [m.trainee(task, generator=torch.Generator().manual_seed(seed)) for m in methods]
+        results = train_many(members, device=task.device)
+        return [m.finalize(r, task) for m, r in zip(methods, results)]

@@ -157,8 +157,12 @@ class StackedAdamW:
             shape = (-1,) + (1,) * (p.ndim - 1)
             rate, decay = lr.reshape(shape), self.weight_decay.reshape(shape)
             p.mul_(1 - rate * decay)
-            m.lerp_(p.grad, 1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            if p.grad is None:  # the attention key bias: softmax ignores it, so its gradient is exactly zero
+                m.mul_(b1)
+                v.mul_(b2)
+            else:
+                m.lerp_(p.grad, 1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
             update = v.sqrt().div_(bias2_sqrt).add_(self.eps).reciprocal_().mul_(m).mul_(rate / bias1)
             p.sub_(update)  # one temporary per tensor: the stacked grid can be large
             p.grad = None

@@ -21,6 +21,7 @@ from ..evaluation.metrics import score
 from ..evaluation.predict import evaluate, predict
 from ..evaluation.protocol import base_novel_classes, build_splits, check_protocol, harmonic_mean, subset_classes, test_split
 from ..methods import FitResult, FitTask, MethodInfo, TaskInfo, get_method
+from ..methods.base import fit_together
 from ..store.store import FeatureStore
 from ..training.data import DEFAULT_MEMORY_BUDGET
 from .locate import check_needs, locate_store
@@ -104,33 +105,56 @@ def task_info(fs: FeatureStore, *, shots: int, seed: int, protocol: str) -> Task
 
 def fit_one(fs: FeatureStore, instance, plan: RunPlan, *, seed: int) -> RunResult:
     """One (method, shots, seed, protocol) run: reused if its record exists, else fitted and recorded."""
+    return fit_group(fs, [(instance, plan)], seed=seed)[0]
+
+
+def fit_group(fs: FeatureStore, runs: Sequence[tuple[Any, RunPlan]], *, seed: int) -> list[RunResult]:
+    """Runs of one method that differ only in options, on one (shots, seed, protocol): one task, one pass.
+
+    Finished runs are reused; the others are fitted together (:func:`~fsl_cache.methods.base.fit_together`:
+    lockstep training that reads each cached batch once) and each gets its own record.
+    """
+    first = runs[0][1]
+    if any((p.info.name, p.shots, p.protocol, p.device, p.memory_budget) !=
+           (first.info.name, first.shots, first.protocol, first.device, first.memory_budget) for _, p in runs):
+        raise ValueError("fit_group runs must share method, shots, protocol, device and memory budget")
     started = time.perf_counter()
-    info = task_info(fs, shots=plan.shots, seed=seed, protocol=plan.protocol)
-    base = base_novel_classes(info.num_classes)[0] if plan.protocol == "base2novel" else None
+    info = task_info(fs, shots=first.shots, seed=seed, protocol=first.protocol)
+    base = base_novel_classes(info.num_classes)[0] if first.protocol == "base2novel" else None
     if base is not None:  # the method sees the base classes only (METHODS §1.5)
         info = replace(info, classnames=tuple(info.classnames[i] for i in base))
-    method = plan.info.cls(instance.resolve(info))
-    key = run_fingerprint(store_fingerprint=fs.fingerprint, method=plan.info.name, config=method.config.to_json(),
-                          shots=plan.shots, seed=seed, protocol=plan.protocol)
-    path = run_dir(plan.runs_dir, dataset=info.dataset, store_dir=fs.root.name, method=plan.info.name,
-                   shots=plan.shots, seed=seed, protocol=plan.protocol, key=key)
-    if not plan.force and (existing := load_record(path, key=key)) is not None:
-        return RunResult.from_record(existing, path, reused=True)
-    timings = {}
-    splits = build_splits(fs, plan.info.cls, shots=plan.shots, seed=seed, protocol=plan.protocol)
-    oracle = test_split(fs) if plan.protocol == "paper" and plan.info.cls.paper_test_oracle else None
-    task = FitTask(fs, info, train=splits.train, val=splits.val, oracle=oracle, device=plan.device,
-                   memory_budget=plan.memory_budget, classes=base)
-    timings["splits_s"] = time.perf_counter() - started
-    fitted = method.fit(task, generator=torch.Generator().manual_seed(seed))
-    timings["fit_s"] = time.perf_counter() - started - timings["splits_s"]
-    metrics, test = final_evaluation(fitted, task, method=method)
-    timings["eval_s"] = time.perf_counter() - started - timings["splits_s"] - timings["fit_s"]
-    timings["total_s"] = time.perf_counter() - started
-    record = build_record(fs, plan, method, task, fitted, metrics, test, key=key, timings=timings,
-                          notes=splits.notes)
-    write_run(path, record, fitted.head.saved_state())
-    return RunResult.from_record(record, path, reused=False)
+    results: list[RunResult | None] = []
+    pending = []
+    for instance, plan in runs:
+        method = plan.info.cls(instance.resolve(info))
+        key = run_fingerprint(store_fingerprint=fs.fingerprint, method=plan.info.name, config=method.config.to_json(),
+                              shots=plan.shots, seed=seed, protocol=plan.protocol)
+        path = run_dir(plan.runs_dir, dataset=info.dataset, store_dir=fs.root.name, method=plan.info.name,
+                       shots=plan.shots, seed=seed, protocol=plan.protocol, key=key)
+        existing = None if plan.force else load_record(path, key=key)
+        results.append(None if existing is None else RunResult.from_record(existing, path, reused=True))
+        if existing is None:
+            pending.append((len(results) - 1, method, plan, key, path))
+    if not pending:
+        return results
+    splits = build_splits(fs, first.info.cls, shots=first.shots, seed=seed, protocol=first.protocol)
+    oracle = test_split(fs) if first.protocol == "paper" and first.info.cls.paper_test_oracle else None
+    task = FitTask(fs, info, train=splits.train, val=splits.val, oracle=oracle, device=first.device,
+                   memory_budget=first.memory_budget, classes=base)
+    splits_s = time.perf_counter() - started
+    fitted_all = fit_together([method for _, method, *_ in pending], task, seed=seed)
+    fit_s = time.perf_counter() - started - splits_s
+    for (index, method, plan, key, path), fitted in zip(pending, fitted_all):
+        evaluated = time.perf_counter()
+        metrics, test = final_evaluation(fitted, task, method=method)
+        timings = {"splits_s": splits_s, "fit_s": fit_s, "eval_s": time.perf_counter() - evaluated,
+                   "fitted_together": len(pending)}
+        timings["total_s"] = splits_s + fit_s + timings["eval_s"]
+        record = build_record(fs, plan, method, task, fitted, metrics, test, key=key, timings=timings,
+                              notes=splits.notes)
+        write_run(path, record, fitted.head.saved_state())
+        results[index] = RunResult.from_record(record, path, reused=False)
+    return results
 
 
 def final_evaluation(fitted: FitResult, task: FitTask, method=None) -> tuple[dict, Any]:

@@ -15,7 +15,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 from ..errors import UsageError
 from .spec import Trial
-from .trial import Outcome, StoreCache, SweepContext, existing, prepare, run_trial
+from .trial import Outcome, StoreCache, SweepContext, existing, prepare, run_group
 
 _WORKER_STORES: StoreCache | None = None
 
@@ -49,24 +49,38 @@ def run_local(trials: Sequence[Trial], context: SweepContext, *, workers: int = 
         outcomes, pending = split_done(trials, stores)
         if on_start is not None:
             on_start(len(pending), len(outcomes))
-        pending.sort(key=lambda t: (t.dataset, t.method))  # a worker's consecutive trials share a store
-        if workers == 1 or len(pending) <= 1:
-            for trial in pending:
-                outcomes.append(_report(run_trial(trial, stores), on_outcome))
+        # groups no larger than needed to keep every worker busy
+        groups = group_trials(pending, size=min(context.group_size, -(-len(pending) // workers)))
+        if workers == 1 or len(groups) <= 1:
+            for group in groups:
+                outcomes += _report(run_group(group, stores), on_outcome)
             return outcomes
     finally:
         stores.close()
-    outcomes += _in_processes(pending, context, workers=min(workers, len(pending)), on_outcome=on_outcome)
+    outcomes += _in_processes(groups, context, workers=min(workers, len(groups)), on_outcome=on_outcome)
     return outcomes
 
 
-def _report(outcome: Outcome, on_outcome: Callable[[Outcome], None] | None) -> Outcome:
+def group_trials(trials: Sequence[Trial], *, size: int) -> list[list[Trial]]:
+    """Trials that differ only in options, in groups of at most ``size`` that train in one pass.
+
+    Ordered by store, so a worker's consecutive groups share the store it has open.
+    """
+    by_task: dict[tuple, list[Trial]] = {}
+    for trial in trials:
+        by_task.setdefault((trial.dataset, trial.method, trial.shots, trial.seed), []).append(trial)
+    ordered = sorted(by_task.items(), key=lambda item: item[0][:2])
+    return [same[i:i + max(size, 1)] for _, same in ordered for i in range(0, len(same), max(size, 1))]
+
+
+def _report(outcomes: list[Outcome], on_outcome: Callable[[Outcome], None] | None) -> list[Outcome]:
     if on_outcome is not None:
-        on_outcome(outcome)
-    return outcome
+        for outcome in outcomes:
+            on_outcome(outcome)
+    return outcomes
 
 
-def _in_processes(pending: list[Trial], context: SweepContext, *, workers: int,
+def _in_processes(groups: list[list[Trial]], context: SweepContext, *, workers: int,
                   on_outcome: Callable[[Outcome], None] | None) -> list[Outcome]:
     # spawn, not fork: a forked torch process can deadlock on the parent's OpenMP state
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -74,11 +88,11 @@ def _in_processes(pending: list[Trial], context: SweepContext, *, workers: int,
                                initializer=_init_worker, initargs=(context, threads))
     outcomes = []
     try:
-        futures = {pool.submit(_work, trial) for trial in pending}
+        futures = {pool.submit(_work, group) for group in groups}
         while futures:
             finished, futures = wait(futures, return_when=FIRST_COMPLETED)
             for future in finished:
-                outcomes.append(_report(future.result(), on_outcome))
+                outcomes += _report(future.result(), on_outcome)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)  # claims of killed workers go stale; records stay whole
         raise
@@ -94,6 +108,6 @@ def _init_worker(context: SweepContext, threads: int) -> None:
     _WORKER_STORES = StoreCache(context)
 
 
-def _work(trial: Trial) -> Outcome:
+def _work(group: list[Trial]) -> list[Outcome]:
     assert _WORKER_STORES is not None, "worker not initialised"
-    return run_trial(trial, _WORKER_STORES)
+    return run_group(group, _WORKER_STORES)

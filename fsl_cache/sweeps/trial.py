@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ class SweepContext:
     device: str = "cpu"
     memory_budget: int | None = None
     stale_after: float = STALE_AFTER
+    group_size: int = 8
+    """Trials differing only in options that train together in one pass (each batch read once for all)."""
 
 
 @dataclass(frozen=True)
@@ -166,26 +169,64 @@ def existing(prepared: Prepared) -> Outcome | None:
 
 def run_trial(trial: Trial, stores: StoreCache) -> Outcome:
     """Fit ``trial`` unless its record exists or another process has claimed it; never raises."""
-    from ..runs.engine import fit_one
+    return run_group([trial], stores)[0]
 
+
+def run_group(trials: Sequence[Trial], stores: StoreCache) -> list[Outcome]:
+    """Fit trials that differ only in options (same dataset, method, shots, seed) in one lockstep pass.
+
+    Each trial is reused, skipped as ``busy`` (claimed elsewhere) or claimed and fitted; the claimed
+    ones train together (:func:`~fsl_cache.runs.engine.fit_group`), and each one's ``seconds`` is an
+    equal share of the group's time. Never raises: a failure fails the trials it touched.
+    """
     started = time.perf_counter()
+    outcomes: list[Outcome | None] = [None] * len(trials)
+    claimed: list[tuple[int, Prepared, Any]] = []
+    try:
+        for i, trial in enumerate(trials):
+            outcomes[i] = _claim_or_outcome(trial, stores, i, claimed)
+        if claimed:
+            _fit_claimed(claimed, outcomes, started)
+    except Exception as err:  # noqa: BLE001  (one broken trial must not sink a whole sweep)
+        elapsed = time.perf_counter() - started
+        outcomes = [o if o is not None else _failure(err, elapsed, t) for o, t in zip(outcomes, trials)]
+    finally:
+        for _, _, claim in claimed:
+            claim.release()
+    return outcomes
+
+
+def _claim_or_outcome(trial: Trial, stores: StoreCache, index: int, claimed: list) -> Outcome | None:
+    """The trial's outcome if it needs no fit (reused, busy, failed to prepare); else claim it (``None``)."""
     try:
         prepared = prepare(trial, stores)
-        if (done := existing(prepared)) is not None:
-            return done
-        claim = try_claim(stores.context.runs_dir, prepared.key, stale_after=stores.context.stale_after)
-        if claim is None:
-            return Outcome(trial, "busy", prepared.path)
-        try:
-            if (done := existing(prepared)) is not None:  # finished between our look and our claim
-                return done
-            result = fit_one(prepared.store, prepared.instance, prepared.plan, seed=trial.seed)
-        finally:
-            claim.release()
-        return Outcome(trial, "done", result.run_dir, result.val_acc, result.test_acc, time.perf_counter() - started)
     except FslError as err:
-        return Outcome(trial, "failed", error=str(err), seconds=time.perf_counter() - started)
-    except Exception as err:  # noqa: BLE001  (one broken trial must not sink a whole sweep)
-        detail = traceback.format_exc(limit=-3)
-        return Outcome(trial, "failed", error=f"{type(err).__name__}: {err}\n{detail}",
-                       seconds=time.perf_counter() - started)
+        return _failure(err, 0.0, trial)
+    if (done := existing(prepared)) is not None:
+        return done
+    claim = try_claim(stores.context.runs_dir, prepared.key, stale_after=stores.context.stale_after)
+    if claim is None:
+        return Outcome(trial, "busy", prepared.path)
+    claimed.append((index, prepared, claim))
+    return existing(prepared)  # finished between our look and our claim: reuse it, fit nothing
+
+
+def _fit_claimed(claimed: list, outcomes: list, started: float) -> None:
+    from ..runs.engine import fit_group
+
+    todo = [(i, p) for i, p, _ in claimed if outcomes[i] is None]
+    if not todo:
+        return
+    first = todo[0][1]
+    results = fit_group(first.store, [(p.instance, p.plan) for _, p in todo], seed=first.trial.seed)
+    share = (time.perf_counter() - started) / len(todo)
+    for (i, p), result in zip(todo, results):
+        outcomes[i] = Outcome(p.trial, "done", result.run_dir, result.val_acc, result.test_acc, share)
+
+
+def _failure(err: Exception, seconds: float, trial: Trial) -> Outcome:
+    if isinstance(err, FslError):
+        error = str(err)
+    else:
+        error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=-3)}"
+    return Outcome(trial, "failed", error=error, seconds=seconds)

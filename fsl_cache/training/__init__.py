@@ -4,10 +4,10 @@ from .head import Head, seeded_init
 from .sampler import ViewSampler, epoch_batches
 from .settings import TrainSettings
 from .task import FitTask, TaskInfo
-from .trainer import Selector, TrainData, TrainResult, cross_entropy, train
+from .trainer import Member, Selector, SharedBatches, TrainData, TrainResult, cross_entropy, train, train_many
 
 __all__ = [
-    "DEFAULT_MEMORY_BUDGET", "FitTask", "Head", "MemoryViews", "Selector", "SplitRef", "StoreViews", "TaskInfo",
-    "TrainData", "TrainResult", "TrainSettings", "ViewSampler", "ViewSource", "cross_entropy", "epoch_batches",
-    "open_views", "seeded_init", "train",
+    "DEFAULT_MEMORY_BUDGET", "FitTask", "Head", "Member", "MemoryViews", "Selector", "SharedBatches", "SplitRef",
+    "StoreViews", "TaskInfo", "TrainData", "TrainResult", "TrainSettings", "ViewSampler", "ViewSource", "cross_entropy",
+    "epoch_batches", "open_views", "seeded_init", "train", "train_many",
 ]

@@ -7,6 +7,8 @@ method whose official code selects on test (Tip-Adapter-F's epoch oracle) the te
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 
 from ..errors import StoreError, UsageError
 from .data import DEFAULT_MEMORY_BUDGET, SplitRef, ViewSource, open_views, read_rows
+from .trainer import SharedBatches
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class FitTask:
         self.warnings: list[str] = []
         self._text: dict[str, torch.Tensor] = {}
         self._backbone: Any = None
+        self._shared: dict[tuple, ViewSource] | None = None
         self.classes = None if classes is None else np.asarray(classes, dtype=np.int64)
         """Store class indices this task classifies (``None``: all); ``--protocol base2novel`` sets them."""
 
@@ -96,7 +100,22 @@ class FitTask:
 
     def views(self, split: SplitRef, *, policy: str = "center", taps: tuple[str, ...] = ("pooled",)) -> ViewSource:
         """The ``taps`` of ``split`` under ``policy`` as batches (in memory when they fit)."""
-        return open_views(self.store, split, policy=policy, taps=taps, memory_budget=self.memory_budget)
+        if self._shared is None:
+            return open_views(self.store, split, policy=policy, taps=taps, memory_budget=self.memory_budget)
+        key = (split.pool, split.rows.tobytes(), policy, tuple(taps))
+        if key not in self._shared:
+            source = open_views(self.store, split, policy=policy, taps=taps, memory_budget=self.memory_budget)
+            self._shared[key] = SharedBatches(source)
+        return self._shared[key]
+
+    @contextmanager
+    def sharing_views(self) -> Iterator[None]:
+        """Inside the block, equal ``views`` requests return one :class:`SharedBatches` (read once, held once)."""
+        self._shared = {}
+        try:
+            yield
+        finally:
+            self._shared = None
 
     def center(self, split: SplitRef, tap: str = "pooled") -> torch.Tensor:
         """The center-view ``tap`` of every image of ``split``, float32 ``[N, ...]``, in memory."""

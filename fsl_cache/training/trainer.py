@@ -7,7 +7,7 @@ and model selection on a selection split (few-shot val, or the test oracle only 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,12 +77,66 @@ def train(head: Head, data: TrainData, *, settings: TrainSettings, generator: to
           selector: Selector | None = None, loss_fn: LossFn = cross_entropy, device: str | torch.device = "cpu",
           on_epoch: Callable[[int, Head], None] | None = None) -> TrainResult:
     """Train ``head`` in place on ``data`` and return it in its selected state."""
+    member = Member(head, data, settings, generator, selector, loss_fn, on_epoch)
+    return train_many([member], device=device)[0]
+
+
+@dataclass
+class Member:
+    """One head of a :func:`train_many` group, with everything :func:`train` takes for it."""
+
+    head: Head
+    data: TrainData
+    settings: TrainSettings
+    generator: torch.Generator
+    selector: Selector | None = None
+    loss_fn: LossFn = cross_entropy
+    on_epoch: Callable[[int, Head], None] | None = None
+
+
+def train_many(members: list[Member], *, device: str | torch.device = "cpu") -> list[TrainResult]:
+    """Train several heads in lockstep: step ``i`` of every member runs before step ``i + 1`` of any.
+
+    Each member computes exactly what :func:`train` would (its own generator, optimiser, schedule and
+    selection), so results equal separate runs. Members whose sources are one :class:`SharedBatches`
+    and whose draws coincide (same seed and schedule: a grid over lr, weight decay, loss weights...)
+    then read each cached batch once instead of once per member.
+    """
     device = torch.device(device)
-    head.to(device)
-    loop = _Loop(head, data, settings, generator, selector, loss_fn, device)
-    if settings.trains:
-        loop.run(on_epoch)
-    return loop.finish()
+    loops = []
+    for m in members:
+        m.head.to(device)
+        loops.append(_Loop(m.head, m.data, m.settings, m.generator, m.selector, m.loss_fn, device))
+    running = [loop.steps(m.on_epoch) for loop, m in zip(loops, members) if m.settings.trains]
+    while running:
+        running = [steps for steps in running if next(steps, _DONE) is not _DONE]
+    return [loop.finish() for loop in loops]
+
+
+_DONE = object()
+
+
+class SharedBatches:
+    """A :class:`ViewSource` several lockstep members read through: the latest batch is served again.
+
+    Lockstep members with the same draws ask for the same ``(positions, views)`` one after another, so
+    remembering one batch is enough; the tensors are shared, which heads must not modify in place.
+    """
+
+    def __init__(self, source: ViewSource) -> None:
+        self.source = source
+        self.num_views = source.num_views
+        self._last: tuple[bytes, dict[str, torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batch(self, positions: np.ndarray, views: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        positions = np.asarray(positions, dtype=np.int64)
+        key = positions.tobytes() + (b"center" if views is None else np.asarray(views, dtype=np.int64).tobytes())
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self.source.batch(positions, views))
+        return self._last[1]
 
 
 class _Loop:
@@ -106,11 +160,16 @@ class _Loop:
         self.best: tuple[float, int, int, dict] | None = None
         self.history: list[dict] = []
 
-    def run(self, on_epoch) -> None:
+    def steps(self, on_epoch) -> Iterator[None]:
+        """Run the loop, yielding after every optimiser step (so :func:`train_many` can interleave loops)."""
         for epoch in range(self.epochs):
             if on_epoch is not None:
                 on_epoch(epoch, self.head)
-            losses, correct, seen = self._epoch(epoch)
+            losses, correct, seen = [], 0, 0
+            for loss, right, n in self._epoch(epoch):
+                losses.append(loss)
+                correct, seen = correct + right, seen + n
+                yield
             if not per_iteration(self.settings):
                 self.scheduler.step()
             entry = {"epoch": epoch, "iteration": self.iteration, "loss": float(np.mean(losses)) if losses else None,
@@ -121,23 +180,21 @@ class _Loop:
             if self.iteration >= self.total:
                 break
 
-    def _epoch(self, epoch: int) -> tuple[list[float], int, int]:
+    def _epoch(self, epoch: int) -> Iterator[tuple[float, int, int]]:
+        """(loss, correct, images) per step of one epoch."""
         s = self.settings
-        losses, correct, seen = [], 0, 0
         batches = epoch_batches(len(self.data.source), batch_size=s.batch_size, generator=self.generator,
                                 drop_last=s.drop_last, merge_singleton=s.merge_singleton)
         for positions in batches:
             loss, right = self._step(positions, self.sampler.views(epoch, positions))
-            losses.append(loss)
-            correct, seen = correct + right, seen + len(positions)
             self.iteration += 1
             if per_iteration(s):
                 self.scheduler.step()
             if s.eval_every and self.iteration % s.eval_every == 0:
                 self.history.append({"epoch": epoch, "iteration": self.iteration, "select_acc": self._select(epoch)})
+            yield loss, right, len(positions)
             if self.iteration >= self.total:
                 break
-        return losses, correct, seen
 
     def _step(self, positions: np.ndarray, views: np.ndarray) -> tuple[float, int]:
         self.head.train()

@@ -1,0 +1,188 @@
+"""Benchmark: a 24-configuration grid of SAFE or LDC on cached tensors vs re-encoding every step (official style).
+
+Both sides run the same head code, the same random-weight backbone at its real size (RN50 or
+ViT-B/16, ``pretrained="none"``: the compute of the real weights), the same few-shot images and the
+same number of optimiser steps per configuration:
+
+- cached (fsl-cache): one ``extract`` (1 + views per train image, center views of val and test), then
+  the grid: LDC's 24 configurations (lr × weight decay × loss weights) through ``grid`` (lockstep
+  groups reading each cached batch once), SAFE's 24 (lr × wd) points in one ``fit safe`` pass;
+- official style (``ldc_train.py``; SAFE's training loop): every configuration is its own run whose
+  training batches are freshly augmented images pushed through the frozen backbone at every step,
+  plus one encoding of val and test per run. Implemented by handing the same method a live source
+  (decode, augment, ``encode_taps``) instead of the cached one, so only the re-encoding differs.
+
+Official runs are independent of the configuration, so ``--official-configs`` of them are timed and
+the grid's total is the mean per-run time times the grid size (both numbers are printed).
+
+    python benchmarks/grid_speed.py --method ldc --model RN50 [--classes 4] [--shots 4] [--epochs 2]
+    python benchmarks/grid_speed.py --method safe --model ViT-B-16 [--iterations 16]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from fit_speed import make_images
+from PIL import Image
+from torchvision import transforms
+
+from fsl_cache import api
+from fsl_cache.backbones import load_backbone
+from fsl_cache.evaluation.predict import predict
+from fsl_cache.evaluation.protocol import build_splits, test_split
+from fsl_cache.methods import get_method
+from fsl_cache.runs.engine import task_info
+from fsl_cache.store import FeatureStore
+from fsl_cache.training import FitTask
+
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+CROP_SCALE = {"ldc": (0.8, 1.0), "safe": (0.5, 1.0)}
+"""[CODE] ldc_train.py RandomResizedCrop(scale=(0.8, 1)); SAFE: RandomResizedCrop at CLIP's default."""
+
+
+class LiveViews:
+    """A train source that decodes, augments and encodes its images at every batch (the official loop)."""
+
+    def __init__(self, backbone, paths: list[Path], taps: tuple[str, ...], *, scale: tuple[float, float]) -> None:
+        self.backbone, self.paths, self.taps, self.num_views = backbone, paths, taps, 2
+        self.transform = transforms.Compose([
+            transforms.RandomResizedCrop(224, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+        self.encoded = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batch(self, positions, views=None) -> dict[str, torch.Tensor]:
+        images = torch.stack([self.transform(Image.open(self.paths[p]).convert("RGB")) for p in positions])
+        self.encoded += len(positions)
+        return {tap: t.float() for tap, t in self.backbone.encode_taps(images, self.taps).items()}
+
+
+def grid_options(method: str, args) -> list[dict]:
+    """24 configurations: LDC lr × weight decay × loss weights; SAFE lr × wd (one fit trains them all)."""
+    if method == "ldc":
+        grid = itertools.product((1e-4, 3e-4, 1e-3, 3e-3), (1e-4, 1e-3, 1e-2), ((1.0,) * 5, (1.0, 1.0, 1.0, 0.5, 0.5)))
+        return [{"epochs": args.epochs, "batch_size": args.batch, "lr": lr, "weight_decay": wd, "loss_lambda": lam}
+                for lr, wd, lam in grid]
+    lrs, wds = (1e-4, 1e-5, 1e-6, 1e-7), (0.0, 1e-3, 1e-5, 1e-4, 1e-2, 1e-1)
+    return [{"iterations": args.iterations, "batch_size": args.batch, "eval_every": 0, "lrs": (lr,), "wds": (wd,)}
+            for lr, wd in itertools.product(lrs, wds)]
+
+
+def extract(root: Path, cache: Path, args) -> float:
+    started = time.perf_counter()
+    views = 1 + (args.epochs if args.method == "ldc" else 8)
+    api.extract(f"imagefolder:{root}", model=args.model, pretrained="none", for_methods=[args.method], views=views,
+                shots=(args.shots,), seeds=(1,), cache_dir=cache, workers=0, batch_size=32, progress=False)
+    return time.perf_counter() - started
+
+
+def cached_grid(root: Path, cache: Path, runs: Path, configs: list[dict], args) -> float:
+    started = time.perf_counter()
+    common = dict(datasets=[f"imagefolder:{root}"], shots=[args.shots], seeds=[1], model=args.model,
+                  pretrained="none", cache_dir=cache, runs_dir=runs)
+    if args.method == "ldc":
+        keys = sorted(configs[0])
+        options = {k: sorted({c[k] for c in configs}, key=str) for k in keys}
+        outcomes = api.grid(["ldc"], options=options, group_size=args.group_size, **common).outcomes
+        assert len(outcomes) == len(configs) and all(o.status == "done" for o in outcomes), outcomes
+    else:
+        lrs = tuple(sorted({c["lrs"][0] for c in configs}))
+        wds = tuple(sorted({c["wds"][0] for c in configs}))
+        api.fit("safe", dataset=common["datasets"][0], shots=args.shots, seeds=[1], model=args.model, pretrained="none",
+                options={**configs[0], "lrs": lrs, "wds": wds}, cache_dir=cache, runs_dir=runs, progress=False)
+    return time.perf_counter() - started
+
+
+def official_run(store: FeatureStore, backbone, root: Path, config: dict, args) -> tuple[float, int]:
+    """One configuration trained on freshly encoded images; returns (seconds, images encoded)."""
+    started = time.perf_counter()
+    info = task_info(store, shots=args.shots, seed=1, protocol="coop")
+    cls = get_method(args.method).cls
+    splits = build_splits(store, cls, shots=args.shots, seed=1, protocol="coop")
+    task = FitTask(store, info, train=splits.train, val=splits.val)
+    paths = [root / p for p in store.read(f"images/{splits.train.pool}/paths", splits.train.rows)]
+    live: list[LiveViews] = []
+    cached_views = task.views
+
+    def views(split, *, policy="center", taps=("pooled",)):
+        if split is not task.train:
+            return cached_views(split, policy=policy, taps=taps)
+        live.append(LiveViews(backbone, paths, tuple(taps), scale=CROP_SCALE[args.method]))
+        return live[-1]
+
+    task.views = views
+    method = cls(get_method(args.method).create(config).resolve(info))
+    method.fit(task, generator=torch.Generator().manual_seed(1))
+    encoded = sum(v.encoded for v in live)
+    return time.perf_counter() - started + encode_val_test(store, backbone, task, root), encoded
+
+
+def encode_val_test(store: FeatureStore, backbone, task: FitTask, root: Path) -> float:
+    """Seconds the official run spends encoding val and test once (center crops, pooled + taps)."""
+    started = time.perf_counter()
+    preprocess = transforms.Compose([
+        transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(224),
+        transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    for split in (task.val, test_split(store)):
+        paths = store.read(f"images/{split.pool}/paths", split.rows)
+        for start in range(0, len(paths), 32):
+            images = torch.stack([preprocess(Image.open(root / p).convert("RGB"))
+                                  for p in paths[start:start + 32]])
+            backbone.encode_taps(images, backbone.taps())
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--method", choices=("ldc", "safe"), default="ldc")
+    parser.add_argument("--model", default="RN50")
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=2, help="LDC epochs per configuration")
+    parser.add_argument("--iterations", type=int, default=16, help="SAFE iterations per configuration")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=8, help="LDC configurations trained in lockstep")
+    parser.add_argument("--official-configs", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)  # the official loop draws its augmentations from the global RNG
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        root = make_images(work / "data", classes=args.classes,
+                           per_split={"train": args.shots, "val": min(args.shots, 4), "test": args.shots})
+        configs = grid_options(args.method, args)
+        load = os.getloadavg()
+        extract_s = extract(root, work / "cache", args)
+        grid_s = cached_grid(root, work / "cache", work / "runs", configs, args)
+        backbone = load_backbone(args.model, "none")
+        store = FeatureStore.open(next((work / "cache").glob("*/*")))
+        try:
+            official = [official_run(store, backbone, root, c, args) for c in configs[:args.official_configs]]
+        finally:
+            store.close()
+        report(args, configs, extract_s, grid_s, official, load)
+
+
+def report(args, configs, extract_s: float, grid_s: float, official: list[tuple[float, int]], load) -> None:
+    per_run = float(np.mean([s for s, _ in official]))
+    steps = f"{args.epochs} epochs" if args.method == "ldc" else f"{args.iterations} iterations"
+    print(f"{args.method} on {args.model} (random weights, 224 px), {args.classes} classes x {args.shots} shots, "
+          f"batch {args.batch}, {steps} per configuration, torch threads {torch.get_num_threads()}, "
+          f"load {load[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"cached:   extract {extract_s:.1f} s once + {len(configs)}-configuration grid {grid_s:.1f} s "
+          f"= {extract_s + grid_s:.1f} s")
+    timed = ", ".join(f"{s:.1f} s ({n} images encoded)" for s, n in official)
+    print(f"official: {per_run:.1f} s per configuration (timed: {timed}); x{len(configs)} = {per_run * len(configs):.1f} s")
+    print(f"ratio (official / cached, {len(configs)} configurations): {per_run * len(configs) / (extract_s + grid_s):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
