@@ -4,14 +4,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from fsl_cache import api
+from fsl_cache.evaluation.protocol import build_splits
 from fsl_cache.methods import get_method
 from fsl_cache.methods.base import fit_together
 from fsl_cache.runs.engine import task_info
-from fsl_cache.evaluation.protocol import build_splits
 from fsl_cache.runs.record import load_head_tensors
 from fsl_cache.store.store import FeatureStore
 from fsl_cache.sweeps.local import group_trials
@@ -147,3 +148,29 @@ def test_trials_group_by_task_up_to_the_group_size():
     assert all(len({(t.shots, t.seed) for t in g}) == 1 for g in groups)
     assert sorted(t.label for g in groups for t in g) == sorted(t.label for t in trials)
     assert all(len(g) == 1 for g in group_trials(trials, size=1))
+
+
+class PrefetchingViews(CountingViews):
+    """Records the prefetch requests the trainer makes."""
+
+    def __init__(self, arrays) -> None:
+        super().__init__(arrays)
+        self.requested: list[bytes] = []
+        self.served: list[bytes] = []
+
+    def prefetch(self, positions, views=None):
+        self.requested.append(np.asarray(positions).tobytes())
+
+    def batch(self, positions, views=None):
+        self.served.append(np.asarray(positions).tobytes())
+        return super().batch(positions, views)
+
+
+def test_the_trainer_prefetches_each_next_batch_of_the_epoch(views):
+    features, labels = views
+    source = PrefetchingViews({"pooled": features})
+    member = linear_member(features, labels, lr=1e-2, weight_decay=0.0, seed=3, source=source)
+    train_many([member])
+    per_epoch = -(-30 // 8)
+    epochs = [source.served[i:i + per_epoch] for i in range(0, len(source.served), per_epoch)]
+    assert source.requested == [b for epoch in epochs for b in epoch[1:]]  # every batch but each epoch's first

@@ -6,6 +6,7 @@ Layout of one store folder::
     progress/<job>/<n>.json  one marker per finished shard: rows and SHA-256 of every block
     arrays.zarr/             (zarr) or parts/ + store.h5 (hdf5)
     .lock                    held by the one process that writes
+    unpacked/                uncompressed copies of rows that streamed fits read (:mod:`.unpacked`)
 
 Readers trust the manifest alone, so an interrupted extraction never exposes a half-written array,
 and new views are added by later extractions without touching the arrays already there.
@@ -301,6 +302,13 @@ class FeatureStore:
 
 
 def _read_rows(arr: Any, sorted_rows: np.ndarray) -> np.ndarray:
+    n = len(sorted_rows)
+    if n and 0 <= sorted_rows[0] and sorted_rows[-1] < arr.shape[0] and sorted_rows[-1] - sorted_rows[0] < n + n // 4:
+        # dense rows (a sequential pass, an unpack): a slice reads 3-4x faster than zarr's integer selection,
+        # for at most a quarter more rows held for a moment
+        lo, hi = int(sorted_rows[0]), int(sorted_rows[-1]) + 1
+        block = arr[lo:hi]
+        return block if hi - lo == n else block[sorted_rows - lo]
     if hasattr(arr, "get_orthogonal_selection"):
         return arr.get_orthogonal_selection((sorted_rows,) + (slice(None),) * (arr.ndim - 1))
     return arr[sorted_rows]

@@ -132,11 +132,20 @@ class SharedBatches:
         return len(self.source)
 
     def batch(self, positions: np.ndarray, views: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-        positions = np.asarray(positions, dtype=np.int64)
-        key = positions.tobytes() + (b"center" if views is None else np.asarray(views, dtype=np.int64).tobytes())
+        key = _batch_key(positions, views)
         if self._last is None or self._last[0] != key:
             self._last = (key, self.source.batch(positions, views))
         return self._last[1]
+
+    def prefetch(self, positions: np.ndarray, views: np.ndarray | None = None) -> None:
+        """Start reading the next batch unless it is the one already held (the source ignores repeats)."""
+        if hasattr(self.source, "prefetch") and (self._last is None or self._last[0] != _batch_key(positions, views)):
+            self.source.prefetch(positions, views)
+
+
+def _batch_key(positions: np.ndarray, views: np.ndarray | None) -> bytes:
+    positions = np.asarray(positions, dtype=np.int64)
+    return positions.tobytes() + (b"center" if views is None else np.asarray(views, dtype=np.int64).tobytes())
 
 
 class _Loop:
@@ -183,10 +192,13 @@ class _Loop:
     def _epoch(self, epoch: int) -> Iterator[tuple[float, int, int]]:
         """(loss, correct, images) per step of one epoch."""
         s = self.settings
-        batches = epoch_batches(len(self.data.source), batch_size=s.batch_size, generator=self.generator,
-                                drop_last=s.drop_last, merge_singleton=s.merge_singleton)
-        for positions in batches:
-            loss, right = self._step(positions, self.sampler.views(epoch, positions))
+        # the whole epoch's order up front (the same single permutation draw) so the next batch can be prefetched
+        batches = list(epoch_batches(len(self.data.source), batch_size=s.batch_size, generator=self.generator,
+                                     drop_last=s.drop_last, merge_singleton=s.merge_singleton))
+        for i, positions in enumerate(batches):
+            upcoming = batches[i + 1] if i + 1 < len(batches) and self.iteration + 1 < self.total else None
+            loss, right = self._step(positions, self.sampler.views(epoch, positions),
+                                     None if upcoming is None else (upcoming, self.sampler.views(epoch, upcoming)))
             self.iteration += 1
             if per_iteration(s):
                 self.scheduler.step()
@@ -196,9 +208,13 @@ class _Loop:
             if self.iteration >= self.total:
                 break
 
-    def _step(self, positions: np.ndarray, views: np.ndarray) -> tuple[float, int]:
+    def _step(self, positions: np.ndarray, views: np.ndarray,
+              upcoming: tuple[np.ndarray, np.ndarray] | None) -> tuple[float, int]:
         self.head.train()
-        x = {k: v.to(self.device, non_blocking=True) for k, v in self.data.source.batch(positions, views).items()}
+        batch = self.data.source.batch(positions, views)
+        if upcoming is not None and hasattr(self.data.source, "prefetch"):
+            self.data.source.prefetch(*upcoming)  # streamed sources read it while this step computes
+        x = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         y = self.data.labels[torch.as_tensor(positions)].to(self.device)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             outputs = self.head.outputs(x)
