@@ -77,8 +77,9 @@ class MemoryViews:
         return self._n
 
     def batch(self, positions: np.ndarray, views: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-        pos = torch.as_tensor(np.asarray(positions, dtype=np.int64))
-        view = torch.zeros_like(pos) if views is None else torch.as_tensor(np.asarray(views, dtype=np.int64))
+        device = next(iter(self.arrays.values())).device
+        pos = torch.as_tensor(np.asarray(positions, dtype=np.int64), device=device)
+        view = torch.zeros_like(pos) if views is None else torch.as_tensor(np.asarray(views, dtype=np.int64), device=device)
         return {tap: t[pos, view].float() for tap, t in self.arrays.items()}
 
 
@@ -198,9 +199,10 @@ def read_rows(store, name: str, rows: np.ndarray) -> np.ndarray:
 
 
 def open_views(store, split: SplitRef, *, policy: str, taps: tuple[str, ...],
-               memory_budget: int = DEFAULT_MEMORY_BUDGET, unpack: bool = UNPACK) -> ViewSource:
-    """The ``taps`` of ``split`` under ``policy``: in memory if they fit ``memory_budget``, else streamed
-    (from sidecars unpacked on first use when ``unpack``)."""
+               memory_budget: int = DEFAULT_MEMORY_BUDGET, unpack: bool = UNPACK,
+               device: torch.device | None = None) -> ViewSource:
+    """The ``taps`` of ``split`` under ``policy``: in memory if they fit ``memory_budget`` (in GPU memory when
+    ``device`` is a GPU with room for them), else streamed (from sidecars unpacked on first use when ``unpack``)."""
     names = {tap: f"images/{split.pool}/views/{policy}/{tap}" for tap in taps}
     missing = [n for n in names.values() if not store.has(n)]
     if missing:
@@ -209,11 +211,19 @@ def open_views(store, split: SplitRef, *, policy: str, taps: tuple[str, ...],
     num_views = next(iter(shapes.values()))[1]
     if any(s[1] != num_views for s in shapes.values()):
         raise StoreError(f"Taps {', '.join(taps)} of {split.pool}/{policy} disagree on the number of views")
-    if views_bytes(store, names.values(), len(split)) <= memory_budget:
-        return MemoryViews({tap: torch.from_numpy(np.ascontiguousarray(read_rows(store, name, split.rows)))
+    size = views_bytes(store, names.values(), len(split))
+    if size <= memory_budget:
+        target = device if device is not None and device.type == "cuda" and _gpu_room(device, size) else "cpu"
+        return MemoryViews({tap: torch.from_numpy(np.ascontiguousarray(read_rows(store, name, split.rows))).to(target)
                             for tap, name in names.items()})
     unpacked = unpack_views(store, names, split.rows) if unpack and isinstance(store, FeatureStore) else {}
     return StoreViews(store, names, split.rows, num_views, unpacked=unpacked)
+
+
+def _gpu_room(device: torch.device, size: int) -> bool:
+    """Whether ``size`` bytes fit on ``device`` with half of its free memory left for the head's training."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return size <= free // 2
 
 
 def unpack_views(store: FeatureStore, names: dict[str, str], rows: np.ndarray) -> dict[str, UnpackedRows]:

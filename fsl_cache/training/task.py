@@ -101,10 +101,12 @@ class FitTask:
     def views(self, split: SplitRef, *, policy: str = "center", taps: tuple[str, ...] = ("pooled",)) -> ViewSource:
         """The ``taps`` of ``split`` under ``policy`` as batches (in memory when they fit)."""
         if self._shared is None:
-            return open_views(self.store, split, policy=policy, taps=taps, memory_budget=self.memory_budget)
+            return open_views(self.store, split, policy=policy, taps=taps, memory_budget=self.memory_budget,
+                              device=self.device)
         key = (split.pool, split.rows.tobytes(), policy, tuple(taps))
         if key not in self._shared:
-            source = open_views(self.store, split, policy=policy, taps=taps, memory_budget=self.memory_budget)
+            source = open_views(self.store, split, policy=policy, taps=taps, memory_budget=self.memory_budget,
+                                device=self.device)
             self._shared[key] = SharedBatches(source)
         return self._shared[key]
 
@@ -120,14 +122,14 @@ class FitTask:
     def center(self, split: SplitRef, tap: str = "pooled") -> torch.Tensor:
         """The center-view ``tap`` of every image of ``split``, float32 ``[N, ...]``, in memory."""
         source = self.views(split, policy="center", taps=(tap,))
-        return source.batch(np.arange(len(split)))[tap]
+        return source.batch(np.arange(len(split)))[tap].cpu()
 
     def train_views(self, policy: str, tap: str = "pooled", *, views: range | None = None) -> torch.Tensor:
         """Cached views of the train images under ``policy``, float32 ``[N, V, ...]`` (``views`` selects some)."""
         source = self.views(self.train, policy=policy, taps=(tap,))
         chosen = range(source.num_views) if views is None else views
         positions = np.arange(len(self.train))
-        return torch.stack([source.batch(positions, np.full(len(positions), v))[tap] for v in chosen], dim=1)
+        return torch.stack([source.batch(positions, np.full(len(positions), v))[tap].cpu() for v in chosen], dim=1)
 
     def backbone(self):
         """The store's backbone re-loaded from its manifest (for methods that need the text encoder).
