@@ -15,7 +15,7 @@ same number of optimiser steps per configuration:
 Official runs are independent of the configuration, so ``--official-configs`` of them are timed and
 the grid's total is the mean per-run time times the grid size (both numbers are printed).
 
-    python benchmarks/grid_speed.py --method ldc --model RN50 [--classes 4] [--shots 4] [--epochs 2]
+    python benchmarks/grid_speed.py --method ldc --model RN50 [--classes 4] [--shots 4] [--epochs 2] [--fused]
     python benchmarks/grid_speed.py --method safe --model ViT-B-16 [--iterations 16]
 """
 from __future__ import annotations
@@ -70,8 +70,8 @@ def grid_options(method: str, args) -> list[dict]:
     """24 configurations: LDC lr × weight decay × loss weights; SAFE lr × wd (one fit trains them all)."""
     if method == "ldc":
         grid = itertools.product((1e-4, 3e-4, 1e-3, 3e-3), (1e-4, 1e-3, 1e-2), ((1.0,) * 5, (1.0, 1.0, 1.0, 0.5, 0.5)))
-        return [{"epochs": args.epochs, "batch_size": args.batch, "lr": lr, "weight_decay": wd, "loss_lambda": lam}
-                for lr, wd, lam in grid]
+        return [{"epochs": args.epochs, "batch_size": args.batch, "lr": lr, "weight_decay": wd, "loss_lambda": lam,
+                 "fused": args.fused} for lr, wd, lam in grid]
     lrs, wds = (1e-4, 1e-5, 1e-6, 1e-7), (0.0, 1e-3, 1e-5, 1e-4, 1e-2, 1e-1)
     return [{"iterations": args.iterations, "batch_size": args.batch, "eval_every": 0, "lrs": (lr,), "wds": (wd,)}
             for lr, wd in itertools.product(lrs, wds)]
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=16, help="SAFE iterations per configuration")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8, help="LDC configurations trained in lockstep")
+    parser.add_argument("--fused", action="store_true", help="LDC's fused exact adapters (-o fused=true) on both sides")
     parser.add_argument("--official-configs", type=int, default=2)
     args = parser.parse_args()
     torch.manual_seed(0)  # the official loop draws its augmentations from the global RNG
@@ -175,7 +176,7 @@ def report(args, configs, extract_s: float, grid_s: float, official: list[tuple[
     per_run = float(np.mean([s for s, _ in official]))
     steps = f"{args.epochs} epochs" if args.method == "ldc" else f"{args.iterations} iterations"
     print(f"{args.method} on {args.model} (random weights, 224 px), {args.classes} classes x {args.shots} shots, "
-          f"batch {args.batch}, {steps} per configuration, torch threads {torch.get_num_threads()}, "
+          f"batch {args.batch}, {steps} per configuration{', fused adapters' if args.fused else ''}, torch threads {torch.get_num_threads()}, "
           f"load {load[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"cached:   extract {extract_s:.1f} s once + {len(configs)}-configuration grid {grid_s:.1f} s "
           f"= {extract_s + grid_s:.1f} s")

@@ -5,8 +5,11 @@ so a resumed run computes every remaining shard exactly as an uninterrupted run 
 """
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,7 +114,8 @@ class Encoder:
         t = t.float()
         if self.store_dtype == np.float16:
             # Random-weight activations can exceed fp16's range; saturate rather than write inf.
-            t = t.clamp(-65504.0, 65504.0)
+            # torch casts to fp16 ~5x faster than numpy's astype (RN50 layer1 maps, 2 cores), same bits.
+            return t.clamp(-65504.0, 65504.0).to(torch.float16).cpu().numpy()
         return t.cpu().numpy().astype(self.store_dtype)
 
 
@@ -148,23 +152,66 @@ def run_job(
     )
     blocks: ShardBlocks | None = None
     started = time.perf_counter()
-    for rows, views, params, errors in loader:
-        shard = rows[0] // SHARD_SAMPLES
-        if blocks is None or blocks.marker.shard != shard:
-            blocks = writer.begin_shard(job.id, shard, *job.shard_rows(shard))
-        blocks.marker.skipped += _check_errors(job, rows, errors, skip_bad=skip_bad, stats=stats)
-        b, v = views.shape[:2]
-        out = encoder(views.flatten(0, 1), job.taps)
-        for name, data in out.items():
-            blocks.write(by_suffix[name], rows[0], data.reshape((b, v) + data.shape[1:]))
-        if "aug_params" in by_suffix:
-            blocks.write(by_suffix["aug_params"], rows[0], params)
-        stats.images += b * v
-        advance(b * v)
-        if rows[-1] + 1 == blocks.marker.stop:
-            writer.commit(blocks.finish())
-            blocks = None
+    with closing(_encoded_ahead(loader, encoder, job.taps)) as batches:
+        for (rows, views, params, errors), out in batches:
+            shard = rows[0] // SHARD_SAMPLES
+            if blocks is None or blocks.marker.shard != shard:
+                blocks = writer.begin_shard(job.id, shard, *job.shard_rows(shard))
+            blocks.marker.skipped += _check_errors(job, rows, errors, skip_bad=skip_bad, stats=stats)
+            b, v = views.shape[:2]
+            for name, data in out.items():
+                blocks.write(by_suffix[name], rows[0], data.reshape((b, v) + data.shape[1:]))
+            if "aug_params" in by_suffix:
+                blocks.write(by_suffix["aug_params"], rows[0], params)
+            stats.images += b * v
+            advance(b * v)
+            if rows[-1] + 1 == blocks.marker.stop:
+                writer.commit(blocks.finish())
+                blocks = None
     stats.seconds += time.perf_counter() - started
+
+
+class _Abandoned(Exception):
+    """Raised inside a forward that nobody will wait for."""
+
+
+def _encoded_ahead(loader: Iterable, encoder: Encoder, taps: tuple[str, ...]) -> Iterator[tuple[tuple, dict]]:
+    """``(batch, encoder output)`` in loader order; batch k+1's forward runs on a helper thread
+    while the caller writes batch k (close the generator when done with it).
+
+    Writing RN50 maps through zarr (chunk copies, zstd-1, CRC32C, files) cost ~8 ms/img on top of
+    ~67 ms/img of forward on 2 cores, all of it between forwards. Every store write and commit stays
+    on the caller's (main) thread, so Ctrl-C and the kill tests' fault points land where they did;
+    the helper only computes. On exit the helper's forward is abandoned at its next module call,
+    so an interrupt does not wait for a whole batch.
+    """
+    stop = threading.Event()
+    hooks = _abandon_when(stop, encoder.backbone.model)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fsl-cache-encode")
+    try:
+        pending = None
+        for batch in loader:
+            ahead = batch, pool.submit(encoder, batch[1].flatten(0, 1), taps)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = ahead
+        if pending is not None:
+            yield pending[0], pending[1].result()
+    finally:
+        stop.set()
+        pool.shutdown(wait=True)  # milliseconds: a running forward stops at its next module
+        for hook in hooks:
+            hook.remove()
+
+
+def _abandon_when(stop: threading.Event, model: torch.nn.Module) -> list:
+    """Hooks that make a forward of ``model`` raise :class:`_Abandoned` at its next module once ``stop`` is set."""
+
+    def check(module, args) -> None:
+        if stop.is_set():
+            raise _Abandoned
+
+    return [module.register_forward_pre_hook(check) for module in model.modules()]
 
 
 def _check_errors(job: Job, rows: list[int], errors: list[str], *, skip_bad: bool, stats: RunStats) -> list[int]:
