@@ -16,7 +16,7 @@ Official runs are independent of the configuration, so ``--official-configs`` of
 the grid's total is the mean per-run time times the grid size (both numbers are printed).
 
     python benchmarks/grid_speed.py --method ldc --model RN50 [--classes 4] [--shots 4] [--epochs 2] [--fused]
-    python benchmarks/grid_speed.py --method safe --model ViT-B-16 [--iterations 16]
+    python benchmarks/grid_speed.py --method safe --model ViT-B-16 [--iterations 16] [--grid-chunk 1]
 """
 from __future__ import annotations
 
@@ -73,8 +73,8 @@ def grid_options(method: str, args) -> list[dict]:
         return [{"epochs": args.epochs, "batch_size": args.batch, "lr": lr, "weight_decay": wd, "loss_lambda": lam,
                  "fused": args.fused} for lr, wd, lam in grid]
     lrs, wds = (1e-4, 1e-5, 1e-6, 1e-7), (0.0, 1e-3, 1e-5, 1e-4, 1e-2, 1e-1)
-    return [{"iterations": args.iterations, "batch_size": args.batch, "eval_every": 0, "lrs": (lr,), "wds": (wd,)}
-            for lr, wd in itertools.product(lrs, wds)]
+    return [{"iterations": args.iterations, "batch_size": args.batch, "eval_every": 0, "lrs": (lr,), "wds": (wd,),
+             "grid_chunk": args.grid_chunk} for lr, wd in itertools.product(lrs, wds)]
 
 
 def extract(root: Path, cache: Path, args) -> float:
@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8, help="LDC configurations trained in lockstep")
     parser.add_argument("--fused", action="store_true", help="LDC's fused exact adapters (-o fused=true) on both sides")
+    parser.add_argument("--grid-chunk", type=int, default=0,
+                        help="SAFE grid points stacked per pass (0: all 24; 1: one at a time, often faster on CPU)")
     parser.add_argument("--official-configs", type=int, default=2)
     args = parser.parse_args()
     torch.manual_seed(0)  # the official loop draws its augmentations from the global RNG
@@ -176,7 +178,7 @@ def report(args, configs, extract_s: float, grid_s: float, official: list[tuple[
     per_run = float(np.mean([s for s, _ in official]))
     steps = f"{args.epochs} epochs" if args.method == "ldc" else f"{args.iterations} iterations"
     print(f"{args.method} on {args.model} (random weights, 224 px), {args.classes} classes x {args.shots} shots, "
-          f"batch {args.batch}, {steps} per configuration{', fused adapters' if args.fused else ''}, torch threads {torch.get_num_threads()}, "
+          f"batch {args.batch}, {steps} per configuration{', fused adapters' if args.fused else ''}{f', grid_chunk {args.grid_chunk}' if args.method == 'safe' else ''}, torch threads {torch.get_num_threads()}, "
           f"load {load[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"cached:   extract {extract_s:.1f} s once + {len(configs)}-configuration grid {grid_s:.1f} s "
           f"= {extract_s + grid_s:.1f} s")
