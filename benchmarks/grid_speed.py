@@ -35,7 +35,6 @@ from torchvision import transforms
 
 from fsl_cache import api
 from fsl_cache.backbones import load_backbone
-from fsl_cache.evaluation.predict import predict
 from fsl_cache.evaluation.protocol import build_splits, test_split
 from fsl_cache.methods import get_method
 from fsl_cache.runs.engine import task_info
@@ -176,9 +175,12 @@ def main() -> None:
 
 def report(args, configs, extract_s: float, grid_s: float, official: list[tuple[float, int]], load) -> None:
     per_run = float(np.mean([s for s, _ in official]))
-    steps = f"{args.epochs} epochs" if args.method == "ldc" else f"{args.iterations} iterations"
+    if args.method == "ldc":
+        steps = f"{args.epochs} epochs{', fused adapters' if args.fused else ''}"
+    else:
+        steps = f"{args.iterations} iterations, grid_chunk {args.grid_chunk}"
     print(f"{args.method} on {args.model} (random weights, 224 px), {args.classes} classes x {args.shots} shots, "
-          f"batch {args.batch}, {steps} per configuration{', fused adapters' if args.fused else ''}{f', grid_chunk {args.grid_chunk}' if args.method == 'safe' else ''}, torch threads {torch.get_num_threads()}, "
+          f"batch {args.batch}, {steps} per configuration, torch threads {torch.get_num_threads()}, "
           f"load {load[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"cached:   extract {extract_s:.1f} s once + {len(configs)}-configuration grid {grid_s:.1f} s "
           f"= {extract_s + grid_s:.1f} s")
