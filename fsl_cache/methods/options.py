@@ -211,44 +211,13 @@ def check_range(name: str, value: float, *, low: float | None = None, high: floa
 
 # ---------------------------------------------------------------------------- training options
 
-from ..training.settings import Optimizer, Schedule, Select, TrainSettings, WarmupMode  # noqa: E402
+from ..training.settings import Optimisation, TrainSettings  # noqa: E402
 
 
 @dataclass(frozen=True)
-class TrainOptions(MethodConfig):
-    """The shared trainer's options; a gradient-based method's ``Config`` subclasses this and
-    re-declares the fields whose official defaults differ."""
-
-    epochs: int = 20
-    """Passes over the support set; each image is seen through one cached augmented view per pass."""
-    iters: int = 0
-    """If > 0, train for this many iterations instead of ``epochs`` passes."""
-    batch_size: int = 32
-    """Images per step."""
-    lr: float = 1e-3
-    """Base learning rate."""
-    optimizer: Optimizer = "adamw"
-    """adamw or sgd."""
-    weight_decay: float = 0.01
-    """Weight decay (0.01 is torch AdamW's default)."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    schedule: Schedule = "cosine_iter"
-    """cosine_iter (cosine to 0, stepped per iteration), cosine_epoch (stepped per epoch) or constant."""
-    warmup: int = 0
-    """Warm-up length (iterations for cosine_iter, else epochs)."""
-    warmup_mode: WarmupMode = "constant"
-    """constant: hold warmup_lr (Dassl); linear: ramp from warmup_lr to lr."""
-    warmup_lr: float = 1e-5
-    """Learning rate during (or at the start of) warm-up."""
-    amp: bool = False
-    """Mixed precision on CUDA (fp16 autocast); ignored on CPU."""
-    eval_every: int = 0
-    """Evaluate the selection split every N iterations; 0 = after every epoch."""
-    select: Select = "best"
-    """best: keep the state with the best val accuracy (first strict maximum); last: keep the final state."""
+class TrainOptions(MethodConfig, Optimisation):
+    """The shared trainer's options (fields and help from :class:`~fsl_cache.training.settings.Optimisation`);
+    a gradient-based method's ``Config`` subclasses this and re-declares the fields whose official defaults differ."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "iters", "warmup", "eval_every", "lr", "weight_decay", "momentum", "warmup_lr"):
@@ -259,6 +228,5 @@ class TrainOptions(MethodConfig):
 
     def train_settings(self, **fixed) -> TrainSettings:
         """:class:`TrainSettings` from these options plus what the method fixes (``policy`` ...)."""
-        names = {f.name for f in dataclasses.fields(TrainSettings)}
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(Optimisation)}
         return TrainSettings(**{**values, **fixed})

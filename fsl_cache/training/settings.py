@@ -12,18 +12,21 @@ WarmupMode = Literal["constant", "linear"]
 Select = Literal["best", "last"]
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """One training run of a head on cached tensors. Methods build it from their config."""
+@dataclass(frozen=True, kw_only=True)
+class Optimisation:
+    """The trainer's knobs a user may turn: every gradient-based method's ``-o`` options start from these
+    (``methods.options.TrainOptions``), and :class:`TrainSettings` adds what the method itself fixes."""
 
-    epochs: int
-    """Passes over the support set (the view sampler advances once per pass)."""
-    batch_size: int
+    epochs: int = 20
+    """Passes over the support set; each image is seen through one cached augmented view per pass."""
+    iters: int = 0
+    """If > 0, train for this many iterations instead of ``epochs`` passes."""
+    batch_size: int = 32
     """Images per step."""
-    lr: float
+    lr: float = 1e-3
     """Base learning rate."""
     optimizer: Optimizer = "adamw"
-    """``adamw`` (torch AdamW) or ``sgd`` (with ``momentum``)."""
+    """adamw (torch AdamW) or sgd (with momentum)."""
     weight_decay: float = 0.01
     """Decoupled (AdamW) or L2 (SGD) weight decay; 0.01 is torch AdamW's default."""
     eps: float = 1e-8
@@ -31,21 +34,25 @@ class TrainSettings:
     momentum: float = 0.9
     """SGD momentum."""
     schedule: Schedule = "cosine_iter"
-    """Cosine annealing to 0 stepped per iteration or per epoch, or a constant rate."""
+    """cosine_iter (cosine to 0, stepped per iteration), cosine_epoch (stepped per epoch) or constant."""
     warmup: int = 0
-    """Warm-up length in schedule units (iterations for ``cosine_iter``, else epochs)."""
+    """Warm-up length (iterations for cosine_iter, else epochs)."""
     warmup_mode: WarmupMode = "constant"
-    """``constant``: ``warmup_lr`` during warm-up (Dassl); ``linear``: ramp from ``warmup_lr`` to ``lr``."""
+    """constant: hold warmup_lr (Dassl); linear: ramp from warmup_lr to lr."""
     warmup_lr: float = 1e-5
-    """Learning rate at the start of (or throughout a constant) warm-up."""
-    iters: int = 0
-    """If > 0, stop after this many iterations instead of after ``epochs`` passes."""
+    """Learning rate during (or at the start of) warm-up."""
     amp: bool = False
-    """Mixed precision (fp16 autocast + grad scaling); applied on CUDA only."""
+    """Mixed precision on CUDA (fp16 autocast + grad scaling); ignored on CPU."""
     eval_every: int = 0
     """Evaluate the selection split every N iterations; 0 = after every epoch."""
     select: Select = "best"
-    """``best``: keep the state with the best selection accuracy (first strict maximum); ``last``: keep the end."""
+    """best: keep the state with the best val accuracy (first strict maximum); last: keep the final state."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings(Optimisation):
+    """One training run of a head on cached tensors. Methods build it from their config."""
+
     policy: str = "center"
     """Augmentation policy whose cached views feed training (view 0 is the center crop)."""
     drop_last: bool = False
