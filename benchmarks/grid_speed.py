@@ -5,12 +5,13 @@ ViT-B/16, ``pretrained="none"``: the compute of the real weights), the same few-
 same number of optimiser steps per configuration:
 
 - cached (fsl-cache): one ``extract`` (1 + views per train image, center views of val and test), then
-  the grid: LDC's 24 configurations (lr × weight decay × loss weights) through ``grid`` (lockstep
-  groups reading each cached batch once), SAFE's 24 (lr × wd) points in one ``fit safe`` pass;
+  the grid: LDC's 24 configurations (lr × weight decay × loss weights) through ``grid`` (groups of 8
+  sharing the opened splits), SAFE's 24 (lr × wd) points in one ``fit safe`` call;
 - official style (``ldc_train.py``; SAFE's training loop): every configuration is its own run whose
   training batches are freshly augmented images pushed through the frozen backbone at every step,
-  plus one encoding of val and test per run. Implemented by handing the same method a live source
-  (decode, augment, ``encode_taps``) instead of the cached one, so only the re-encoding differs.
+  and val (selection, searches) and test (final evaluation) are encoded whenever they are read.
+  Implemented by handing the same method live sources (decode, transform, ``encode_taps``) instead of
+  the cached ones, so only the re-encoding differs; the cached side also writes its run records.
 
 Official runs are independent of the configuration, so ``--official-configs`` of them are timed and
 the grid's total is the mean per-run time times the grid size (both numbers are printed).
@@ -35,6 +36,7 @@ from torchvision import transforms
 
 from fsl_cache import api
 from fsl_cache.backbones import load_backbone
+from fsl_cache.evaluation.predict import predict
 from fsl_cache.evaluation.protocol import build_splits, test_split
 from fsl_cache.methods import get_method
 from fsl_cache.runs.engine import task_info
@@ -47,13 +49,10 @@ CROP_SCALE = {"ldc": (0.8, 1.0), "safe": (0.5, 1.0)}
 
 
 class LiveViews:
-    """A train source that decodes, augments and encodes its images at every batch (the official loop)."""
+    """A source that decodes, transforms and encodes its images at every batch (the official loop)."""
 
-    def __init__(self, backbone, paths: list[Path], taps: tuple[str, ...], *, scale: tuple[float, float]) -> None:
-        self.backbone, self.paths, self.taps, self.num_views = backbone, paths, taps, 2
-        self.transform = transforms.Compose([
-            transforms.RandomResizedCrop(224, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    def __init__(self, backbone, paths: list[Path], taps: tuple[str, ...], transform) -> None:
+        self.backbone, self.paths, self.taps, self.transform, self.num_views = backbone, paths, taps, transform, 2
         self.encoded = 0
 
     def __len__(self) -> int:
@@ -63,6 +62,17 @@ class LiveViews:
         images = torch.stack([self.transform(Image.open(self.paths[p]).convert("RGB")) for p in positions])
         self.encoded += len(positions)
         return {tap: t.float() for tap, t in self.backbone.encode_taps(images, self.taps).items()}
+
+
+def official_transforms(method: str) -> tuple:
+    """(train augmentation, evaluation preprocessing) of the official loop."""
+    train = transforms.Compose([
+        transforms.RandomResizedCrop(224, scale=CROP_SCALE[method], interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    evaluation = transforms.Compose([
+        transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(224),
+        transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    return train, evaluation
 
 
 def grid_options(method: str, args) -> list[dict]:
@@ -102,42 +112,27 @@ def cached_grid(root: Path, cache: Path, runs: Path, configs: list[dict], args) 
 
 
 def official_run(store: FeatureStore, backbone, root: Path, config: dict, args) -> tuple[float, int]:
-    """One configuration trained on freshly encoded images; returns (seconds, images encoded)."""
+    """One configuration on freshly encoded images: training batches augmented and encoded at every step,
+    val (selection, searches) and test (the final evaluation) encoded whenever they are read; returns
+    (seconds, images encoded)."""
     started = time.perf_counter()
     info = task_info(store, shots=args.shots, seed=1, protocol="coop")
     cls = get_method(args.method).cls
     splits = build_splits(store, cls, shots=args.shots, seed=1, protocol="coop")
     task = FitTask(store, info, train=splits.train, val=splits.val)
-    paths = [root / p for p in store.read(f"images/{splits.train.pool}/paths", splits.train.rows)]
+    train_tf, eval_tf = official_transforms(args.method)
     live: list[LiveViews] = []
-    cached_views = task.views
 
     def views(split, *, policy="center", taps=("pooled",)):
-        if split is not task.train:
-            return cached_views(split, policy=policy, taps=taps)
-        live.append(LiveViews(backbone, paths, tuple(taps), scale=CROP_SCALE[args.method]))
+        paths = [root / p for p in store.read(f"images/{split.pool}/paths", split.rows)]
+        live.append(LiveViews(backbone, paths, tuple(taps), train_tf if split is task.train else eval_tf))
         return live[-1]
 
     task.views = views
     method = cls(get_method(args.method).create(config).resolve(info))
-    method.fit(task, generator=torch.Generator().manual_seed(1))
-    encoded = sum(v.encoded for v in live)
-    return time.perf_counter() - started + encode_val_test(store, backbone, task, root), encoded
-
-
-def encode_val_test(store: FeatureStore, backbone, task: FitTask, root: Path) -> float:
-    """Seconds the official run spends encoding val and test once (center crops, pooled + taps)."""
-    started = time.perf_counter()
-    preprocess = transforms.Compose([
-        transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(224),
-        transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-    for split in (task.val, test_split(store)):
-        paths = store.read(f"images/{split.pool}/paths", split.rows)
-        for start in range(0, len(paths), 32):
-            images = torch.stack([preprocess(Image.open(root / p).convert("RGB"))
-                                  for p in paths[start:start + 32]])
-            backbone.encode_taps(images, backbone.taps())
-    return time.perf_counter() - started
+    fitted = method.fit(task, generator=torch.Generator().manual_seed(1))
+    predict(fitted.head, views(test_split(store), taps=fitted.head.inputs))
+    return time.perf_counter() - started, sum(v.encoded for v in live)
 
 
 def main() -> None:

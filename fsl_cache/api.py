@@ -150,8 +150,8 @@ def grid(
     Runs whose record exists are skipped, so an interrupted grid resumes where it stopped; workers
     claim each run before fitting it, so no run is computed twice. ``options`` maps an option (or
     ``method.option``) to the list of values to sweep. Runs that differ only in options train together
-    in groups of up to ``group_size`` (one pass over the cached batches, results equal to separate
-    runs). ``engine``: ``local`` (``workers`` processes),
+    in groups of up to ``group_size`` (splits held once, streamed batches read once for the group;
+    results equal to separate runs). ``engine``: ``local`` (``workers`` processes),
     ``optuna`` (studies in the journal file ``study_storage``, ``sampler`` grid or tpe, selection on
     val) or ``ray``. Returns a :class:`fsl_cache.sweeps.SweepResult`.
     """

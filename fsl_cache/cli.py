@@ -354,7 +354,8 @@ def _grid_options(ctx, param, value: tuple[str, ...]) -> dict:
 @click.option("--store", default=None, help="Store key or folder (single-dataset grids).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (or concurrent trials).")
 @click.option("--group-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Runs differing only in -o values that train together, reading each cached batch once (local engine).")
+              help="Runs differing only in -o values that train together: splits held once, streamed batches read "
+                   "once (local engine).")
 @click.option("--engine", type=click.Choice(["local", "optuna", "ray"]), default="local", show_default=True)
 @click.option("--sampler", type=click.Choice(["grid", "tpe"]), default="grid", show_default=True,
               help="Optuna sampler (--engine optuna).")

@@ -101,20 +101,23 @@ def cache(tmp_path_factory):
     return root, make_synthetic_store(root, num_classes=4, views={"tip": 21})
 
 
-def synthetic_task(store_dir: Path, *, shots: int = 4, seed: int = 1) -> tuple[FitTask, FeatureStore]:
+def synthetic_task(store_dir: Path, *, memory_budget: int, shots: int = 4, seed: int = 1) -> tuple[FitTask, FeatureStore]:
     store = FeatureStore.open(store_dir)
     info = task_info(store, shots=shots, seed=seed, protocol="coop")
     splits = build_splits(store, get_method("tip_adapter_f").cls, shots=shots, seed=seed, protocol="coop")
-    return FitTask(store, info, train=splits.train, val=splits.val), store
+    return FitTask(store, info, train=splits.train, val=splits.val, memory_budget=memory_budget), store
 
 
-def test_fit_together_equals_separate_fits_of_a_method(cache):
+@pytest.mark.parametrize("memory_budget", [1 << 30, 0], ids=["in-memory, one after another", "streamed, lockstep"])
+def test_fit_together_equals_separate_fits_of_a_method(cache, memory_budget):
     info = get_method("tip_adapter_f")
     configs = [{"epochs": 3, "lr": lr} for lr in (1e-3, 5e-3, 2e-2)]
-    task, store = synthetic_task(cache[1])
+    task, store = synthetic_task(cache[1], memory_budget=memory_budget)
     try:
         methods = [info.cls(info.create(c).resolve(task.info)) for c in configs]
         separate = [m.fit(task, generator=torch.Generator().manual_seed(1)) for m in methods]
+        with task.sharing_views():
+            assert task.views(task.train, policy="tip").streams == (memory_budget == 0)
         together = fit_together(methods, task, seed=1)
     finally:
         store.close()

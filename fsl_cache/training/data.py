@@ -67,6 +67,9 @@ class ViewSource(Protocol):
 class MemoryViews:
     """A split's tensors held in memory as ``{tap: [N, V, ...]}`` (kept in storage dtype)."""
 
+    streams = False
+    """A batch is a gather in memory (cheap), not a read from the store."""
+
     def __init__(self, arrays: dict[str, torch.Tensor]) -> None:
         self.arrays = arrays
         first = next(iter(arrays.values()))
@@ -90,6 +93,9 @@ class StoreViews:
     for the same positions and views returns it, or raises what the read raised. One batch is in
     flight at a time, so a step prefetches the next batch after it has its own.
     """
+
+    streams = True
+    """A batch is read from the store (or its sidecar), worth sharing between lockstep heads."""
 
     def __init__(self, store, names: dict[str, str], rows: np.ndarray, num_views: int, *,
                  unpacked: dict[str, UnpackedRows] | None = None) -> None:

@@ -127,6 +127,7 @@ class SharedBatches:
         self.source = source
         self.num_views = source.num_views
         self._last: tuple[bytes, dict[str, torch.Tensor]] | None = None
+        self.streams = getattr(source, "streams", True)
 
     def __len__(self) -> int:
         return len(self.source)
