@@ -141,11 +141,11 @@ def warn_view_reuse(task: FitTask, *, policy: str, views: int, epochs: int) -> N
 def fit_together(methods: list[Method], task: FitTask, *, seed: int) -> list[FitResult]:
     """Fit several configurations on one task; equal to ``m.fit(task, generator=seeded(seed))`` for each.
 
-    Methods on the default trained path share the opened splits. When their train views stream from the
-    store they train in lockstep (:func:`~fsl_cache.training.train_many`), reading each batch once for
-    all; views held in memory cost only a gather, so those fits run one after another, which keeps each
-    head's weights in cache (LDC-RN50 in lockstep ran 1.4x slower per step on the CPU). Methods with their
-    own :meth:`Method.fit` run one after another.
+    Methods on the default trained path share the opened splits. When their train views stream from
+    the store they train in lockstep (:func:`~fsl_cache.training.train_many`), reading each batch once
+    for all; views held in memory cost only a gather, so those fits run one after another, which keeps
+    each head's weights in cache (LDC-RN50 heads in lockstep measured 0.75 s per step against 0.53 s
+    alone on the CPU). Methods with their own :meth:`Method.fit` run one after another.
     """
     if not all(type(m).fit is Method.fit for m in methods):
         return [m.fit(task, generator=torch.Generator().manual_seed(seed)) for m in methods]
