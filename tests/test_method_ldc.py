@@ -33,6 +33,7 @@ from fsl_cache.methods.ldc_modules import (
     mlp,
     search_beta,
 )
+from fsl_cache.methods.pooling import AttnPoolToken0
 from fsl_cache.runs.record import load_head_tensors
 from fsl_cache.store.store import FeatureStore
 from fsl_cache.training import MemoryViews, TrainData, seeded_init, train
@@ -153,6 +154,20 @@ def test_gradients_flow_through_the_frozen_attnpool_to_the_adapters():
     trunk(maps).sum().backward()
     assert all(a[0].weight.grad is not None and a[0].weight.grad.abs().sum() > 0 for a in trunk.adapters)
     assert all(p.grad is None for p in pool.parameters())
+
+
+def test_the_frozen_attnpool_computes_token_0_only_with_the_full_pools_output_and_input_gradient():
+    torch.manual_seed(5)
+    pool = AttentionPool2d(7, 64, 4, 32)
+    token0 = AttnPoolToken0(pool)
+    x = torch.randn(3, 64, 7, 7, requires_grad=True)
+    target = torch.randn(3, 32)
+    (pool(x) * target).sum().backward()
+    expected, x.grad = x.grad, None
+    out = token0(x)
+    (out * target).sum().backward()
+    torch.testing.assert_close(out, pool(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-6)
 
 
 @torch.no_grad()

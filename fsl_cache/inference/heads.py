@@ -9,7 +9,6 @@ only the parts ``saved_state`` leaves out may be missing from the file.
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
@@ -108,11 +107,11 @@ def _coop(bundle, state, backbone):
 @head_builder("LDCHead")
 def _ldc(bundle, state, backbone):
     from ..methods.ldc import VIT_MAF_HIDDEN, LDCHead, build_trunk
+    from ..methods.pooling import tower_pooling
 
     cfg, meta = bundle.meta["config"], bundle.meta["backbone"]
     kind, d, taps = meta.get("kind", "rn"), int(meta["embed_dim"]), bundle.inputs[1:]
-    visual = backbone().model.visual
-    frozen = copy.deepcopy(visual.attnpool).float() if kind == "rn" else visual.proj.detach().float().clone()
+    frozen = tower_pooling(backbone().model.visual, kind)
     shapes = [tuple(bundle.meta["tap_shapes"][t]) for t in taps]
     trunk = build_trunk(kind, shapes, frozen, embed_dim=d, fuse=cfg["fuse"], lite=bundle.method == "ldc_lite")
     return LDCHead(trunk, taps=taps, text=state["text"], scale=_f(state, "scale"),

@@ -7,7 +7,6 @@ re-loaded and fingerprint-checked. [CODE] LiShuo1001/LDC ``clip_ldc/model.py``, 
 """
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from ..training.settings import Select
 from .base import FitResult, Method
 from .ldc_modules import ALF, ICD, VIT_MAF_HIDDEN, Fuse, RNMultiLevel, ViTMultiLevel, fuse_beta, mlp, search_beta
 from .options import ConfigError, TrainOptions, check_range
+from .pooling import tower_pooling
 from .registry import register_method
 
 HEADS = ("main", "alf", "maf", "icd", "zero_shot")
@@ -106,11 +106,8 @@ def tap_shapes(task: FitTask, taps: tuple[str, ...]) -> list[tuple[int, ...]]:
 
 
 def frozen_pooling(task: FitTask) -> nn.Module | torch.Tensor:
-    """RN: a float32 copy of the backbone's attention pooling; ViT: its ``proj`` ``[W, D]`` (fingerprint-checked)."""
-    visual = task.backbone().model.visual
-    if task.info.backbone.get("kind", "rn") == "rn":
-        return copy.deepcopy(visual.attnpool).float()
-    return visual.proj.detach().float().clone()
+    """RN: the backbone's attention pooling (output token 0 only); ViT: its ``proj`` ``[W, D]`` (fingerprint-checked)."""
+    return tower_pooling(task.backbone().model.visual, task.info.backbone.get("kind", "rn"))
 
 
 def build_trunk(kind: str, shapes: list[tuple[int, ...]], frozen, *, embed_dim: int, fuse: Fuse,

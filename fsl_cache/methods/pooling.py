@@ -15,6 +15,7 @@ so a sample costs two ``C×C`` products instead of ``2L`` (RN50: 15 instead of 4
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,25 @@ class PoolingTail(nn.Module):
         if self.kind == "rn":
             return attnpool_query0(x, p, heads=self.heads)
         return vit_block_cls(x, p, heads=self.heads, eps=self.eps, quick_gelu=self.quick_gelu)
+
+
+class AttnPoolToken0(nn.Module):
+    """CLIP's ``AttentionPool2d`` as a frozen-weight module that computes output token 0 only (all that the
+    embedding uses) instead of all ``HW + 1`` queries; input ``[B, C, H, W]`` → ``[B, D]``."""
+
+    def __init__(self, attnpool: nn.Module) -> None:
+        super().__init__()
+        self.tail = _rn_tail(types.SimpleNamespace(attnpool=attnpool))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(x)[0]
+
+
+def tower_pooling(visual, kind: str) -> nn.Module | torch.Tensor:
+    """The image tower's frozen pooling in float32: RN the attention pool (token 0 only), ViT ``proj`` ``[W, D]``."""
+    if kind == "rn":
+        return AttnPoolToken0(visual.attnpool).float()
+    return visual.proj.detach().float().clone()
 
 
 # ---------------------------------------------------------------------------- the math
