@@ -56,6 +56,11 @@ def make_images(root: Path, *, classes: int, per_split: dict[str, int], size: in
     return root
 
 
+def few_shot_images(work: Path, *, classes: int, shots: int) -> Path:
+    """The benchmarks' dataset: ``shots`` train and test images per class, ``min(shots, 4)`` val."""
+    return make_images(work / "data", classes=classes, per_split={"train": shots, "val": min(shots, 4), "test": shots})
+
+
 class Images(Dataset):
     """(path, label) read from disk with a transform on every access, like Dassl's DatasetWrapper."""
 
@@ -185,8 +190,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        root = make_images(work / "data", classes=args.classes,
-                           per_split={"train": args.shots, "val": min(args.shots, 4), "test": args.shots})
+        root = few_shot_images(work, classes=args.classes, shots=args.shots)
         grid = config_grid(args.configs)
         backbone = load_backbone("RN50", "none")
         cached, official = [], []

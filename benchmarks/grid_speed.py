@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fit_speed import make_images
+from fit_speed import few_shot_images
 from PIL import Image
 from torchvision import transforms
 
@@ -153,8 +153,7 @@ def main() -> None:
     torch.manual_seed(0)  # the official loop draws its augmentations from the global RNG
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        root = make_images(work / "data", classes=args.classes,
-                           per_split={"train": args.shots, "val": min(args.shots, 4), "test": args.shots})
+        root = few_shot_images(work, classes=args.classes, shots=args.shots)
         configs = grid_options(args.method, args)
         load = os.getloadavg()
         extract_s = extract(root, work / "cache", args)

@@ -40,15 +40,7 @@ FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread in here and in the subprocesses (OMP_NUM_THREADS=1): float sums depend on the
-    thread count, so bit-identical comparisons need the same one, and 2 threads on a busy 2-core CI
-    machine make a 1 s extraction take 10-40 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical comparisons (tests/conftest.py)
 
 
 def cli(*args) -> tuple[int, str]:

@@ -17,7 +17,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 import zarr
 from click.testing import CliRunner
 from PIL import Image
@@ -39,15 +38,7 @@ RICH = {**TINY, "for_methods": ["tip_adapter", "safe"], "views": 2, "shots": (1,
 """Every kind of array: float16 features, zstd-compressed RN maps, int32 params, UTF-8 paths."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread in here and in the subprocesses (OMP_NUM_THREADS=1): float sums depend on the
-    thread count, so bit-identical comparisons need the same one, and 2 threads on a busy 2-core CI
-    machine make a 1 s extraction take 10-40 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical comparisons (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
