@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.14.1 is served from local disk on the dev machines and from PyPI elsewhere (CUDA build on Linux).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/fsl-cache demo
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	# one BLAS thread: deterministic float sums and no oversubscription with loader/subprocess workers
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 

@@ -12,6 +12,7 @@ with random weights (the same compute as pretrained ones), over the same images:
 
 Usage: ``python benchmarks/extract.py [--images 32] [--rounds 3] [--models RN50,ViT-B-16]`` (a few minutes on 2 cores).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fsl_cache.datasets import open_image
 from fsl_cache.extraction import ExtractOptions, ViewRenderer, prepare_extraction
 from fsl_cache.extraction.run import Encoder, RunStats, run_job
-from fsl_cache.datasets import open_image
 from fsl_cache.store.store import StoreWriter
 
 
@@ -56,11 +57,24 @@ def pure_forward(bb, paths: list[Path], taps: tuple[str, ...], batch: int) -> fl
 def extraction(prepared, job, batch: int, store_dir: Path) -> float:
     """Seconds :func:`run_job` spends on ``job``, written into a fresh store at ``store_dir``."""
     writer = StoreWriter(store_dir, fmt=prepared.options.format, manifest=prepared.manifest)
-    text = {n: prepared.backbone.text_classifier(list(prepared.spec.classnames), list(t)) for n, t in prepared.spec.templates.items()}
+    text = {
+        n: prepared.backbone.text_classifier(list(prepared.spec.classnames), list(t))
+        for n, t in prepared.spec.templates.items()
+    }
     stats = RunStats()
-    run_job(job, spec=prepared.spec, writer=writer, encoder=Encoder(prepared.backbone, text, np.dtype(np.float16)),
-            renderer=ViewRenderer(prepared.backbone.preprocess_cfg), aug_seed=0, batch_size=batch, workers=0,
-            skip_bad=False, stats=stats, advance=lambda n: None)
+    run_job(
+        job,
+        spec=prepared.spec,
+        writer=writer,
+        encoder=Encoder(prepared.backbone, text, np.dtype(np.float16)),
+        renderer=ViewRenderer(prepared.backbone.preprocess_cfg),
+        aug_seed=0,
+        batch_size=batch,
+        workers=0,
+        skip_bad=False,
+        stats=stats,
+        advance=lambda n: None,
+    )
     writer.close()
     return stats.seconds
 
@@ -91,8 +105,14 @@ def bench(model: str, images: int, batch: int, rounds: int, tmp: Path) -> None:
     if not root.exists():
         make_images(root, images)
     for_methods = ["ldc"] if model.startswith("RN") else ["ldc", "safe"]
-    prepared = prepare_extraction(f"imagefolder:{root}", root=None, model=model, pretrained="none",
-                                  cache_dir=tmp / f"cache-{model}", options=ExtractOptions(for_methods=tuple(for_methods), workers=0, shots=(1,), seeds=(1,)))
+    prepared = prepare_extraction(
+        f"imagefolder:{root}",
+        root=None,
+        model=model,
+        pretrained="none",
+        cache_dir=tmp / f"cache-{model}",
+        options=ExtractOptions(for_methods=tuple(for_methods), workers=0, shots=(1,), seeds=(1,)),
+    )
     job = next(j for j in prepared.plan.jobs if j.pool.name == "test")
     paths = [prepared.spec.path("test", int(i)) for i in job.pool.indices]
     bb = prepared.backbone
@@ -103,7 +123,9 @@ def bench(model: str, images: int, batch: int, rounds: int, tmp: Path) -> None:
             "main": lambda r: pure_forward(bb, paths, job.taps, batch),
             # extraction runs its forwards on a helper thread: time a pure forward there too
             "helper": lambda r: pool.submit(pure_forward, bb, paths, job.taps, batch).result(),
-            "extraction": lambda r: extraction(prepared, job, batch, prepared.store_dir.with_name(f"{prepared.store_dir.name}-{r}")),
+            "extraction": lambda r: extraction(
+                prepared, job, batch, prepared.store_dir.with_name(f"{prepared.store_dir.name}-{r}")
+            ),
         }
         for side in sides.values():  # warm-up: the first full pass on a thread ran 1.5-3x slower here
             side("warm")
@@ -115,17 +137,29 @@ def bench(model: str, images: int, batch: int, rounds: int, tmp: Path) -> None:
     n = len(paths) * rounds
     fwd = min(main, helper)
     print(f"\n== {model} (random weights), {len(paths)} images x {rounds} rounds, taps {', '.join(job.taps)}")
-    print(f"load average before / after: {' '.join(f'{x:.1f}' for x in load)} / {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"pure forward_intermediates: {n / main:7.2f} img/s on the main thread, {n / helper:7.2f} on a helper thread")
-    print(f"extraction:                 {n / ext:7.2f} img/s   ratio extract/(faster forward) = {fwd / ext:.3f} (target >= 0.90)")
-    print(f"{'array':<40} {'bytes/img/view':>15} {'codec':>8}   codecs considered: ratio @ encode speed, one core")
+    print(
+        f"load average before / after: {' '.join(f'{x:.1f}' for x in load)} / "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    print(
+        f"pure forward_intermediates: {n / main:7.2f} img/s on the main thread, {n / helper:7.2f} on a helper thread"
+    )
+    print(
+        f"extraction:                 {n / ext:7.2f} img/s   "
+        f"ratio extract/(faster forward) = {fwd / ext:.3f} (target >= 0.90)"
+    )
+    print(
+        f"{'array':<40} {'bytes/img/view':>15} {'codec':>8}   codecs considered: ratio @ encode speed, one core"
+    )
     from fsl_cache.store.backend import open_backend
 
     backend = open_backend(prepared.store_dir.with_name(f"{prepared.store_dir.name}-0"), "zarr", mode="r")
     for spec in job.arrays:
         per_view = spec.nbytes // (spec.shape[0] * spec.shape[1])
         sample = np.asarray(backend.open(spec.name)[: min(8, spec.shape[0])])
-        ratios = codec_ratios(sample) if sample.dtype == np.float16 and per_view >= 1 << 16 else {}  # maps, tokens
+        ratios = (
+            codec_ratios(sample) if sample.dtype == np.float16 and per_view >= 1 << 16 else {}
+        )  # maps, tokens
         text = "  ".join(f"{k} {ratio:.2f}x @{speed:.0f} MB/s" for k, (ratio, speed) in ratios.items())
         print(f"{spec.name.split('/views/center/')[-1]:<40} {per_view:>15,} {spec.codec:>8}   {text}")
 

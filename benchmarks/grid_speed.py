@@ -19,6 +19,7 @@ the grid's total is the mean per-run time times the grid size (both numbers are 
     python benchmarks/grid_speed.py --method ldc --model RN50 [--classes 4] [--shots 4] [--epochs 2] [--fused]
     python benchmarks/grid_speed.py --method safe --model ViT-B-16 [--iterations 16] [--grid-chunk 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,13 @@ class LiveViews:
     """A source that decodes, transforms and encodes its images at every batch (the official loop)."""
 
     def __init__(self, backbone, paths: list[Path], taps: tuple[str, ...], transform) -> None:
-        self.backbone, self.paths, self.taps, self.transform, self.num_views = backbone, paths, taps, transform, 2
+        self.backbone, self.paths, self.taps, self.transform, self.num_views = (
+            backbone,
+            paths,
+            taps,
+            transform,
+            2,
+        )
         self.encoded = 0
 
     def __len__(self) -> int:
@@ -66,38 +73,88 @@ class LiveViews:
 
 def official_transforms(method: str) -> tuple:
     """(train augmentation, evaluation preprocessing) of the official loop."""
-    train = transforms.Compose([
-        transforms.RandomResizedCrop(224, scale=CROP_SCALE[method], interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-    evaluation = transforms.Compose([
-        transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(224),
-        transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    train = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(
+                224, scale=CROP_SCALE[method], interpolation=transforms.InterpolationMode.BICUBIC
+            ),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
+    evaluation = transforms.Compose(
+        [
+            transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
     return train, evaluation
 
 
 def grid_options(method: str, args) -> list[dict]:
     """24 configurations: LDC lr × weight decay × loss weights; SAFE lr × wd (one fit trains them all)."""
     if method == "ldc":
-        grid = itertools.product((1e-4, 3e-4, 1e-3, 3e-3), (1e-4, 1e-3, 1e-2), ((1.0,) * 5, (1.0, 1.0, 1.0, 0.5, 0.5)))
-        return [{"epochs": args.epochs, "batch_size": args.batch, "lr": lr, "weight_decay": wd, "loss_lambda": lam,
-                 "fused": args.fused} for lr, wd, lam in grid]
+        grid = itertools.product(
+            (1e-4, 3e-4, 1e-3, 3e-3), (1e-4, 1e-3, 1e-2), ((1.0,) * 5, (1.0, 1.0, 1.0, 0.5, 0.5))
+        )
+        return [
+            {
+                "epochs": args.epochs,
+                "batch_size": args.batch,
+                "lr": lr,
+                "weight_decay": wd,
+                "loss_lambda": lam,
+                "fused": args.fused,
+            }
+            for lr, wd, lam in grid
+        ]
     lrs, wds = (1e-4, 1e-5, 1e-6, 1e-7), (0.0, 1e-3, 1e-5, 1e-4, 1e-2, 1e-1)
-    return [{"iterations": args.iterations, "batch_size": args.batch, "eval_every": 0, "lrs": (lr,), "wds": (wd,),
-             "grid_chunk": args.grid_chunk} for lr, wd in itertools.product(lrs, wds)]
+    return [
+        {
+            "iterations": args.iterations,
+            "batch_size": args.batch,
+            "eval_every": 0,
+            "lrs": (lr,),
+            "wds": (wd,),
+            "grid_chunk": args.grid_chunk,
+        }
+        for lr, wd in itertools.product(lrs, wds)
+    ]
 
 
 def extract(root: Path, cache: Path, args) -> float:
     started = time.perf_counter()
     views = 1 + (args.epochs if args.method == "ldc" else 8)
-    api.extract(f"imagefolder:{root}", model=args.model, pretrained="none", for_methods=[args.method], views=views,
-                shots=(args.shots,), seeds=(1,), cache_dir=cache, workers=0, batch_size=32, progress=False)
+    api.extract(
+        f"imagefolder:{root}",
+        model=args.model,
+        pretrained="none",
+        for_methods=[args.method],
+        views=views,
+        shots=(args.shots,),
+        seeds=(1,),
+        cache_dir=cache,
+        workers=0,
+        batch_size=32,
+        progress=False,
+    )
     return time.perf_counter() - started
 
 
 def cached_grid(root: Path, cache: Path, runs: Path, configs: list[dict], args) -> float:
     started = time.perf_counter()
-    common = dict(datasets=[f"imagefolder:{root}"], shots=[args.shots], seeds=[1], model=args.model,
-                  pretrained="none", cache_dir=cache, runs_dir=runs)
+    common = dict(
+        datasets=[f"imagefolder:{root}"],
+        shots=[args.shots],
+        seeds=[1],
+        model=args.model,
+        pretrained="none",
+        cache_dir=cache,
+        runs_dir=runs,
+    )
     if args.method == "ldc":
         keys = sorted(configs[0])
         options = {k: sorted({c[k] for c in configs}, key=str) for k in keys}
@@ -106,8 +163,18 @@ def cached_grid(root: Path, cache: Path, runs: Path, configs: list[dict], args) 
     else:
         lrs = tuple(sorted({c["lrs"][0] for c in configs}))
         wds = tuple(sorted({c["wds"][0] for c in configs}))
-        api.fit("safe", dataset=common["datasets"][0], shots=args.shots, seeds=[1], model=args.model, pretrained="none",
-                options={**configs[0], "lrs": lrs, "wds": wds}, cache_dir=cache, runs_dir=runs, progress=False)
+        api.fit(
+            "safe",
+            dataset=common["datasets"][0],
+            shots=args.shots,
+            seeds=[1],
+            model=args.model,
+            pretrained="none",
+            options={**configs[0], "lrs": lrs, "wds": wds},
+            cache_dir=cache,
+            runs_dir=runs,
+            progress=False,
+        )
     return time.perf_counter() - started
 
 
@@ -145,9 +212,15 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=16, help="SAFE iterations per configuration")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8, help="LDC configurations trained in lockstep")
-    parser.add_argument("--fused", action="store_true", help="LDC's fused exact adapters (-o fused=true) on both sides")
-    parser.add_argument("--grid-chunk", type=int, default=0,
-                        help="SAFE grid points stacked per pass (0: all 24; 1: one at a time, often faster on CPU)")
+    parser.add_argument(
+        "--fused", action="store_true", help="LDC's fused exact adapters (-o fused=true) on both sides"
+    )
+    parser.add_argument(
+        "--grid-chunk",
+        type=int,
+        default=0,
+        help="SAFE grid points stacked per pass (0: all 24; 1: one at a time, often faster on CPU)",
+    )
     parser.add_argument("--official-configs", type=int, default=2)
     args = parser.parse_args()
     torch.manual_seed(0)  # the official loop draws its augmentations from the global RNG
@@ -161,7 +234,9 @@ def main() -> None:
         backbone = load_backbone(args.model, "none")
         store = FeatureStore.open(next((work / "cache").glob("*/*")))
         try:
-            official = [official_run(store, backbone, root, c, args) for c in configs[:args.official_configs]]
+            official = [
+                official_run(store, backbone, root, c, args) for c in configs[: args.official_configs]
+            ]
         finally:
             store.close()
         report(args, configs, extract_s, grid_s, official, load)
@@ -173,14 +248,24 @@ def report(args, configs, extract_s: float, grid_s: float, official: list[tuple[
         steps = f"{args.epochs} epochs{', fused adapters' if args.fused else ''}"
     else:
         steps = f"{args.iterations} iterations, grid_chunk {args.grid_chunk}"
-    print(f"{args.method} on {args.model} (random weights, 224 px), {args.classes} classes x {args.shots} shots, "
-          f"batch {args.batch}, {steps} per configuration, torch threads {torch.get_num_threads()}, "
-          f"load {load[0]:.1f} -> {os.getloadavg()[0]:.1f}")
-    print(f"cached:   extract {extract_s:.1f} s once + {len(configs)}-configuration grid {grid_s:.1f} s "
-          f"= {extract_s + grid_s:.1f} s")
+    print(
+        f"{args.method} on {args.model} (random weights, 224 px), {args.classes} classes x {args.shots} shots, "
+        f"batch {args.batch}, {steps} per configuration, torch threads {torch.get_num_threads()}, "
+        f"load {load[0]:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"cached:   extract {extract_s:.1f} s once + {len(configs)}-configuration grid {grid_s:.1f} s "
+        f"= {extract_s + grid_s:.1f} s"
+    )
     timed = ", ".join(f"{s:.1f} s ({n} images encoded)" for s, n in official)
-    print(f"official: {per_run:.1f} s per configuration (timed: {timed}); x{len(configs)} = {per_run * len(configs):.1f} s")
-    print(f"ratio (official / cached, {len(configs)} configurations): {per_run * len(configs) / (extract_s + grid_s):.2f}x")
+    print(
+        f"official: {per_run:.1f} s per configuration (timed: {timed}); "
+        f"x{len(configs)} = {per_run * len(configs):.1f} s"
+    )
+    print(
+        f"ratio (official / cached, {len(configs)} configurations): "
+        f"{per_run * len(configs) / (extract_s + grid_s):.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ through ``/proc/self/clear_refs`` before every step), i.e. what one step adds on
 
     python benchmarks/ldc_adapter.py [--batch 16] [--repeats 5] [--parts adapters,head]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,7 +77,9 @@ def fuse(module: nn.Module) -> nn.Module:
     for parent in module.modules():
         for name, child in parent.named_children():
             if type(child) is ConvAdapter and isinstance(child[3], nn.AvgPool2d):
-                fused = FusedConvAdapter(child[0].in_channels, child[0].out_channels, pool=child[3].kernel_size)
+                fused = FusedConvAdapter(
+                    child[0].in_channels, child[0].out_channels, pool=child[3].kernel_size
+                )
                 fused.load_state_dict(child.state_dict())
                 fused.train(child.training)
                 setattr(parent, name, fused)
@@ -89,6 +92,7 @@ def adapters_step(adapters: nn.ModuleList, maps, probe: torch.Tensor):
             p.grad = None
         out = fuse_levels([a(x) for a, x in zip(adapters, maps)], "wf")
         (out * probe).sum().backward()
+
     return step
 
 
@@ -102,6 +106,7 @@ def head_step(head: nn.Module, maps, pooled, labels, opt):
         loss = ldc_loss(head(inputs), labels, lambdas=(1.0,) * 5)
         loss.backward()
         opt.step()
+
     return step
 
 
@@ -112,8 +117,13 @@ def build_head(num_classes: int = 10):
     visual = load_backbone("RN50", pretrained="none").model.visual
     trunk = RNMultiLevel(CHANNELS, SIDES, attnpool=copy.deepcopy(visual.attnpool).float(), embed_dim=1024)
     text = nn.functional.normalize(torch.randn(num_classes, 1024), dim=-1)
-    head = LDCHead(trunk, taps=("rn/layer1", "rn/layer2", "rn/layer3", "rn/layer4"), text=text, scale=100.0,
-                   maf_hidden=1024)
+    head = LDCHead(
+        trunk,
+        taps=("rn/layer1", "rn/layer2", "rn/layer3", "rn/layer4"),
+        text=text,
+        scale=100.0,
+        maf_hidden=1024,
+    )
     return head.train()
 
 
@@ -131,13 +141,19 @@ def compare(name: str, make_step, repeats: int) -> dict:
             peaks[k].append(mb)
     med = {k: statistics.median(v) for k, v in times.items()}
     peak = {k: statistics.median(v) for k, v in peaks.items()}
-    print(f"{name:9s} plain {med['plain'] * 1e3:8.0f} ms (runs {', '.join(f'{t * 1e3:.0f}' for t in times['plain'])}), "
-          f"peak +{peak['plain']:6.0f} MB")
-    print(f"{'':9s} fused {med['fused'] * 1e3:8.0f} ms (runs {', '.join(f'{t * 1e3:.0f}' for t in times['fused'])}), "
-          f"peak +{peak['fused']:6.0f} MB")
+    print(
+        f"{name:9s} plain {med['plain'] * 1e3:8.0f} ms (runs {', '.join(f'{t * 1e3:.0f}' for t in times['plain'])}), "
+        f"peak +{peak['plain']:6.0f} MB"
+    )
+    print(
+        f"{'':9s} fused {med['fused'] * 1e3:8.0f} ms (runs {', '.join(f'{t * 1e3:.0f}' for t in times['fused'])}), "
+        f"peak +{peak['fused']:6.0f} MB"
+    )
     best = {k: min(v) for k, v in times.items()}  # least disturbed by other load on a shared machine
-    print(f"{'':9s} speed-up {med['plain'] / med['fused']:.2f}x median, {best['plain'] / best['fused']:.2f}x best "
-          f"(target >= 2), memory {peak['fused'] / max(peak['plain'], 1e-9):.2f}x (target <= 0.5)")
+    print(
+        f"{'':9s} speed-up {med['plain'] / med['fused']:.2f}x median, {best['plain'] / best['fused']:.2f}x best "
+        f"(target >= 2), memory {peak['fused'] / max(peak['plain'], 1e-9):.2f}x (target <= 0.5)"
+    )
     return {"speedup": med["plain"] / med["fused"], "memory": peak["fused"] / max(peak["plain"], 1e-9)}
 
 
@@ -153,8 +169,10 @@ def main() -> None:
     torch.manual_seed(0)
     b = args.batch
     maps = [torch.randn(b, c, s, s).relu_() for c, s in zip(CHANNELS, SIDES)]  # post-ReLU like real maps
-    print(f"LDC-RN50 adapters, batch {b}, fp32, {torch.get_num_threads()} threads, "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    print(
+        f"LDC-RN50 adapters, batch {b}, fp32, {torch.get_num_threads()} threads, "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores"
+    )
     parts = args.parts.split(",")
     if "adapters" in parts:
         plain = nn.ModuleList(ConvAdapter(c, 2048, pool=s // 7) for c, s in zip(CHANNELS, SIDES)).train()
@@ -169,6 +187,7 @@ def main() -> None:
             h = fuse(head) if f else copy.deepcopy(head)
             opt = torch.optim.AdamW([p for p in h.parameters() if p.requires_grad], lr=1e-4, eps=1e-4)
             return head_step(h, maps, pooled, labels, opt)
+
         compare("head", make, args.repeats)
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 

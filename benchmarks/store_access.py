@@ -16,6 +16,7 @@ half the in-RAM rate). The store's time includes fp16 chunk decode (zstd), check
 
     python benchmarks/store_access.py [--samples 1024] [--batch 64] [--repeats 30] [--formats zarr,hdf5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,13 @@ def write_store(parent: Path, fmt: str, data: np.ndarray, shard: int = 64) -> tu
     parts = {"benchmark": "store_access", "format": fmt}
     key = fingerprint(parts)
     root = parent / store_dirname(arch="RN50", weights="none", precision="fp16", key=key)
-    manifest = {"schema": SCHEMA, "fingerprint": key, "fingerprint_parts": parts, "format": fmt, "precision": "fp16"}
+    manifest = {
+        "schema": SCHEMA,
+        "fingerprint": key,
+        "fingerprint_parts": parts,
+        "format": fmt,
+        "precision": "fp16",
+    }
     spec = array_layout(NAME, tuple(data.shape), "float16")
     writer = StoreWriter(root, fmt=fmt, manifest=manifest)
     writer.create(spec)
@@ -65,8 +72,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     data = np.maximum(rng.standard_normal((args.samples, 2048, 7, 7), dtype=np.float32), 0).astype(np.float16)
     mb = args.batch * data[0].nbytes / 1e6
-    print(f"{args.batch} random rows of {args.samples} × layer4 [2048, 7, 7] fp16 ({mb:.1f} MB per minibatch), "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    print(
+        f"{args.batch} random rows of {args.samples} × layer4 [2048, 7, 7] fp16 ({mb:.1f} MB per minibatch), "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in args.formats.split(","):
             root, layout = write_store(Path(tmp) / fmt, fmt, data)
@@ -92,10 +101,14 @@ def main() -> None:
                 t_side.append(t3 - t2)
             store.close()
             s, r, u = statistics.median(t_store), statistics.median(t_ram), statistics.median(t_side)
-            print(f"{fmt:5s} ({layout}): store {s * 1e3:7.1f} ms ({mb / s:6.0f} MB/s), in-RAM gather "
-                  f"{r * 1e3:6.2f} ms ({mb / r:6.0f} MB/s), gather/store = {r / s:.3f} (target >= 0.5)")
-            print(f"{'':5s} unpacked sidecar: {u * 1e3:6.2f} ms ({mb / u:6.0f} MB/s), gather/sidecar = {r / u:.3f} "
-                  f"(target >= 0.5); one-time unpack {t_unpack:.2f} s ({data.nbytes / 1e6 / t_unpack:.0f} MB/s)")
+            print(
+                f"{fmt:5s} ({layout}): store {s * 1e3:7.1f} ms ({mb / s:6.0f} MB/s), in-RAM gather "
+                f"{r * 1e3:6.2f} ms ({mb / r:6.0f} MB/s), gather/store = {r / s:.3f} (target >= 0.5)"
+            )
+            print(
+                f"{'':5s} unpacked sidecar: {u * 1e3:6.2f} ms ({mb / u:6.0f} MB/s), gather/sidecar = {r / u:.3f} "
+                f"(target >= 0.5); one-time unpack {t_unpack:.2f} s ({data.nbytes / 1e6 / t_unpack:.0f} MB/s)"
+            )
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

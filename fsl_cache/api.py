@@ -1,4 +1,5 @@
 """The Python face of every command: ``fsl-cache X`` is a thin wrapper over ``fsl_cache.api.X``."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -35,12 +36,30 @@ def extract(
 ) -> ExtractResult:
     """Run the frozen backbone once over ``dataset`` and store what ``for_methods`` need."""
     options = ExtractOptions(
-        for_methods=tuple(for_methods or DEFAULT_FOR), views=views, precision=precision, format=format,
-        batch_size=batch_size, workers=workers, device=device, shots=tuple(shots), seeds=tuple(seeds),
-        full_train=full_train, full_val=full_val, vit_blocks=tuple(vit_blocks), skip_bad=skip_bad,
+        for_methods=tuple(for_methods or DEFAULT_FOR),
+        views=views,
+        precision=precision,
+        format=format,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        shots=tuple(shots),
+        seeds=tuple(seeds),
+        full_train=full_train,
+        full_val=full_val,
+        vit_blocks=tuple(vit_blocks),
+        skip_bad=skip_bad,
     )
-    return _extract(dataset, root=root, model=model, pretrained=pretrained, cache_dir=cache_dir,
-                    options=options, on_plan=on_plan, progress=progress)
+    return _extract(
+        dataset,
+        root=root,
+        model=model,
+        pretrained=pretrained,
+        cache_dir=cache_dir,
+        options=options,
+        on_plan=on_plan,
+        progress=progress,
+    )
 
 
 def _cache_dir(cache_dir: str | Path | None) -> Path:
@@ -109,9 +128,23 @@ def fit(
         if on_run is not None:
             on_run(result)
 
-    return fit_runs(method, dataset=dataset, shots=shots, seeds=seeds, protocol=protocol, model=model,
-                    pretrained=pretrained, store=store, options=options, cache_dir=cache_dir, runs_dir=runs_dir,
-                    force=force, device=device, memory_budget=memory_budget, on_run=report)
+    return fit_runs(
+        method,
+        dataset=dataset,
+        shots=shots,
+        seeds=seeds,
+        protocol=protocol,
+        model=model,
+        pretrained=pretrained,
+        store=store,
+        options=options,
+        cache_dir=cache_dir,
+        runs_dir=runs_dir,
+        force=force,
+        device=device,
+        memory_budget=memory_budget,
+        on_run=report,
+    )
 
 
 def methods() -> list:
@@ -162,22 +195,47 @@ def grid(
     if recipe is not None:
         spec = load_recipe(recipe)
     elif methods and datasets:
-        spec = GridSpec(methods=tuple(methods), datasets=tuple(datasets), shots=tuple(shots), seeds=tuple(seeds),
-                        options={k: tuple(v) for k, v in (options or {}).items()}, protocol=protocol, model=model,
-                        pretrained=pretrained)
+        spec = GridSpec(
+            methods=tuple(methods),
+            datasets=tuple(datasets),
+            shots=tuple(shots),
+            seeds=tuple(seeds),
+            options={k: tuple(v) for k, v in (options or {}).items()},
+            protocol=protocol,
+            model=model,
+            pretrained=pretrained,
+        )
     else:
         raise UsageError("grid needs METHOD[,METHOD] and --dataset, or --recipe pipelines/NAME.yaml")
     runs = Path(runs_dir) if runs_dir is not None else default_runs_dir()
-    context = SweepContext(cache_dir=_cache_dir(cache_dir), runs_dir=runs, protocol=spec.protocol, model=spec.model,
-                           pretrained=spec.pretrained, store=store, device=device, group_size=group_size)
+    context = SweepContext(
+        cache_dir=_cache_dir(cache_dir),
+        runs_dir=runs,
+        protocol=spec.protocol,
+        model=spec.model,
+        pretrained=spec.pretrained,
+        store=store,
+        device=device,
+        group_size=group_size,
+    )
     settings = None
     if engine == "optuna":
         from .sweeps.optuna_engine import OptunaSettings
 
-        settings = OptunaSettings(storage=Path(study_storage) if study_storage else runs / "optuna.journal",
-                                  sampler=sampler, n_trials=n_trials)
-    return run_sweep(spec, context, engine=engine, workers=workers, on_start=on_start, on_outcome=on_outcome,
-                     optuna=settings)
+        settings = OptunaSettings(
+            storage=Path(study_storage) if study_storage else runs / "optuna.journal",
+            sampler=sampler,
+            n_trials=n_trials,
+        )
+    return run_sweep(
+        spec,
+        context,
+        engine=engine,
+        workers=workers,
+        on_start=on_start,
+        on_outcome=on_outcome,
+        optuna=settings,
+    )
 
 
 def report(
@@ -203,8 +261,11 @@ def report(
     filters = Filters(tuple(methods), tuple(datasets), tuple(shots), tuple(protocols), tuple(backbones))
     rows = load_rows(root, filters)
     if not rows:
-        raise UsageError(f"No finished runs under {root}" + (" match the filters" if filters != Filters() else "")
-                         + "; run fsl-cache fit or fsl-cache grid first")
+        raise UsageError(
+            f"No finished runs under {root}"
+            + (" match the filters" if filters != Filters() else "")
+            + "; run fsl-cache fit or fsl-cache grid first"
+        )
     table = build_table(rows)
     plots = []
     if plot_dir is not None:
@@ -214,8 +275,14 @@ def report(
     return table, rows, plots
 
 
-def predict(run: str | Path, images: Sequence[str | Path], *, top_k: int = 5, runs_dir: str | Path | None = None,
-            device: str = "cpu") -> list:
+def predict(
+    run: str | Path,
+    images: Sequence[str | Path],
+    *,
+    top_k: int = 5,
+    runs_dir: str | Path | None = None,
+    device: str = "cpu",
+) -> list:
     """Top-k classes for image files from a run (folder or fingerprint prefix) or an exported folder.
 
     Loads the backbone recorded with the store, refuses it if its weights or preprocessing differ,

@@ -3,6 +3,7 @@
 Heavy imports (torch, open_clip) happen inside the commands so that ``--help`` answers at once.
 Results go to stdout (``--json`` gives JSON lines); progress, tables and errors go to stderr.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,16 @@ from rich.markup import escape  # messages quote paths and "[path, label, classn
 from .console import err_console
 
 CACHE_DIR_OPTION = click.option(
-    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
     help="Root of the feature stores [default: $FSL_CACHE_DIR or ./cache].",
 )
 
 RUNS_DIR_OPTION = click.option(
-    "--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    "--runs-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
     help="Where run records are [default: $FSL_RUNS_DIR or ./runs].",
 )
 
@@ -32,7 +37,7 @@ def _int_list(ctx, param, value: str | None):
     try:
         return tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got '{value}'")
+        raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from None
 
 
 def _name_list(ctx, param, value: str | None):
@@ -53,7 +58,9 @@ class FslGroup(click.Group):
             err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             sys.exit(err.exit_code)
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted:[/] finished shards are kept; re-run the same command to resume")
+            err_console.print(
+                "[yellow]interrupted:[/] finished shards are kept; re-run the same command to resume"
+            )
             sys.exit(130)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
@@ -61,7 +68,9 @@ class FslGroup(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             hint = " (disk full: free space or use another --cache-dir)" if err.errno == 28 else ""
-            err_console.print(f"[bold red]error:[/] {escape(str(err))}{hint}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(err))}{hint}", highlight=False, soft_wrap=True
+            )
             sys.exit(1)
 
 
@@ -75,36 +84,114 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 @main.command()
-@click.option("--dataset", required=True, help="Built-in name (eurosat, dtd, ...), imagefolder:DIR or csv:FILE.")
-@click.option("--root", type=click.Path(path_type=Path), default=None, help="Dataset root [default: $FSL_DATA].")
-@click.option("--model", default="RN50", show_default=True, help="open_clip architecture, hf-hub:ORG/REPO or local-dir:DIR.")
-@click.option("--pretrained", default="openai", show_default=True, help="Pretrained tag, weights file, or 'none' (random).")
-@click.option("--for", "for_methods", callback=_name_list, help="Extract only what these methods need (comma-separated).")
-@click.option("--views", type=int, default=None, help="Augmented views per train image (default: what the methods need).")
+@click.option(
+    "--dataset", required=True, help="Built-in name (eurosat, dtd, ...), imagefolder:DIR or csv:FILE."
+)
+@click.option(
+    "--root", type=click.Path(path_type=Path), default=None, help="Dataset root [default: $FSL_DATA]."
+)
+@click.option(
+    "--model",
+    default="RN50",
+    show_default=True,
+    help="open_clip architecture, hf-hub:ORG/REPO or local-dir:DIR.",
+)
+@click.option(
+    "--pretrained",
+    default="openai",
+    show_default=True,
+    help="Pretrained tag, weights file, or 'none' (random).",
+)
+@click.option(
+    "--for",
+    "for_methods",
+    callback=_name_list,
+    help="Extract only what these methods need (comma-separated).",
+)
+@click.option(
+    "--views",
+    type=int,
+    default=None,
+    help="Augmented views per train image (default: what the methods need).",
+)
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Image decoding processes.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--shots", callback=_int_list, default="1,2,4,8,16", show_default=True, help="Few-shot sizes the train pool covers.")
-@click.option("--seeds", callback=_int_list, default="1,2,3", show_default=True, help="Sampling seeds the train pool covers.")
-@click.option("--full-train", is_flag=True, help="Extract the whole train split instead of the few-shot union.")
+@click.option(
+    "--shots",
+    callback=_int_list,
+    default="1,2,4,8,16",
+    show_default=True,
+    help="Few-shot sizes the train pool covers.",
+)
+@click.option(
+    "--seeds",
+    callback=_int_list,
+    default="1,2,3",
+    show_default=True,
+    help="Sampling seeds the train pool covers.",
+)
+@click.option(
+    "--full-train", is_flag=True, help="Extract the whole train split instead of the few-shot union."
+)
 @click.option("--full-val", is_flag=True, help="Extract the whole val split (needed by --protocol paper).")
-@click.option("--vit-blocks", callback=_int_list, default="6,8,10,12", show_default=True, help="ViT blocks of the multi-level taps.")
+@click.option(
+    "--vit-blocks",
+    callback=_int_list,
+    default="6,8,10,12",
+    show_default=True,
+    help="ViT blocks of the multi-level taps.",
+)
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images and record them in the manifest.")
 @CACHE_DIR_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def extract(dataset, root, model, pretrained, for_methods, views, precision, fmt, batch_size, workers, device,
-            shots, seeds, full_train, full_val, vit_blocks, skip_bad, cache_dir, as_json) -> None:
+def extract(
+    dataset,
+    root,
+    model,
+    pretrained,
+    for_methods,
+    views,
+    precision,
+    fmt,
+    batch_size,
+    workers,
+    device,
+    shots,
+    seeds,
+    full_train,
+    full_val,
+    vit_blocks,
+    skip_bad,
+    cache_dir,
+    as_json,
+) -> None:
     """Stage one: run the frozen backbone once and store features for later fits."""
     from . import api
     from .render import show_extract_plan, show_extract_result
 
     result = api.extract(
-        dataset, root=root, model=model, pretrained=pretrained, for_methods=for_methods, views=views,
-        precision=precision, format=fmt, batch_size=batch_size, workers=workers, device=device,
-        cache_dir=cache_dir, shots=shots, seeds=seeds, full_train=full_train, full_val=full_val,
-        vit_blocks=vit_blocks, skip_bad=skip_bad, on_plan=show_extract_plan,
+        dataset,
+        root=root,
+        model=model,
+        pretrained=pretrained,
+        for_methods=for_methods,
+        views=views,
+        precision=precision,
+        format=fmt,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        cache_dir=cache_dir,
+        shots=shots,
+        seeds=seeds,
+        full_train=full_train,
+        full_val=full_val,
+        vit_blocks=vit_blocks,
+        skip_bad=skip_bad,
+        on_plan=show_extract_plan,
     )
     show_extract_result(result)
     if as_json:
@@ -127,8 +214,20 @@ def cache_ls(cache_dir, as_json) -> None:
     entries = api.cache_ls(cache_dir=cache_dir)
     if as_json:
         for e in entries:
-            click.echo(json.dumps({"key": e.key, "path": str(e.path), "dataset": e.dataset, "backbone": e.backbone,
-                                   "precision": e.precision, "format": e.format, "finished": e.finished, "bytes": e.bytes}))
+            click.echo(
+                json.dumps(
+                    {
+                        "key": e.key,
+                        "path": str(e.path),
+                        "dataset": e.dataset,
+                        "backbone": e.backbone,
+                        "precision": e.precision,
+                        "format": e.format,
+                        "finished": e.finished,
+                        "bytes": e.bytes,
+                    }
+                )
+            )
     else:
         show_store_list(entries)
 
@@ -175,8 +274,8 @@ def cache_verify(key, cache_dir, as_json) -> None:
 def cache_rm(key, cache_dir, yes) -> None:
     """Remove one store."""
     from . import api
-    from .store import find_store
     from .extraction import default_cache_dir
+    from .store import find_store
 
     entry = find_store(cache_dir or default_cache_dir(), key)
     if not yes and not click.confirm(f"Remove {entry.path}?", err=True):
@@ -220,31 +319,60 @@ DEMO_METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f")
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_data"), show_default=True)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_data"), show_default=True
+)
 @CACHE_DIR_OPTION
 @RUNS_DIR_OPTION
-@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Also write the report's PNG figures here.")
+@click.option(
+    "--plot",
+    "plot_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write the report's PNG figures here.",
+)
 @click.option("--json", "as_json", is_flag=True)
 def demo(out, cache_dir, runs_dir, plot_dir, as_json) -> None:
-    """Offline demo: generate a small dataset, extract it with a tiny random-weight backbone, run a small grid, report."""
+    """Offline demo: generate a small dataset, extract it with a tiny random-weight backbone, run a small grid,
+    report."""
     from . import api
     from .datasets import make_demo_dataset
-    from .reports import format_report
     from .render import GridProgress, show_extract_plan, show_extract_result, show_grid_summary
+    from .reports import format_report
 
     root = make_demo_dataset(out)
     err_console.print(f"demo dataset: {root}")
     dataset = f"imagefolder:{root}"
-    result = api.extract(dataset, model="fsl-tiny-rn", pretrained="none", cache_dir=cache_dir, for_methods=DEMO_METHODS,
-                         shots=(1, 2, 4), batch_size=64, workers=min(2, os.cpu_count() or 1), on_plan=show_extract_plan)
+    result = api.extract(
+        dataset,
+        model="fsl-tiny-rn",
+        pretrained="none",
+        cache_dir=cache_dir,
+        for_methods=DEMO_METHODS,
+        shots=(1, 2, 4),
+        batch_size=64,
+        workers=min(2, os.cpu_count() or 1),
+        on_plan=show_extract_plan,
+    )
     show_extract_result(result)
     with GridProgress() as bar:
-        sweep = api.grid(DEMO_METHODS, datasets=[dataset], shots=(1, 2, 4), seeds=(1, 2, 3),
-                         options={"tip_adapter_f.epochs": (10,)}, model="fsl-tiny-rn", pretrained="none",
-                         cache_dir=cache_dir, runs_dir=runs_dir, on_start=bar.start, on_outcome=bar.advance)
+        sweep = api.grid(
+            DEMO_METHODS,
+            datasets=[dataset],
+            shots=(1, 2, 4),
+            seeds=(1, 2, 3),
+            options={"tip_adapter_f.epochs": (10,)},
+            model="fsl-tiny-rn",
+            pretrained="none",
+            cache_dir=cache_dir,
+            runs_dir=runs_dir,
+            on_start=bar.start,
+            on_outcome=bar.advance,
+        )
     show_grid_summary(sweep)
-    table, _, plots = api.report(runs_dir=runs_dir, datasets=[dataset], backbones=["fsl-tiny-rn"], plot_dir=plot_dir)
+    table, _, plots = api.report(
+        runs_dir=runs_dir, datasets=[dataset], backbones=["fsl-tiny-rn"], plot_dir=plot_dir
+    )
     if as_json:
         click.echo(json.dumps(result.to_json()))
         click.echo(format_report(table, "json"), nl=False)
@@ -260,7 +388,7 @@ def _seed_list(ctx, param, value: tuple[str, ...]):
     try:
         return tuple(int(v) for v in seeds)
     except ValueError:
-        raise click.BadParameter(f"expected integers, got {', '.join(value)}")
+        raise click.BadParameter(f"expected integers, got {', '.join(value)}") from None
 
 
 def _key_values(ctx, param, value: tuple[str, ...]) -> dict:
@@ -275,31 +403,84 @@ def _key_values(ctx, param, value: tuple[str, ...]) -> dict:
 
 @main.command()
 @click.argument("method")
-@click.option("--dataset", required=True, help="Dataset the store was extracted from (name, imagefolder:DIR, csv:FILE).")
+@click.option(
+    "--dataset", required=True, help="Dataset the store was extracted from (name, imagefolder:DIR, csv:FILE)."
+)
 @click.option("--shots", type=int, required=True, help="Images per class (a few-shot split the store holds).")
-@click.option("--seed", "seeds", multiple=True, callback=_seed_list, help="Sampling seed; repeat or comma-separate [default: 1,2,3].")
-@click.option("--protocol", type=click.Choice(["coop", "paper", "base2novel"]), default="coop", show_default=True,
-              help="coop: few-shot val for every choice, test once; paper: each paper's own quirks; "
-                   "base2novel: train on base classes, report base, novel and their harmonic mean.")
+@click.option(
+    "--seed",
+    "seeds",
+    multiple=True,
+    callback=_seed_list,
+    help="Sampling seed; repeat or comma-separate [default: 1,2,3].",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["coop", "paper", "base2novel"]),
+    default="coop",
+    show_default=True,
+    help="coop: few-shot val for every choice, test once; paper: each paper's own quirks; "
+    "base2novel: train on base classes, report base, novel and their harmonic mean.",
+)
 @click.option("--model", default="RN50", show_default=True, help="Backbone architecture of the store.")
 @click.option("--pretrained", default="openai", show_default=True, help="Backbone weights of the store.")
-@click.option("--store", default=None, help="Store key (fingerprint prefix) or folder, instead of --model/--pretrained.")
-@click.option("-o", "--option", "options", multiple=True, callback=_key_values, help="Method option key=value (repeatable).")
+@click.option(
+    "--store", default=None, help="Store key (fingerprint prefix) or folder, instead of --model/--pretrained."
+)
+@click.option(
+    "-o",
+    "--option",
+    "options",
+    multiple=True,
+    callback=_key_values,
+    help="Method option key=value (repeatable).",
+)
 @CACHE_DIR_OPTION
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where run records go [default: $FSL_RUNS_DIR or ./runs].")
+@click.option(
+    "--runs-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where run records go [default: $FSL_RUNS_DIR or ./runs].",
+)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="Recompute runs whose record already exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per run on stdout.")
-def fit(method, dataset, shots, seeds, protocol, model, pretrained, store, options, cache_dir, runs_dir, device,
-        force, as_json) -> None:
+def fit(
+    method,
+    dataset,
+    shots,
+    seeds,
+    protocol,
+    model,
+    pretrained,
+    store,
+    options,
+    cache_dir,
+    runs_dir,
+    device,
+    force,
+    as_json,
+) -> None:
     """Stage two: fit METHOD on cached features, once per seed (`fsl-cache methods` lists them)."""
     from . import api
     from .render import show_fit_results
 
-    results = api.fit(method, dataset=dataset, shots=shots, seeds=seeds, protocol=protocol, model=model,
-                      pretrained=pretrained, store=store, options=options, cache_dir=cache_dir, runs_dir=runs_dir,
-                      force=force, device=device, progress=not as_json)
+    results = api.fit(
+        method,
+        dataset=dataset,
+        shots=shots,
+        seeds=seeds,
+        protocol=protocol,
+        model=model,
+        pretrained=pretrained,
+        store=store,
+        options=options,
+        cache_dir=cache_dir,
+        runs_dir=runs_dir,
+        force=force,
+        device=device,
+        progress=not as_json,
+    )
     show_fit_results(results)
     if as_json:
         for result in results:
@@ -319,15 +500,25 @@ def methods_(as_json) -> None:
         return
     for info in infos:
         needs = info.needs()
-        click.echo(json.dumps({
-            "name": info.name, "description": info.description, "trains": info.trains,
-            "needs": {"eval_taps": list(needs.eval_taps),
-                      "train_views": [{"policy": v.policy, "views": v.views, "taps": list(v.taps)} for v in needs.train_views]},
-            "options": [o.__dict__ for o in info.options()], "deviations": list(info.deviations),
-            "paper_protocol": info.paper_protocol,
-        }))
-
-
+        click.echo(
+            json.dumps(
+                {
+                    "name": info.name,
+                    "description": info.description,
+                    "trains": info.trains,
+                    "needs": {
+                        "eval_taps": list(needs.eval_taps),
+                        "train_views": [
+                            {"policy": v.policy, "views": v.views, "taps": list(v.taps)}
+                            for v in needs.train_views
+                        ],
+                    },
+                    "options": [o.__dict__ for o in info.options()],
+                    "deviations": list(info.deviations),
+                    "paper_protocol": info.paper_protocol,
+                }
+            )
+        )
 
 
 def _grid_options(ctx, param, value: tuple[str, ...]) -> dict:
@@ -336,7 +527,7 @@ def _grid_options(ctx, param, value: tuple[str, ...]) -> dict:
     try:
         return parse_option_grid(value)
     except Exception as err:  # UsageError → click's usage message
-        raise click.BadParameter(str(err))
+        raise click.BadParameter(str(err)) from err
 
 
 @main.command()
@@ -344,40 +535,106 @@ def _grid_options(ctx, param, value: tuple[str, ...]) -> dict:
 @click.option("--dataset", "datasets", callback=_name_list, help="Datasets, comma-separated (as for fit).")
 @click.option("--shots", callback=_int_list, default="1,2,4,8,16", show_default=True)
 @click.option("--seeds", callback=_int_list, default="1,2,3", show_default=True)
-@click.option("-o", "--option", "options", multiple=True, callback=_grid_options,
-              help="Option values to sweep: key=v1,v2 or method.key=v1,v2 (repeatable; [a,b] groups a tuple value).")
-@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="A pipelines/*.yaml recipe instead of METHODS/--dataset/--shots/--seeds/-o.")
+@click.option(
+    "-o",
+    "--option",
+    "options",
+    multiple=True,
+    callback=_grid_options,
+    help="Option values to sweep: key=v1,v2 or method.key=v1,v2 (repeatable; [a,b] groups a tuple value).",
+)
+@click.option(
+    "--recipe",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A pipelines/*.yaml recipe instead of METHODS/--dataset/--shots/--seeds/-o.",
+)
 @click.option("--protocol", type=click.Choice(["coop", "paper"]), default="coop", show_default=True)
 @click.option("--model", default="RN50", show_default=True, help="Backbone architecture of the stores.")
 @click.option("--pretrained", default="openai", show_default=True, help="Backbone weights of the stores.")
 @click.option("--store", default=None, help="Store key or folder (single-dataset grids).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (or concurrent trials).")
-@click.option("--group-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Runs differing only in -o values that train together: splits held once, streamed batches read "
-                   "once (local engine).")
+@click.option(
+    "--workers", type=int, default=1, show_default=True, help="Worker processes (or concurrent trials)."
+)
+@click.option(
+    "--group-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Runs differing only in -o values that train together: splits held once, streamed batches read "
+    "once (local engine).",
+)
 @click.option("--engine", type=click.Choice(["local", "optuna", "ray"]), default="local", show_default=True)
-@click.option("--sampler", type=click.Choice(["grid", "tpe"]), default="grid", show_default=True,
-              help="Optuna sampler (--engine optuna).")
-@click.option("--trials", "n_trials", type=int, default=None, help="Optuna trials per study for --sampler tpe.")
-@click.option("--study-storage", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Optuna journal file [default: RUNS_DIR/optuna.journal]; share it to join from other nodes.")
+@click.option(
+    "--sampler",
+    type=click.Choice(["grid", "tpe"]),
+    default="grid",
+    show_default=True,
+    help="Optuna sampler (--engine optuna).",
+)
+@click.option(
+    "--trials", "n_trials", type=int, default=None, help="Optuna trials per study for --sampler tpe."
+)
+@click.option(
+    "--study-storage",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Optuna journal file [default: RUNS_DIR/optuna.journal]; share it to join from other nodes.",
+)
 @CACHE_DIR_OPTION
 @RUNS_DIR_OPTION
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per run on stdout.")
-def grid(methods, datasets, shots, seeds, options, recipe, protocol, model, pretrained, store, workers, group_size,
-         engine, sampler, n_trials, study_storage, cache_dir, runs_dir, device, as_json) -> None:
+def grid(
+    methods,
+    datasets,
+    shots,
+    seeds,
+    options,
+    recipe,
+    protocol,
+    model,
+    pretrained,
+    store,
+    workers,
+    group_size,
+    engine,
+    sampler,
+    n_trials,
+    study_storage,
+    cache_dir,
+    runs_dir,
+    device,
+    as_json,
+) -> None:
     """Run METHOD[,METHOD] × datasets × shots × seeds × option values; finished runs are skipped (resumable)."""
     from . import api
     from .render import GridProgress, show_grid_summary
 
     with GridProgress(enabled=True) as bar:
-        result = api.grid(methods, datasets=datasets, shots=shots, seeds=seeds, options=options, recipe=recipe,
-                          protocol=protocol, model=model, pretrained=pretrained, store=store, workers=workers,
-                          group_size=group_size, engine=engine, sampler=sampler, n_trials=n_trials, study_storage=study_storage,
-                          cache_dir=cache_dir, runs_dir=runs_dir, device=device, on_start=bar.start,
-                          on_outcome=bar.advance)
+        result = api.grid(
+            methods,
+            datasets=datasets,
+            shots=shots,
+            seeds=seeds,
+            options=options,
+            recipe=recipe,
+            protocol=protocol,
+            model=model,
+            pretrained=pretrained,
+            store=store,
+            workers=workers,
+            group_size=group_size,
+            engine=engine,
+            sampler=sampler,
+            n_trials=n_trials,
+            study_storage=study_storage,
+            cache_dir=cache_dir,
+            runs_dir=runs_dir,
+            device=device,
+            on_start=bar.start,
+            on_outcome=bar.advance,
+        )
     show_grid_summary(result)
     if as_json:
         for outcome in result.outcomes:
@@ -389,24 +646,42 @@ def grid(methods, datasets, shots, seeds, options, recipe, protocol, model, pret
 
 
 @main.command()
-@click.option("--method", "methods", callback=_name_list, help="Methods (or variants such as tip_adapter_f[epochs=5]).")
+@click.option(
+    "--method", "methods", callback=_name_list, help="Methods (or variants such as tip_adapter_f[epochs=5])."
+)
 @click.option("--dataset", "datasets", callback=_name_list, help="Datasets, comma-separated.")
 @click.option("--shots", callback=_int_list, default=None, help="Shot counts, comma-separated.")
 @click.option("--protocol", "protocols", callback=_name_list, help="coop and/or paper.")
 @click.option("--model", "backbones", callback=_name_list, help="Backbones: arch or arch/pretrained.")
-@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "latex", "json"]), default="table",
-              show_default=True)
-@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Also write PNG figures here (accuracy vs shots, confusion heatmaps, confused pairs).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "markdown", "csv", "latex", "json"]),
+    default="table",
+    show_default=True,
+)
+@click.option(
+    "--plot",
+    "plot_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write PNG figures here (accuracy vs shots, confusion heatmaps, confused pairs).",
+)
 @RUNS_DIR_OPTION
 def report(methods, datasets, shots, protocols, backbones, fmt, plot_dir, runs_dir) -> None:
     """The papers' table from run records: mean ± std over seeds per method × dataset × shots, and the average."""
     from . import api
     from .reports import format_report
 
-    table, rows, plots = api.report(runs_dir=runs_dir, methods=methods or (), datasets=datasets or (),
-                                    shots=shots or (), protocols=protocols or (), backbones=backbones or (),
-                                    plot_dir=plot_dir)
+    table, rows, plots = api.report(
+        runs_dir=runs_dir,
+        methods=methods or (),
+        datasets=datasets or (),
+        shots=shots or (),
+        protocols=protocols or (),
+        backbones=backbones or (),
+        plot_dir=plot_dir,
+    )
     click.echo(format_report(table, fmt), nl=False)
     err_console.print(f"{len(rows)} run(s)" + (f"; {len(plots)} figure(s) in {plot_dir}" if plots else ""))
 
@@ -442,6 +717,7 @@ def export(run, out_dir, runs_dir) -> None:
     out = api.export(run, out_dir, runs_dir=runs_dir)
     err_console.print(f"[green]exported:[/] {out} (fsl-cache predict {out} IMAGE...)")
     click.echo(str(out))
+
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,9 @@
 """One stderr console for chatter, progress bars and tables; stdout is kept for results."""
+
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import (
@@ -28,11 +29,15 @@ class RateColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
+        return Text(
+            f"{speed:,.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed"
+        )
 
 
 @contextmanager
-def progress_bar(total: int, description: str, *, unit: str = "img", enabled: bool = True) -> Iterator[Callable[[int], None]]:
+def progress_bar(
+    total: int, description: str, *, unit: str = "img", enabled: bool = True
+) -> Iterator[Callable[[int], None]]:
     """A rich progress bar on stderr; yields ``advance(n)``. Silent when stderr is not a terminal."""
     progress = Progress(
         TextColumn("[bold]{task.description}"),

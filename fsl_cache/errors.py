@@ -3,6 +3,7 @@
 Every error raised for bad input derives from :class:`FslError`; the CLI prints its message as one
 line and exits with its ``exit_code`` (2 for usage mistakes, 1 otherwise), never a traceback.
 """
+
 from __future__ import annotations
 
 import difflib

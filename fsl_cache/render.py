@@ -1,4 +1,5 @@
 """Rich rendering of results for people (stderr); machines get ``--json`` on stdout instead."""
+
 from __future__ import annotations
 
 from rich.panel import Panel
@@ -10,9 +11,14 @@ from .extraction.plan import human_bytes
 
 def show_backbone_notice(arch: str, pretrained: str, random_init: bool, notes=()) -> None:
     if random_init:
-        err_console.print(Panel(
-            f"[bold]{arch}[/] has RANDOM weights (--pretrained none). Features carry no semantics: "
-            "results measure the pipeline, not CLIP.", title="not pretrained", border_style="yellow"))
+        err_console.print(
+            Panel(
+                f"[bold]{arch}[/] has RANDOM weights (--pretrained none). Features carry no semantics: "
+                "results measure the pipeline, not CLIP.",
+                title="not pretrained",
+                border_style="yellow",
+            )
+        )
     else:
         err_console.print(f"backbone: [bold]{arch}[/] pretrained [bold]{pretrained}[/]")
     for note in notes:
@@ -33,7 +39,12 @@ def show_extract_plan(prepared) -> None:
         table.add_column(col, justify="right" if col in ("views", "size") else "left")
     for group, views, taps, size in rows:
         table.add_row(group, views, taps, human_bytes(size))
-    table.add_row("[bold]total[/]", "", f"{len(prepared.plan.new_arrays)} arrays", f"[bold]{human_bytes(prepared.plan.new_bytes)}[/]")
+    table.add_row(
+        "[bold]total[/]",
+        "",
+        f"{len(prepared.plan.new_arrays)} arrays",
+        f"[bold]{human_bytes(prepared.plan.new_bytes)}[/]",
+    )
     err_console.print(table)
 
 
@@ -44,7 +55,9 @@ def show_extract_result(result) -> None:
         f"store key [bold]{result.fingerprint[:16]}[/]"
     )
     for pool, indices in result.skipped.items():
-        err_console.print(f"[yellow]skipped[/] {len(indices)} unreadable image(s) in {pool} (listed in the manifest)")
+        err_console.print(
+            f"[yellow]skipped[/] {len(indices)} unreadable image(s) in {pool} (listed in the manifest)"
+        )
 
 
 def show_store_list(entries) -> None:
@@ -63,16 +76,27 @@ def show_store_list(entries) -> None:
 def show_store_info(info: dict) -> None:
     bb = info["backbone"]
     err_console.print(f"[bold]{info['path']}[/]")
-    err_console.print(f"fingerprint {info['fingerprint']}  format {info['format']}  precision {info['precision']}")
-    err_console.print(f"dataset {info['dataset']['name']} ({len(info['dataset']['classnames'])} classes)  "
-                      f"backbone {bb['arch']}/{bb['pretrained']}{' [yellow](random init)[/]' if bb['random_init'] else ''}")
+    err_console.print(
+        f"fingerprint {info['fingerprint']}  format {info['format']}  precision {info['precision']}"
+    )
+    err_console.print(
+        f"dataset {info['dataset']['name']} ({len(info['dataset']['classnames'])} classes)  "
+        f"backbone {bb['arch']}/{bb['pretrained']}{' [yellow](random init)[/]' if bb['random_init'] else ''}"
+    )
     err_console.print(f"versions {info.get('versions', {})}")
     table = Table(show_edge=False)
     for col in ("array", "shape", "dtype", "codec", "bytes", "stored"):
         table.add_column(col, justify="right" if col in ("bytes", "stored") else "left")
     for name, a in sorted(info["arrays"].items()):
         stored = human_bytes(a["stored_bytes"]) if a.get("stored_bytes") else "-"
-        table.add_row(name, "×".join(map(str, a["shape"])), a["dtype"], a.get("codec", ""), human_bytes(a["bytes"]), stored)
+        table.add_row(
+            name,
+            "×".join(map(str, a["shape"])),
+            a["dtype"],
+            a.get("codec", ""),
+            human_bytes(a["bytes"]),
+            stored,
+        )
     err_console.print(table)
     for pool, skipped in info.get("skipped", {}).items():
         err_console.print(f"[yellow]skipped in {pool}:[/] {len(skipped)} image(s)")
@@ -100,8 +124,11 @@ def show_models(infos) -> None:
 def show_fit_progress(result) -> None:
     """One line per finished (or reused) run while ``fit`` goes through the seeds."""
     state = "[dim]reused[/]" if result.reused else f"{result.seconds:.1f} s"
-    err_console.print(f"{result.method} k={result.shots} seed={result.seed} ({result.protocol}): "
-                      f"val {result.val_acc:.2f}  test {result.test_acc:.2f}  {state}", highlight=False)
+    err_console.print(
+        f"{result.method} k={result.shots} seed={result.seed} ({result.protocol}): "
+        f"val {result.val_acc:.2f}  test {result.test_acc:.2f}  {state}",
+        highlight=False,
+    )
 
 
 def show_fit_results(results) -> None:
@@ -111,18 +138,38 @@ def show_fit_results(results) -> None:
     heads = [h for h in results[0].heads if h != "main"]
     table = Table(show_edge=False, title=f"{results[0].method} on {results[0].dataset}", title_justify="left")
     for col in ("shots", "seed", "protocol", "val acc", "test acc", "test mean/class", *heads, "time", "run"):
-        table.add_column(col, justify="left" if col in ("protocol", "run") else "right",
-                         overflow="fold" if col == "run" else "ellipsis")
+        table.add_column(
+            col,
+            justify="left" if col in ("protocol", "run") else "right",
+            overflow="fold" if col == "run" else "ellipsis",
+        )
     for r in results:
         extra = [f"{r.heads[h]['test']:.2f}" for h in heads]
         time_s = "reused" if r.reused else f"{r.seconds:.1f} s"
-        table.add_row(str(r.shots), str(r.seed), r.protocol, f"{r.val_acc:.2f}", f"{r.test_acc:.2f}",
-                      f"{r.test_mean_per_class:.2f}", *extra, time_s, str(r.run_dir))
+        table.add_row(
+            str(r.shots),
+            str(r.seed),
+            r.protocol,
+            f"{r.val_acc:.2f}",
+            f"{r.test_acc:.2f}",
+            f"{r.test_mean_per_class:.2f}",
+            *extra,
+            time_s,
+            str(r.run_dir),
+        )
     if len(results) > 1:
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        table.add_row("", "[bold]mean[/]", "", f"{mean([r.val_acc for r in results]):.2f}",
-                      f"[bold]{mean([r.test_acc for r in results]):.2f}[/]",
-                      f"{mean([r.test_mean_per_class for r in results]):.2f}", *[""] * len(heads), "", "")
+        table.add_row(
+            "",
+            "[bold]mean[/]",
+            "",
+            f"{mean([r.val_acc for r in results]):.2f}",
+            f"[bold]{mean([r.test_acc for r in results]):.2f}[/]",
+            f"{mean([r.test_mean_per_class for r in results]):.2f}",
+            *[""] * len(heads),
+            "",
+            "",
+        )
     err_console.print(table)
     for warning in dict.fromkeys(w for r in results for w in r.warnings):
         err_console.print(f"[yellow]note:[/] {warning}", highlight=False)
@@ -138,8 +185,12 @@ def show_methods(infos) -> None:
         reads = [f"center: {', '.join(needs.eval_taps)}"]
         reads += [f"{v.policy} ×{v.views}: {', '.join(v.taps)}" for v in needs.train_views]
         options = ", ".join(f"{o.name}={o.default}" for o in info.options()) or "-"
-        table.add_row(f"[bold]{info.name}[/]" + (" [dim](trains)[/]" if info.trains else ""), info.description,
-                      "\n".join(reads), options)
+        table.add_row(
+            f"[bold]{info.name}[/]" + (" [dim](trains)[/]" if info.trains else ""),
+            info.description,
+            "\n".join(reads),
+            options,
+        )
     err_console.print(table)
 
 
@@ -147,11 +198,26 @@ class GridProgress:
     """One overall progress bar with ETA over a grid's pending runs, plus a line per failed run."""
 
     def __init__(self, *, enabled: bool = True) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        self.progress = Progress(TextColumn("[bold]grid"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
-                                 disable=not (enabled and err_console.is_terminal))
+        self.progress = Progress(
+            TextColumn("[bold]grid"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("runs"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err_console,
+            disable=not (enabled and err_console.is_terminal),
+        )
         self.task = None
         self.enabled = enabled
 
@@ -174,19 +240,27 @@ class GridProgress:
             first = outcome.error.splitlines()[0] if outcome.error else ""
             err_console.print(f"[red]failed:[/] {outcome.trial.label}: {first}", highlight=False)
         elif outcome.status == "busy":
-            err_console.print(f"[yellow]busy:[/] {outcome.trial.label} is being computed by another process",
-                              highlight=False)
+            err_console.print(
+                f"[yellow]busy:[/] {outcome.trial.label} is being computed by another process",
+                highlight=False,
+            )
 
 
 def show_grid_summary(result) -> None:
     counts = {s: result.count(s) for s in ("done", "reused", "busy", "failed")}
-    err_console.print(f"[green]grid done:[/] {counts['done']} computed, {counts['reused']} reused, "
-                      f"{counts['busy']} held by other processes, {counts['failed']} failed", highlight=False)
+    err_console.print(
+        f"[green]grid done:[/] {counts['done']} computed, {counts['reused']} reused, "
+        f"{counts['busy']} held by other processes, {counts['failed']} failed",
+        highlight=False,
+    )
     for study in getattr(result, "studies", []):
         best = ", ".join(f"{k}={v}" for k, v in study.best_options.items()) or "defaults"
         val = f"{study.best_val_acc:.2f}" if study.best_val_acc is not None else "-"
-        err_console.print(f"  best {study.method} on {study.dataset} k={study.shots}: {best} (val {val}, "
-                          f"{study.trials} trials)", highlight=False)
+        err_console.print(
+            f"  best {study.method} on {study.dataset} k={study.shots}: {best} (val {val}, "
+            f"{study.trials} trials)",
+            highlight=False,
+        )
 
 
 def show_predictions(predictions) -> None:

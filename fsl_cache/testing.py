@@ -13,6 +13,7 @@ random direction in the *other* half: with ``zero_shot=0`` they are orthogonal t
 feature, zero-shot logits are exactly 0 and zero-shot accuracy is chance (``1/C``, ties go to
 class 0); with ``zero_shot=1`` zero-shot is as good as the features allow.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets.shots import few_shot_pools
 from .datasets.base import DatasetSpec
+from .datasets.shots import few_shot_pools
 from .store.backend import ArraySpec
 from .store.fingerprint import EXTRACTION_VERSION, dataset_dirname, fingerprint, store_dirname
 from .store.store import SCHEMA, StoreWriter
@@ -69,8 +70,11 @@ def make_synthetic_store(cache_dir: str | Path, **spec) -> Path:
     data, pools = _generate(s, rng)
     parts = _fingerprint_parts(s)
     key = fingerprint(parts)
-    root = Path(cache_dir) / dataset_dirname(s.name) / store_dirname(arch="synthetic", weights="none",
-                                                                      precision=s.precision, key=key)
+    root = (
+        Path(cache_dir)
+        / dataset_dirname(s.name)
+        / store_dirname(arch="synthetic", weights="none", precision=s.precision, key=key)
+    )
     if (root / "manifest.json").exists():
         return root
     writer = StoreWriter(root, fmt=s.format, manifest=_manifest(s, parts, key) | {"pools": pools})
@@ -91,8 +95,14 @@ def _generate(s: SyntheticSpec, rng: np.random.Generator) -> tuple[dict[str, np.
     text = _text_weights(s, rng)
     pools = few_shot_pools(_dataset_spec(s, splits), shots=s.shots, seeds=s.seeds)
     chosen = {
-        "train_full" if s.full_train else "train_pool": ("train", np.arange(len(splits["train"])) if s.full_train else np.array(pools.train_union)),
-        "val_full" if s.full_val else "val_pool": ("val", np.arange(len(splits["val"])) if s.full_val else np.array(pools.val_union)),
+        "train_full" if s.full_train else "train_pool": (
+            "train",
+            np.arange(len(splits["train"])) if s.full_train else np.array(pools.train_union),
+        ),
+        "val_full" if s.full_val else "val_pool": (
+            "val",
+            np.arange(len(splits["val"])) if s.full_val else np.array(pools.val_union),
+        ),
         "test": ("test", np.arange(len(splits["test"]))),
     }
     out: dict[str, np.ndarray] = {f"text/{t}": text for t in s.templates}
@@ -122,12 +132,18 @@ def _text_weights(s: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
 
 def _pool_arrays(pool, split, index, x, labels, text, s: SyntheticSpec, rng) -> dict[str, np.ndarray]:
     dtype = np.float16 if s.precision == "fp16" else np.float32
-    out = {f"images/{pool}/split_index": index.astype(np.int32), f"images/{pool}/labels": labels.astype(np.int32),
-           f"images/{pool}/paths": np.array([f"{split}/{i:05d}.png" for i in index], dtype=object)}
+    out = {
+        f"images/{pool}/split_index": index.astype(np.int32),
+        f"images/{pool}/labels": labels.astype(np.int32),
+        f"images/{pool}/paths": np.array([f"{split}/{i:05d}.png" for i in index], dtype=object),
+    }
     groups = {"center": 1, **(s.views if pool.startswith("train") else {})}
     for policy, v in groups.items():
-        views = x[:, None, :] + s.view_noise * rng.standard_normal((len(x), v, s.dim)) * (np.arange(v) > 0)[None, :, None]
-        views[:, :, s.dim // 2:] = 0.0  # augmentation never leaks into the text subspace
+        views = (
+            x[:, None, :]
+            + s.view_noise * rng.standard_normal((len(x), v, s.dim)) * (np.arange(v) > 0)[None, :, None]
+        )
+        views[:, :, s.dim // 2 :] = 0.0  # augmentation never leaks into the text subspace
         prefix = f"images/{pool}/views/{policy}"
         f_hat = views / np.linalg.norm(views, axis=-1, keepdims=True)
         out[f"{prefix}/pooled"] = views.astype(dtype)
@@ -141,8 +157,9 @@ def _pool_arrays(pool, split, index, x, labels, text, s: SyntheticSpec, rng) -> 
 
 def _dataset_spec(s: SyntheticSpec, splits: dict[str, np.ndarray]) -> DatasetSpec:
     items = {k: tuple((f"{k}/{i:05d}.png", int(y)) for i, y in enumerate(v)) for k, v in splits.items()}
-    return DatasetSpec(s.name, Path("."), _classnames(s), {t: ("a photo of a {}.",) for t in s.templates}, items,
-                       "synthetic")
+    return DatasetSpec(
+        s.name, Path("."), _classnames(s), {t: ("a photo of a {}.",) for t in s.templates}, items, "synthetic"
+    )
 
 
 def _classnames(s: SyntheticSpec) -> tuple[str, ...]:
@@ -153,30 +170,57 @@ def _fingerprint_parts(s: SyntheticSpec) -> dict:
     spec = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(s).items()}
     spec["extra_taps"] = {k: list(v) for k, v in spec["extra_taps"].items()}
     spec["templates"] = list(s.templates)
-    return {"dataset": {"name": s.name, "classnames": list(_classnames(s))}, "backbone": _backbone(s),
-            "precision": s.precision, "format": s.format, "synthetic": spec,
-            "few_shot": {"shots": sorted(s.shots), "seeds": sorted(s.seeds)}, "aug_seed": 0,
-            "extraction_version": EXTRACTION_VERSION}
+    return {
+        "dataset": {"name": s.name, "classnames": list(_classnames(s))},
+        "backbone": _backbone(s),
+        "precision": s.precision,
+        "format": s.format,
+        "synthetic": spec,
+        "few_shot": {"shots": sorted(s.shots), "seeds": sorted(s.seeds)},
+        "aug_seed": 0,
+        "extraction_version": EXTRACTION_VERSION,
+    }
 
 
 def _backbone(s: SyntheticSpec) -> dict:
-    return {"arch": "synthetic", "pretrained": "none", "kind": "rn", "embed_dim": s.dim, "random_init": True,
-            "preprocess_cfg": {}, "quick_gelu": False, "dense_tap": "rn/layer4"}
+    return {
+        "arch": "synthetic",
+        "pretrained": "none",
+        "kind": "rn",
+        "embed_dim": s.dim,
+        "random_init": True,
+        "preprocess_cfg": {},
+        "quick_gelu": False,
+        "dense_tap": "rn/layer4",
+    }
 
 
 def _manifest(s: SyntheticSpec, parts: dict, key: str) -> dict:
     train = "train_full" if s.full_train else "train_pool"
     return {
-        "schema": SCHEMA, "fingerprint": key, "fingerprint_parts": parts, "format": s.format,
-        "precision": s.precision, "created": "synthetic", "versions": {},
-        "dataset": {"name": s.name, "classnames": list(_classnames(s)), "templates": {t: ["a photo of a {}."] for t in s.templates},
-                    "notes": ["synthetic (fsl_cache.testing)"],
-                    "split_sizes": dict(zip(("train", "val", "test"), (n * s.num_classes for n in s.per_class)))},
+        "schema": SCHEMA,
+        "fingerprint": key,
+        "fingerprint_parts": parts,
+        "format": s.format,
+        "precision": s.precision,
+        "created": "synthetic",
+        "versions": {},
+        "dataset": {
+            "name": s.name,
+            "classnames": list(_classnames(s)),
+            "templates": {t: ["a photo of a {}."] for t in s.templates},
+            "notes": ["synthetic (fsl_cache.testing)"],
+            "split_sizes": dict(zip(("train", "val", "test"), (n * s.num_classes for n in s.per_class))),
+        },
         "backbone": {**_backbone(s), "notes": [], "compute_dtype": "float32"},
-        "zs_scale": ZS_SCALE, "aug_seed": 0, "policies": {}, "few_shot": parts["few_shot"],
+        "zs_scale": ZS_SCALE,
+        "aug_seed": 0,
+        "policies": {},
+        "few_shot": parts["few_shot"],
         "views": {f"{train}/{p}": v for p, v in {"center": 1, **s.views}.items()}
-                 | {f"{p}/center": 1 for p in ("val_full" if s.full_val else "val_pool", "test")},
-        "skipped": {}, "arrays": {},
+        | {f"{p}/center": 1 for p in ("val_full" if s.full_val else "val_pool", "test")},
+        "skipped": {},
+        "arrays": {},
     }
 
 

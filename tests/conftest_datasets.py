@@ -165,11 +165,7 @@ def build_coop_layout(root: Path, case: CoopCase) -> Path:
 def write_split_json(folder: Path, stem: str, names: list[str], per_split: int = 1) -> Path:
     """A hand-made CoOp split file with ``per_split`` items per class and split."""
     split = {
-        s: [
-            [f"{n}/{s}_{i}.jpg", label, n]
-            for label, n in enumerate(names)
-            for i in range(per_split)
-        ]
+        s: [[f"{n}/{s}_{i}.jpg", label, n] for label, n in enumerate(names) for i in range(per_split)]
         for s in ("train", "val", "test")
     }
     path = folder / f"split_zhou_{stem}.json"

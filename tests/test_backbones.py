@@ -2,6 +2,7 @@
 
 Everything runs offline on the tiny random-weight architectures; weights files are written here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,10 @@ def _sha256(path: Path) -> str:
 def _perturbed_state(backbone, seed: int = 1) -> dict[str, torch.Tensor]:
     """The backbone's weights plus seeded noise: weights that no init produces."""
     gen = torch.Generator().manual_seed(seed)
-    return {k: (v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v).contiguous()
-            for k, v in backbone.model.state_dict().items()}
+    return {
+        k: (v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v).contiguous()
+        for k, v in backbone.model.state_dict().items()
+    }
 
 
 def _assert_same_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -148,7 +151,12 @@ def test_real_architecture_tap_shapes():
     """METHODS §1.1 shapes for RN50 and ViT-B/16, read off the architecture (random init, no forward)."""
     rn50, vit_b16 = load_backbone("RN50", "none"), load_backbone("ViT-B-16", "none")
     assert [rn50.tap_shape(t) for t in rn50.taps()] == [
-        (1024,), (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
+        (1024,),
+        (256, 56, 56),
+        (512, 28, 28),
+        (1024, 14, 14),
+        (2048, 7, 7),
+    ]
     assert vit_b16.tap_shape("vit/block06") == (197, 768) and vit_b16.tap_shape("pooled") == (512,)
     assert vit_b16.dense_tap == "vit/block11" and vit_b16.taps()[-1] == "vit/block12"
 
@@ -233,8 +241,12 @@ def test_state_dict_file_reloads_identically(rn, tmp_path, suffix):
 
 def _write_local_dir(folder: Path, state: dict, model_cfg: dict) -> None:
     folder.mkdir()
-    preprocess = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear",
-                  "resize_mode": "squash"}
+    preprocess = {
+        "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.25, 0.3],
+        "interpolation": "bilinear",
+        "resize_mode": "squash",
+    }
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
     (folder / "open_clip_config.json").write_text(json.dumps(config))
     save_file(state, folder / "open_clip_model.safetensors")
@@ -254,8 +266,10 @@ def test_local_dir_applies_and_records_preprocessing(vit, tmp_path):
     assert parts["arch"] == "local-dir" and parts["preprocess"] == cfg and "model_cfg" in parts
     # Lenient spelling, and a moved folder keeps its identity.
     moved = shutil.copytree(folder, tmp_path / "moved")
-    for lenient in (load_backbone("fsl-tiny-vit", pretrained=f"local-dir:{moved}"),
-                    load_backbone(pretrained=str(moved))):
+    for lenient in (
+        load_backbone("fsl-tiny-vit", pretrained=f"local-dir:{moved}"),
+        load_backbone(pretrained=str(moved)),
+    ):
         assert lenient.fingerprint_parts() == parts
 
 
@@ -280,8 +294,11 @@ def test_tag_resolved_from_an_offline_cache(rn, offline, monkeypatch, tmp_path):
     _assert_same_weights(backbone.model, state)
     assert backbone.quick_gelu and any("QuickGELU" in n for n in backbone.notes)
     assert backbone.preprocess_cfg["mean"] == [0.1, 0.2, 0.3]
-    assert backbone.fingerprint_parts()["weights"] == {"source": "tag", "tag": "testtag",
-                                                       "sha256": _sha256(weights)}
+    assert backbone.fingerprint_parts()["weights"] == {
+        "source": "tag",
+        "tag": "testtag",
+        "sha256": _sha256(weights),
+    }
 
 
 def test_hf_hub_resolved_from_an_offline_cache(vit, offline, tmp_path):
@@ -294,8 +311,11 @@ def test_hf_hub_resolved_from_an_offline_cache(vit, offline, tmp_path):
     _assert_same_weights(backbone.model, state)
     assert backbone.arch == "hf-hub:fsl/tiny-vit" and backbone.preprocess_cfg["mean"] == [0.5, 0.4, 0.3]
     digest = _sha256(snapshot / "open_clip_model.safetensors")
-    assert backbone.fingerprint_parts()["weights"] == {"source": "hf-hub", "repo": "fsl/tiny-vit",
-                                                       "sha256": digest}
+    assert backbone.fingerprint_parts()["weights"] == {
+        "source": "hf-hub",
+        "repo": "fsl/tiny-vit",
+        "sha256": digest,
+    }
 
 
 # --- OpenAI TorchScript archives ------------------------------------------------------------------
@@ -315,8 +335,9 @@ def _write_openai_jit(path: Path, arch: str) -> torch.nn.Module:
     model.register_buffer("input_resolution", torch.tensor(64))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace_module(model, {"encode_image": (torch.zeros(1, 3, 64, 64),)},
-                                        check_trace=False)
+        traced = torch.jit.trace_module(
+            model, {"encode_image": (torch.zeros(1, 3, 64, 64),)}, check_trace=False
+        )
         torch.jit.save(traced, str(path))
     return model
 
@@ -331,8 +352,9 @@ def test_openai_torchscript_goes_through_load_openai_model(openai_jit, monkeypat
     path, source = openai_jit
     calls = []
     real = open_clip.openai.load_openai_model
-    monkeypatch.setattr(open_clip.openai, "load_openai_model",
-                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setattr(
+        open_clip.openai, "load_openai_model", lambda *a, **k: calls.append(a) or real(*a, **k)
+    )
     backbone = load_backbone("fsl-tiny-rn", str(path))
     assert calls and backbone.quick_gelu and not backbone.random_init
     assert any("TorchScript" in n and "weights-only" in n for n in backbone.notes)

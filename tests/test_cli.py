@@ -1,4 +1,5 @@
 """The command line as a user meets it: help, JSON on stdout, one-line errors, cache management."""
+
 import json
 import subprocess
 import sys
@@ -9,8 +10,18 @@ from click.testing import CliRunner
 from fsl_cache.cli import main
 from fsl_cache.datasets import make_demo_dataset
 
-COMMANDS = [[], ["extract"], ["cache"], ["cache", "ls"], ["cache", "info"], ["cache", "verify"], ["cache", "rm"],
-            ["datasets"], ["models"], ["demo"]]
+COMMANDS = [
+    [],
+    ["extract"],
+    ["cache"],
+    ["cache", "ls"],
+    ["cache", "info"],
+    ["cache", "verify"],
+    ["cache", "rm"],
+    ["datasets"],
+    ["models"],
+    ["demo"],
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "main")
@@ -21,7 +32,11 @@ def test_help_answers_for_every_command(command):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from fsl_cache.cli import main\ntry: main(['extract', '--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    code = (
+        "import sys; from fsl_cache.cli import main\n"
+        "try: main(['extract', '--help'])\nexcept SystemExit: pass\n"
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
 
@@ -30,8 +45,24 @@ def test_help_does_not_import_torch():
 def cli_store(tmp_path_factory):
     root = make_demo_dataset(tmp_path_factory.mktemp("data") / "demo")
     cache = tmp_path_factory.mktemp("cache")
-    args = ["extract", "--dataset", f"imagefolder:{root}", "--model", "fsl-tiny-rn", "--pretrained", "none",
-            "--shots", "1,2", "--seeds", "1", "--workers", "0", "--cache-dir", str(cache), "--json"]
+    args = [
+        "extract",
+        "--dataset",
+        f"imagefolder:{root}",
+        "--model",
+        "fsl-tiny-rn",
+        "--pretrained",
+        "none",
+        "--shots",
+        "1,2",
+        "--seeds",
+        "1",
+        "--workers",
+        "0",
+        "--cache-dir",
+        str(cache),
+        "--json",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     return cache, json.loads(result.stdout.strip().splitlines()[-1])
@@ -49,10 +80,17 @@ def test_cache_ls_info_verify_rm(cli_store):
     cache, record = cli_store
     key = record["fingerprint"][:8]
     runner = CliRunner()
-    listed = [json.loads(line) for line in runner.invoke(main, ["cache", "ls", "--cache-dir", str(cache), "--json"]).stdout.splitlines()]
+    listed = [
+        json.loads(line)
+        for line in runner.invoke(
+            main, ["cache", "ls", "--cache-dir", str(cache), "--json"]
+        ).stdout.splitlines()
+    ]
     assert [e["key"] for e in listed] == [record["fingerprint"]] and listed[0]["finished"]
     info = json.loads(runner.invoke(main, ["cache", "info", key, "--cache-dir", str(cache), "--json"]).stdout)
-    assert info["fingerprint"] == record["fingerprint"] and "images/test/views/center/pooled" in info["arrays"]
+    assert (
+        info["fingerprint"] == record["fingerprint"] and "images/test/views/center/pooled" in info["arrays"]
+    )
     verified = runner.invoke(main, ["cache", "verify", key, "--cache-dir", str(cache), "--json"])
     assert verified.exit_code == 0 and json.loads(verified.stdout)["ok"]
     ambiguous = runner.invoke(main, ["cache", "info", "zz", "--cache-dir", str(cache)])
@@ -69,7 +107,9 @@ def test_verify_fails_on_a_corrupted_chunk(cli_store, tmp_path):
     data = bytearray(chunk.read_bytes())
     data[3] ^= 0x01
     chunk.write_bytes(bytes(data))
-    result = CliRunner().invoke(main, ["cache", "verify", record["fingerprint"][:8], "--cache-dir", str(copy)])
+    result = CliRunner().invoke(
+        main, ["cache", "verify", record["fingerprint"][:8], "--cache-dir", str(copy)]
+    )
     assert result.exit_code == 1
     assert "images/test/views/center/pooled rows 0.." in result.output
 
@@ -78,10 +118,52 @@ def test_verify_fails_on_a_corrupted_chunk(cli_store, tmp_path):
     "args, code, message",
     [
         (["extract", "--dataset", "eurosta", "--root", "."], 2, "Did you mean eurosat?"),
-        (["extract", "--dataset", "imagefolder:/does/not/exist", "--model", "fsl-tiny-rn", "--pretrained", "none"], 1, "/does/not/exist"),
-        (["extract", "--dataset", "imagefolder:{demo}", "--model", "fsl-tiny-rnn", "--pretrained", "none"], 2, "fsl-tiny-rn"),
-        (["extract", "--dataset", "imagefolder:{demo}", "--model", "fsl-tiny-rn", "--pretrained", "none", "--for", "tip_adaptor"], 2, "Did you mean tip_adapter?"),
-        (["extract", "--dataset", "imagefolder:{demo}", "--model", "fsl-tiny-rn", "--pretrained", "/nope/weights.pt"], 1, "/nope/weights.pt"),
+        (
+            [
+                "extract",
+                "--dataset",
+                "imagefolder:/does/not/exist",
+                "--model",
+                "fsl-tiny-rn",
+                "--pretrained",
+                "none",
+            ],
+            1,
+            "/does/not/exist",
+        ),
+        (
+            ["extract", "--dataset", "imagefolder:{demo}", "--model", "fsl-tiny-rnn", "--pretrained", "none"],
+            2,
+            "fsl-tiny-rn",
+        ),
+        (
+            [
+                "extract",
+                "--dataset",
+                "imagefolder:{demo}",
+                "--model",
+                "fsl-tiny-rn",
+                "--pretrained",
+                "none",
+                "--for",
+                "tip_adaptor",
+            ],
+            2,
+            "Did you mean tip_adapter?",
+        ),
+        (
+            [
+                "extract",
+                "--dataset",
+                "imagefolder:{demo}",
+                "--model",
+                "fsl-tiny-rn",
+                "--pretrained",
+                "/nope/weights.pt",
+            ],
+            1,
+            "/nope/weights.pt",
+        ),
     ],
 )
 def test_user_mistakes_get_one_line_and_no_traceback(args, code, message, tmp_path):

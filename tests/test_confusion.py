@@ -1,8 +1,14 @@
 """Confusion analytics (fsl_cache.evaluation.confusion): top pairs, CAPT's resolved-pairs measure, records."""
+
 import pytest
 import torch
 
-from fsl_cache.evaluation.confusion import analytics_from_record, confusion_analytics, resolved_pairs, top_confused_pairs
+from fsl_cache.evaluation.confusion import (
+    analytics_from_record,
+    confusion_analytics,
+    resolved_pairs,
+    top_confused_pairs,
+)
 
 
 def test_top_pairs_rank_off_diagonal_cells_by_count():
@@ -15,7 +21,7 @@ def test_top_pairs_rank_off_diagonal_cells_by_count():
 
 def test_resolved_pairs_on_a_hand_made_example():
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
-    zs = torch.tensor([1, 1, 0, 0, 1, 1, 2, 0])   # zero-shot wrong on images 0, 1, 3, 5, 7
+    zs = torch.tensor([1, 1, 0, 0, 1, 1, 2, 0])  # zero-shot wrong on images 0, 1, 3, 5, 7
     pred = torch.tensor([0, 1, 0, 1, 0, 2, 2, 0])  # fixes 0, 3, 5; keeps 1, 7 wrong; breaks image 4
     out = resolved_pairs(pred, zs, labels, num_classes=3)
     assert out["confusable"] == 5 and out["resolved"] == 3 and out["resolved_share"] == pytest.approx(60.0)
@@ -35,8 +41,13 @@ def test_analytics_carry_zero_shot_pairs_and_per_pair_resolution():
     out = confusion_analytics(pred, labels, num_classes=2, classnames=["cat", "dog"], zs_pred=zs)
     assert out["zero_shot"]["top1"] == pytest.approx(50.0)
     (pair,) = out["per_pair"]
-    assert (pair["true_name"], pair["pred_name"], pair["zero_shot_count"], pair["method_count"], pair["resolved"]) == (
-        "cat", "dog", 2, 1, 1)
+    assert (
+        pair["true_name"],
+        pair["pred_name"],
+        pair["zero_shot_count"],
+        pair["method_count"],
+        pair["resolved"],
+    ) == ("cat", "dog", 2, 1, 1)
     assert confusion_analytics(pred, labels, num_classes=2)["top_pairs"][0]["count"] == 1
 
 

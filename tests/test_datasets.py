@@ -90,9 +90,7 @@ def test_root_from_environment(coop_root, monkeypatch):
         ("sun397", "sun397", "SUN397", "SUN397", 397, "indoor_bakery", "indoor bakery"),
     ],
 )
-def test_split_file_datasets_without_fixture(
-    tmp_path, name, folder, images, stem, count, raw, expected
-):
+def test_split_file_datasets_without_fixture(tmp_path, name, folder, images, stem, count, raw, expected):
     names = [raw] + [f"class_{i}" for i in range(1, count)]
     path = write_split_json(tmp_path / folder, stem, names)
     split = json.loads(path.read_text())
@@ -177,9 +175,7 @@ def test_imagenet_holds_out_val_from_train(tmp_path):
     assert len(train | val) == 75
     assert [label for _, label in spec.splits["val"]].count(0) == 12  # min(20, 25 // 2)
     assert all(p.startswith("train/") for p, _ in spec.splits["val"])
-    assert len(spec.splits["test"]) == 12 and all(
-        p.startswith("val/") for p, _ in spec.splits["test"]
-    )
+    assert len(spec.splits["test"]) == 12 and all(p.startswith("val/") for p, _ in spec.splits["test"])
     assert spec.splits["test"][4] == ("val/n01443537/ILSVRC2012_val_0n01443537.JPEG", 1)
     assert any("[PROPOSED]" in note and "random.Random(0)" in note for note in spec.notes)
     assert load_dataset("imagenet", root=tmp_path) == spec  # deterministic
@@ -266,9 +262,7 @@ def eurosat_small(tmp_path):
     return tmp_path
 
 
-EUROSAT_EXPECTS = (
-    "EuroSAT expects ROOT/eurosat/2750/<Class>/*.jpg and ROOT/eurosat/split_zhou_EuroSAT.json"
-)
+EUROSAT_EXPECTS = "EuroSAT expects ROOT/eurosat/2750/<Class>/*.jpg and ROOT/eurosat/split_zhou_EuroSAT.json"
 
 
 def test_small_eurosat_loads(eurosat_small):
@@ -303,9 +297,7 @@ def test_missing_split_file(eurosat_small):
 
 def test_wrong_layout_names_expected_one(eurosat_small):
     (eurosat_small / "eurosat" / "2750").rename(eurosat_small / "eurosat" / "jpg")
-    with pytest.raises(
-        DatasetError, match=re.escape(EUROSAT_EXPECTS) + "; missing: .*eurosat/2750$"
-    ):
+    with pytest.raises(DatasetError, match=re.escape(EUROSAT_EXPECTS) + "; missing: .*eurosat/2750$"):
         load_dataset("eurosat", root=eurosat_small)
 
 
@@ -383,8 +375,7 @@ def test_list_datasets_covers_every_loader():
     assert set(builtin_loaders()) | {"imagefolder:DIR", "csv:FILE"} == set(infos)
     assert infos["eurosat"].num_classes == 10 and infos["imagenet_a"].num_classes == 200
     assert (
-        infos["eurosat"].layout
-        == "ROOT/eurosat/2750/<Class>/*.jpg and ROOT/eurosat/split_zhou_EuroSAT.json"
+        infos["eurosat"].layout == "ROOT/eurosat/2750/<Class>/*.jpg and ROOT/eurosat/split_zhou_EuroSAT.json"
     )
     assert infos["csv:FILE"].num_classes is None
 

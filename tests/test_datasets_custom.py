@@ -31,9 +31,7 @@ def test_stratified_split_sizes():
     assert (counts["train"][0], counts["val"][0], counts["test"][0]) == (5, 2, 3)
     assert (counts["train"][1], counts["val"][1], counts["test"][1]) == (1, 1, 1)
     assert (counts["train"][2], counts["val"][2], counts["test"][2]) == (2, 0, 0)
-    assert sorted(p for items in out.values() for p, label in items if label == 0) == sorted(
-        groups[0][1]
-    )
+    assert sorted(p for items in out.values() for p, label in items if label == 0) == sorted(groups[0][1])
 
 
 def test_stratified_split_is_per_class_stable():
@@ -132,9 +130,7 @@ def test_imagefolder_errors(tmp_path, setup, message):
 
 
 def test_imagefolder_missing_dir(tmp_path):
-    with pytest.raises(
-        DatasetError, match=f"imagefolder expects DIR/<class>.*; missing: {tmp_path}/nope"
-    ):
+    with pytest.raises(DatasetError, match=f"imagefolder expects DIR/<class>.*; missing: {tmp_path}/nope"):
         load_dataset(f"imagefolder:{tmp_path / 'nope'}")
 
 

@@ -1,4 +1,5 @@
 """``export``: a self-contained folder that ``predict`` (and the README's snippet) load without the cache."""
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,26 @@ def run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("export")
     data = make_demo_dataset(root / "data")
-    api.extract(f"imagefolder:{data}", cache_dir=root / "cache", for_methods=["tip_adapter"], shots=(2,), seeds=(1,),
-                workers=0, progress=False, **TINY)
-    (result,) = api.fit("tip_adapter", dataset=f"imagefolder:{data}", shots=2, seeds=[1], cache_dir=root / "cache",
-                        runs_dir=root / "runs", progress=False, **TINY)
+    api.extract(
+        f"imagefolder:{data}",
+        cache_dir=root / "cache",
+        for_methods=["tip_adapter"],
+        shots=(2,),
+        seeds=(1,),
+        workers=0,
+        progress=False,
+        **TINY,
+    )
+    (result,) = api.fit(
+        "tip_adapter",
+        dataset=f"imagefolder:{data}",
+        shots=2,
+        seeds=[1],
+        cache_dir=root / "cache",
+        runs_dir=root / "runs",
+        progress=False,
+        **TINY,
+    )
     return root, data, result.run_dir
 
 
@@ -36,7 +53,12 @@ def test_export_then_predict_round_trips_without_the_cache(run, tmp_path):
     images = sorted((data / "test").glob("*/*.png"))[::10]
     before = Predictor.load(run_dir).logits(images)["main"]
     out = api.export(run_dir, tmp_path / "head")
-    assert {p.name for p in out.iterdir()} == {"bundle.json", "head.safetensors", "text.safetensors", "record.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "bundle.json",
+        "head.safetensors",
+        "text.safetensors",
+        "record.json",
+    }
     meta = json.loads((out / "bundle.json").read_text())
     assert meta["method"] == "tip_adapter" and meta["classnames"][0] == "red circle"
     assert meta["backbone"]["arch"] == "fsl-tiny-rn" and meta["backbone"]["preprocess_cfg"]["size"]
@@ -62,8 +84,11 @@ def test_export_refuses_a_non_empty_folder_and_leaves_nothing_half_written(run, 
 
 
 def test_the_readme_snippet_loads_an_export(run, tmp_path):
-    snippet = next(block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-                   if "Predictor.load" in block)
+    snippet = next(
+        block
+        for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+        if "Predictor.load" in block
+    )
     out = api.export(run[2], tmp_path / "my_export")
     image = next((run[1] / "test").glob("*/*.png"))
     code = snippet.replace('"my_export"', repr(str(out))).replace('"cat.png"', repr(str(image)))

@@ -1,4 +1,5 @@
 """Stage one end to end on a tiny backbone: contents, equivalences, resume, additions, refusals."""
+
 import json
 from pathlib import Path
 
@@ -25,8 +26,14 @@ def demo_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def rn_store(demo_root, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    result = api.extract(f"imagefolder:{demo_root}", model="fsl-tiny-rn", pretrained="none", cache_dir=cache,
-                         for_methods=["tip_adapter", "safe"], **FEW)
+    result = api.extract(
+        f"imagefolder:{demo_root}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        cache_dir=cache,
+        for_methods=["tip_adapter", "safe"],
+        **FEW,
+    )
     return result
 
 
@@ -62,7 +69,12 @@ def test_cached_tensors_equal_the_backbone_on_the_same_views(rn_store, demo_root
     images = []
     for i, p in zip(split_idx, params):
         img = open_image(spec.path("train", int(i)))
-        np.testing.assert_array_equal(p, sample_params("flip", views=2, width=img.width, height=img.height, seed=0, split="train", index=int(i)))
+        np.testing.assert_array_equal(
+            p,
+            sample_params(
+                "flip", views=2, width=img.width, height=img.height, seed=0, split="train", index=int(i)
+            ),
+        )
         images.append(renderer.render(img, p, policy="flip"))
     x = torch.cat(images)
     taps = bb.encode_taps(x, ["pooled", "rn/layer4"])
@@ -73,20 +85,32 @@ def test_cached_tensors_equal_the_backbone_on_the_same_views(rn_store, demo_root
     # the center view is open_clip's own eval preprocessing
     import open_clip
 
-    val_tf = open_clip.image_transform(bb.image_size, is_train=False, mean=bb.preprocess_cfg["mean"], std=bb.preprocess_cfg["std"])
+    val_tf = open_clip.image_transform(
+        bb.image_size, is_train=False, mean=bb.preprocess_cfg["mean"], std=bb.preprocess_cfg["std"]
+    )
     torch.testing.assert_close(images[0][0], val_tf(open_image(spec.path("train", int(split_idx[0])))))
     # zero-shot logits are 100 · f̂ Wᵀ with the stored text weights
     w = torch.from_numpy(store.read("text/tip"))
     zs = 100 * torch.nn.functional.normalize(taps["pooled"], dim=-1) @ w.T
-    cached_zs = torch.from_numpy(store.read("images/train_pool/views/flip/zs_logits/tip", rows)).float().reshape(4, -1)
+    cached_zs = (
+        torch.from_numpy(store.read("images/train_pool/views/flip/zs_logits/tip", rows))
+        .float()
+        .reshape(4, -1)
+    )
     torch.testing.assert_close(cached_zs, zs, atol=0.05, rtol=1e-2)
     store.close()
 
 
 def test_views_are_added_later_without_touching_existing_arrays(rn_store, demo_root):
     before = json.loads((rn_store.store / "manifest.json").read_text())["arrays"]
-    again = api.extract(f"imagefolder:{demo_root}", model="fsl-tiny-rn", pretrained="none",
-                        cache_dir=rn_store.store.parents[1], for_methods=["tip_adapter", "ldc"], **FEW)
+    again = api.extract(
+        f"imagefolder:{demo_root}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        cache_dir=rn_store.store.parents[1],
+        for_methods=["tip_adapter", "ldc"],
+        **FEW,
+    )
     assert again.store == rn_store.store
     after = json.loads((rn_store.store / "manifest.json").read_text())["arrays"]
     for name, entry in before.items():
@@ -98,8 +122,15 @@ def test_views_are_added_later_without_touching_existing_arrays(rn_store, demo_r
 
 
 def test_hdf5_store_equals_zarr_store(rn_store, demo_root, tmp_path):
-    h5 = api.extract(f"imagefolder:{demo_root}", model="fsl-tiny-rn", pretrained="none", cache_dir=tmp_path,
-                     for_methods=["tip_adapter", "safe"], format="hdf5", **FEW)
+    h5 = api.extract(
+        f"imagefolder:{demo_root}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        cache_dir=tmp_path,
+        for_methods=["tip_adapter", "safe"],
+        format="hdf5",
+        **FEW,
+    )
     assert h5.fingerprint != rn_store.fingerprint  # the format is part of the key
     assert verify_store(h5.store) == []
     zarr_arrays, h5_arrays = _read_all(rn_store.store), _read_all(h5.store)
@@ -109,12 +140,21 @@ def test_hdf5_store_equals_zarr_store(rn_store, demo_root, tmp_path):
 
 
 def test_vit_taps_include_cls_and_the_dense_input_of_the_last_block(demo_root, tmp_path):
-    result = api.extract(f"imagefolder:{demo_root}", model="fsl-tiny-vit", pretrained="none", cache_dir=tmp_path,
-                         for_methods=["ldc", "safe"], views=2, **FEW)
+    result = api.extract(
+        f"imagefolder:{demo_root}",
+        model="fsl-tiny-vit",
+        pretrained="none",
+        cache_dir=tmp_path,
+        for_methods=["ldc", "safe"],
+        views=2,
+        **FEW,
+    )
     arrays = result.arrays
     assert {f"images/test/views/center/vit/block{b:02d}" for b in (6, 8, 10, 11, 12)} <= set(arrays)
     tokens, width = arrays["images/test/views/center/vit/block12"]["shape"][2:]
-    assert tokens == 65 and width == load_backbone("fsl-tiny-vit", "none").tap_shape("vit/block12")[1]  # 8×8 patches + CLS
+    assert (
+        tokens == 65 and width == load_backbone("fsl-tiny-vit", "none").tap_shape("vit/block12")[1]
+    )  # 8×8 patches + CLS
     assert result.to_json()["arrays"]["images/test/views/center/pooled"]["dtype"] == "float16"
 
 
@@ -123,7 +163,9 @@ def test_disk_full_is_refused_before_writing(demo_root, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ex, "_free_bytes", lambda path: 1000)
     with pytest.raises(DiskFullError, match="Not enough disk space"):
-        api.extract(f"imagefolder:{demo_root}", model="fsl-tiny-rn", pretrained="none", cache_dir=tmp_path, **FEW)
+        api.extract(
+            f"imagefolder:{demo_root}", model="fsl-tiny-rn", pretrained="none", cache_dir=tmp_path, **FEW
+        )
     assert not any(tmp_path.rglob("manifest.json"))
 
 
@@ -144,10 +186,18 @@ def _bad_dataset(tmp_path: Path) -> Path:
 def test_bad_image_stops_with_its_path_or_is_skipped_and_recorded(tmp_path):
     root = _bad_dataset(tmp_path)
     with pytest.raises(DatasetError, match="broken.png"):
-        api.extract(f"imagefolder:{root}", model="fsl-tiny-rn", pretrained="none", cache_dir=tmp_path / "c", **FEW)
+        api.extract(
+            f"imagefolder:{root}", model="fsl-tiny-rn", pretrained="none", cache_dir=tmp_path / "c", **FEW
+        )
     assert not any((tmp_path / "c").rglob("manifest.json"))
-    result = api.extract(f"imagefolder:{root}", model="fsl-tiny-rn", pretrained="none", cache_dir=tmp_path / "c",
-                         skip_bad=True, **FEW)
+    result = api.extract(
+        f"imagefolder:{root}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        cache_dir=tmp_path / "c",
+        skip_bad=True,
+        **FEW,
+    )
     manifest = json.loads((result.store / "manifest.json").read_text())
     store = FeatureStore.open(result.store)
     paths = list(store.read("images/test/paths"))
@@ -156,20 +206,41 @@ def test_bad_image_stops_with_its_path_or_is_skipped_and_recorded(tmp_path):
 
 def test_conflicting_view_count_is_a_usage_error(rn_store, demo_root):
     with pytest.raises(UsageError, match="--views 11"):
-        api.extract(f"imagefolder:{demo_root}", model="fsl-tiny-rn", pretrained="none",
-                    cache_dir=rn_store.store.parents[1], for_methods=["tip_adapter"], views=5, **FEW)
+        api.extract(
+            f"imagefolder:{demo_root}",
+            model="fsl-tiny-rn",
+            pretrained="none",
+            cache_dir=rn_store.store.parents[1],
+            for_methods=["tip_adapter"],
+            views=5,
+            **FEW,
+        )
 
 
 def test_lite_taps_are_pooled_maps_and_token_means(demo_root, tmp_path):
-    rn = api.extract(f"imagefolder:{demo_root}", model="fsl-tiny-rn", pretrained="none", cache_dir=tmp_path,
-                     for_methods=["ldc", "ldc_lite"], views=2, **FEW)
+    rn = api.extract(
+        f"imagefolder:{demo_root}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        cache_dir=tmp_path,
+        for_methods=["ldc", "ldc_lite"],
+        views=2,
+        **FEW,
+    )
     store = FeatureStore.open(rn.store)
     full = torch.from_numpy(store.read("images/test/views/center/rn/layer1")).float()[:, 0]
     lite = torch.from_numpy(store.read("images/test/views/center/rn/layer1_pool7")).float()[:, 0]
     assert lite.shape[-2:] == (2, 2)  # tiny RN layer4 grid
     torch.testing.assert_close(lite, torch.nn.functional.avg_pool2d(full, 8), atol=2e-3, rtol=2e-3)
-    vit = api.extract(f"imagefolder:{demo_root}", model="fsl-tiny-vit", pretrained="none", cache_dir=tmp_path,
-                      for_methods=["ldc", "ldc_lite"], views=2, **FEW)
+    vit = api.extract(
+        f"imagefolder:{demo_root}",
+        model="fsl-tiny-vit",
+        pretrained="none",
+        cache_dir=tmp_path,
+        for_methods=["ldc", "ldc_lite"],
+        views=2,
+        **FEW,
+    )
     store = FeatureStore.open(vit.store)
     tokens = torch.from_numpy(store.read("images/test/views/center/vit/block06")).float()[:, 0]
     means = torch.from_numpy(store.read("images/test/views/center/vit/block06_mean")).float()[:, 0]

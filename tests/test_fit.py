@@ -1,4 +1,5 @@
 """``fit`` end to end: store lookup, run records (reuse, force), the CLI, and the errors users meet."""
+
 from __future__ import annotations
 
 import json
@@ -31,28 +32,54 @@ def cli(*args: str):
 
 def test_a_finished_run_is_reused_and_force_redoes_it(cache, tmp_path):
     runs = tmp_path / "runs"
-    first = api.fit("tip_adapter_f", shots=2, seeds=[1, 2], options={"epochs": 3}, cache_dir=cache, runs_dir=runs, **SYNTH)
+    first = api.fit(
+        "tip_adapter_f", shots=2, seeds=[1, 2], options={"epochs": 3}, cache_dir=cache, runs_dir=runs, **SYNTH
+    )
     assert [r.reused for r in first] == [False, False]
     record = first[0].run_dir / "record.json"
     stamp = record.stat().st_mtime_ns
-    again = api.fit("tip_adapter_f", shots=2, seeds=[1], options={"epochs": "3"}, cache_dir=cache, runs_dir=runs, **SYNTH)
+    again = api.fit(
+        "tip_adapter_f", shots=2, seeds=[1], options={"epochs": "3"}, cache_dir=cache, runs_dir=runs, **SYNTH
+    )
     assert again[0].reused and again[0].run_dir == first[0].run_dir and record.stat().st_mtime_ns == stamp
     assert again[0].test_acc == first[0].test_acc
-    forced = api.fit("tip_adapter_f", shots=2, seeds=[1], options={"epochs": 3}, cache_dir=cache, runs_dir=runs,
-                     force=True, **SYNTH)
-    assert not forced[0].reused and record.stat().st_mtime_ns != stamp and forced[0].test_acc == first[0].test_acc
-    other = api.fit("tip_adapter_f", shots=2, seeds=[1], options={"epochs": 4}, cache_dir=cache, runs_dir=runs, **SYNTH)
+    forced = api.fit(
+        "tip_adapter_f",
+        shots=2,
+        seeds=[1],
+        options={"epochs": 3},
+        cache_dir=cache,
+        runs_dir=runs,
+        force=True,
+        **SYNTH,
+    )
+    assert (
+        not forced[0].reused
+        and record.stat().st_mtime_ns != stamp
+        and forced[0].test_acc == first[0].test_acc
+    )
+    other = api.fit(
+        "tip_adapter_f", shots=2, seeds=[1], options={"epochs": 4}, cache_dir=cache, runs_dir=runs, **SYNTH
+    )
     assert other[0].run_dir != first[0].run_dir and not other[0].reused  # another config, another fingerprint
 
 
 def test_record_holds_what_a_run_was(cache, tmp_path):
     (result,) = api.fit("tip_adapter", shots=4, seeds=[2], cache_dir=cache, runs_dir=tmp_path, **SYNTH)
     record = json.loads((result.run_dir / "record.json").read_text())
-    assert (record["method"], record["dataset"], record["shots"], record["seed"], record["protocol"]) == \
-        ("tip_adapter", "synthetic", 4, 2, "coop")
+    assert (record["method"], record["dataset"], record["shots"], record["seed"], record["protocol"]) == (
+        "tip_adapter",
+        "synthetic",
+        4,
+        2,
+        "coop",
+    )
     assert record["config"]["search_scale"] == [12.0, 10.0]  # resolved per-dataset default, not None
     assert record["store"]["fingerprint"] == result.store_fingerprint
-    assert len(record["splits"]["train"]["split_index"]) == 16 and len(record["splits"]["val"]["split_index"]) == 16
+    assert (
+        len(record["splits"]["train"]["split_index"]) == 16
+        and len(record["splits"]["val"]["split_index"]) == 16
+    )
     assert {"top1", "mean_per_class", "confusion"} <= set(record["metrics"]["test"]["main"])
     assert record["versions"]["torch"] and record["deviations"] and record["timings"]["total_s"] > 0
     assert (result.run_dir / "head.safetensors").is_file()
@@ -67,8 +94,16 @@ def test_runs_dir_defaults_to_the_environment(cache, tmp_path, monkeypatch):
 
 def test_store_can_be_named_by_key(cache, tmp_path):
     key = next(cache.glob("*/*")).name.rsplit("-", 1)[1]
-    (result,) = api.fit("zero_shot", dataset="synthetic", shots=1, seeds=[1], store=key[:8], cache_dir=cache,
-                        runs_dir=tmp_path, progress=False)
+    (result,) = api.fit(
+        "zero_shot",
+        dataset="synthetic",
+        shots=1,
+        seeds=[1],
+        store=key[:8],
+        cache_dir=cache,
+        runs_dir=tmp_path,
+        progress=False,
+    )
     assert result.store_fingerprint.startswith(key)
 
 
@@ -76,21 +111,60 @@ def test_store_can_be_named_by_key(cache, tmp_path):
 
 
 def test_cli_json_prints_one_line_per_run_on_stdout(cache, tmp_path):
-    res = cli("fit", "tip_adapter", "--dataset", "synthetic", "--model", "synthetic", "--pretrained", "none",
-              "--shots", "2", "--seed", "1", "--seed", "3", "--cache-dir", str(cache), "--runs-dir", str(tmp_path),
-              "--json")
+    res = cli(
+        "fit",
+        "tip_adapter",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "synthetic",
+        "--pretrained",
+        "none",
+        "--shots",
+        "2",
+        "--seed",
+        "1",
+        "--seed",
+        "3",
+        "--cache-dir",
+        str(cache),
+        "--runs-dir",
+        str(tmp_path),
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert [line["seed"] for line in lines] == [1, 3]
     for line in lines:
-        assert {"method", "dataset", "shots", "seed", "protocol", "val_acc", "test_acc", "run_dir"} <= set(line)
+        assert {"method", "dataset", "shots", "seed", "protocol", "val_acc", "test_acc", "run_dir"} <= set(
+            line
+        )
         assert os.path.isdir(line["run_dir"]) and 0 <= line["test_acc"] <= 100
 
 
 def test_cli_options_and_table(cache, tmp_path):
-    res = cli("fit", "tip_adapter_f", "--dataset", "synthetic", "--model", "synthetic", "--pretrained", "none",
-              "--shots", "1", "--seed", "1,2", "-o", "epochs=2", "-o", "lr=0.01", "--cache-dir", str(cache),
-              "--runs-dir", str(tmp_path))
+    res = cli(
+        "fit",
+        "tip_adapter_f",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "synthetic",
+        "--pretrained",
+        "none",
+        "--shots",
+        "1",
+        "--seed",
+        "1,2",
+        "-o",
+        "epochs=2",
+        "-o",
+        "lr=0.01",
+        "--cache-dir",
+        str(cache),
+        "--runs-dir",
+        str(tmp_path),
+    )
     assert res.exit_code == 0, res.output
     assert res.stdout == "" and "mean" in res.stderr and "tip_adapter_f" in res.stderr
 
@@ -106,17 +180,30 @@ def test_cli_methods_lists_needs_and_defaults():
     assert cli("fit", "--help").exit_code == 0
 
 
-@pytest.mark.parametrize("args,code,message", [
-    (["fit", "tip-adaptor"], 2, "Did you mean tip_adapter"),
-    (["fit", "tip_adapter_f", "-o", "lrr=1"], 2, "Did you mean lr"),
-    (["fit", "tip_adapter_f", "-o", "epochs"], 2, "expected key=value"),
-    (["fit", "tip_adapter_f", "-o", "epochs=x"], 2, "epochs takes int"),
-    (["fit", "zero_shot", "--shots", "16"], 2, "not shots=16"),
-    (["fit", "zero_shot", "--protocol", "papers"], 2, "papers"),
-])
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["fit", "tip-adaptor"], 2, "Did you mean tip_adapter"),
+        (["fit", "tip_adapter_f", "-o", "lrr=1"], 2, "Did you mean lr"),
+        (["fit", "tip_adapter_f", "-o", "epochs"], 2, "expected key=value"),
+        (["fit", "tip_adapter_f", "-o", "epochs=x"], 2, "epochs takes int"),
+        (["fit", "zero_shot", "--shots", "16"], 2, "not shots=16"),
+        (["fit", "zero_shot", "--protocol", "papers"], 2, "papers"),
+    ],
+)
 def test_cli_errors_are_one_line_with_the_right_exit_code(cache, tmp_path, args, code, message):
-    base = ["--dataset", "synthetic", "--model", "synthetic", "--pretrained", "none", "--cache-dir", str(cache),
-            "--runs-dir", str(tmp_path)]
+    base = [
+        "--dataset",
+        "synthetic",
+        "--model",
+        "synthetic",
+        "--pretrained",
+        "none",
+        "--cache-dir",
+        str(cache),
+        "--runs-dir",
+        str(tmp_path),
+    ]
     shots = [] if "--shots" in args else ["--shots", "1"]
     res = cli(*args, *base, *shots)
     assert res.exit_code == code, res.output
@@ -132,25 +219,54 @@ def test_a_store_without_the_needed_views_names_the_extract_command(tmp_path):
         api.fit("tip_adapter", shots=1, seeds=[1], cache_dir=tmp_path / "c", runs_dir=tmp_path / "r", **SYNTH)
     message = str(err.value)
     assert "images/train_pool/views/tip/pooled" in message
-    assert ("fsl-cache extract --dataset synthetic --model synthetic --pretrained none --for tip_adapter "
-            "--shots 1,2,4 --cache-dir " + str(tmp_path / "c")) in message
-    res = cli("fit", "tip_adapter", "--dataset", "synthetic", "--model", "synthetic", "--pretrained", "none",
-              "--shots", "1", "--cache-dir", str(root.parents[1]), "--runs-dir", str(tmp_path / "r"))
-    assert res.exit_code == 1 and "fsl-cache extract" in res.stderr and len(res.stderr.strip().splitlines()) <= 3
+    assert (
+        "fsl-cache extract --dataset synthetic --model synthetic --pretrained none --for tip_adapter "
+        "--shots 1,2,4 --cache-dir " + str(tmp_path / "c")
+    ) in message
+    res = cli(
+        "fit",
+        "tip_adapter",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "synthetic",
+        "--pretrained",
+        "none",
+        "--shots",
+        "1",
+        "--cache-dir",
+        str(root.parents[1]),
+        "--runs-dir",
+        str(tmp_path / "r"),
+    )
+    assert (
+        res.exit_code == 1 and "fsl-cache extract" in res.stderr and len(res.stderr.strip().splitlines()) <= 3
+    )
 
 
 def test_too_few_cached_views_are_refused_and_fewer_than_wanted_are_noted(tmp_path):
     make_synthetic_store(tmp_path / "few", views={"tip": 5})
     with pytest.raises(StoreError, match="needs at least 11"):
-        api.fit("tip_adapter", shots=1, seeds=[1], cache_dir=tmp_path / "few", runs_dir=tmp_path / "r", **SYNTH)
+        api.fit(
+            "tip_adapter", shots=1, seeds=[1], cache_dir=tmp_path / "few", runs_dir=tmp_path / "r", **SYNTH
+        )
     make_synthetic_store(tmp_path / "some", views={"tip": 11})
-    (result,) = api.fit("tip_adapter_f", shots=1, seeds=[1], options={"epochs": 12}, cache_dir=tmp_path / "some",
-                        runs_dir=tmp_path / "r", **SYNTH)
+    (result,) = api.fit(
+        "tip_adapter_f",
+        shots=1,
+        seeds=[1],
+        options={"epochs": 12},
+        cache_dir=tmp_path / "some",
+        runs_dir=tmp_path / "r",
+        **SYNTH,
+    )
     assert any("views repeat" in w for w in result.warnings) and any("wants 21" in w for w in result.warnings)
 
 
 def test_missing_and_ambiguous_stores(cache, tmp_path):
-    with pytest.raises(UsageError, match="fsl-cache extract --dataset synthetic --model RN50 --pretrained openai"):
+    with pytest.raises(
+        UsageError, match="fsl-cache extract --dataset synthetic --model RN50 --pretrained openai"
+    ):
         api.fit("zero_shot", dataset="synthetic", shots=1, seeds=[1], cache_dir=cache, progress=False)
     with pytest.raises(UsageError, match="Did you mean eurosat"):
         api.fit("zero_shot", dataset="eurosta", shots=1, seeds=[1], cache_dir=cache, progress=False)
@@ -162,8 +278,16 @@ def test_missing_and_ambiguous_stores(cache, tmp_path):
 def test_a_store_of_another_dataset_is_refused(cache, tmp_path):
     other = make_synthetic_store(cache, name="dtd", views={})
     with pytest.raises(StoreError, match="holds dataset 'dtd', not 'synthetic'"):
-        api.fit("zero_shot", dataset="synthetic", store=str(other), shots=1, seeds=[1], cache_dir=cache,
-                runs_dir=tmp_path, progress=False)
+        api.fit(
+            "zero_shot",
+            dataset="synthetic",
+            store=str(other),
+            shots=1,
+            seeds=[1],
+            cache_dir=cache,
+            runs_dir=tmp_path,
+            progress=False,
+        )
 
 
 def test_an_altered_manifest_is_refused(cache, tmp_path):
@@ -176,8 +300,11 @@ def test_an_altered_manifest_is_refused(cache, tmp_path):
 
 
 def test_a_corrupted_array_is_refused(cache, tmp_path):
-    chunk = next(p for p in (next(cache.glob("*/*")) / "arrays.zarr/images/val_pool/views/center/pooled").rglob("*")
-                 if p.is_file() and p.name != "zarr.json")
+    chunk = next(
+        p
+        for p in (next(cache.glob("*/*")) / "arrays.zarr/images/val_pool/views/center/pooled").rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    )
     data = bytearray(chunk.read_bytes())
     data[4] ^= 0xFF
     chunk.write_bytes(data)

@@ -1,4 +1,5 @@
 """``grid``: expansion, skipping finished runs, resuming after a kill, claims that keep workers apart, recipes."""
+
 from __future__ import annotations
 
 import json
@@ -39,19 +40,28 @@ def records(runs: Path) -> list[Path]:
 
 
 def test_expansion_is_the_cross_product_with_options_only_where_they_apply():
-    spec = GridSpec(methods=("zero_shot", "tip_adapter_f"), datasets=("a", "b"), shots=(1, 2), seeds=(1, 2, 3),
-                    options={"epochs": ("5", "10"), "tip_adapter_f.lr": ("1e-3",)})
+    spec = GridSpec(
+        methods=("zero_shot", "tip_adapter_f"),
+        datasets=("a", "b"),
+        shots=(1, 2),
+        seeds=(1, 2, 3),
+        options={"epochs": ("5", "10"), "tip_adapter_f.lr": ("1e-3",)},
+    )
     trials = expand(spec)
     assert len(trials) == (1 + 2) * 2 * 2 * 3  # zero_shot has no epochs/lr: one variant; tip_adapter_f two
     assert {t.options for t in trials if t.method == "zero_shot"} == {()}
     assert {t.options for t in trials if t.method == "tip_adapter_f"} == {
-        (("epochs", "5"), ("lr", "1e-3")), (("epochs", "10"), ("lr", "1e-3"))}
+        (("epochs", "5"), ("lr", "1e-3")),
+        (("epochs", "10"), ("lr", "1e-3")),
+    }
     assert len(set(trials)) == len(trials)
 
 
 def test_option_values_parse_with_bracketed_tuples_and_typos_fail():
     assert parse_option_grid(["search_scale=[12,10],[7,3]", "epochs=5,10"]) == {
-        "search_scale": ("12,10", "7,3"), "epochs": ("5", "10")}
+        "search_scale": ("12,10", "7,3"),
+        "epochs": ("5", "10"),
+    }
     with pytest.raises(UsageError, match="Did you mean epochs"):
         expand(GridSpec(methods=("tip_adapter_f",), datasets=("a",), options={"epoch": ("5",)}))
     with pytest.raises(UsageError, match="not in this grid"):
@@ -62,10 +72,22 @@ def test_recipes_load_and_the_main_table_recipe_has_the_papers_grid():
     demo = load_recipe(REPO / "pipelines" / "demo.yaml")
     assert demo.model == "fsl-tiny-rn" and demo.pretrained == "none" and len(expand(demo)) == 36
     main_table = load_recipe(REPO / "pipelines" / "main_table_rn50.yaml")
-    assert (main_table.model, main_table.pretrained, main_table.shots, main_table.seeds) == \
-        ("RN50", "openai", (1, 2, 4, 8, 16), (1, 2, 3))
+    assert (main_table.model, main_table.pretrained, main_table.shots, main_table.seeds) == (
+        "RN50",
+        "openai",
+        (1, 2, 4, 8, 16),
+        (1, 2, 3),
+    )
     assert len(main_table.datasets) == 11 and set(main_table.methods) == {
-        "zero_shot", "coop", "clip_adapter", "tip_adapter_f", "ldc", "safe", "safe_a", "capt"}
+        "zero_shot",
+        "coop",
+        "clip_adapter",
+        "tip_adapter_f",
+        "ldc",
+        "safe",
+        "safe_a",
+        "capt",
+    }
 
 
 def test_demo_recipe_matches_the_demo_command():
@@ -84,25 +106,59 @@ def test_a_finished_grid_is_skipped_and_a_larger_one_runs_only_the_new_runs(cach
     assert first.count("done") == 8 and first.count("failed") == 0 and len(records(runs)) == 8
     stamps = {p: p.stat().st_mtime_ns for p in records(runs)}
     starts = []
-    again = api.grid(["zero_shot", "tip_adapter"], shots=(1, 2, 4), on_start=lambda p, r: starts.append((p, r)), **grid)
+    again = api.grid(
+        ["zero_shot", "tip_adapter"], shots=(1, 2, 4), on_start=lambda p, r: starts.append((p, r)), **grid
+    )
     assert starts == [(4, 8)] and again.count("reused") == 8 and again.count("done") == 4
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     # a run made by `fit` is the same run: the grid finds its record
-    api.fit("tip_adapter", dataset="synthetic", shots=4, seeds=[3], cache_dir=cache, runs_dir=runs, progress=False, **SYNTH)
-    third = api.grid(["tip_adapter"], shots=(4,), seeds=(3,), datasets=["synthetic"], cache_dir=cache, runs_dir=runs, **SYNTH)
+    api.fit(
+        "tip_adapter",
+        dataset="synthetic",
+        shots=4,
+        seeds=[3],
+        cache_dir=cache,
+        runs_dir=runs,
+        progress=False,
+        **SYNTH,
+    )
+    third = api.grid(
+        ["tip_adapter"],
+        shots=(4,),
+        seeds=(3,),
+        datasets=["synthetic"],
+        cache_dir=cache,
+        runs_dir=runs,
+        **SYNTH,
+    )
     assert third.count("reused") == 1
 
 
 def test_missing_store_fails_before_any_run_with_the_extract_command(cache, tmp_path):
     with pytest.raises(UsageError, match="fsl-cache extract --dataset eurosat"):
-        api.grid(["zero_shot"], datasets=["synthetic", "eurosat"], shots=(1,), seeds=(1,), cache_dir=cache,
-                 runs_dir=tmp_path, **SYNTH)
+        api.grid(
+            ["zero_shot"],
+            datasets=["synthetic", "eurosat"],
+            shots=(1,),
+            seeds=(1,),
+            cache_dir=cache,
+            runs_dir=tmp_path,
+            **SYNTH,
+        )
     assert not records(tmp_path)
 
 
 def test_two_worker_processes_share_the_grid(cache, tmp_path):
-    result = api.grid(["tip_adapter"], datasets=["synthetic"], shots=(1, 2), seeds=(1, 2), workers=2,
-                      cache_dir=cache, runs_dir=tmp_path, **SYNTH)
+    result = api.grid(
+        ["tip_adapter"],
+        datasets=["synthetic"],
+        shots=(1, 2),
+        seeds=(1, 2),
+        workers=2,
+        cache_dir=cache,
+        runs_dir=tmp_path,
+        **SYNTH,
+    )
     assert result.count("done") == 4 and len(records(tmp_path)) == 4
     assert not list((tmp_path / ".claims").glob("*.claim"))  # every claim released
 
@@ -146,9 +202,30 @@ def test_a_claim_of_a_dead_process_is_taken_over_and_a_live_one_is_not(tmp_path)
 
 
 def grid_command(cache: Path, runs: Path, *extra: str, epochs: str = "8,9") -> list[str]:
-    return [sys.executable, "-m", "fsl_cache", "grid", "tip_adapter_f", "--dataset", "synthetic", "--shots", "1,2",
-            "--seeds", "1,2,3", "-o", f"epochs={epochs}", "--model", "synthetic", "--pretrained", "none",
-            "--cache-dir", str(cache), "--runs-dir", str(runs), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "fsl_cache",
+        "grid",
+        "tip_adapter_f",
+        "--dataset",
+        "synthetic",
+        "--shots",
+        "1,2",
+        "--seeds",
+        "1,2,3",
+        "-o",
+        f"epochs={epochs}",
+        "--model",
+        "synthetic",
+        "--pretrained",
+        "none",
+        "--cache-dir",
+        str(cache),
+        "--runs-dir",
+        str(runs),
+        *extra,
+    ]
 
 
 def test_a_killed_grid_resumes_without_redoing_or_duplicating(cache, tmp_path):
@@ -161,19 +238,37 @@ def test_a_killed_grid_resumes_without_redoing_or_duplicating(cache, tmp_path):
     proc.wait()
     before = {p: p.stat().st_mtime_ns for p in records(runs)}
     assert 2 <= len(before) < 12, "the grid should have been killed midway"
-    resumed = api.grid(["tip_adapter_f"], datasets=["synthetic"], shots=(1, 2), seeds=(1, 2, 3),
-                       options={"epochs": ("8", "9")}, cache_dir=cache, runs_dir=runs, **SYNTH)
+    resumed = api.grid(
+        ["tip_adapter_f"],
+        datasets=["synthetic"],
+        shots=(1, 2),
+        seeds=(1, 2, 3),
+        options={"epochs": ("8", "9")},
+        cache_dir=cache,
+        runs_dir=runs,
+        **SYNTH,
+    )
     assert resumed.count("reused") == len(before) and resumed.count("done") == 12 - len(before)
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
     run_dirs = [p.parent for p in records(runs)]
-    assert len(run_dirs) == 12 and len({(d.parent.name, d.name.split("-coop-")[0], d.name) for d in run_dirs}) == 12
+    assert (
+        len(run_dirs) == 12
+        and len({(d.parent.name, d.name.split("-coop-")[0], d.name) for d in run_dirs}) == 12
+    )
     assert not list(runs.rglob("*.incomplete"))
 
 
 def test_two_grids_on_one_runs_folder_never_compute_a_run_twice(cache, tmp_path):
     runs = tmp_path / "runs"
-    procs = [subprocess.Popen(grid_command(cache, runs, "--json", epochs="2,3"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            grid_command(cache, runs, "--json", epochs="2,3"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     outcomes = [json.loads(line) for out in outputs for line in out.splitlines() if line.startswith("{")]
     done = [(o["options"]["epochs"], o["shots"], o["seed"]) for o in outcomes if o["status"] == "done"]
@@ -191,8 +286,17 @@ def test_optuna_engine_shares_a_journal_and_selects_on_val(cache, tmp_path):
     import optuna
 
     journal = tmp_path / "study.journal"
-    grid = dict(datasets=["synthetic"], shots=(2,), seeds=(1, 2), options={"epochs": ("1", "2")}, engine="optuna",
-                study_storage=journal, cache_dir=cache, runs_dir=tmp_path / "runs", **SYNTH)
+    grid = dict(
+        datasets=["synthetic"],
+        shots=(2,),
+        seeds=(1, 2),
+        options={"epochs": ("1", "2")},
+        engine="optuna",
+        study_storage=journal,
+        cache_dir=cache,
+        runs_dir=tmp_path / "runs",
+        **SYNTH,
+    )
     result = api.grid(["tip_adapter_f"], **grid)
     (study,) = result.studies
     assert journal.is_file() and study.trials == 2 and result.count("done") == 4
@@ -200,8 +304,11 @@ def test_optuna_engine_shares_a_journal_and_selects_on_val(cache, tmp_path):
     loaded = optuna.load_study(study_name=study.study, storage=storage)
     values = {t.params["epochs"]: t.value for t in loaded.trials}
     assert set(values) == {"1", "2"} and study.best_val_acc == max(values.values())
-    expected = [json.loads(p.read_text())["metrics"]["val_acc"] for p in records(tmp_path / "runs")
-                if json.loads(p.read_text())["options"]["epochs"] == study.best_options["epochs"]]
+    expected = [
+        json.loads(p.read_text())["metrics"]["val_acc"]
+        for p in records(tmp_path / "runs")
+        if json.loads(p.read_text())["options"]["epochs"] == study.best_options["epochs"]
+    ]
     assert study.best_val_acc == pytest.approx(sum(expected) / len(expected))
     again = api.grid(["tip_adapter_f"], **grid)  # the studies are complete: nothing runs again
     assert again.studies[0].trials == 2 and again.count("done") == 0
@@ -210,13 +317,38 @@ def test_optuna_engine_shares_a_journal_and_selects_on_val(cache, tmp_path):
 def test_ray_engine_without_ray_says_how_to_install(cache, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(UsageError, match=r"pip install 'fsl-cache\[ray\]'"):
-        api.grid(["zero_shot"], datasets=["synthetic"], shots=(1,), seeds=(1,), engine="ray", cache_dir=cache,
-                 runs_dir=tmp_path, **SYNTH)
+        api.grid(
+            ["zero_shot"],
+            datasets=["synthetic"],
+            shots=(1,),
+            seeds=(1,),
+            engine="ray",
+            cache_dir=cache,
+            runs_dir=tmp_path,
+            **SYNTH,
+        )
 
 
 def test_cli_grid_prints_json_lines_and_refuses_a_bad_call(cache, tmp_path):
-    args = ["grid", "zero_shot,tip_adapter", "--dataset", "synthetic", "--shots", "1", "--seeds", "1,2", "--model",
-            "synthetic", "--pretrained", "none", "--cache-dir", str(cache), "--runs-dir", str(tmp_path), "--json"]
+    args = [
+        "grid",
+        "zero_shot,tip_adapter",
+        "--dataset",
+        "synthetic",
+        "--shots",
+        "1",
+        "--seeds",
+        "1,2",
+        "--model",
+        "synthetic",
+        "--pretrained",
+        "none",
+        "--cache-dir",
+        str(cache),
+        "--runs-dir",
+        str(tmp_path),
+        "--json",
+    ]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]

@@ -1,4 +1,5 @@
 """Grid batching: configurations trained together in one pass equal separate runs and read each batch once."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,16 @@ from fsl_cache.store.store import FeatureStore
 from fsl_cache.sweeps.local import group_trials
 from fsl_cache.sweeps.spec import Trial
 from fsl_cache.testing import make_synthetic_store
-from fsl_cache.training import FitTask, Member, MemoryViews, SharedBatches, TrainData, TrainSettings, train, train_many
+from fsl_cache.training import (
+    FitTask,
+    Member,
+    MemoryViews,
+    SharedBatches,
+    TrainData,
+    TrainSettings,
+    train,
+    train_many,
+)
 
 SYNTH = dict(model="synthetic", pretrained="none")
 
@@ -61,7 +71,9 @@ class LinearHead(torch.nn.Module):
 def views():
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(30) % 3
-    features = torch.randn(30, 5, 16, generator=g) + 2 * torch.nn.functional.one_hot(labels, 16)[:, None].float()
+    features = (
+        torch.randn(30, 5, 16, generator=g) + 2 * torch.nn.functional.one_hot(labels, 16)[:, None].float()
+    )
     return features, labels
 
 
@@ -70,11 +82,15 @@ def test_lockstep_training_equals_separate_runs_and_reads_each_batch_once(views)
     grid = [(1e-2, 0.0), (1e-3, 0.01), (3e-2, 0.1)]
     separate = []
     for lr, wd in grid:
-        member = linear_member(features, labels, lr=lr, weight_decay=wd, seed=4, source=MemoryViews({"pooled": features}))
+        member = linear_member(
+            features, labels, lr=lr, weight_decay=wd, seed=4, source=MemoryViews({"pooled": features})
+        )
         separate.append(train(member.head, member.data, settings=member.settings, generator=member.generator))
     counting = CountingViews({"pooled": features})
     shared = SharedBatches(counting)
-    members = [linear_member(features, labels, lr=lr, weight_decay=wd, seed=4, source=shared) for lr, wd in grid]
+    members = [
+        linear_member(features, labels, lr=lr, weight_decay=wd, seed=4, source=shared) for lr, wd in grid
+    ]
     together = train_many(members)
     for a, b in zip(separate, together):
         assert torch.equal(a.head.fc.weight, b.head.fc.weight) and torch.equal(a.head.fc.bias, b.head.fc.bias)
@@ -87,9 +103,13 @@ def test_members_whose_draws_differ_still_get_their_own_batches(views):
     features, labels = views
     counting = CountingViews({"pooled": features})
     shared = SharedBatches(counting)
-    members = [linear_member(features, labels, lr=1e-2, weight_decay=0.0, seed=s, source=shared) for s in (1, 2)]
+    members = [
+        linear_member(features, labels, lr=1e-2, weight_decay=0.0, seed=s, source=shared) for s in (1, 2)
+    ]
     together = train_many(members)
-    alone = linear_member(features, labels, lr=1e-2, weight_decay=0.0, seed=2, source=MemoryViews({"pooled": features}))
+    alone = linear_member(
+        features, labels, lr=1e-2, weight_decay=0.0, seed=2, source=MemoryViews({"pooled": features})
+    )
     expected = train(alone.head, alone.data, settings=alone.settings, generator=alone.generator)
     assert torch.equal(together[1].head.fc.weight, expected.head.fc.weight)
     assert counting.reads == 2 * 4 * -(-30 // 8)
@@ -101,14 +121,18 @@ def cache(tmp_path_factory):
     return root, make_synthetic_store(root, num_classes=4, views={"tip": 21})
 
 
-def synthetic_task(store_dir: Path, *, memory_budget: int, shots: int = 4, seed: int = 1) -> tuple[FitTask, FeatureStore]:
+def synthetic_task(
+    store_dir: Path, *, memory_budget: int, shots: int = 4, seed: int = 1
+) -> tuple[FitTask, FeatureStore]:
     store = FeatureStore.open(store_dir)
     info = task_info(store, shots=shots, seed=seed, protocol="coop")
     splits = build_splits(store, get_method("tip_adapter_f").cls, shots=shots, seed=seed, protocol="coop")
     return FitTask(store, info, train=splits.train, val=splits.val, memory_budget=memory_budget), store
 
 
-@pytest.mark.parametrize("memory_budget", [1 << 30, 0], ids=["in-memory, one after another", "streamed, lockstep"])
+@pytest.mark.parametrize(
+    "memory_budget", [1 << 30, 0], ids=["in-memory, one after another", "streamed, lockstep"]
+)
 def test_fit_together_equals_separate_fits_of_a_method(cache, memory_budget):
     info = get_method("tip_adapter_f")
     configs = [{"epochs": 3, "lr": lr} for lr in (1e-3, 5e-3, 2e-2)]
@@ -130,15 +154,31 @@ def test_fit_together_equals_separate_fits_of_a_method(cache, memory_budget):
 
 
 def test_grid_trains_option_groups_together_with_the_records_of_separate_fits(cache, tmp_path):
-    outcomes = api.grid(["tip_adapter_f"], datasets=["synthetic"], shots=[2], seeds=[1],
-                        options={"lr": [1e-3, 1e-2], "epochs": [2]}, cache_dir=cache[0], runs_dir=tmp_path / "grid",
-                        **SYNTH).outcomes
+    outcomes = api.grid(
+        ["tip_adapter_f"],
+        datasets=["synthetic"],
+        shots=[2],
+        seeds=[1],
+        options={"lr": [1e-3, 1e-2], "epochs": [2]},
+        cache_dir=cache[0],
+        runs_dir=tmp_path / "grid",
+        **SYNTH,
+    ).outcomes
     assert [o.status for o in outcomes] == ["done", "done"]
     for outcome in outcomes:
         record = json.loads((outcome.run_dir / "record.json").read_text())
         assert record["timings"]["fitted_together"] == 2
-        (alone,) = api.fit("tip_adapter_f", dataset="synthetic", shots=2, seeds=[1], options=record["options"],
-                           cache_dir=cache[0], runs_dir=tmp_path / "alone", progress=False, **SYNTH)
+        (alone,) = api.fit(
+            "tip_adapter_f",
+            dataset="synthetic",
+            shots=2,
+            seeds=[1],
+            options=record["options"],
+            cache_dir=cache[0],
+            runs_dir=tmp_path / "alone",
+            progress=False,
+            **SYNTH,
+        )
         assert alone.test_acc == outcome.test_acc and alone.val_acc == outcome.val_acc
         a, b = load_head_tensors(alone.run_dir), load_head_tensors(outcome.run_dir)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -175,5 +215,7 @@ def test_the_trainer_prefetches_each_next_batch_of_the_epoch(views):
     member = linear_member(features, labels, lr=1e-2, weight_decay=0.0, seed=3, source=source)
     train_many([member])
     per_epoch = -(-30 // 8)
-    epochs = [source.served[i:i + per_epoch] for i in range(0, len(source.served), per_epoch)]
-    assert source.requested == [b for epoch in epochs for b in epoch[1:]]  # every batch but each epoch's first
+    epochs = [source.served[i : i + per_epoch] for i in range(0, len(source.served), per_epoch)]
+    assert source.requested == [
+        b for epoch in epochs for b in epoch[1:]
+    ]  # every batch but each epoch's first

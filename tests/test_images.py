@@ -93,9 +93,7 @@ def test_16_bit_is_rescaled_not_clipped(tmp_path, suffix):
 
 
 def test_32_bit_integer_within_16_bit_range(tmp_path):
-    path = save(
-        Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.int32)), tmp_path / "i32.tif"
-    )
+    path = save(Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.int32)), tmp_path / "i32.tif")
     assert Image.open(path).mode == "I"
     img = open_image(path)
     assert [img.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
@@ -108,9 +106,7 @@ def test_float_in_unit_range(tmp_path):
 
 
 def test_float_outside_unit_range_uses_min_max(tmp_path):
-    path = save(
-        Image.fromarray(np.array([[-10.0, 0.0, 10.0]], dtype=np.float32)), tmp_path / "f.tif"
-    )
+    path = save(Image.fromarray(np.array([[-10.0, 0.0, 10.0]], dtype=np.float32)), tmp_path / "f.tif")
     img = open_image(path)
     assert [img.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
 

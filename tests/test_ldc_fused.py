@@ -1,4 +1,5 @@
 """The fused LDC RN adapter equals the plain Conv1×1 → BN2d → ReLU → AvgPool module (METHODS §2.6.1)."""
+
 import copy
 
 import pytest

@@ -1,5 +1,6 @@
 """CAPT-C (METHODS §2.9.3 [PROPOSED]): the bank, retrieval, zero-shot-reproducing init, learning a confused
 pair, the base-to-novel protocol, and analytics in real run records."""
+
 import json
 
 import numpy as np
@@ -15,8 +16,8 @@ from fsl_cache.evaluation.protocol import base_novel_classes, harmonic_mean, sub
 from fsl_cache.methods import FitTask, TaskInfo, get_method
 from fsl_cache.methods.capt_modules import CaptHead, load_balance, load_descriptions
 from fsl_cache.methods.confusion_bank import build_bank, confusable_classes, retrieve
-from fsl_cache.training import SplitRef
 from fsl_cache.testing import ArrayStore
+from fsl_cache.training import SplitRef
 
 NAMES = ("red circle", "blue square", "green triangle", "striped pattern")
 
@@ -34,13 +35,20 @@ def test_bank_counts_soft_scores_and_cells_on_hand_made_predictions():
     bank = build_bank(one_hot_logits(pred, 3), labels)
     expected = torch.tensor([[0, 2, 1], [1, 0, 0], [0, 0, 0]])
     assert torch.equal(bank.counts, expected)
-    assert sorted(bank.cell(0, 1)) == [(0, 1), (1, 1)] and bank.cell(1, 0) == [(2, 1)] and bank.cell(2, 1) == []
+    assert (
+        sorted(bank.cell(0, 1)) == [(0, 1), (1, 1)] and bank.cell(1, 0) == [(2, 1)] and bank.cell(2, 1) == []
+    )
     probs = one_hot_logits(pred, 3).softmax(-1)
     torch.testing.assert_close(bank.soft[0, 1], probs[:2, :, 1].sum())
     assert float(bank.soft.diag().abs().sum()) == 0.0
     summary = bank.to_json(["a", "b", "c"])
-    assert summary["misclassified"] == 4 and summary["top_cells"][0] == {"true": 0, "pred": 1, "count": 2,
-                                                                        "true_name": "a", "pred_name": "b"}
+    assert summary["misclassified"] == 4 and summary["top_cells"][0] == {
+        "true": 0,
+        "pred": 1,
+        "count": 2,
+        "true_name": "a",
+        "pred_name": "b",
+    }
 
 
 def test_confusable_classes_rank_by_counts_then_soft_then_text():
@@ -68,20 +76,40 @@ def test_retrieval_never_returns_the_query_images_own_views():
             query = keys[i * v + view][None]  # the query IS one of its own bank entries: the most similar
             anchor = torch.tensor([int(labels[i])])
             confusers = torch.tensor([[1 - int(labels[i])]])
-            _, chosen = retrieve(query, anchor, confusers, torch.ones(1, 1), keys=keys, true=bank.true,
-                                 pred=bank.pred, img=bank.img, class_mean=torch.eye(c, d), k=4, tau=0.07,
-                                 image_id=torch.tensor([i]))
+            _, chosen = retrieve(
+                query,
+                anchor,
+                confusers,
+                torch.ones(1, 1),
+                keys=keys,
+                true=bank.true,
+                pred=bank.pred,
+                img=bank.img,
+                class_mean=torch.eye(c, d),
+                k=4,
+                tau=0.07,
+                image_id=torch.tensor([i]),
+            )
             picked = chosen[chosen >= 0]
             assert not (bank.img[picked] == i).any()
-            assert ((bank.true[picked] != bank.pred[picked])).all()
+            assert (bank.true[picked] != bank.pred[picked]).all()
 
 
 def test_retrieval_without_candidates_falls_back_to_confuser_class_means():
     means = torch.eye(3, 4)
-    r_bar, chosen = retrieve(torch.ones(1, 4) / 2, torch.tensor([0]), torch.tensor([[1, 2]]), torch.tensor([[0.75, 0.25]]),
-                             keys=torch.zeros(0, 4), true=torch.zeros(0, dtype=torch.long),
-                             pred=torch.zeros(0, dtype=torch.long), img=torch.zeros(0, dtype=torch.long),
-                             class_mean=means, k=2, tau=0.07)
+    r_bar, chosen = retrieve(
+        torch.ones(1, 4) / 2,
+        torch.tensor([0]),
+        torch.tensor([[1, 2]]),
+        torch.tensor([[0.75, 0.25]]),
+        keys=torch.zeros(0, 4),
+        true=torch.zeros(0, dtype=torch.long),
+        pred=torch.zeros(0, dtype=torch.long),
+        img=torch.zeros(0, dtype=torch.long),
+        class_mean=means,
+        k=2,
+        tau=0.07,
+    )
     torch.testing.assert_close(r_bar, F.normalize(torch.tensor([[0.0, 0.75, 0.25, 0.0]]), dim=-1))
     assert (chosen == -1).all()
 
@@ -97,10 +125,23 @@ def small_head(*, grid=None, sample=True, c=4, d=16, n=5, v=2):
     bank = build_bank(100 * F.normalize(feats, dim=-1) @ text.T, labels)
     pairs = confusable_classes(bank.counts, bank.soft, text, k=2)
     e = F.normalize(torch.randn(2, c, 2, d, generator=g), dim=-1)
-    head = CaptHead(text, e[0], e[1], pairs, bank if sample else None, feats.reshape(-1, d) if sample else None,
-                    torch.randn(c, d, generator=g) if sample else None, scale=100.0, pairs_per_image=2, retrieve_k=2,
-                    tau=0.07, hidden=4, grid=grid, centroids=F.normalize(torch.randn(2, d, generator=g), dim=-1),
-                    random_scale=0.1)
+    head = CaptHead(
+        text,
+        e[0],
+        e[1],
+        pairs,
+        bank if sample else None,
+        feats.reshape(-1, d) if sample else None,
+        torch.randn(c, d, generator=g) if sample else None,
+        scale=100.0,
+        pairs_per_image=2,
+        retrieve_k=2,
+        tau=0.07,
+        hidden=4,
+        grid=grid,
+        centroids=F.normalize(torch.randn(2, d, generator=g), dim=-1),
+        random_scale=0.1,
+    )
     return head, text, d
 
 
@@ -116,7 +157,9 @@ def test_every_expert_reproduces_zero_shot_at_initialisation(grid):
     for name in ("capt", "zero_shot", "semantic", "sample"):
         torch.testing.assert_close(out[name], zs, msg=name)
     novel, text, d = small_head(sample=False)
-    torch.testing.assert_close(novel.eval()({"pooled": x["pooled"]})["capt"], 100 * F.normalize(x["pooled"], dim=-1) @ text.T)
+    torch.testing.assert_close(
+        novel.eval()({"pooled": x["pooled"]})["capt"], 100 * F.normalize(x["pooled"], dim=-1) @ text.T
+    )
     assert (novel.aux["router"][:, 2] == 0).all()  # novel classes: the sample expert is masked out
 
 
@@ -130,9 +173,17 @@ def test_load_balance_has_a_gradient_and_is_zero_when_even():
 
 def test_descriptions_json_in_capts_format(tmp_path):
     path = tmp_path / "d.json"
-    path.write_text(json.dumps({"Blue Square": ["The difference between Blue Square and Red Circle is the shape.",
-                                                "The difference between Blue Square and nothing is moot."],
-                                "unknown": ["The difference between unknown and Red Circle is ..."]}))
+    path.write_text(
+        json.dumps(
+            {
+                "Blue Square": [
+                    "The difference between Blue Square and Red Circle is the shape.",
+                    "The difference between Blue Square and nothing is moot.",
+                ],
+                "unknown": ["The difference between unknown and Red Circle is ..."],
+            }
+        )
+    )
     found = load_descriptions(path, ["red_circle", "blue_square"])
     assert found == {(1, 0): ["The difference between Blue Square and Red Circle is the shape."]}
     with pytest.raises(UsageError):
@@ -140,8 +191,6 @@ def test_descriptions_json_in_capts_format(tmp_path):
 
 
 # ---------------------------------------------------------------------------- learning a confused pair
-
-
 
 
 def confused_task(parts: dict, *, d: int, shots=8, views=9):
@@ -153,10 +202,16 @@ def confused_task(parts: dict, *, d: int, shots=8, views=9):
 
     def draw(n, v):
         y = torch.arange(4).repeat_interleave(n)
-        return (means[y][:, None] + 0.05 * torch.randn(len(y), v, d, generator=g)).numpy().astype(np.float16), y
+        return (means[y][:, None] + 0.05 * torch.randn(len(y), v, d, generator=g)).numpy().astype(
+            np.float16
+        ), y
 
     (tr, ytr), (va, yva), (te, yte) = draw(shots, views), draw(4, 1), draw(25, 1)
-    data = {"images/train_pool/views/coop/pooled": tr, "images/val_pool/views/center/pooled": va, "text/tip": text.numpy()}
+    data = {
+        "images/train_pool/views/coop/pooled": tr,
+        "images/val_pool/views/center/pooled": va,
+        "text/tip": text.numpy(),
+    }
     store = ArrayStore(data, {"views": {"train_pool/coop": views}, "fingerprint_parts": {"backbone": parts}})
     ref = lambda name, pool, y: SplitRef(name, pool, np.arange(len(y)), y, np.arange(len(y)))  # noqa: E731
     info = TaskInfo("synthetic", NAMES, shots, 1, "coop", d, {"arch": "fsl-tiny-rn", "pretrained": "none"})
@@ -192,7 +247,11 @@ def test_base_novel_split_and_harmonic_mean():
     assert base.tolist() == [0, 1, 2] and novel.tolist() == [3, 4]  # m = ceil(5/2)
     split = SplitRef("test", "test", np.arange(6), torch.tensor([4, 0, 3, 1, 4, 2]), np.arange(10, 16))
     sub = subset_classes(split, novel)
-    assert sub.labels.tolist() == [1, 0, 1] and sub.rows.tolist() == [0, 2, 4] and sub.split_index.tolist() == [10, 12, 14]
+    assert (
+        sub.labels.tolist() == [1, 0, 1]
+        and sub.rows.tolist() == [0, 2, 4]
+        and sub.split_index.tolist() == [10, 12, 14]
+    )
     assert harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140) and harmonic_mean(0.0, 0.0) == 0.0
     with pytest.raises(UsageError):
         base_novel_classes(1)
@@ -202,10 +261,26 @@ def test_base_novel_split_and_harmonic_mean():
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("capt")
     data = make_demo_dataset(root / "demo")
-    api.extract(f"imagefolder:{data}", model="fsl-tiny-rn", pretrained="none", for_methods=["capt", "linear_probe"],
-                cache_dir=root / "cache", shots=(2,), seeds=(1,), workers=0, progress=False)
-    return dict(dataset=f"imagefolder:{data}", model="fsl-tiny-rn", pretrained="none", shots=2, seeds=[1],
-                cache_dir=root / "cache", progress=False)
+    api.extract(
+        f"imagefolder:{data}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        for_methods=["capt", "linear_probe"],
+        cache_dir=root / "cache",
+        shots=(2,),
+        seeds=(1,),
+        workers=0,
+        progress=False,
+    )
+    return dict(
+        dataset=f"imagefolder:{data}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        shots=2,
+        seeds=[1],
+        cache_dir=root / "cache",
+        progress=False,
+    )
 
 
 def record_of(result) -> dict:
@@ -232,8 +307,13 @@ def test_base2novel_reports_base_novel_and_hm(method, tiny, tmp_path):
     m = record["metrics"]
     assert m["classes"] == {"base": [0, 1, 2], "novel": [3, 4]}
     assert record["splits"]["train"]["n"] == 2 * 3 and record["splits"]["test"]["n"] == 3 * 20  # base only
-    assert len(m["test"][m["headline"]]["confusion"]) == 3 and len(m["test_novel"][next(iter(m["test_novel"]))]["confusion"]) == 2
-    assert m["hm"] == pytest.approx(harmonic_mean(m["base_acc"], m["novel_acc"])) and result.test_acc == pytest.approx(m["hm"])
+    assert (
+        len(m["test"][m["headline"]]["confusion"]) == 3
+        and len(m["test_novel"][next(iter(m["test_novel"]))]["confusion"]) == 2
+    )
+    assert m["hm"] == pytest.approx(
+        harmonic_mean(m["base_acc"], m["novel_acc"])
+    ) and result.test_acc == pytest.approx(m["hm"])
     assert "analytics_novel" in m and record["protocol"] == "base2novel"
     if method == "capt":
         assert record["deviations"][0].startswith("[PROPOSED] CAPT-C [PROPOSED]")

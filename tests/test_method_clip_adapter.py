@@ -11,13 +11,11 @@ from fsl_cache.methods import FitTask, TaskInfo, get_method
 from fsl_cache.methods.clip_adapter import ClipAdapterHead, blend
 from fsl_cache.methods.zero_shot import ZeroShotHead
 from fsl_cache.runs.engine import fit_runs
-from fsl_cache.training import SplitRef
 from fsl_cache.testing import ArrayStore, fit_method, pooled_accuracy
+from fsl_cache.training import SplitRef
 
 NAMES = ("a", "b", "c", "d", "e")
 FAST = {"epochs": 2, "batch_size": 4}
-
-
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +28,21 @@ def deranged():
 
     def draw(n, v):
         y = torch.arange(c).repeat_interleave(n)
-        return (means[y][:, None] + 0.3 * torch.randn(len(y), v, d, generator=g)).numpy().astype(np.float16), y
+        return (means[y][:, None] + 0.3 * torch.randn(len(y), v, d, generator=g)).numpy().astype(
+            np.float16
+        ), y
 
     (tr, ytr), (va, yva), (te, yte) = draw(shots, views), draw(4, 1), draw(20, 1)
-    data = {"images/train_pool/views/coop/pooled": tr, "images/val_pool/views/center/pooled": va,
-            "text/coop": text.numpy()}
+    data = {
+        "images/train_pool/views/coop/pooled": tr,
+        "images/val_pool/views/center/pooled": va,
+        "text/coop": text.numpy(),
+    }
     store = ArrayStore(data, {"views": {"train_pool/coop": views}})
     ref = lambda name, pool, y: SplitRef(name, pool, np.arange(len(y)), y, np.arange(len(y)))  # noqa: E731
     info = TaskInfo("synthetic", NAMES, shots, 1, "coop", d)
     task = FitTask(store, info, train=ref("train", "train_pool", ytr), val=ref("val", "val_pool", yva))
     return task, (torch.from_numpy(te).float()[:, 0], yte)
-
-
 
 
 def fit(task, options, seed=1):
@@ -66,8 +67,10 @@ def test_learns_a_separable_task_beyond_zero_shot(deranged):
     zero_shot = pooled_accuracy(ZeroShotHead(task.text("coop"), scale=100.0), test)
     fitted = fit(task, {"epochs": 10, "batch_size": 4, "lr": 0.05})
     assert zero_shot < 20 and pooled_accuracy(fitted.head, test) >= zero_shot + 60
-    assert [n for n, p in fitted.head.named_parameters() if p.requires_grad] == ["adapter.fc.0.weight",
-                                                                                 "adapter.fc.2.weight"]
+    assert [n for n, p in fitted.head.named_parameters() if p.requires_grad] == [
+        "adapter.fc.0.weight",
+        "adapter.fc.2.weight",
+    ]
 
 
 def test_training_is_deterministic_for_a_seed(deranged):
@@ -97,16 +100,43 @@ def test_recipe_defaults_follow_shots_and_protocol(deranged):
         assert (resolved.epochs, resolved.select) == (epochs, "best")
     assert method.resolve(TaskInfo("dtd", NAMES, 16, 1, "paper", 64)).select == "last"
     s = method.train_settings(deranged[0])
-    assert (s.optimizer, s.lr, s.momentum, s.weight_decay, s.schedule, s.warmup, s.warmup_lr, s.batch_size,
-            s.policy) == ("sgd", 2e-3, 0.9, 5e-4, "cosine_epoch", 1, 1e-5, 32, "coop")
+    assert (
+        s.optimizer,
+        s.lr,
+        s.momentum,
+        s.weight_decay,
+        s.schedule,
+        s.warmup,
+        s.warmup_lr,
+        s.batch_size,
+        s.policy,
+    ) == ("sgd", 2e-3, 0.9, 5e-4, "cosine_epoch", 1, 1e-5, 32, "coop")
 
 
 def test_runs_end_to_end_on_a_tiny_store_deterministically(tmp_path):
     root = make_demo_dataset(tmp_path / "demo")
-    api.extract(f"imagefolder:{root}", model="fsl-tiny-rn", pretrained="none", for_methods=["clip_adapter"],
-                cache_dir=tmp_path / "cache", shots=(1,), seeds=(1,), workers=0, progress=False)
-    kwargs = dict(dataset=f"imagefolder:{root}", shots=1, seeds=(1,), model="fsl-tiny-rn", pretrained="none",
-                  cache_dir=tmp_path / "cache", runs_dir=tmp_path / "runs", options=FAST, force=True)
+    api.extract(
+        f"imagefolder:{root}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        for_methods=["clip_adapter"],
+        cache_dir=tmp_path / "cache",
+        shots=(1,),
+        seeds=(1,),
+        workers=0,
+        progress=False,
+    )
+    kwargs = dict(
+        dataset=f"imagefolder:{root}",
+        shots=1,
+        seeds=(1,),
+        model="fsl-tiny-rn",
+        pretrained="none",
+        cache_dir=tmp_path / "cache",
+        runs_dir=tmp_path / "runs",
+        options=FAST,
+        force=True,
+    )
     first, second = fit_runs("clip_adapter", **kwargs)[0], fit_runs("clip_adapter", **kwargs)[0]
     assert (first.val_acc, first.test_acc, first.heads) == (second.val_acc, second.test_acc, second.heads)
     assert (first.run_dir / "head.safetensors").exists()

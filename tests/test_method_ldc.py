@@ -1,5 +1,6 @@
 """LDC (METHODS §2.6): each module against its equation, the β search, the loss, cached-feature LDC
 against LDC computed from images through the frozen backbone, training, and runs through the engine."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,18 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("ldc")
     data = make_demo_dataset(root / "demo")
     for model in TINY:
-        api.extract(f"imagefolder:{data}", model=model, pretrained="none", for_methods=["ldc", "ldc_lite"], views=3,
-                    shots=(1, 2), seeds=(1,), workers=0, progress=False, cache_dir=root / "cache")
+        api.extract(
+            f"imagefolder:{data}",
+            model=model,
+            pretrained="none",
+            for_methods=["ldc", "ldc_lite"],
+            views=3,
+            shots=(1, 2),
+            seeds=(1,),
+            workers=0,
+            progress=False,
+            cache_dir=root / "cache",
+        )
     return data, root / "cache"
 
 
@@ -67,7 +78,9 @@ def bn_eval(x: torch.Tensor, bn, dim: int = 1) -> torch.Tensor:
     shape = [1] * x.ndim
     shape[dim] = -1
     view = lambda t: t.view(shape)  # noqa: E731
-    return (x - view(bn.running_mean)) / torch.sqrt(view(bn.running_var) + bn.eps) * view(bn.weight) + view(bn.bias)
+    return (x - view(bn.running_mean)) / torch.sqrt(view(bn.running_var) + bn.eps) * view(bn.weight) + view(
+        bn.bias
+    )
 
 
 def mlp_by_hand(seq, x: torch.Tensor) -> torch.Tensor:
@@ -216,15 +229,18 @@ def test_real_sizes_shapes_and_parameter_counts(kind, fuse, rn50_attnpool):
     extra = {"rn": 10_489_856, "vit": 2_950_656}[kind] if fuse == "lf" else 0
     assert trainable == base + 3072 * c + extra
     if kind == "rn":
-        x = {"pooled": torch.randn(2, 1024)} | {t: torch.randn(2, ch, s, s) for t, ch, s in
-                                                zip("abcd", RN50["channels"], RN50["sides"])}
+        x = {"pooled": torch.randn(2, 1024)} | {
+            t: torch.randn(2, ch, s, s) for t, ch, s in zip("abcd", RN50["channels"], RN50["sides"])
+        }
     else:
         x = {"pooled": torch.randn(2, 512)} | {t: torch.randn(2, 197, 768) for t in "abcd"}
     with torch.no_grad():
         z = head.maf([x[t] for t in "abcd"])
         out = head(x)
     assert z.shape == (2, RN50["dim"] if kind == "rn" else VITB16["dim"])
-    assert list(out) == ["main", "alf", "maf", "icd", "zero_shot"] and all(v.shape == (2, c) for v in out.values())
+    assert list(out) == ["main", "alf", "maf", "icd", "zero_shot"] and all(
+        v.shape == (2, c) for v in out.values()
+    )
     assert not any(".frozen." in k for k in head.saved_state())
 
 
@@ -252,7 +268,11 @@ def _official_search_hp(mlp_logits, ada_logits, labels, start=0, end=1, step=50)
     beta_list = [i * (end - start) / step + start for i in range(step + 1)]
     best_beta, best_acc = start, 0.0
     for beta in beta_list:
-        acc = float((beta * mlp_logits + (1 - beta) * ada_logits).argmax(-1).eq(labels).sum()) / len(labels) * 100.0
+        acc = (
+            float((beta * mlp_logits + (1 - beta) * ada_logits).argmax(-1).eq(labels).sum())
+            / len(labels)
+            * 100.0
+        )
         if acc > best_acc:
             best_acc, best_beta = acc, beta
     return best_beta, best_acc
@@ -277,7 +297,10 @@ def test_beta_search_picks_the_first_strict_maximum():
 def test_beta_is_searched_on_test_only_for_imagenet_under_the_paper_protocol():
     val, test = SimpleNamespace(name="val"), SimpleNamespace(name="test")
     task = lambda dataset, protocol: SimpleNamespace(  # noqa: E731
-        info=SimpleNamespace(dataset=dataset, protocol=protocol), val=val, oracle=test if protocol == "paper" else None)
+        info=SimpleNamespace(dataset=dataset, protocol=protocol),
+        val=val,
+        oracle=test if protocol == "paper" else None,
+    )
     assert search_split(task("imagenet", "paper")) is test
     assert search_split(task("imagenet", "coop")) is val
     assert search_split(task("eurosat", "paper")) is val
@@ -286,8 +309,15 @@ def test_beta_is_searched_on_test_only_for_imagenet_under_the_paper_protocol():
 def test_config_defaults_are_the_official_recipe_and_options_parse():
     info = get_method("ldc")
     cfg = info.config()
-    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.eps, cfg.schedule, cfg.optimizer) == \
-        (50, 64, 1e-4, 1e-4, 1e-4, "cosine_iter", "adamw")
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.eps, cfg.schedule, cfg.optimizer) == (
+        50,
+        64,
+        1e-4,
+        1e-4,
+        1e-4,
+        "cosine_iter",
+        "adamw",
+    )
     assert (cfg.fuse, cfg.loss_lambda, cfg.select, cfg.beta_steps) == ("wf", (1.0,) * 5, "last", 50)
     settings = info.cls(cfg).train_settings(None)
     assert settings.policy == "ldc" and settings.merge_singleton and not settings.drop_last
@@ -304,8 +334,9 @@ def test_config_defaults_are_the_official_recipe_and_options_parse():
 # ---------------------------------------------------------------------------- training
 
 
-def separable_views(kind: str, n: int, views: int, generator: torch.Generator,
-                    common: torch.Tensor) -> tuple[dict, torch.Tensor]:
+def separable_views(
+    kind: str, n: int, views: int, generator: torch.Generator, common: torch.Tensor
+) -> tuple[dict, torch.Tensor]:
     """Class ``c`` lights up channel / feature ``c`` of every level; pooled embeddings carry no class signal.
 
     Pooled embeddings sit at a fixed angle to ``common``, the direction every class text row is close
@@ -329,18 +360,26 @@ def test_training_on_a_separable_task_beats_zero_shot_and_merges_a_batch_of_one(
     dim = 32 if kind == "rn" else 8
     common = F.normalize(torch.randn(1, dim, generator=g), dim=-1)
     text = F.normalize(common + 0.05 * torch.randn(4, dim, generator=g), dim=-1)
-    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (separable_views(kind, n, v, g, common) for n, v in
-                                                            ((33, 3), (16, 1), (40, 1)))
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
+        separable_views(kind, n, v, g, common) for n, v in ((33, 3), (16, 1), (40, 1))
+    )
     shapes = [tuple(t.shape[2:]) for k, t in train_x.items() if k != "pooled"]
     with seeded_init(g):
         frozen = AttentionPool2d(2, 32, 4, dim) if kind == "rn" else torch.randn(16, dim)
         trunk = build_trunk(kind, shapes, frozen, embed_dim=dim, fuse="wf", lite=False)
-        head = LDCHead(trunk, taps=("level0", "level1", "level2", "level3"), text=text, scale=100.0,
-                       maf_hidden=dim if kind == "rn" else 2048)
+        head = LDCHead(
+            trunk,
+            taps=("level0", "level1", "level2", "level3"),
+            text=text,
+            scale=100.0,
+            maf_hidden=dim if kind == "rn" else 2048,
+        )
     method = get_method("ldc").create({"epochs": 30, "lr": 1e-3, "batch_size": 16})
     settings = method.train_settings(None)
     # 33 images in batches of 16: the last batch would hold one image, which BatchNorm1d cannot train on
-    result = train(head, TrainData(MemoryViews(train_x), train_y), settings=settings, generator=g, loss_fn=method.loss)
+    result = train(
+        head, TrainData(MemoryViews(train_x), train_y), settings=settings, generator=g, loss_fn=method.loss
+    )
     assert len(result.history) == 30 and result.best_iter == 60
     val = predict(head, MemoryViews(val_x))
     beta, _ = search_beta(val["maf"], val["icd"], val_y)
@@ -358,8 +397,12 @@ def fresh_taps(backbone, data, store, rows: np.ndarray, taps: tuple[str, ...]) -
     renderer = ViewRenderer(store.manifest["backbone"]["preprocess_cfg"])
     paths = store.read("images/train_pool/paths", rows)
     params = store.read("images/train_pool/views/ldc/aug_params", rows)  # [N, V, 5]
-    images = torch.cat([renderer.render(Image.open(data / p).convert("RGB"), params[i], policy="ldc")
-                        for i, p in enumerate(paths)])  # [N·V, 3, H, W]
+    images = torch.cat(
+        [
+            renderer.render(Image.open(data / p).convert("RGB"), params[i], policy="ldc")
+            for i, p in enumerate(paths)
+        ]
+    )  # [N·V, 3, H, W]
     base = tuple(dict.fromkeys(derived_tap(t)[0] for t in taps))
     out = backbone.encode_taps(images, base)
     grid = tuple(out["rn/layer4"].shape[-2:]) if "rn/layer4" in out else None
@@ -378,8 +421,12 @@ def test_cached_ldc_equals_ldc_from_images_through_the_frozen_backbone(tiny, mod
     taps = ldc_taps(store, kind=kind, lite=lite)
     inputs = ("pooled",) + taps
     rows = np.arange(4)
-    cached = {t: torch.from_numpy(store.read(f"images/train_pool/views/ldc/{t}", rows).astype(np.float32)).flatten(0, 1)
-              for t in inputs}  # [N·V, ...]
+    cached = {
+        t: torch.from_numpy(store.read(f"images/train_pool/views/ldc/{t}", rows).astype(np.float32)).flatten(
+            0, 1
+        )
+        for t in inputs
+    }  # [N·V, ...]
     fresh = fresh_taps(backbone, data, store, rows, inputs)
     for t in inputs:  # the store holds exactly these tensors, rounded to fp16
         torch.testing.assert_close(cached[t], fresh[t].half().float(), rtol=2e-3, atol=1e-6)
@@ -396,7 +443,9 @@ def test_cached_ldc_equals_ldc_from_images_through_the_frozen_backbone(tiny, mod
     from_rounded = head({t: v.half().float() for t, v in fresh.items()})
     for name in from_cache:  # fp16 storage is the only difference: ~6e-4 of the logit range measured
         ref = from_images[name]
-        torch.testing.assert_close(from_cache[name], ref, rtol=5e-3, atol=5e-3 * float(ref.abs().max()) + 1e-6)
+        torch.testing.assert_close(
+            from_cache[name], ref, rtol=5e-3, atol=5e-3 * float(ref.abs().max()) + 1e-6
+        )
         torch.testing.assert_close(from_cache[name], from_rounded[name])
     assert (from_cache["main"].argmax(1) == from_images["main"].argmax(1)).float().mean() >= 0.9
     store.close()
@@ -409,8 +458,18 @@ def test_cached_ldc_equals_ldc_from_images_through_the_frozen_backbone(tiny, mod
 @pytest.mark.parametrize("method", ["ldc", "ldc_lite"])
 def test_fit_records_all_four_accuracies(tiny, model, method, tmp_path):
     data, cache = tiny
-    (result,) = api.fit(method, dataset=f"imagefolder:{data}", model=model, pretrained="none", shots=2, seeds=[1],
-                        options={"epochs": 2}, cache_dir=cache, runs_dir=tmp_path, progress=False)
+    (result,) = api.fit(
+        method,
+        dataset=f"imagefolder:{data}",
+        model=model,
+        pretrained="none",
+        shots=2,
+        seeds=[1],
+        options={"epochs": 2},
+        cache_dir=cache,
+        runs_dir=tmp_path,
+        progress=False,
+    )
     record = json.loads((result.run_dir / "record.json").read_text())
     m = record["metrics"]
     assert m["headline"] == "main" and set(m["test"]) == {"main", "alf", "maf", "icd", "zero_shot"}
@@ -426,9 +485,21 @@ def test_fit_records_all_four_accuracies(tiny, model, method, tmp_path):
 
 def test_same_seed_gives_the_same_ldc_run(tiny, tmp_path):
     data, cache = tiny
-    runs = [api.fit("ldc", dataset=f"imagefolder:{data}", model="fsl-tiny-vit", pretrained="none", shots=2, seeds=[1],
-                    options={"epochs": 3}, cache_dir=cache, runs_dir=tmp_path / str(i), progress=False)[0]
-            for i in range(2)]
+    runs = [
+        api.fit(
+            "ldc",
+            dataset=f"imagefolder:{data}",
+            model="fsl-tiny-vit",
+            pretrained="none",
+            shots=2,
+            seeds=[1],
+            options={"epochs": 3},
+            cache_dir=cache,
+            runs_dir=tmp_path / str(i),
+            progress=False,
+        )[0]
+        for i in range(2)
+    ]
     assert runs[0].heads == runs[1].heads
     a, b = (load_head_tensors(r.run_dir) for r in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

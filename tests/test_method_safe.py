@@ -1,4 +1,5 @@
 """SAFE and SAFE-A: the pooling tails are exact, the grid trains in one pass, the methods fit end to end."""
+
 from __future__ import annotations
 
 import json
@@ -33,15 +34,37 @@ def stores(tmp_path_factory):
     """fp32 stores of the demo images through both tiny backbones, with what SAFE and SAFE-A read."""
     root = tmp_path_factory.mktemp("safe")
     data = make_demo_dataset(root / "demo")
-    paths = {arch: api.extract(f"imagefolder:{data}", model=arch, pretrained="none", for_methods=["safe", "safe_a"],
-                               shots=(1, 2), seeds=(1,), precision="fp32", workers=0, progress=False,
-                               cache_dir=root / "cache").store for arch in ARCHS}
+    paths = {
+        arch: api.extract(
+            f"imagefolder:{data}",
+            model=arch,
+            pretrained="none",
+            for_methods=["safe", "safe_a"],
+            shots=(1, 2),
+            seeds=(1,),
+            precision="fp32",
+            workers=0,
+            progress=False,
+            cache_dir=root / "cache",
+        ).store
+        for arch in ARCHS
+    }
     return SimpleNamespace(data=data, cache=root / "cache", paths=paths)
 
 
 def fit(stores, method, arch, tmp_path, **options):
-    (run,) = api.fit(method, dataset=f"imagefolder:{stores.data}", model=arch, pretrained="none", shots=2, seeds=[1],
-                     options=options, cache_dir=stores.cache, runs_dir=tmp_path, progress=False)
+    (run,) = api.fit(
+        method,
+        dataset=f"imagefolder:{stores.data}",
+        model=arch,
+        pretrained="none",
+        shots=2,
+        seeds=[1],
+        options=options,
+        cache_dir=stores.cache,
+        runs_dir=tmp_path,
+        progress=False,
+    )
     return run, json.loads((run.run_dir / "record.json").read_text())
 
 
@@ -77,9 +100,16 @@ def test_implicit_key_value_projections_give_the_attention_pool_gradients():
     (pool(x) * target).sum().backward()
     tail = _rn_tail(SimpleNamespace(attnpool=pool)).requires_grad_(True)
     (tail(x)[0] * target).sum().backward()
-    reference = {"pos": pool.positional_embedding, "wq": pool.q_proj.weight, "bq": pool.q_proj.bias,
-                 "wk": pool.k_proj.weight, "wv": pool.v_proj.weight, "bv": pool.v_proj.bias,
-                 "wc": pool.c_proj.weight, "bc": pool.c_proj.bias}
+    reference = {
+        "pos": pool.positional_embedding,
+        "wq": pool.q_proj.weight,
+        "bq": pool.q_proj.bias,
+        "wk": pool.k_proj.weight,
+        "wv": pool.v_proj.weight,
+        "bv": pool.v_proj.bias,
+        "wc": pool.c_proj.weight,
+        "bc": pool.c_proj.bias,
+    }
     for name, param in reference.items():
         torch.testing.assert_close(tail.params[name].grad[0], param.grad, rtol=1e-4, atol=1e-5, msg=name)
     # softmax ignores the key bias: open_clip's gradient is rounding noise, ours is exactly absent
@@ -114,14 +144,20 @@ def test_untrained_safe_blends_one_plus_beta_times_pooled_and_predicts_like_zero
     path = stores.paths[arch]
     backbone = load_backbone(arch, "none")
     frozen = PoolingTail.from_backbone(backbone)
-    head = SafeHead(frozen, frozen.stacked(1), read(path, "text/tip"), tap=backbone.dense_tap, beta=0.3, tau=100.0)
+    head = SafeHead(
+        frozen, frozen.stacked(1), read(path, "text/tip"), tap=backbone.dense_tap, beta=0.3, tau=100.0
+    )
     x = {backbone.dense_tap: read(path, f"images/test/views/center/{backbone.dense_tap}")[:, 0]}
-    torch.testing.assert_close(head.embed(x), 1.3 * read(path, "images/test/views/center/pooled")[:, 0],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        head.embed(x), 1.3 * read(path, "images/test/views/center/pooled")[:, 0], rtol=1e-4, atol=1e-4
+    )
     zs, zs_record = fit(stores, "zero_shot", arch, tmp_path)
     safe, safe_record = fit(stores, "safe", arch, tmp_path, iterations=0)
     assert safe.test_acc == zs.test_acc
-    assert safe_record["metrics"]["test"]["main"]["confusion"] == zs_record["metrics"]["test"]["main"]["confusion"]
+    assert (
+        safe_record["metrics"]["test"]["main"]["confusion"]
+        == zs_record["metrics"]["test"]["main"]["confusion"]
+    )
 
 
 def test_untrained_safe_a_keys_are_tip_adapter_keys(stores, tmp_path):
@@ -160,7 +196,9 @@ def test_stacked_adamw_is_torch_adamw_per_member():
         torch.testing.assert_close(stacked[g].detach(), alone[g].detach(), rtol=1e-6, atol=1e-7)
 
 
-def separable_maps(n_per_class: int, *, classes: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def separable_maps(
+    n_per_class: int, *, classes: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, 2, 32, 3, 3]`` maps (view 1 is the mirror of view 0) whose class adds a fixed pattern."""
     patterns = 3.0 * torch.randn(classes, 32, 3, 3, generator=torch.Generator().manual_seed(99))
     labels = torch.arange(classes).repeat_interleave(n_per_class)
@@ -176,7 +214,9 @@ def grid_data(generator: torch.Generator, *, classes: int = 4) -> tuple[PoolingT
     val, yv = separable_maps(4, classes=classes, generator=generator)
     test, yt = separable_maps(20, classes=classes, generator=generator)
     text = F.normalize(torch.randn(classes, 16, generator=generator), dim=-1)
-    data = GridData(MemoryViews({"rn/layer4": train}), y, MemoryViews({"rn/layer4": val[:, :1]}), yv, text, "rn/layer4")
+    data = GridData(
+        MemoryViews({"rn/layer4": train}), y, MemoryViews({"rn/layer4": val[:, :1]}), yv, text, "rn/layer4"
+    )
     return frozen, data, (test[:, 0], yt)
 
 
@@ -201,7 +241,10 @@ def test_training_beats_zero_shot_on_a_separable_synthetic_task():
     head = SafeHead(frozen, tuned, data.text, tap="rn/layer4", beta=0.5, tau=100.0)
     zero_shot = SafeHead(frozen, frozen.stacked(1), data.text, tap="rn/layer4", beta=0.5, tau=100.0)
     with torch.no_grad():
-        acc = [100.0 * float((h({"rn/layer4": test}).argmax(1) == labels).float().mean()) for h in (head, zero_shot)]
+        acc = [
+            100.0 * float((h({"rn/layer4": test}).argmax(1) == labels).float().mean())
+            for h in (head, zero_shot)
+        ]
     assert acc[0] >= acc[1] + 25, f"SAFE {acc[0]:.1f} vs zero-shot {acc[1]:.1f}"
 
 
@@ -218,12 +261,22 @@ def test_grid_chunks_give_the_same_fit(stores, tmp_path):
 def test_safe_and_safe_a_fit_and_record_their_choices(arch, stores, tmp_path):
     run, record = fit(stores, "safe", arch, tmp_path, **FAST)
     selection = record["selection"]
-    assert len(selection["grid"]) == 4 and (selection["lr"], selection["wd"]) in {(1e-3, 0.0), (1e-3, 0.01), (1e-4, 0.0), (1e-4, 0.01)}
+    assert len(selection["grid"]) == 4 and (selection["lr"], selection["wd"]) in {
+        (1e-3, 0.0),
+        (1e-3, 0.01),
+        (1e-4, 0.0),
+        (1e-4, 0.01),
+    }
     assert record["head"]["inputs"] == [load_backbone(arch, "none").dense_tap]
     assert not any(k.startswith("frozen.") for k in record["head"]["tensors"])
     assert any("[PROPOSED] tau = 100" in d for d in record["deviations"])
-    stored, lazy = (fit(stores, "safe_a", arch, tmp_path / str(p), **FAST_A, precompute=p) for p in (True, False))
-    assert stored[0].test_acc == lazy[0].test_acc and stored[1]["selection"]["tip"] == lazy[1]["selection"]["tip"]
+    stored, lazy = (
+        fit(stores, "safe_a", arch, tmp_path / str(p), **FAST_A, precompute=p) for p in (True, False)
+    )
+    assert (
+        stored[0].test_acc == lazy[0].test_acc
+        and stored[1]["selection"]["tip"] == lazy[1]["selection"]["tip"]
+    )
     assert {"alpha", "beta", "search_on"} <= set(stored[1]["selection"]["tip"])
     assert stored[1]["selection"]["safe"] == selection  # stage 1 is SAFE itself
 
@@ -232,7 +285,12 @@ def test_options_parse_and_validate():
     cfg = get_method("safe").create({"lrs": "1e-4,1e-5", "wds": "0", "beta": "0.8", "tau": "54.6"}).config
     assert cfg.grid() == [(1e-4, 0.0), (1e-5, 0.0)] and cfg.beta == 0.8 and cfg.tau == 54.6
     defaults = SafeConfig()
-    assert (defaults.iterations, defaults.batch_size, defaults.eval_every, len(defaults.grid())) == (12800, 8, 100, 12)
+    assert (defaults.iterations, defaults.batch_size, defaults.eval_every, len(defaults.grid())) == (
+        12800,
+        8,
+        100,
+        12,
+    )
     with pytest.raises(Exception, match="tau must be > 0"):
         get_method("safe").create({"tau": "0"})
     tip = get_method("safe_a").create({}).resolve(SimpleNamespace(dataset="eurosat")).tip_config()
@@ -240,8 +298,25 @@ def test_options_parse_and_validate():
 
 
 def test_cli_fits_safe(stores, tmp_path):
-    args = ["fit", "safe", "--dataset", f"imagefolder:{stores.data}", "--model", "fsl-tiny-vit", "--pretrained", "none",
-            "--shots", "1", "--seed", "1", "--cache-dir", str(stores.cache), "--runs-dir", str(tmp_path), "--json"]
+    args = [
+        "fit",
+        "safe",
+        "--dataset",
+        f"imagefolder:{stores.data}",
+        "--model",
+        "fsl-tiny-vit",
+        "--pretrained",
+        "none",
+        "--shots",
+        "1",
+        "--seed",
+        "1",
+        "--cache-dir",
+        str(stores.cache),
+        "--runs-dir",
+        str(tmp_path),
+        "--json",
+    ]
     for key, value in FAST.items():
         args += ["-o", f"{key}={value}"]
     res = CliRunner().invoke(main, args, catch_exceptions=False)

@@ -1,5 +1,6 @@
 """The method contract and the baselines: formulas on hand-made tensors, options, the registry,
 and one parametrized contract test over every registered method on a synthetic store."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,17 @@ def tiny_cache(tmp_path_factory):
     """A real store: the demo images through the random-weight fsl-tiny-rn, for every registered method."""
     root = tmp_path_factory.mktemp("tiny")
     data = make_demo_dataset(root / "demo")
-    api.extract(f"imagefolder:{data}", model="fsl-tiny-rn", pretrained="none", for_methods=list_methods(),
-                cache_dir=root / "cache", shots=(2,), seeds=(1,), workers=0, progress=False)
+    api.extract(
+        f"imagefolder:{data}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        for_methods=list_methods(),
+        cache_dir=root / "cache",
+        shots=(2,),
+        seeds=(1,),
+        workers=0,
+        progress=False,
+    )
     return data, root / "cache"
 
 
@@ -103,7 +113,9 @@ def test_tip_logits_equal_the_formula_by_hand():
 
 def test_search_grids_follow_tip_search_hp():
     betas = search_grid(12, 200)
-    assert len(betas) == 200 and betas[0] == pytest.approx(0.1) and betas[1] == pytest.approx(0.1 + 11.9 / 200)
+    assert (
+        len(betas) == 200 and betas[0] == pytest.approx(0.1) and betas[1] == pytest.approx(0.1 + 11.9 / 200)
+    )
     assert betas[-1] == pytest.approx(0.1 + 199 * 11.9 / 200) and betas[-1] < 12
 
 
@@ -129,7 +141,8 @@ def test_alpha_beta_search_matches_the_official_loop(seed):
     labels = torch.randint(0, c, (n,), generator=g)
     betas, alphas = search_grid(7, 30), search_grid(3, 8)
     assert search_alpha_beta(affinity, clip, values, labels, betas=betas, alphas=alphas) == pytest.approx(
-        _official_search(affinity, clip, values, labels, betas, alphas))
+        _official_search(affinity, clip, values, labels, betas, alphas)
+    )
 
 
 def test_alpha_beta_search_keeps_the_first_strict_maximum():
@@ -139,10 +152,16 @@ def test_alpha_beta_search_keeps_the_first_strict_maximum():
     affinity = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
     values = build_values(torch.tensor([0, 1]), 2)
     labels = torch.tensor([0, 1])
-    beta, alpha, acc = search_alpha_beta(affinity, clip, values, labels, betas=[1.0, 2.0], alphas=[0.25, 1.0, 2.0])
+    beta, alpha, acc = search_alpha_beta(
+        affinity, clip, values, labels, betas=[1.0, 2.0], alphas=[0.25, 1.0, 2.0]
+    )
     assert (beta, alpha, acc) == (1.0, 1.0, 100.0)
     # nothing beats 0 % → the official defaults (0, 0)
-    assert search_alpha_beta(affinity, clip, values, torch.tensor([1, 1]), betas=[1.0], alphas=[0.0]) == (0.0, 0.0, 0.0)
+    assert search_alpha_beta(affinity, clip, values, torch.tensor([1, 1]), betas=[1.0], alphas=[0.0]) == (
+        0.0,
+        0.0,
+        0.0,
+    )
 
 
 def test_tip_per_dataset_table_and_default():
@@ -150,10 +169,16 @@ def test_tip_per_dataset_table_and_default():
     assert TIP_TABLE["imagenet"].init_alpha == 1.17 and TIP_TABLE["fgvc_aircraft"].search_scale == (30, 30)
     assert all(row.epochs == 20 for name, row in TIP_TABLE.items() if name != "eurosat")
     resolved = TipAdapterConfig().resolved("imagefolder:/x")
-    assert (resolved.search_scale, resolved.init_beta, resolved.init_alpha) == (TIP_DEFAULT.search_scale, 1.0, 2.0)
+    assert (resolved.search_scale, resolved.init_beta, resolved.init_alpha) == (
+        TIP_DEFAULT.search_scale,
+        1.0,
+        2.0,
+    )
     assert TipAdapterConfig(init_alpha=7.0).resolved("dtd").init_alpha == 7.0  # an explicit option wins
     tip_f = get_method("tip_adapter_f").config().resolved("eurosat")
-    assert tip_f.epochs == 100 and tip_f.batch_size == 256 and tip_f.eps == 1e-4 and tip_f.weight_decay == 0.01
+    assert (
+        tip_f.epochs == 100 and tip_f.batch_size == 256 and tip_f.eps == 1e-4 and tip_f.weight_decay == 0.01
+    )
 
 
 def _official_lpclip(x, y, xv, yv, steps):
@@ -181,7 +206,9 @@ def test_linear_probe_search_matches_lpclip():
     y = np.repeat(np.arange(3), 8)
     xv = rng.normal(size=(12, 6)) + np.repeat(np.eye(3, 6) * 1.5, 4, axis=0)
     yv = np.repeat(np.arange(3), 4)
-    clf, selection = search_c((x, y), (xv, yv), grid=(1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6), steps=3, max_iter=1000)
+    clf, selection = search_c(
+        (x, y), (xv, yv), grid=(1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6), steps=3, max_iter=1000
+    )
     ref, c_ref = _official_lpclip(x, y, xv, yv, steps=3)
     assert selection["c"] == pytest.approx(c_ref)
     np.testing.assert_allclose(clf.coef_, ref.coef_)
@@ -213,8 +240,16 @@ def test_registry_lists_the_baselines_and_suggests_on_typos():
 
 def test_options_parse_typed_values_and_reject_unknown_keys():
     info = get_method("tip_adapter_f")
-    cfg = info.create({"lr": "5e-4", "epochs": "7", "search_scale": "3,4", "amp": "true", "optimizer": "sgd"}).config
-    assert (cfg.lr, cfg.epochs, cfg.search_scale, cfg.amp, cfg.optimizer) == (5e-4, 7, (3.0, 4.0), True, "sgd")
+    cfg = info.create(
+        {"lr": "5e-4", "epochs": "7", "search_scale": "3,4", "amp": "true", "optimizer": "sgd"}
+    ).config
+    assert (cfg.lr, cfg.epochs, cfg.search_scale, cfg.amp, cfg.optimizer) == (
+        5e-4,
+        7,
+        (3.0, 4.0),
+        True,
+        "sgd",
+    )
     assert info.create({"epochs": 5}).config.epochs == 5  # typed API values pass through
     with pytest.raises(UsageError, match="Did you mean lr"):
         info.create({"lrr": "1"})
@@ -244,8 +279,10 @@ def test_method_declares_the_contract(name):
     if dataclasses.fields(defaults):
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(defaults, dataclasses.fields(defaults)[0].name, None)
-    round_trip = {o.name: ",".join(map(str, o.default)) if isinstance(o.default, list) else str(o.default)
-                  for o in info.options()}
+    round_trip = {
+        o.name: ",".join(map(str, o.default)) if isinstance(o.default, list) else str(o.default)
+        for o in info.options()
+    }
     assert info.create(round_trip).config == defaults
     assert all(d.startswith("[") for d in info.deviations), "deviations carry a [CODE]/[PROPOSED] tag"
 
@@ -259,7 +296,9 @@ def store_reads(monkeypatch):
     log: list[str] = []
     original_array, original_final = FeatureStore.array, engine.final_evaluation
     monkeypatch.setattr(FeatureStore, "array", lambda self, n: (log.append(n), original_array(self, n))[1])
-    monkeypatch.setattr(engine, "final_evaluation", lambda *a, **k: (log.append("FINAL"), original_final(*a, **k))[1])
+    monkeypatch.setattr(
+        engine, "final_evaluation", lambda *a, **k: (log.append("FINAL"), original_final(*a, **k))[1]
+    )
     return log
 
 
@@ -268,14 +307,35 @@ def test_every_method_fits_records_and_reads_no_test_tensor_early(name, tiny_cac
     """The contract, on a real tiny store: a run record, a loadable head, and under --protocol coop no
     test array read before the engine's final evaluation."""
     data, cache = tiny_cache
-    (result,) = api.fit(name, dataset=f"imagefolder:{data}", model="fsl-tiny-rn", pretrained="none", shots=2,
-                        seeds=[1], options=fast_options(name), cache_dir=cache, runs_dir=tmp_path, progress=False)
+    (result,) = api.fit(
+        name,
+        dataset=f"imagefolder:{data}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        shots=2,
+        seeds=[1],
+        options=fast_options(name),
+        cache_dir=cache,
+        runs_dir=tmp_path,
+        progress=False,
+    )
     final = store_reads.index("FINAL")
-    assert not [n for n in store_reads[:final] if n.startswith("images/test/")], "test read before the final evaluation"
+    assert not [n for n in store_reads[:final] if n.startswith("images/test/")], (
+        "test read before the final evaluation"
+    )
     assert any(n.startswith("images/test/") for n in store_reads[final:])
     assert 0 <= result.val_acc <= 100 and 0 <= result.test_acc <= 100
     record = json.loads((result.run_dir / "record.json").read_text())
-    for key in ("run_fingerprint", "config", "splits", "metrics", "deviations", "versions", "timings", "selection"):
+    for key in (
+        "run_fingerprint",
+        "config",
+        "splits",
+        "metrics",
+        "deviations",
+        "versions",
+        "timings",
+        "selection",
+    ):
         assert key in record
     assert record["deviations"] == list(get_method(name).deviations)
     assert len(record["splits"]["train"]["split_index"]) == 2 * 5  # 2 shots x 5 demo classes
@@ -287,21 +347,35 @@ def test_every_method_fits_records_and_reads_no_test_tensor_early(name, tiny_cac
 
 @pytest.mark.parametrize("name", [n for n in list_methods() if n != "zero_shot" and runs_on_synthetic(n)])
 def test_trained_methods_beat_zero_shot_when_features_separate_but_text_does_not(name, cache, tmp_path):
-    (zs,) = api.fit("zero_shot", shots=4, seeds=[1], cache_dir=cache, runs_dir=tmp_path, progress=False, **SYNTH)
+    (zs,) = api.fit(
+        "zero_shot", shots=4, seeds=[1], cache_dir=cache, runs_dir=tmp_path, progress=False, **SYNTH
+    )
     assert zs.test_acc == pytest.approx(zero_shot_chance(4))
     (fitted,) = api.fit(name, shots=4, seeds=[1], cache_dir=cache, runs_dir=tmp_path, progress=False, **SYNTH)
-    assert fitted.test_acc >= zs.test_acc + 25, f"{name}: {fitted.test_acc:.1f} vs zero-shot {zs.test_acc:.1f}"
+    assert fitted.test_acc >= zs.test_acc + 25, (
+        f"{name}: {fitted.test_acc:.1f} vs zero-shot {zs.test_acc:.1f}"
+    )
 
 
 @pytest.mark.parametrize("name", [n for n in list_methods() if runs_on_synthetic(n)])
 def test_same_seed_gives_the_same_numbers_and_weights(name, cache, tmp_path):
-    runs = [api.fit(name, shots=2, seeds=[2], options=fast_options(name), cache_dir=cache, runs_dir=tmp_path / str(i),
-                    progress=False, **SYNTH)[0] for i in range(2)]
+    runs = [
+        api.fit(
+            name,
+            shots=2,
+            seeds=[2],
+            options=fast_options(name),
+            cache_dir=cache,
+            runs_dir=tmp_path / str(i),
+            progress=False,
+            **SYNTH,
+        )[0]
+        for i in range(2)
+    ]
     assert runs[0].to_json()["val_acc"] == runs[1].to_json()["val_acc"]
     assert runs[0].test_acc == runs[1].test_acc and not runs[1].reused
     a, b = (load_head_tensors(r.run_dir) for r in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
 
 
 def test_a_method_that_skips_a_required_hook_fails_naming_it():

@@ -1,4 +1,5 @@
 """``predict``: image files through the store's preprocessing and backbone give the cached evaluation's logits."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ from click.testing import CliRunner
 from fsl_cache import api
 from fsl_cache.cli import main
 from fsl_cache.errors import BackboneError, StoreError
-from fsl_cache.evaluation.predict import predict as cached_predict
 from fsl_cache.evaluation import protocol
+from fsl_cache.evaluation.predict import predict as cached_predict
 from fsl_cache.inference import Predictor, load_bundle
 from fsl_cache.store.store import FeatureStore
 from fsl_cache.training.data import open_views
@@ -21,8 +22,14 @@ from fsl_cache.training.data import open_views
 TINY = dict(model="fsl-tiny-rn", pretrained="none")
 FAST_SAFE = {"iterations": 10, "lrs": "1e-4", "wds": "0", "eval_every": 5, "warmup": 2}
 METHODS = {
-    "zero_shot": {}, "linear_probe": {"search_steps": 1}, "tip_adapter": {}, "safe": FAST_SAFE,
-    "tip_adapter_f": {"epochs": 2}, "clip_adapter": {"epochs": 2}, "coop": {"epochs": 1}, "ldc": {"epochs": 1},
+    "zero_shot": {},
+    "linear_probe": {"search_steps": 1},
+    "tip_adapter": {},
+    "safe": FAST_SAFE,
+    "tip_adapter_f": {"epochs": 2},
+    "clip_adapter": {"epochs": 2},
+    "coop": {"epochs": 1},
+    "ldc": {"epochs": 1},
     "safe_a": {**FAST_SAFE, "tip_epochs": 1},
 }
 
@@ -33,15 +40,32 @@ def demo(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("predict")
     data = make_demo_dataset(root / "data")
-    result = api.extract(f"imagefolder:{data}", cache_dir=root / "cache", for_methods=list(METHODS), shots=(2,),
-                         seeds=(1,), workers=0, progress=False, **TINY)
+    result = api.extract(
+        f"imagefolder:{data}",
+        cache_dir=root / "cache",
+        for_methods=list(METHODS),
+        shots=(2,),
+        seeds=(1,),
+        workers=0,
+        progress=False,
+        **TINY,
+    )
     return root, data, result.store
 
 
 def fit(demo, method: str) -> Path:
     root, data, _ = demo
-    (run,) = api.fit(method, dataset=f"imagefolder:{data}", shots=2, seeds=[1], options=METHODS[method],
-                     cache_dir=root / "cache", runs_dir=root / "runs", progress=False, **TINY)
+    (run,) = api.fit(
+        method,
+        dataset=f"imagefolder:{data}",
+        shots=2,
+        seeds=[1],
+        options=METHODS[method],
+        cache_dir=root / "cache",
+        runs_dir=root / "runs",
+        progress=False,
+        **TINY,
+    )
     return run.run_dir
 
 
@@ -79,7 +103,9 @@ def test_heavy_taps_come_from_the_backbone(demo):
 def test_a_backbone_with_other_weights_is_refused(demo):
     bundle = load_bundle(fit(demo, "zero_shot"))
     parts = bundle.meta["backbone"]["fingerprint_parts"]
-    parts["weights"] = {**parts["weights"], "sha256": "0" * 64} if isinstance(parts["weights"], dict) else "other"
+    parts["weights"] = (
+        {**parts["weights"], "sha256": "0" * 64} if isinstance(parts["weights"], dict) else "other"
+    )
     with pytest.raises(BackboneError, match="differs from the one the store was built with"):
         Predictor(bundle).predict([next((demo[1] / "test").glob("*/*.png"))])
 

@@ -1,4 +1,5 @@
 """Protocols: coop reads no test tensor before the final evaluation; paper reproduces each paper's quirks."""
+
 from __future__ import annotations
 
 import json
@@ -51,19 +52,29 @@ def reads_before_final(log: list[str]) -> list[str]:
 def assert_no_test_read_before_final(log: list[str]) -> None:
     early = [name for name in reads_before_final(log) if name.startswith("images/test/")]
     assert not early, f"test tensors read before the final evaluation: {early}"
-    assert any(name.startswith("images/test/") for name in log[log.index("FINAL"):])
+    assert any(name.startswith("images/test/") for name in log[log.index("FINAL") :])
 
 
 @pytest.mark.parametrize("name", ["zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f"])
 def test_coop_protocol_reads_no_test_tensor_before_the_final_evaluation(name, cache, tmp_path, store_reads):
     api.fit(name, shots=2, seeds=[1], cache_dir=cache, runs_dir=tmp_path, **SYNTH)
     assert_no_test_read_before_final(store_reads)
-    assert any(n.startswith("images/val_pool/") for n in reads_before_final(store_reads))  # it did select on val
+    assert any(
+        n.startswith("images/val_pool/") for n in reads_before_final(store_reads)
+    )  # it did select on val
 
 
 def test_the_read_log_catches_the_paper_protocol_test_oracle(cache, tmp_path, store_reads):
-    (result,) = api.fit("tip_adapter_f", shots=2, seeds=[1], protocol="paper", options={"epochs": 4},
-                        cache_dir=cache, runs_dir=tmp_path, **SYNTH)
+    (result,) = api.fit(
+        "tip_adapter_f",
+        shots=2,
+        seeds=[1],
+        protocol="paper",
+        options={"epochs": 4},
+        cache_dir=cache,
+        runs_dir=tmp_path,
+        **SYNTH,
+    )
     assert any(n.startswith("images/test/") for n in reads_before_final(store_reads))
     record = json.loads((result.run_dir / "record.json").read_text())
     assert record["protocol"] == "paper" and "oracle" in record["protocol_notes"]
@@ -85,24 +96,43 @@ def test_coop_splits_are_the_stored_dassl_draws(cache, tmp_path):
 
 def test_paper_protocol_selects_on_the_full_val_split_when_the_store_has_it(tmp_path):
     full = make_synthetic_store(tmp_path / "full", full_val=True, views={"tip": 11})
-    (result,) = api.fit("tip_adapter", shots=2, seeds=[1], protocol="paper", cache_dir=full.parents[1],
-                        runs_dir=tmp_path / "runs", **SYNTH)
+    (result,) = api.fit(
+        "tip_adapter",
+        shots=2,
+        seeds=[1],
+        protocol="paper",
+        cache_dir=full.parents[1],
+        runs_dir=tmp_path / "runs",
+        **SYNTH,
+    )
     record = json.loads((result.run_dir / "record.json").read_text())
     assert record["splits"]["val"]["pool"] == "val_full" and record["splits"]["val"]["n"] == 4 * 8
     assert record["selection"]["search_n"] == 32
-    (coop,) = api.fit("tip_adapter", shots=2, seeds=[1], cache_dir=full.parents[1], runs_dir=tmp_path / "runs", **SYNTH)
+    (coop,) = api.fit(
+        "tip_adapter", shots=2, seeds=[1], cache_dir=full.parents[1], runs_dir=tmp_path / "runs", **SYNTH
+    )
     assert json.loads((coop.run_dir / "record.json").read_text())["splits"]["val"]["n"] == 4 * 2
 
 
 def test_paper_protocol_without_full_val_falls_back_and_says_so(cache, tmp_path):
-    (result,) = api.fit("tip_adapter", shots=2, seeds=[1], protocol="paper", cache_dir=cache, runs_dir=tmp_path, **SYNTH)
+    (result,) = api.fit(
+        "tip_adapter", shots=2, seeds=[1], protocol="paper", cache_dir=cache, runs_dir=tmp_path, **SYNTH
+    )
     assert any("--full-val" in w for w in result.warnings)
 
 
 def test_paper_protocol_on_imagenet_searches_alpha_beta_on_test(tmp_path):
     root = make_synthetic_store(tmp_path / "c", name="imagenet", views={"tip": 11})
-    common = dict(dataset="imagenet", model="synthetic", pretrained="none", progress=False, shots=1, seeds=[1],
-                  cache_dir=root.parents[1], runs_dir=tmp_path / "runs")
+    common = dict(
+        dataset="imagenet",
+        model="synthetic",
+        pretrained="none",
+        progress=False,
+        shots=1,
+        seeds=[1],
+        cache_dir=root.parents[1],
+        runs_dir=tmp_path / "runs",
+    )
     (paper,) = api.fit("tip_adapter", protocol="paper", **common)
     (coop,) = api.fit("tip_adapter", **common)
     search_on = lambda r: json.loads((r.run_dir / "record.json").read_text())["selection"]["search_on"]  # noqa: E731
@@ -116,8 +146,11 @@ def _official_lpclip_draw(train_label, val_label, num_shot, seed):
     for label in np.unique(train_label):
         selected.extend(np.random.choice(np.where(train_label == label)[0], size=num_shot, replace=False))
     for label in np.unique(train_label):
-        val_selected.extend(np.random.choice(np.where(val_label == label)[0], size={1: 1, 2: 2, 4: 4, 8: 4, 16: 4}[num_shot],
-                                             replace=False))
+        val_selected.extend(
+            np.random.choice(
+                np.where(val_label == label)[0], size={1: 1, 2: 2, 4: 4, 8: 4, 16: 4}[num_shot], replace=False
+            )
+        )
     return np.array(selected), np.array(val_selected)
 
 
@@ -133,8 +166,15 @@ def test_lpclip_sampling_matches_the_official_draw(shots, seed):
 
 def test_linear_probe_paper_protocol_uses_lpclip_sampling_on_full_pools(tmp_path):
     root = make_synthetic_store(tmp_path / "c", full_train=True, full_val=True, views={})
-    (result,) = api.fit("linear_probe", shots=2, seeds=[2], protocol="paper", cache_dir=root.parents[1],
-                        runs_dir=tmp_path / "runs", **SYNTH)
+    (result,) = api.fit(
+        "linear_probe",
+        shots=2,
+        seeds=[2],
+        protocol="paper",
+        cache_dir=root.parents[1],
+        runs_dir=tmp_path / "runs",
+        **SYNTH,
+    )
     record = json.loads((result.run_dir / "record.json").read_text())
     store = FeatureStore.open(root)
     train, val = store.read("images/train_full/labels"), store.read("images/val_full/labels")
@@ -151,7 +191,9 @@ def test_linear_probe_paper_protocol_uses_lpclip_sampling_on_full_pools(tmp_path
 def test_shots_above_what_a_class_has_are_refused(tmp_path):
     root = make_synthetic_store(tmp_path / "c", per_class=(3, 2, 4), shots=(4,), seeds=(1,))
     with pytest.raises(UsageError, match="--shots 4 is more than class 'class 0' has: 3 train image"):
-        api.fit("zero_shot", shots=4, seeds=[1], cache_dir=root.parents[1], runs_dir=tmp_path / "runs", **SYNTH)
+        api.fit(
+            "zero_shot", shots=4, seeds=[1], cache_dir=root.parents[1], runs_dir=tmp_path / "runs", **SYNTH
+        )
 
 
 def test_every_registered_method_declares_what_paper_changes():

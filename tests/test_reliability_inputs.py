@@ -2,6 +2,7 @@
 nothing half-written is left behind. Spec parsers are fuzzed with hypothesis; checkpoints are loaded
 weights-only, and a pickle that would run code never does.
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,9 +23,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fsl_cache import api
+from fsl_cache import cli as cli_module
 from fsl_cache.backbones import load_backbone
 from fsl_cache.backbones.loading import resolve_spec
-from fsl_cache import cli as cli_module
 from fsl_cache.cli import _int_list, main
 from fsl_cache.datasets import load_dataset
 from fsl_cache.datasets.base import DatasetSpec
@@ -34,10 +35,29 @@ from fsl_cache.extraction.pipeline import ExtractOptions, prepare_extraction
 from fsl_cache.store import FeatureStore, find_store, verify_store
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--model", "fsl-tiny-rn", "--pretrained", "none", "--for", "zero_shot", "--shots", "1", "--seeds", "1",
-        "--workers", "0", "--batch-size", "4"]
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+TINY = [
+    "--model",
+    "fsl-tiny-rn",
+    "--pretrained",
+    "none",
+    "--for",
+    "zero_shot",
+    "--shots",
+    "1",
+    "--seeds",
+    "1",
+    "--workers",
+    "0",
+    "--batch-size",
+    "4",
+]
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical comparisons (tests/conftest.py)
@@ -77,11 +97,22 @@ def jpeg_bytes(img: Image.Image) -> bytes:
 
 def bomb_png(side: int = 20000) -> bytes:
     """A PNG whose header claims side² pixels (over twice PIL's limit) with almost no data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def small_dataset(root: Path, classes=("cat", "dog")) -> Path:
@@ -97,7 +128,9 @@ RGB = Image.new("RGB", (24, 20), (200, 30, 90))
 BAD_IMAGES = {
     "zero-byte.png": lambda path: path.write_bytes(b""),
     "truncated.png": lambda path: path.write_bytes(png_bytes(RGB.resize((64, 64)))[:120]),
-    "truncated.jpg": lambda path: path.write_bytes(jpeg_bytes(Image.effect_noise((64, 64), 80).convert("RGB"))[:400]),
+    "truncated.jpg": lambda path: path.write_bytes(
+        jpeg_bytes(Image.effect_noise((64, 64), 80).convert("RGB"))[:400]
+    ),
     "not-an-image.jpg": lambda path: path.write_text("hello, I am text"),
     "html.png": lambda path: path.write_text("<html><body>404</body></html>"),
     "bomb.png": lambda path: path.write_bytes(bomb_png()),
@@ -119,12 +152,16 @@ def test_skip_bad_records_every_unreadable_image(tmp_path):
     root = small_dataset(tmp_path / "data")
     for name, make in BAD_IMAGES.items():
         make(root / "test" / "dog" / name)
-    code, out = cli("extract", "--dataset", f"imagefolder:{root}", *TINY, "--skip-bad", "--cache-dir", tmp_path / "c")
+    code, out = cli(
+        "extract", "--dataset", f"imagefolder:{root}", *TINY, "--skip-bad", "--cache-dir", tmp_path / "c"
+    )
     assert code == 0, out
     store_dir = next((tmp_path / "c").glob("*/*"))
     manifest = json.loads((store_dir / "manifest.json").read_text())
     paths = FeatureStore.open(store_dir).read("images/test/paths")
-    assert sorted(paths[i] for i in manifest["skipped"]["test"]) == sorted(f"test/dog/{n}" for n in BAD_IMAGES)
+    assert sorted(paths[i] for i in manifest["skipped"]["test"]) == sorted(
+        f"test/dog/{n}" for n in BAD_IMAGES
+    )
     assert verify_store(store_dir) == []
 
 
@@ -157,11 +194,15 @@ def test_odd_modes_unicode_and_spaces_extract_and_round_trip(tmp_path, fmt):
     for name, img in odd_but_valid_images().items():
         img.save(root / "test" / "clé ü" / name)
     cache = tmp_path / "ca che ü"
-    code, out = cli("extract", "--dataset", f"imagefolder:{root}", *TINY, "--format", fmt, "--cache-dir", cache)
+    code, out = cli(
+        "extract", "--dataset", f"imagefolder:{root}", *TINY, "--format", fmt, "--cache-dir", cache
+    )
     assert code == 0, out
     store_dir = next(cache.glob("*/*"))
     paths = list(FeatureStore.open(store_dir).read("images/test/paths"))
-    assert sorted(paths) == sorted(load_dataset(f"imagefolder:{root}").splits["test"][i][0] for i in range(len(paths)))
+    assert sorted(paths) == sorted(
+        load_dataset(f"imagefolder:{root}").splits["test"][i][0] for i in range(len(paths))
+    )
     assert "test/clé ü/ünïcødé 猫.webp" in paths
     code, out = cli("cache", "verify", store_dir.name.rsplit("-", 1)[1], "--cache-dir", cache)
     assert code == 0, out
@@ -213,11 +254,14 @@ def test_a_bad_split_file_is_one_line_and_writes_nothing(tmp_path, case):
     assert not (tmp_path / "c").exists(), "a dataset error comes before anything is written"
 
 
-@pytest.mark.parametrize("raw, message", [
-    (b"[1, 2, 3]", "expected an object"),
-    (b'{"train": [', "not valid JSON"),
-    (b"\xff\xfe\x00garbage", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"[1, 2, 3]", "expected an object"),
+        (b'{"train": [', "not valid JSON"),
+        (b"\xff\xfe\x00garbage", "not valid JSON"),
+    ],
+)
 def test_a_split_file_that_is_not_a_split_file(tmp_path, raw, message):
     root, _ = eurosat_root(tmp_path)
     (root / "eurosat" / "split_zhou_EuroSAT.json").write_bytes(raw)
@@ -232,7 +276,10 @@ CSV_CASES = {
     "only a header": ("path,label\n", "no rows after the header"),
     "duplicate column": ("path,path,label\na.png,a.png,cat\n", "header must name the columns"),
     "empty label": ("path,label\na.png, \n", "data.csv:2: empty label"),
-    "unknown split": ("path,label,split\na.png,cat,training\n", "split must be one of train, val, test; got 'training'"),
+    "unknown split": (
+        "path,label,split\na.png,cat,training\n",
+        "split must be one of train, val, test; got 'training'",
+    ),
     "missing image": ("path,label\na.png,cat\nb.png,dog\n", "missing: "),
     "index out of range": ("path,label\na.png,0\na.png,7\n", "data.csv:3: label 7 out of range 0..1"),
     "index without classnames": ("path,label\na.png,0\n", "must list the class names"),
@@ -251,7 +298,9 @@ def test_a_bad_csv_row_names_its_line(tmp_path, case):
     if case == "index out of range":
         (folder / "classnames.txt").write_text("cat\ndog\n")
     (folder / "data.csv").write_bytes(text.encode("utf-8", "surrogateescape"))
-    code, out = cli("extract", "--dataset", f"csv:{folder / 'data.csv'}", *TINY, "--cache-dir", tmp_path / "c")
+    code, out = cli(
+        "extract", "--dataset", f"csv:{folder / 'data.csv'}", *TINY, "--cache-dir", tmp_path / "c"
+    )
     assert_one_error(code, out, expect=message)
     assert not (tmp_path / "c").exists()
 
@@ -264,30 +313,48 @@ def demo(tmp_path_factory) -> Path:
     return small_dataset(tmp_path_factory.mktemp("demo") / "demo")
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["--pretrained", "laion2b"], 2, "Unknown pretrained tag for fsl-tiny-rn 'laion2b'"),
-    (["--model", "RN5O"], 2, "Did you mean RN50?"),
-    (["--model", "coca_ViT-B-32"], 1, "timm or CoCa image tower"),
-    (["--model", "hf-hub:nobody/nothing"], 1, "hf-hub:nobody/nothing is not available"),
-    (["--model", "local-dir:/no/such/dir"], 1, "local-dir: folder not found"),
-    (["--pretrained", "~no_such_user_here/w.pt"], 1, "Could not determine home directory"),
-    (["--format", "parquet"], 2, "'parquet' is not one of 'zarr', 'hdf5'"),
-    (["--precision", "fp8"], 2, "'fp8' is not one of"),
-    (["--for", "zero_shot,tip_adaptr"], 2, "Did you mean tip_adapter?"),
-    (["--shots", "0"], 2, "shots must be a positive integer, got 0"),
-    (["--shots", "-4"], 2, "shots must be a positive integer, got -4"),
-    (["--shots", "1,x"], 2, "expected comma-separated integers"),
-    (["--seeds", ","], 2, "seeds needs at least one value"),
-    (["--views", "0"], 2, "--views must be >= 1"),
-    (["--batch-size", "0"], 2, "--batch-size must be >= 1"),
-    (["--device", "tpu:3"], 2, "Unknown device 'tpu:3'"),
-    (["--model", "fsl-tiny-vit", "--for", "ldc", "--vit-blocks", "99"], 2, "--vit-blocks must lie in 1..12"),
-])
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--pretrained", "laion2b"], 2, "Unknown pretrained tag for fsl-tiny-rn 'laion2b'"),
+        (["--model", "RN5O"], 2, "Did you mean RN50?"),
+        (["--model", "coca_ViT-B-32"], 1, "timm or CoCa image tower"),
+        (["--model", "hf-hub:nobody/nothing"], 1, "hf-hub:nobody/nothing is not available"),
+        (["--model", "local-dir:/no/such/dir"], 1, "local-dir: folder not found"),
+        (["--pretrained", "~no_such_user_here/w.pt"], 1, "Could not determine home directory"),
+        (["--format", "parquet"], 2, "'parquet' is not one of 'zarr', 'hdf5'"),
+        (["--precision", "fp8"], 2, "'fp8' is not one of"),
+        (["--for", "zero_shot,tip_adaptr"], 2, "Did you mean tip_adapter?"),
+        (["--shots", "0"], 2, "shots must be a positive integer, got 0"),
+        (["--shots", "-4"], 2, "shots must be a positive integer, got -4"),
+        (["--shots", "1,x"], 2, "expected comma-separated integers"),
+        (["--seeds", ","], 2, "seeds needs at least one value"),
+        (["--views", "0"], 2, "--views must be >= 1"),
+        (["--batch-size", "0"], 2, "--batch-size must be >= 1"),
+        (["--device", "tpu:3"], 2, "Unknown device 'tpu:3'"),
+        (
+            ["--model", "fsl-tiny-vit", "--for", "ldc", "--vit-blocks", "99"],
+            2,
+            "--vit-blocks must lie in 1..12",
+        ),
+    ],
+)
 def test_unknown_names_and_bad_numbers_are_one_line(demo, tmp_path, monkeypatch, args, code, message):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    base = ["--model", "fsl-tiny-rn", "--pretrained", "none", "--workers", "0", "--shots", "1", "--seeds", "1"]
+    base = [
+        "--model",
+        "fsl-tiny-rn",
+        "--pretrained",
+        "none",
+        "--workers",
+        "0",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+    ]
     exit_code, out = cli("extract", "--dataset", f"imagefolder:{demo}", *base, *args, "--cache-dir", tmp_path)
     assert exit_code == code and message in out, out
     assert_nothing_published(tmp_path)
@@ -295,22 +362,66 @@ def test_unknown_names_and_bad_numbers_are_one_line(demo, tmp_path, monkeypatch,
 
 def test_more_shots_than_a_class_has_takes_all_of_it(demo, tmp_path):
     """[CODE] Dassl generate_fewshot_dataset: a class with fewer than k images contributes all it has."""
-    code, out = cli("extract", "--dataset", f"imagefolder:{demo}", "--model", "fsl-tiny-rn", "--pretrained", "none",
-                    "--for", "zero_shot", "--shots", "50", "--seeds", "1", "--workers", "0", "--cache-dir", tmp_path)
+    code, out = cli(
+        "extract",
+        "--dataset",
+        f"imagefolder:{demo}",
+        "--model",
+        "fsl-tiny-rn",
+        "--pretrained",
+        "none",
+        "--for",
+        "zero_shot",
+        "--shots",
+        "50",
+        "--seeds",
+        "1",
+        "--workers",
+        "0",
+        "--cache-dir",
+        tmp_path,
+    )
     assert code == 0, out
     store = FeatureStore.open(next(tmp_path.glob("*/*")))
     assert len(store.read("splits/k50_s1/train")) == len(load_dataset(f"imagefolder:{demo}").splits["train"])
 
 
 def test_a_store_of_another_backbone_is_refused(demo, tmp_path):
-    rn = api.extract(f"imagefolder:{demo}", model="fsl-tiny-rn", pretrained="none", cache_dir=tmp_path,
-                     for_methods=["zero_shot"], shots=(1,), seeds=(1,), workers=0, progress=False)
+    rn = api.extract(
+        f"imagefolder:{demo}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        cache_dir=tmp_path,
+        for_methods=["zero_shot"],
+        shots=(1,),
+        seeds=(1,),
+        workers=0,
+        progress=False,
+    )
     opts = ExtractOptions(for_methods=("zero_shot",), shots=(1,), seeds=(1,), workers=0)
-    vit_dir = prepare_extraction(f"imagefolder:{demo}", root=None, model="fsl-tiny-vit", pretrained="none",
-                                 cache_dir=tmp_path, options=opts).store_dir
+    vit_dir = prepare_extraction(
+        f"imagefolder:{demo}",
+        root=None,
+        model="fsl-tiny-vit",
+        pretrained="none",
+        cache_dir=tmp_path,
+        options=opts,
+    ).store_dir
     shutil.copytree(rn.store, vit_dir)  # the RN store where the ViT one would go
-    args = ["--model", "fsl-tiny-vit", "--pretrained", "none", "--for", "zero_shot", "--shots", "1", "--seeds", "1",
-            "--workers", "0"]
+    args = [
+        "--model",
+        "fsl-tiny-vit",
+        "--pretrained",
+        "none",
+        "--for",
+        "zero_shot",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+        "--workers",
+        "0",
+    ]
     code, out = cli("extract", "--dataset", f"imagefolder:{demo}", *args, "--cache-dir", tmp_path)
     assert_one_error(code, out, expect="folder name does not carry the store key")
     code, out = cli("cache", "verify", vit_dir)
@@ -352,27 +463,74 @@ def checkpoint_cases(tmp_path: Path, rn: dict, vit: dict) -> dict[str, tuple[Pat
         write(path)
         made[name] = (path, message)
 
-    put("random.pt", "not a PyTorch or safetensors file", lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)))
+    put(
+        "random.pt",
+        "not a PyTorch or safetensors file",
+        lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+    )
     put("empty.pt", "not a PyTorch or safetensors file", lambda p: p.write_bytes(b""))
-    put("truncated.pt", "truncated download or corrupted file", lambda p: (torch.save(rn, p), p.write_bytes(_truncated(p.read_bytes()))))
+    put(
+        "truncated.pt",
+        "truncated download or corrupted file",
+        lambda p: (torch.save(rn, p), p.write_bytes(_truncated(p.read_bytes()))),
+    )
     put("foreign.pt", "does not fit architecture fsl-tiny-rn", lambda p: torch.save(vit, p))
-    put("foreign.safetensors", "does not fit architecture fsl-tiny-rn",
-        lambda p: save_file({k: v.contiguous() for k, v in vit.items()}, str(p)))
-    put("truncated.safetensors", "Cannot read weights file", lambda p: (save_file({k: v.contiguous() for k, v in rn.items()}, str(p)),
-                                                                        p.write_bytes(_truncated(p.read_bytes()))))
-    put("text.safetensors", "not a PyTorch or safetensors file", lambda p: p.write_text("version https://git-lfs.github.com/spec/v1"))
-    put("evil.pt", "holds Python objects besides tensors", lambda p: torch.save({"state_dict": rn, "x": Boom(tmp_path / "PWNED")}, p))
-    put("evil-legacy.pt", "holds Python objects besides tensors", lambda p: torch.save(Boom(tmp_path / "PWNED"), p, _use_new_zipfile_serialization=False))
-    put("scripted.pt", "TorchScript archive but not a loadable OpenAI CLIP model",
-        lambda p: torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(p)))
+    put(
+        "foreign.safetensors",
+        "does not fit architecture fsl-tiny-rn",
+        lambda p: save_file({k: v.contiguous() for k, v in vit.items()}, str(p)),
+    )
+    put(
+        "truncated.safetensors",
+        "Cannot read weights file",
+        lambda p: (
+            save_file({k: v.contiguous() for k, v in rn.items()}, str(p)),
+            p.write_bytes(_truncated(p.read_bytes())),
+        ),
+    )
+    put(
+        "text.safetensors",
+        "not a PyTorch or safetensors file",
+        lambda p: p.write_text("version https://git-lfs.github.com/spec/v1"),
+    )
+    put(
+        "evil.pt",
+        "holds Python objects besides tensors",
+        lambda p: torch.save({"state_dict": rn, "x": Boom(tmp_path / "PWNED")}, p),
+    )
+    put(
+        "evil-legacy.pt",
+        "holds Python objects besides tensors",
+        lambda p: torch.save(Boom(tmp_path / "PWNED"), p, _use_new_zipfile_serialization=False),
+    )
+    put(
+        "scripted.pt",
+        "TorchScript archive but not a loadable OpenAI CLIP model",
+        lambda p: torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(p)),
+    )
     return made
 
 
 def test_foreign_truncated_and_malicious_checkpoints_are_refused_safely(demo, tmp_path, state_dicts):
     (tmp_path / "weights").mkdir()
     for name, (path, message) in checkpoint_cases(tmp_path / "weights", *state_dicts).items():
-        code, out = cli("extract", "--dataset", f"imagefolder:{demo}", "--model", "fsl-tiny-rn", "--pretrained", path,
-                        "--for", "zero_shot", "--shots", "1", "--seeds", "1", "--cache-dir", tmp_path / "c")
+        code, out = cli(
+            "extract",
+            "--dataset",
+            f"imagefolder:{demo}",
+            "--model",
+            "fsl-tiny-rn",
+            "--pretrained",
+            path,
+            "--for",
+            "zero_shot",
+            "--shots",
+            "1",
+            "--seeds",
+            "1",
+            "--cache-dir",
+            tmp_path / "c",
+        )
         assert_one_error(code, out, expect=message)
         assert str(path) in out, out
         assert not (tmp_path / "weights" / "PWNED").exists(), f"{name}: loading a checkpoint ran its code"
@@ -396,7 +554,15 @@ def test_good_checkpoints_load_without_torchscript(tmp_path, state_dicts, monkey
         torch.testing.assert_close(bb.model.state_dict()["visual.conv1.weight"], rn["visual.conv1.weight"])
 
 
-UNSAFE_CALLS = {"pickle.load", "pickle.loads", "marshal.loads", "shelve.open", "dill.load", "joblib.load", "yaml.load"}
+UNSAFE_CALLS = {
+    "pickle.load",
+    "pickle.loads",
+    "marshal.loads",
+    "shelve.open",
+    "dill.load",
+    "joblib.load",
+    "yaml.load",
+}
 
 
 def _call_name(node: ast.Call) -> str:
@@ -420,24 +586,33 @@ def test_no_code_path_unpickles():
             where = f"{path.relative_to(REPO)}:{node.lineno}"
             if name in UNSAFE_CALLS:
                 found.append(f"{where} {name}")
-            if name.endswith("torch.load") and not (isinstance(kwargs.get("weights_only"), ast.Constant)
-                                                    and kwargs["weights_only"].value is True):
+            if name.endswith("torch.load") and not (
+                isinstance(kwargs.get("weights_only"), ast.Constant) and kwargs["weights_only"].value is True
+            ):
                 found.append(f"{where} torch.load without weights_only=True")
-            if name.endswith(("np.load", "numpy.load")) and not (isinstance(kwargs.get("allow_pickle"), ast.Constant)
-                                                                and kwargs["allow_pickle"].value is False):
+            if name.endswith(("np.load", "numpy.load")) and not (
+                isinstance(kwargs.get("allow_pickle"), ast.Constant) and kwargs["allow_pickle"].value is False
+            ):
                 found.append(f"{where} np.load without allow_pickle=False")
             if name.endswith("jit.load") or name.endswith("load_openai_model"):
                 found.append(f"{where} {name}")
     # The one TorchScript entry: OpenAI's own .pt files, only when named as --pretrained FILE (announced).
-    assert found == [next(f for f in found if "backbones/loading.py" in f and "load_openai_model" in f)], found
+    assert found == [next(f for f in found if "backbones/loading.py" in f and "load_openai_model" in f)], (
+        found
+    )
 
 
 # ---------------------------------------------------------------------------- property-based: parsers
 
 
-names = st.sampled_from(["imagefolder", "csv", "eurosat", "dtd", "imagenet", "imagenet_a", "fgvc_aircraft", "nope"])
-paths = st.one_of(st.text(max_size=30), st.text(alphabet="~/.:\\ \0abc", max_size=12),
-                  st.sampled_from(["~", "~root", "~nobody_here/x", "..", "", "/", "/dev/null", "x\0y"]))
+names = st.sampled_from(
+    ["imagefolder", "csv", "eurosat", "dtd", "imagenet", "imagenet_a", "fgvc_aircraft", "nope"]
+)
+paths = st.one_of(
+    st.text(max_size=30),
+    st.text(alphabet="~/.:\\ \0abc", max_size=12),
+    st.sampled_from(["~", "~root", "~nobody_here/x", "..", "", "/", "/dev/null", "x\0y"]),
+)
 
 
 def _outside(target: str, cwd: Path) -> bool:
@@ -460,21 +635,35 @@ def test_dataset_specs_never_crash(tmp_path, monkeypatch, kind, sep, target, roo
         pass
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(kind=names, target=st.one_of(paths, st.text(alphabet="[]/ab:~", max_size=12)))
 def test_dataset_specs_on_the_command_line_are_one_line(tmp_path, monkeypatch, kind, target):
     """The whole error path too: rich must print a message with ``[/x]`` in it, not parse it as markup."""
     monkeypatch.chdir(tmp_path)
     assume(not _outside(target, tmp_path) and "\0" not in target)
-    code, out = cli("extract", "--dataset", f"{kind}:{target}", "--root", tmp_path, "--cache-dir", tmp_path / "c")
+    code, out = cli(
+        "extract", "--dataset", f"{kind}:{target}", "--root", tmp_path, "--cache-dir", tmp_path / "c"
+    )
     assert code in (1, 2) and out.count("error:") == 1, out
 
 
 archs = st.sampled_from(["fsl-tiny-rn", "fsl-tiny-vit", "RN50", "ViT-B/16", "coca_ViT-B-32", "convnext_base"])
-models = st.one_of(archs, st.text(max_size=20), st.builds(lambda p, t: p + t, st.sampled_from(["hf-hub:", "local-dir:"]), paths))
-weights = st.one_of(st.sampled_from(["none", "None", " none ", "openai", "laion2b_s34b_b79k", ""]), paths,
-                    st.builds(lambda t, s: t + s, paths, st.sampled_from([".pt", ".safetensors", ".bin", ""])))
+models = st.one_of(
+    archs,
+    st.text(max_size=20),
+    st.builds(lambda p, t: p + t, st.sampled_from(["hf-hub:", "local-dir:"]), paths),
+)
+weights = st.one_of(
+    st.sampled_from(["none", "None", " none ", "openai", "laion2b_s34b_b79k", ""]),
+    paths,
+    st.builds(lambda t, s: t + s, paths, st.sampled_from([".pt", ".safetensors", ".bin", ""])),
+)
 
 
 @FUZZ
@@ -485,7 +674,9 @@ def test_backbone_specs_never_crash(tmp_path, monkeypatch, model, pretrained):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
     arch = model.replace("/", "-")
-    assume(not (arch in open_clip.list_models() and open_clip.get_pretrained_cfg(arch, pretrained)))  # no downloads
+    assume(
+        not (arch in open_clip.list_models() and open_clip.get_pretrained_cfg(arch, pretrained))
+    )  # no downloads
     assume(not _outside(pretrained, tmp_path) and not _outside(model.split(":", 1)[-1], tmp_path))
     try:
         resolve_spec(model, pretrained, cache_dir=str(tmp_path))
@@ -496,11 +687,16 @@ def test_backbone_specs_never_crash(tmp_path, monkeypatch, model, pretrained):
 def _spec() -> DatasetSpec:
     train = tuple((f"t{i}.png", i % 3) for i in range(12))
     val = tuple((f"v{i}.png", i % 3) for i in range(4))
-    return DatasetSpec("x", Path("."), ("a", "b", "c"), {"tip": ("{}",)}, {"train": train, "val": val, "test": val}, "0")
+    return DatasetSpec(
+        "x", Path("."), ("a", "b", "c"), {"tip": ("{}",)}, {"train": train, "val": val, "test": val}, "0"
+    )
 
 
-int_lists = st.one_of(st.text(alphabet="0123456789,- x.e+", max_size=20), st.text(max_size=12),
-                      st.lists(st.integers(-5, 10**20), max_size=4).map(lambda v: ",".join(map(str, v))))
+int_lists = st.one_of(
+    st.text(alphabet="0123456789,- x.e+", max_size=20),
+    st.text(max_size=12),
+    st.lists(st.integers(-5, 10**20), max_size=4).map(lambda v: ",".join(map(str, v))),
+)
 
 
 @FUZZ
@@ -536,10 +732,36 @@ def test_method_options_parse_or_fail_cleanly(data):
     assert methods, "every registered method's options are fuzzed"
     info = data.draw(st.sampled_from(methods))
     known = [o.name for o in info.options()] or ["x"]
-    keys = st.one_of(st.sampled_from(known), st.sampled_from(known).map(lambda k: k.replace("_", "-")), st.text(max_size=8))
-    values = st.one_of(st.text(max_size=12), st.sampled_from(["nan", "inf", "-inf", "1e400", "-1", "0", "none", "true",
-                                                             "1,2", "", "1e3", "0.5", "2**64", "99999999999999999999"]))
-    items = data.draw(st.lists(st.builds(lambda k, s, v: f"{k}{s}{v}", keys, st.sampled_from(["=", "", "=="]), values), max_size=3))
+    keys = st.one_of(
+        st.sampled_from(known), st.sampled_from(known).map(lambda k: k.replace("_", "-")), st.text(max_size=8)
+    )
+    values = st.one_of(
+        st.text(max_size=12),
+        st.sampled_from(
+            [
+                "nan",
+                "inf",
+                "-inf",
+                "1e400",
+                "-1",
+                "0",
+                "none",
+                "true",
+                "1,2",
+                "",
+                "1e3",
+                "0.5",
+                "2**64",
+                "99999999999999999999",
+            ]
+        ),
+    )
+    items = data.draw(
+        st.lists(
+            st.builds(lambda k, s, v: f"{k}{s}{v}", keys, st.sampled_from(["=", "", "=="]), values),
+            max_size=3,
+        )
+    )
     try:
         options = cli_module._key_values(None, None, tuple(items))
     except click.BadParameter:
@@ -556,14 +778,26 @@ def test_method_options_parse_or_fail_cleanly(data):
 @pytest.fixture(scope="module")
 def tiny_store(demo, tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("tiny")
-    return api.extract(f"imagefolder:{demo}", model="fsl-tiny-rn", pretrained="none", cache_dir=cache,
-                       for_methods=["zero_shot"], shots=(1,), seeds=(1,), workers=0, progress=False).store
+    return api.extract(
+        f"imagefolder:{demo}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        cache_dir=cache,
+        for_methods=["zero_shot"],
+        shots=(1,),
+        seeds=(1,),
+        workers=0,
+        progress=False,
+    ).store
 
 
-json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-3, 200), st.floats(allow_nan=True),
-                                     st.text(max_size=6)),
-                           lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
-                           max_leaves=5)
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 200), st.floats(allow_nan=True), st.text(max_size=6)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=5,
+)
 
 
 def _paths_of(obj, prefix=()):
@@ -581,7 +815,11 @@ def _paths_of(obj, prefix=()):
 def test_any_edit_of_a_manifest_is_refused_or_reported_never_a_crash(tiny_store, data):
     original = (tiny_store / "manifest.json").read_text()
     manifest = json.loads(original)
-    spots = [p for p in _paths_of(manifest) if p and p[0] in ("arrays", "format", "fingerprint", "schema", "dataset")]
+    spots = [
+        p
+        for p in _paths_of(manifest)
+        if p and p[0] in ("arrays", "format", "fingerprint", "schema", "dataset")
+    ]
     spot = data.draw(st.sampled_from(spots))
     target = manifest
     for key in spot[:-1]:

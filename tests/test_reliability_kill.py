@@ -16,6 +16,7 @@ kills at seeded random delays. After every kill the store is checked:
 
 At the end the resumed store must be bit-identical to the uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 INTERRUPTED = "re-run the same command to resume"
 
-ZYGOTE = r'''
+ZYGOTE = r"""
 import json, os, signal, sys, time, traceback
 import numpy, torch, open_clip, zarr, h5py, PIL.Image  # the expensive imports, once
 import fsl_cache.cli, fsl_cache.api, fsl_cache.render, fsl_cache.datasets, fsl_cache.backbones
@@ -147,7 +148,7 @@ for line in sys.stdin:
     _, status = os.waitpid(pid, 0)
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     print(json.dumps({"signal": sig, "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}), flush=True)
-'''
+"""
 
 
 class Zygote:
@@ -155,8 +156,14 @@ class Zygote:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], env=ENV, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=workdir)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE],
+            env=ENV,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=workdir,
+        )
         self.runs = 0
 
     def _read(self, timeout: float) -> dict:
@@ -167,8 +174,14 @@ class Zygote:
         assert line, "the zygote died"
         return json.loads(line)
 
-    def run(self, args: list[str], *, fault: dict | None = None, kill_after: tuple[str, float] | None = None,
-            timeout: float = 120) -> tuple[dict, str]:
+    def run(
+        self,
+        args: list[str],
+        *,
+        fault: dict | None = None,
+        kill_after: tuple[str, float] | None = None,
+        timeout: float = 120,
+    ) -> tuple[dict, str]:
         """Run ``fsl-cache ARGS``; ``kill_after=(signal, seconds)`` sends a signal from outside."""
         self.runs += 1
         log = self.workdir / f"run{self.runs}.log"
@@ -197,9 +210,31 @@ class Zygote:
 
 
 def extract_args(demo: Path, cache: Path, fmt: str) -> list[str]:
-    return ["extract", "--dataset", f"imagefolder:{demo}", "--model", "fsl-tiny-rn", "--pretrained", "none",
-            "--for", "zero_shot,tip_adapter", "--views", "3", "--shots", "1,2", "--seeds", "1,2",
-            "--workers", "0", "--batch-size", "4", "--format", fmt, "--cache-dir", str(cache)]
+    return [
+        "extract",
+        "--dataset",
+        f"imagefolder:{demo}",
+        "--model",
+        "fsl-tiny-rn",
+        "--pretrained",
+        "none",
+        "--for",
+        "zero_shot,tip_adapter",
+        "--views",
+        "3",
+        "--shots",
+        "1,2",
+        "--seeds",
+        "1,2",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--format",
+        fmt,
+        "--cache-dir",
+        str(cache),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -247,9 +282,13 @@ def check_store_consistent(root: Path, ref_blocks: dict, fmt: str) -> int:
         part = f"{marker['job']}/{marker['shard']:06d}"
         for name, digest in marker["digests"].items():
             block = (marker["start"], marker["stop"], digest)
-            assert block in ref_blocks[name], f"marker {part} claims a block the reference never wrote: {name}"
+            assert block in ref_blocks[name], (
+                f"marker {part} claims a block the reference never wrote: {name}"
+            )
             if fmt == "zarr":
-                data = zarr.open_array(str(root / "arrays.zarr" / name), mode="r")[marker["start"] : marker["stop"]]
+                data = zarr.open_array(str(root / "arrays.zarr" / name), mode="r")[
+                    marker["start"] : marker["stop"]
+                ]
             else:
                 with h5py.File(root / "parts" / _part_file_name(part), "r") as fh:
                     data = fh[f"{name}@{marker['start']}"][...]
@@ -261,19 +300,29 @@ def check_store_consistent(root: Path, ref_blocks: dict, fmt: str) -> int:
 def assert_bit_identical(ref: Path, new: Path, fmt: str) -> None:
     volatile = ("created", "updated", "versions")
     a, b = (json.loads((p / "manifest.json").read_text()) for p in (ref, new))
-    assert {k: v for k, v in a.items() if k not in volatile} == {k: v for k, v in b.items() if k not in volatile}
+    assert {k: v for k, v in a.items() if k not in volatile} == {
+        k: v for k, v in b.items() if k not in volatile
+    }
     stores = FeatureStore.open(ref), FeatureStore.open(new)
     try:
         for name in a["arrays"]:
             x, y = (s.read(name) for s in stores)
             assert x.dtype == y.dtype and x.shape == y.shape, name
-            assert x.tobytes() == y.tobytes() if x.dtype != object else list(x.ravel()) == list(y.ravel()), name
+            assert x.tobytes() == y.tobytes() if x.dtype != object else list(x.ravel()) == list(y.ravel()), (
+                name
+            )
     finally:
         for s in stores:
             s.close()
     if fmt == "zarr":  # chunk for chunk, byte for byte (zarr's *.partial leftovers aside)
-        files = {p: {f.relative_to(p): f.read_bytes() for f in (p / "arrays.zarr").rglob("*")
-                     if f.is_file() and f.suffix != ".partial"} for p in (ref, new)}
+        files = {
+            p: {
+                f.relative_to(p): f.read_bytes()
+                for f in (p / "arrays.zarr").rglob("*")
+                if f.is_file() and f.suffix != ".partial"
+            }
+            for p in (ref, new)
+        }
         assert files[ref] == files[new]
     assert verify_store(new) == []
     assert not list(new.rglob("*.incomplete")), "temp files of killed writes are cleaned up on publishing"
@@ -291,20 +340,43 @@ def schedule(fmt: str, n_markers: int, rng: random.Random) -> list[dict]:
     for kind, m in zip(kinds, sorted(rng.sample(range(n_markers), len(kinds)))):
         sig = rng.choice(["SIGKILL", "SIGINT"])
         if kind == "block":
-            steps.append({"point": "write_block", "after_markers": m, "then": rng.randint(1, 40), "signal": sig})
+            steps.append(
+                {"point": "write_block", "after_markers": m, "then": rng.randint(1, 40), "signal": sig}
+            )
         elif kind.startswith("external"):
-            steps.append({"point": "write_block", "after_markers": m, "then": 1, "signal": "PAUSE",
-                          "external": (kind.split(":")[1], rng.uniform(0.3, 1.2))})
+            steps.append(
+                {
+                    "point": "write_block",
+                    "after_markers": m,
+                    "then": 1,
+                    "signal": "PAUSE",
+                    "external": (kind.split(":")[1], rng.uniform(0.3, 1.2)),
+                }
+            )
         else:
             steps.append({"point": f"replace:{kind}", "after_markers": m, "signal": sig})
     if fmt == "zarr":  # a chunk (or zarr.json) written to its temp file, not yet renamed
         steps.insert(2, {"point": "replace:chunk:before", "nth": rng.randint(1, 30), "signal": "SIGKILL"})
         tail = []
     else:
-        steps.insert(2, {"point": "replace:part:before", "nth": rng.randint(1, 3), "signal": rng.choice(["SIGKILL", "SIGINT"])})
-        tail = [{"point": "virtual_dataset", "nth": rng.randint(1, 20)},
-                {"point": "replace:store_h5:before"}, {"point": "replace:store_h5:after"}]
-    tail += [{"point": "manifest_half"}, {"point": "replace:manifest:before"}, {"point": "replace:manifest:after"}]
+        steps.insert(
+            2,
+            {
+                "point": "replace:part:before",
+                "nth": rng.randint(1, 3),
+                "signal": rng.choice(["SIGKILL", "SIGINT"]),
+            },
+        )
+        tail = [
+            {"point": "virtual_dataset", "nth": rng.randint(1, 20)},
+            {"point": "replace:store_h5:before"},
+            {"point": "replace:store_h5:after"},
+        ]
+    tail += [
+        {"point": "manifest_half"},
+        {"point": "replace:manifest:before"},
+        {"point": "replace:manifest:after"},
+    ]
     for step in tail:
         step["signal"] = rng.choice(["SIGKILL", "SIGINT"])
     return steps + tail
@@ -325,11 +397,18 @@ def check_killed(status: dict, log: str, sig: str) -> bool:
 
 def interrupt_real_cli(demo: Path, cache: Path, fmt: str) -> None:
     """``python -m fsl_cache extract`` for real, SIGINT once its first shard is done."""
-    proc = subprocess.Popen([sys.executable, "-m", "fsl_cache", *extract_args(demo, cache, fmt)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fsl_cache", *extract_args(demo, cache, fmt)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if any(p.parent.name != "whole" and "whole" not in p.parts for p in cache.glob("*/*/progress/*/*.json")):
+        if any(
+            p.parent.name != "whole" and "whole" not in p.parts for p in cache.glob("*/*/progress/*/*.json")
+        ):
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)

@@ -1,6 +1,7 @@
 """Faults below the extraction: flipped bytes, stores that disagree with their manifest, a full disk,
 two writers at once, interrupted runs resumed with other settings, and what may be in a store at all.
 """
+
 from __future__ import annotations
 
 import errno
@@ -34,7 +35,14 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {"model": "fsl-tiny-rn", "pretrained": "none", "workers": 0, "progress": False}
 SMALL = {**TINY, "for_methods": ["zero_shot"], "shots": (1,), "seeds": (1,), "batch_size": 8}
 """The cheapest extraction with several shards: 100 test images in 2 shards, 5 train, 5 val."""
-RICH = {**TINY, "for_methods": ["tip_adapter", "safe"], "views": 2, "shots": (1, 2), "seeds": (1,), "batch_size": 8}
+RICH = {
+    **TINY,
+    "for_methods": ["tip_adapter", "safe"],
+    "views": 2,
+    "shots": (1, 2),
+    "seeds": (1,),
+    "batch_size": 8,
+}
 """Every kind of array: float16 features, zstd-compressed RN maps, int32 params, UTF-8 paths."""
 
 
@@ -49,13 +57,19 @@ def demo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stores(demo, tmp_path_factory) -> dict[str, Path]:
     cache = tmp_path_factory.mktemp("stores")
-    return {fmt: api.extract(f"imagefolder:{demo}", cache_dir=cache, format=fmt, **RICH).store for fmt in ("zarr", "hdf5")}
+    return {
+        fmt: api.extract(f"imagefolder:{demo}", cache_dir=cache, format=fmt, **RICH).store
+        for fmt in ("zarr", "hdf5")
+    }
 
 
 @pytest.fixture(scope="module")
 def small_refs(demo, tmp_path_factory) -> dict[str, Path]:
     cache = tmp_path_factory.mktemp("refs")
-    return {fmt: api.extract(f"imagefolder:{demo}", cache_dir=cache, format=fmt, **SMALL).store for fmt in ("zarr", "hdf5")}
+    return {
+        fmt: api.extract(f"imagefolder:{demo}", cache_dir=cache, format=fmt, **SMALL).store
+        for fmt in ("zarr", "hdf5")
+    }
 
 
 def copy_store(store: Path, tmp_path: Path) -> Path:
@@ -113,7 +127,9 @@ def hdf5_chunks(root: Path) -> list[tuple[str, Path, int, int, tuple[int, int]]]
     for part in sorted((root / "parts").glob("*.h5")):
         with h5py.File(part, "r") as fh:
             datasets = []
-            fh.visititems(lambda key, obj: datasets.append((key, obj)) if isinstance(obj, h5py.Dataset) else None)
+            fh.visititems(
+                lambda key, obj: datasets.append((key, obj)) if isinstance(obj, h5py.Dataset) else None
+            )
             for key, ds in datasets:
                 name, start = key.rsplit("@", 1)
                 block = (int(start), int(start) + ds.shape[0])
@@ -136,11 +152,15 @@ def test_a_flipped_byte_anywhere_is_found_by_verify_and_refused_on_read(stores, 
     root = copy_store(stores[fmt], tmp_path)
     rng = random.Random(f"flip-{fmt}")
     if fmt == "zarr":
-        sample = [(name, path, rng.randrange(path.stat().st_size), rows)
-                  for name, path, rows in rng.sample(zarr_chunks(root), 12)]
+        sample = [
+            (name, path, rng.randrange(path.stat().st_size), rows)
+            for name, path, rows in rng.sample(zarr_chunks(root), 12)
+        ]
     else:
-        sample = [(name, part, offset + rng.randrange(size), rows)
-                  for name, part, offset, size, rows in rng.sample(hdf5_chunks(root), 12)]
+        sample = [
+            (name, part, offset + rng.randrange(size), rows)
+            for name, part, offset, size, rows in rng.sample(hdf5_chunks(root), 12)
+        ]
     names = {name for name, *_ in sample}
     assert any(n.endswith("/paths") or "/rn/" in n for n in names) or len(names) > 4  # a varied sample
     for name, path, offset, rows in sample:
@@ -179,28 +199,65 @@ POOLED = "images/test/views/center/pooled"
 DISAGREEMENTS = {
     "array deleted": (lambda root, fmt: _delete_array(root, fmt, POOLED), f"array '{POOLED}'"),
     "part file or array metadata missing": (
-        lambda root, fmt: (next((root / "parts").glob("test.center*_000001.h5")).unlink() if fmt == "hdf5"
-                           else (root / "arrays.zarr" / POOLED / "zarr.json").unlink()),
-        POOLED),
-    "digest edited": (lambda root, fmt: _edit_manifest(root, lambda m: m["arrays"][POOLED]["blocks"][1].__setitem__(2, "0" * 64)),
-                      f"{POOLED} rows 64..99: content differs"),
-    "shape edited": (lambda root, fmt: _edit_manifest(root, lambda m: m["arrays"][POOLED]["shape"].__setitem__(0, 90)),
-                     "on disk but (90, 1, 64) in the manifest"),
-    "dtype edited": (lambda root, fmt: _edit_manifest(root, lambda m: m["arrays"][POOLED].__setitem__("dtype", "float32")),
-                     "dtype float16 on disk but float32"),
-    "array added": (lambda root, fmt: _edit_manifest(root, lambda m: m["arrays"].__setitem__("images/ghost", m["arrays"][POOLED])),
-                    "array 'images/ghost'"),
-    "fingerprint parts edited": (lambda root, fmt: _edit_manifest(root, lambda m: m["fingerprint_parts"].__setitem__("precision", "fp32")),
-                                 "does not match its contents"),
-    "entry malformed": (lambda root, fmt: _edit_manifest(root, lambda m: m["arrays"][POOLED].__setitem__("shape", "100")),
-                        "malformed"),
-    "manifest truncated": (lambda root, fmt: (root / "manifest.json").write_bytes((root / "manifest.json").read_bytes()[:500]),
-                           "manifest.json is corrupted"),
-    "manifest not an object": (lambda root, fmt: (root / "manifest.json").write_text("[1, 2]"), "not a JSON object"),
-    "arrays folder gone": (lambda root, fmt: (shutil.rmtree(root / "arrays.zarr") if fmt == "zarr" else (root / "store.h5").unlink()),
-                           "it is incomplete"),
-    "arrays file garbage": (lambda root, fmt: ((root / "arrays.zarr" / "zarr.json").write_text("{not json") if fmt == "zarr"
-                                               else (root / "store.h5").write_bytes(b"garbage")), "the store is damaged"),
+        lambda root, fmt: (
+            next((root / "parts").glob("test.center*_000001.h5")).unlink()
+            if fmt == "hdf5"
+            else (root / "arrays.zarr" / POOLED / "zarr.json").unlink()
+        ),
+        POOLED,
+    ),
+    "digest edited": (
+        lambda root, fmt: _edit_manifest(
+            root, lambda m: m["arrays"][POOLED]["blocks"][1].__setitem__(2, "0" * 64)
+        ),
+        f"{POOLED} rows 64..99: content differs",
+    ),
+    "shape edited": (
+        lambda root, fmt: _edit_manifest(root, lambda m: m["arrays"][POOLED]["shape"].__setitem__(0, 90)),
+        "on disk but (90, 1, 64) in the manifest",
+    ),
+    "dtype edited": (
+        lambda root, fmt: _edit_manifest(root, lambda m: m["arrays"][POOLED].__setitem__("dtype", "float32")),
+        "dtype float16 on disk but float32",
+    ),
+    "array added": (
+        lambda root, fmt: _edit_manifest(
+            root, lambda m: m["arrays"].__setitem__("images/ghost", m["arrays"][POOLED])
+        ),
+        "array 'images/ghost'",
+    ),
+    "fingerprint parts edited": (
+        lambda root, fmt: _edit_manifest(
+            root, lambda m: m["fingerprint_parts"].__setitem__("precision", "fp32")
+        ),
+        "does not match its contents",
+    ),
+    "entry malformed": (
+        lambda root, fmt: _edit_manifest(root, lambda m: m["arrays"][POOLED].__setitem__("shape", "100")),
+        "malformed",
+    ),
+    "manifest truncated": (
+        lambda root, fmt: (root / "manifest.json").write_bytes((root / "manifest.json").read_bytes()[:500]),
+        "manifest.json is corrupted",
+    ),
+    "manifest not an object": (
+        lambda root, fmt: (root / "manifest.json").write_text("[1, 2]"),
+        "not a JSON object",
+    ),
+    "arrays folder gone": (
+        lambda root, fmt: (
+            shutil.rmtree(root / "arrays.zarr") if fmt == "zarr" else (root / "store.h5").unlink()
+        ),
+        "it is incomplete",
+    ),
+    "arrays file garbage": (
+        lambda root, fmt: (
+            (root / "arrays.zarr" / "zarr.json").write_text("{not json")
+            if fmt == "zarr"
+            else (root / "store.h5").write_bytes(b"garbage")
+        ),
+        "the store is damaged",
+    ),
 }
 
 
@@ -224,7 +281,9 @@ def test_a_missing_zarr_chunk_reads_as_zeros_but_verify_names_it(small_refs, tmp
     """Known limit: zarr reads an absent chunk as its fill value, so only ``verify`` can tell."""
     root = copy_store(small_refs["zarr"], tmp_path)
     (root / "arrays.zarr" / POOLED / "c" / "1" / "0" / "0").unlink()
-    assert [str(p) for p in verify_store(root)] == [f"{POOLED} rows 64..99: content differs from the digest written at extraction"]
+    assert [str(p) for p in verify_store(root)] == [
+        f"{POOLED} rows 64..99: content differs from the digest written at extraction"
+    ]
 
 
 def test_reads_outside_the_array_stay_index_errors(small_refs):
@@ -260,19 +319,26 @@ def enospc() -> OSError:
 
 def check_markers_are_whole_shards(root: Path, ref: Path) -> int:
     """Every progress marker covers bytes that are on disk, equal to the reference's blocks."""
-    ref_blocks = {n: {tuple(b) for b in e["blocks"]} for n, e in json.loads((ref / "manifest.json").read_text())["arrays"].items()}
+    ref_blocks = {
+        n: {tuple(b) for b in e["blocks"]}
+        for n, e in json.loads((ref / "manifest.json").read_text())["arrays"].items()
+    }
     count = 0
     for path in root.glob("progress/**/*.json"):
         marker = json.loads(path.read_text())
         for name, digest in marker["digests"].items():
             assert (marker["start"], marker["stop"], digest) in ref_blocks[name]
             if (root / "arrays.zarr").exists():
-                data = zarr.open_array(str(root / "arrays.zarr" / name), mode="r")[marker["start"] : marker["stop"]]
+                data = zarr.open_array(str(root / "arrays.zarr" / name), mode="r")[
+                    marker["start"] : marker["stop"]
+                ]
             else:
                 part = root / "parts" / _part_file_name(f"{marker['job']}/{marker['shard']:06d}")
                 with h5py.File(part, "r") as fh:
                     data = fh[f"{name}@{marker['start']}"][...]
-                    data = np.array([b.decode() for b in data], dtype=object) if data.dtype.kind == "S" else data
+                    data = (
+                        np.array([b.decode() for b in data], dtype=object) if data.dtype.kind == "S" else data
+                    )
             assert block_digest(data) == digest, (path, name)
         count += 1
     return count
@@ -302,14 +368,22 @@ def test_disk_full_while_publishing_leaves_no_manifest_and_resumes(demo, small_r
 
     with pytest.MonkeyPatch.context() as mp:
         if fmt == "hdf5":  # h5py puts the errno in its message only
-            FailAfter(mp, HDF5Backend, "finalize", 1, OSError("Unable to create file (file write failed: errno = 28, "
-                                                              "error message = 'No space left on device')"))
+            FailAfter(
+                mp,
+                HDF5Backend,
+                "finalize",
+                1,
+                OSError(
+                    "Unable to create file (file write failed: errno = 28, "
+                    "error message = 'No space left on device')"
+                ),
+            )
         else:
             orig = store_module.write_json_atomic
 
             def write(path, obj):
                 if path.name == "manifest.json":
-                    path.with_name("manifest.json.incomplete").write_text("{\"half")
+                    path.with_name("manifest.json.incomplete").write_text('{"half')
                     raise enospc()
                 return orig(path, obj)
 
@@ -324,9 +398,27 @@ def test_disk_full_while_publishing_leaves_no_manifest_and_resumes(demo, small_r
 
 
 def test_disk_full_on_the_command_line_is_one_line_then_resumes(demo, small_refs, tmp_path, monkeypatch):
-    args = ["extract", "--dataset", f"imagefolder:{demo}", "--model", "fsl-tiny-rn", "--pretrained", "none",
-            "--for", "zero_shot", "--shots", "1", "--seeds", "1", "--workers", "0", "--batch-size", "8",
-            "--cache-dir", tmp_path]
+    args = [
+        "extract",
+        "--dataset",
+        f"imagefolder:{demo}",
+        "--model",
+        "fsl-tiny-rn",
+        "--pretrained",
+        "none",
+        "--for",
+        "zero_shot",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+        "--cache-dir",
+        tmp_path,
+    ]
     with pytest.MonkeyPatch.context() as mp:
         FailAfter(mp, ZarrBackend, "write_block", 30, enospc())
         result = cli(*args)
@@ -354,14 +446,39 @@ def test_a_failed_run_releases_the_lock_even_if_closing_fails(demo, tmp_path, mo
 def test_two_extractions_at_once_second_refuses_first_finishes(demo, small_refs, tmp_path):
     """Two real processes: B starts while A holds the store (A is paused with SIGSTOP to be sure)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "fsl_cache", "extract", "--dataset", f"imagefolder:{demo}", "--model", "fsl-tiny-rn",
-            "--pretrained", "none", "--for", "zero_shot", "--shots", "1", "--seeds", "1", "--workers", "0",
-            "--batch-size", "8", "--cache-dir", str(tmp_path)]
+    args = [
+        sys.executable,
+        "-m",
+        "fsl_cache",
+        "extract",
+        "--dataset",
+        f"imagefolder:{demo}",
+        "--model",
+        "fsl-tiny-rn",
+        "--pretrained",
+        "none",
+        "--for",
+        "zero_shot",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+        "--cache-dir",
+        str(tmp_path),
+    ]
     first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     second = None
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and first.poll() is None and not list(tmp_path.glob("*/*/progress/*/*.json")):
+        while (
+            time.time() < deadline
+            and first.poll() is None
+            and not list(tmp_path.glob("*/*/progress/*/*.json"))
+        ):
             time.sleep(0.01)
         first.send_signal(signal.SIGSTOP)
         second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
@@ -379,7 +496,9 @@ def test_an_extraction_planned_before_another_finished_refuses_instead_of_droppi
     opts = ExtractOptions(for_methods=("zero_shot",), shots=(1,), seeds=(1,), workers=0, batch_size=8)
     api.extract(f"imagefolder:{demo}", cache_dir=tmp_path, **SMALL)
     late = prepare_extraction(f"imagefolder:{demo}", options=opts, **kwargs)  # plans "nothing to add"
-    other = api.extract(f"imagefolder:{demo}", cache_dir=tmp_path, **{**SMALL, "for_methods": ["tip_adapter"], "views": 2})
+    other = api.extract(
+        f"imagefolder:{demo}", cache_dir=tmp_path, **{**SMALL, "for_methods": ["tip_adapter"], "views": 2}
+    )
     with pytest.raises(StoreError, match="Another extraction finished writing"):
         late.run(progress=False)
     manifest = json.loads((other.store / "manifest.json").read_text())
@@ -398,8 +517,14 @@ def interrupt_before_publishing(monkeypatch) -> None:
 
 
 RESUMED_WITH = {  # (interrupted run, the run that resumes it): same store key, other arrays planned
-    "another view count": ({"for_methods": ["tip_adapter"], "views": 2}, {"for_methods": ["tip_adapter"], "views": 3}),
-    "more taps per view": ({"for_methods": ["tip_adapter"], "views": 2}, {"for_methods": ["tip_adapter", "safe_a"], "views": 2}),
+    "another view count": (
+        {"for_methods": ["tip_adapter"], "views": 2},
+        {"for_methods": ["tip_adapter"], "views": 3},
+    ),
+    "more taps per view": (
+        {"for_methods": ["tip_adapter"], "views": 2},
+        {"for_methods": ["tip_adapter", "safe_a"], "views": 2},
+    ),
 }
 
 
@@ -435,7 +560,9 @@ def test_images_skipped_by_an_interrupted_run_stay_recorded(tmp_path):
         for cls in ("cat", "dog"):
             (root / split / cls).mkdir(parents=True)
             for i in range(n):
-                Image.new("RGB", (16, 16), (40 * i, 90, 200 if cls == "dog" else 0)).save(root / split / cls / f"{i}.png")
+                Image.new("RGB", (16, 16), (40 * i, 90, 200 if cls == "dog" else 0)).save(
+                    root / split / cls / f"{i}.png"
+                )
     (root / "test" / "dog" / "1.png").write_bytes(b"")
     with pytest.MonkeyPatch.context() as mp:
         interrupt_before_publishing(mp)
@@ -471,13 +598,17 @@ def test_a_store_holds_only_json_zarr_and_hdf5_never_a_pickle(stores, fmt):
         for meta in (root / "arrays.zarr").rglob("zarr.json"):
             spec = json.loads(meta.read_text())
             if spec["node_type"] == "array":
-                assert spec["data_type"] != "object" and {c["name"] for c in spec["codecs"]} <= ZARR_CODECS, meta
+                assert spec["data_type"] != "object" and {c["name"] for c in spec["codecs"]} <= ZARR_CODECS, (
+                    meta
+                )
                 assert "crc32c" in {c["name"] for c in spec["codecs"]}, f"{meta}: every chunk is checksummed"
     else:
         for path in [root / "store.h5", *(root / "parts").glob("*.h5")]:
             with h5py.File(path, "r") as fh:
                 datasets = []
-                fh.visititems(lambda key, obj: datasets.append((key, obj)) if isinstance(obj, h5py.Dataset) else None)
+                fh.visititems(
+                    lambda key, obj: datasets.append((key, obj)) if isinstance(obj, h5py.Dataset) else None
+                )
                 assert datasets
                 for key, ds in datasets:
                     assert ds.dtype.kind in "fiuS", (path, key, ds.dtype)  # no object / opaque / vlen data

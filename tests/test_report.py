@@ -1,4 +1,5 @@
 """``report``: the table's numbers against a hand computation from the records, formats, filters, plots."""
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,15 @@ def runs(tmp_path_factory):
     cache, runs = root / "cache", root / "runs"
     make_synthetic_store(cache, views={"tip": 21})
     make_synthetic_store(cache, name="other", num_classes=5, seed=7, zero_shot=0.5, views={"tip": 21})
-    api.grid(["zero_shot", "tip_adapter"], datasets=list(DATASETS), shots=(1, 2), seeds=(1, 2, 3), cache_dir=cache,
-             runs_dir=runs, **SYNTH)
+    api.grid(
+        ["zero_shot", "tip_adapter"],
+        datasets=list(DATASETS),
+        shots=(1, 2),
+        seeds=(1, 2, 3),
+        cache_dir=cache,
+        runs_dir=runs,
+        **SYNTH,
+    )
     return runs
 
 
@@ -85,7 +93,9 @@ def test_filters_and_a_partial_average(runs, tmp_path):
     assert table.blocks() == ["other"]
     with pytest.raises(UsageError, match="match the filters"):
         api.report(runs_dir=runs, protocols=["paper"])
-    partial = [r for r in api.report(runs_dir=runs)[1] if not (r.dataset == "other" and r.method == "zero_shot")]
+    partial = [
+        r for r in api.report(runs_dir=runs)[1] if not (r.dataset == "other" and r.method == "zero_shot")
+    ]
     from fsl_cache.reports import build_table
 
     t = build_table(partial)
@@ -116,7 +126,9 @@ def test_confusable_pairs_rank_symmetric_confusion():
 
 
 def test_cli_report_formats(runs):
-    result = CliRunner().invoke(main, ["report", "--runs-dir", str(runs), "--format", "json", "--method", "tip_adapter"])
+    result = CliRunner().invoke(
+        main, ["report", "--runs-dir", str(runs), "--format", "json", "--method", "tip_adapter"]
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines and {line["method"] for line in lines} == {"tip_adapter"}

@@ -31,9 +31,7 @@ def published_paths(dataset: str, shots: int, seed: int) -> dict[str, list[str]]
         pytest.fail(f"Published few-shot picks missing: {path}")
     prefix = PUBLISHED[dataset][2]
     picks = json.loads(path.read_text())
-    return {
-        s: [d["impath"].removeprefix(prefix) for d in picks[s]["data"]] for s in ("train", "val")
-    }
+    return {s: [d["impath"].removeprefix(prefix) for d in picks[s]["data"]] for s in ("train", "val")}
 
 
 @pytest.mark.parametrize("dataset", sorted(PUBLISHED))
@@ -109,12 +107,8 @@ def test_pools_hold_every_subset_and_their_unions():
     spec = toy_spec([i % 3 for i in range(90)], [i % 3 for i in range(30)])
     pools = few_shot_pools(spec)
     assert set(pools.subsets) == {(k, s) for k in (1, 2, 4, 8, 16) for s in (1, 2, 3)}
-    assert pools.subsets[(4, 2)] == sample_few_shot(
-        spec.labels("train"), spec.labels("val"), shots=4, seed=2
-    )
-    assert pools.train_union == tuple(
-        sorted({i for sub in pools.subsets.values() for i in sub.train})
-    )
+    assert pools.subsets[(4, 2)] == sample_few_shot(spec.labels("train"), spec.labels("val"), shots=4, seed=2)
+    assert pools.train_union == tuple(sorted({i for sub in pools.subsets.values() for i in sub.train}))
     assert pools.val_union == tuple(sorted({i for sub in pools.subsets.values() for i in sub.val}))
     assert len(pools.train_union) <= 3 * 31 * 3 and pools.shortfall == ()
 

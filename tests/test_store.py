@@ -1,4 +1,5 @@
 """The store contract, run against both backends: blocks, manifest, digests, refusal of foreign stores."""
+
 import json
 
 import h5py
@@ -14,7 +15,13 @@ from fsl_cache.store.store import SCHEMA
 def _manifest(fmt: str) -> tuple[str, dict]:
     parts = {"test": fmt}
     key = fingerprint(parts)
-    return key, {"schema": SCHEMA, "fingerprint": key, "fingerprint_parts": parts, "format": fmt, "precision": "fp16"}
+    return key, {
+        "schema": SCHEMA,
+        "fingerprint": key,
+        "fingerprint_parts": parts,
+        "format": fmt,
+        "precision": "fp16",
+    }
 
 
 def _write(tmp_path, fmt: str, *, shards=((0, 3), (3, 5))):
@@ -53,7 +60,9 @@ def test_round_trip_and_row_reads(tmp_path, fmt):
 def test_verify_names_array_and_rows_of_a_flipped_byte(tmp_path, fmt):
     root, feats = _write(tmp_path, fmt)
     if fmt == "zarr":
-        chunk = next(p for p in (root / "arrays.zarr/images/test/views/center/pooled/c").rglob("*") if p.is_file())
+        chunk = next(
+            p for p in (root / "arrays.zarr/images/test/views/center/pooled/c").rglob("*") if p.is_file()
+        )
         offset = 4  # inside the values, before the trailing CRC32C
     else:
         chunk = root / "parts" / "job_000001.h5"

@@ -1,5 +1,6 @@
 """Shuffled reads: FeatureStore.read and the unpacked sidecars return exactly the in-memory gather (zarr and
 HDF5); stale sidecars are rebuilt; streamed sources prefetch and train like in-memory ones."""
+
 import threading
 
 import numpy as np
@@ -8,7 +9,15 @@ import torch
 
 from fsl_cache.errors import StoreError
 from fsl_cache.methods.tip_adapter import TipHead, build_keys, build_values
-from fsl_cache.store import ArraySpec, FeatureStore, StoreWriter, fingerprint, list_stores, unpacked, verify_store
+from fsl_cache.store import (
+    ArraySpec,
+    FeatureStore,
+    StoreWriter,
+    fingerprint,
+    list_stores,
+    unpacked,
+    verify_store,
+)
 from fsl_cache.store.fingerprint import store_dirname
 from fsl_cache.store.store import SCHEMA
 from fsl_cache.store.unpacked import _blocks, unpack_rows
@@ -22,8 +31,16 @@ def _store(tmp_path, fmt, data):
     parts = {"test": "store_access", "format": fmt}
     key = fingerprint(parts)
     root = tmp_path / store_dirname(arch="a", weights="w", precision="fp16", key=key)
-    manifest = {"schema": SCHEMA, "fingerprint": key, "fingerprint_parts": parts, "format": fmt, "precision": "fp16"}
-    spec = ArraySpec(NAME, data.shape, "float16", (4,) + data.shape[1:], "zstd1")  # heavy maps: few samples a chunk
+    manifest = {
+        "schema": SCHEMA,
+        "fingerprint": key,
+        "fingerprint_parts": parts,
+        "format": fmt,
+        "precision": "fp16",
+    }
+    spec = ArraySpec(
+        NAME, data.shape, "float16", (4,) + data.shape[1:], "zstd1"
+    )  # heavy maps: few samples a chunk
     writer = StoreWriter(root, fmt=fmt, manifest=manifest)
     writer.create(spec)
     for shard, start in enumerate(range(0, len(data), 8)):
@@ -43,8 +60,13 @@ def test_shuffled_and_repeated_rows_equal_the_in_memory_gather(tmp_path, fmt):
     data = np.maximum(rng.standard_normal((21, 64, 3, 3)), 0).astype(np.float16)
     store, spec = _store(tmp_path, fmt, data)
     assert spec.chunks[0] < len(data)  # several chunks, so the gather crosses them
-    for rows in (rng.permutation(21), rng.integers(0, 21, 40), np.array([20, 0, 20, 5, 5, 0]), np.array([7]),
-                 np.array([], dtype=np.int64)):
+    for rows in (
+        rng.permutation(21),
+        rng.integers(0, 21, 40),
+        np.array([20, 0, 20, 5, 5, 0]),
+        np.array([7]),
+        np.array([], dtype=np.int64),
+    ):
         got = store.read(NAME, rows)
         assert got.dtype == data.dtype and got.shape == data[rows].shape
         assert np.array_equal(got, data[rows])
@@ -61,7 +83,11 @@ def test_sidecar_reads_equal_the_store_for_shuffled_and_repeated_rows(tmp_path, 
     block = 3 * data[0].nbytes  # blocks of 3 rows: several blocks, cut at chunk boundaries
     sidecar = unpack_rows(store, NAME, rows, block_bytes=block)
     assert len(sidecar) == len(rows) and sidecar.path.parent == store.root / "unpacked"
-    for positions in (rng.permutation(len(rows)), rng.integers(0, len(rows), 30), np.array([], dtype=np.int64)):
+    for positions in (
+        rng.permutation(len(rows)),
+        rng.integers(0, len(rows), 30),
+        np.array([], dtype=np.int64),
+    ):
         got = sidecar.read(positions)
         assert got.dtype == data.dtype and np.array_equal(got, store.read(NAME, rows[positions]))
         views = rng.integers(0, 3, len(positions))
@@ -73,7 +99,13 @@ def test_sidecar_reads_equal_the_store_for_shuffled_and_repeated_rows(tmp_path, 
 def test_blocks_cut_at_chunk_boundaries_unless_a_chunk_exceeds_a_block():
     rows = np.array([0, 1, 2, 5, 6, 7, 8, 9, 13])
     assert [b.tolist() for b in _blocks(rows, chunk_rows=4, limit=5)] == [[0, 1, 2], [5, 6, 7, 8, 9], [13]]
-    assert [b.tolist() for b in _blocks(rows, chunk_rows=8, limit=2)] == [[0, 1], [2, 5], [6, 7], [8, 9], [13]]
+    assert [b.tolist() for b in _blocks(rows, chunk_rows=8, limit=2)] == [
+        [0, 1],
+        [2, 5],
+        [6, 7],
+        [8, 9],
+        [13],
+    ]
     assert [b.tolist() for b in _blocks(rows, chunk_rows=1, limit=100)] == [rows.tolist()]
 
 
@@ -124,11 +156,17 @@ def test_a_short_disk_streams_from_the_store_with_one_warning(tmp_path, monkeypa
     monkeypatch.setattr(unpacked, "SPARE_BYTES", 1 << 62)
     with pytest.warns(UserWarning, match="needs .* GB .* streaming from the store instead"):
         stream = open_views(store, split, policy="tip", taps=("pooled",), memory_budget=0)
-    assert isinstance(stream, StoreViews) and stream.unpacked == {} and not list((root / "unpacked").glob("*.npy"))
+    assert (
+        isinstance(stream, StoreViews)
+        and stream.unpacked == {}
+        and not list((root / "unpacked").glob("*.npy"))
+    )
     memory = open_views(store, split, policy="tip", taps=("pooled",))
     positions, views = np.array([3, 0, 2]), np.array([2, 1, 0])
     torch.testing.assert_close(stream.batch(positions, views), memory.batch(positions, views), rtol=0, atol=0)
-    assert open_views(store, split, policy="tip", taps=("pooled",), memory_budget=0, unpack=False).unpacked == {}
+    assert (
+        open_views(store, split, policy="tip", taps=("pooled",), memory_budget=0, unpack=False).unpacked == {}
+    )
     store.close()
 
 
@@ -138,12 +176,24 @@ def _split(rows):
 
 def _tip_fit(store, split, labels, memory_budget):
     source = open_views(store, split, policy="tip", taps=("pooled",), memory_budget=memory_budget)
-    feats = torch.stack([source.batch(np.arange(len(split)), np.full(len(split), v))["pooled"]
-                         for v in range(source.num_views)], dim=1)
+    feats = torch.stack(
+        [
+            source.batch(np.arange(len(split)), np.full(len(split), v))["pooled"]
+            for v in range(source.num_views)
+        ],
+        dim=1,
+    )
     text = torch.randn(4, feats.shape[-1], generator=torch.Generator().manual_seed(0))
     text = torch.nn.functional.normalize(text, dim=-1)
-    head = TipHead(build_keys(feats[:, 1:]), build_values(labels, 4), text, alpha=1.0, beta=1.0, scale=100.0,
-                   train_keys=True)
+    head = TipHead(
+        build_keys(feats[:, 1:]),
+        build_values(labels, 4),
+        text,
+        alpha=1.0,
+        beta=1.0,
+        scale=100.0,
+        train_keys=True,
+    )
     settings = TrainSettings(epochs=3, batch_size=8, lr=1e-2, eps=1e-4, policy="tip")
     train(head, TrainData(source, labels), settings=settings, generator=torch.Generator().manual_seed(5))
     return source, head.adapter.weight.detach()
@@ -170,11 +220,15 @@ def test_prefetch_returns_the_synchronous_batch_and_raises_its_store_error(tmp_p
     store = FeatureStore.open(root)
     split = _split(np.array([5, 0, 3, 3, 9, 2]))
     for unpack in (True, False):
-        source = open_views(store, split, policy="tip", taps=("pooled", "zs_logits/tip"), memory_budget=0,
-                            unpack=unpack)
+        source = open_views(
+            store, split, policy="tip", taps=("pooled", "zs_logits/tip"), memory_budget=0, unpack=unpack
+        )
         assert bool(source.unpacked) == unpack
-        batches = [(np.array([4, 1, 0]), np.array([3, 0, 2])), (np.array([2, 5]), None),
-                   (np.array([3]), np.array([1]))]
+        batches = [
+            (np.array([4, 1, 0]), np.array([3, 0, 2])),
+            (np.array([2, 5]), None),
+            (np.array([3]), np.array([1])),
+        ]
         expected = [source.batch(p, v) for p, v in batches]
         for (p, v), want in zip(batches, expected):  # the trainer's order: prefetch the next, then ask for it
             source.prefetch(p, v)
@@ -197,8 +251,11 @@ def test_prefetch_returns_the_synchronous_batch_and_raises_its_store_error(tmp_p
         source.prefetch(*batches[0])
         source.close()
         assert not any(t.name == "fsl-cache-prefetch" for t in threading.enumerate())
-    chunk = next(p for p in (root / "arrays.zarr/images/train_pool/views/tip/pooled").rglob("*") if p.is_file()
-                 and p.name != "zarr.json")
+    chunk = next(
+        p
+        for p in (root / "arrays.zarr/images/train_pool/views/tip/pooled").rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    )
     raw = bytearray(chunk.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # the chunk's CRC32C no longer matches
     chunk.write_bytes(bytes(raw))

@@ -1,5 +1,6 @@
 """The shared trainer: view sampler, batching, schedules, the loop itself against a hand-written
 Tip-Adapter-F loop, in-memory vs streamed batches, determinism."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,16 @@ import torch.nn.functional as F
 from fsl_cache.methods.tip_adapter import TipHead, build_keys, build_values
 from fsl_cache.store import FeatureStore
 from fsl_cache.testing import make_synthetic_store
-from fsl_cache.training import MemoryViews, Selector, SplitRef, TrainData, TrainSettings, ViewSampler, open_views, train
+from fsl_cache.training import (
+    MemoryViews,
+    Selector,
+    SplitRef,
+    TrainData,
+    TrainSettings,
+    ViewSampler,
+    open_views,
+    train,
+)
 from fsl_cache.training.sampler import batches_per_epoch, epoch_batches
 from fsl_cache.training.schedule import build_optimizer, build_scheduler, lr_factor
 
@@ -32,7 +42,9 @@ def test_epoch_batches_cover_each_image_once_with_drop_and_merge_rules():
     batches = list(epoch_batches(10, batch_size=4, generator=g))
     assert [len(b) for b in batches] == [4, 4, 2] and sorted(np.concatenate(batches)) == list(range(10))
     assert [len(b) for b in epoch_batches(10, batch_size=4, generator=g, drop_last=True)] == [4, 4]
-    assert [len(b) for b in epoch_batches(3, batch_size=4, generator=g, drop_last=True)] == [3]  # Dassl keeps it
+    assert [len(b) for b in epoch_batches(3, batch_size=4, generator=g, drop_last=True)] == [
+        3
+    ]  # Dassl keeps it
     assert [len(b) for b in epoch_batches(9, batch_size=4, generator=g, merge_singleton=True)] == [4, 5]
     assert batches_per_epoch(9, batch_size=4, drop_last=False, merge_singleton=True) == 2
     assert batches_per_epoch(10, batch_size=4, drop_last=True, merge_singleton=False) == 2
@@ -40,8 +52,12 @@ def test_epoch_batches_cover_each_image_once_with_drop_and_merge_rules():
 
 def test_cosine_per_iteration_matches_torch_cosine_annealing():
     settings = TrainSettings(epochs=3, batch_size=2, lr=0.1, schedule="cosine_iter")
-    ours = build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), settings,
-                           iters_per_epoch=4, total_iters=12)
+    ours = build_scheduler(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+        settings,
+        iters_per_epoch=4,
+        total_iters=12,
+    )
     ref_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=12)
     for _ in range(12):
@@ -50,8 +66,9 @@ def test_cosine_per_iteration_matches_torch_cosine_annealing():
 
 
 def test_dassl_constant_warmup_then_cosine_over_max_epoch():
-    s = TrainSettings(epochs=10, batch_size=32, lr=2e-3, optimizer="sgd", schedule="cosine_epoch", warmup=1,
-                      warmup_lr=1e-5)
+    s = TrainSettings(
+        epochs=10, batch_size=32, lr=2e-3, optimizer="sgd", schedule="cosine_epoch", warmup=1, warmup_lr=1e-5
+    )
     lrs = [2e-3 * lr_factor(e, total=10, settings=s) for e in range(4)]
     assert lrs[0] == pytest.approx(1e-5)  # [CODE] Dassl ConstantWarmupScheduler
     assert lrs[1] == pytest.approx(2e-3)  # the successor cosine starts at its step 0
@@ -98,7 +115,9 @@ def _official_tip_f(feats, labels, text, val, *, epochs, lr, seed, alpha=1.0, be
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            logits = 100.0 * val_hat @ text.T + ((-1) * (beta - beta * adapter(val_hat))).exp() @ values * alpha
+            logits = (
+                100.0 * val_hat @ text.T + ((-1) * (beta - beta * adapter(val_hat))).exp() @ values * alpha
+            )
             acc = 100.0 * float((logits.argmax(1) == labels).sum()) / len(labels)
         if acc > best_acc or best_state is None:
             best_acc, best_state = acc, adapter.weight.detach().clone()
@@ -111,8 +130,13 @@ def test_trainer_reproduces_the_official_tip_adapter_f_loop():
     head = TipHead(keys, build_values(labels, 3), text, alpha=1.0, beta=1.0, scale=100.0, train_keys=True)
     settings = TrainSettings(epochs=6, batch_size=64, lr=1e-2, eps=1e-4, policy="tip")
     selector = Selector(MemoryViews({"pooled": val[:, None]}), labels)
-    result = train(head, TrainData(MemoryViews({"pooled": feats}), labels), settings=settings,
-                   generator=torch.Generator().manual_seed(3), selector=selector)
+    result = train(
+        head,
+        TrainData(MemoryViews({"pooled": feats}), labels),
+        settings=settings,
+        generator=torch.Generator().manual_seed(3),
+        selector=selector,
+    )
     ref_keys, ref_acc = _official_tip_f(feats, labels, text, val, epochs=6, lr=1e-2, seed=3)
     torch.testing.assert_close(result.head.adapter.weight.detach(), ref_keys, rtol=1e-5, atol=1e-6)
     assert result.best_score == pytest.approx(ref_acc)
@@ -124,11 +148,23 @@ def test_selection_keeps_the_first_best_state_and_last_keeps_the_end():
     common = dict(epochs=5, batch_size=64, lr=5e-2, eps=1e-4, policy="tip")
 
     def run(select: str):
-        head = TipHead(build_keys(feats[:, 1:]), build_values(labels, 3), text, alpha=1.0, beta=1.0, scale=100.0,
-                       train_keys=True)
+        head = TipHead(
+            build_keys(feats[:, 1:]),
+            build_values(labels, 3),
+            text,
+            alpha=1.0,
+            beta=1.0,
+            scale=100.0,
+            train_keys=True,
+        )
         selector = Selector(MemoryViews({"pooled": val[:, None]}), labels)
-        return train(head, TrainData(MemoryViews({"pooled": feats}), labels), settings=TrainSettings(select=select, **common),
-                     generator=torch.Generator().manual_seed(0), selector=selector)
+        return train(
+            head,
+            TrainData(MemoryViews({"pooled": feats}), labels),
+            settings=TrainSettings(select=select, **common),
+            generator=torch.Generator().manual_seed(0),
+            selector=selector,
+        )
 
     best, last = run("best"), run("last")
     scores = [h["select_acc"] for h in best.history]
@@ -138,12 +174,23 @@ def test_selection_keeps_the_first_best_state_and_last_keeps_the_end():
 
 def test_eval_every_n_iterations_and_iteration_budget():
     feats, labels, text, val = _tip_task(n=30)
-    head = TipHead(build_keys(feats[:, 1:]), build_values(labels, 3), text, alpha=1.0, beta=1.0, scale=100.0,
-                   train_keys=True)
+    head = TipHead(
+        build_keys(feats[:, 1:]),
+        build_values(labels, 3),
+        text,
+        alpha=1.0,
+        beta=1.0,
+        scale=100.0,
+        train_keys=True,
+    )
     settings = TrainSettings(epochs=0, iters=7, batch_size=8, lr=1e-2, eval_every=3, policy="tip")
-    result = train(head, TrainData(MemoryViews({"pooled": feats}), labels), settings=settings,
-                   generator=torch.Generator().manual_seed(0),
-                   selector=Selector(MemoryViews({"pooled": val[:, None]}), labels))
+    result = train(
+        head,
+        TrainData(MemoryViews({"pooled": feats}), labels),
+        settings=settings,
+        generator=torch.Generator().manual_seed(0),
+        selector=Selector(MemoryViews({"pooled": val[:, None]}), labels),
+    )
     assert [h["iteration"] for h in result.history if "select_acc" in h and "loss" not in h] == [3, 6]
     assert max(h["iteration"] for h in result.history) == 7
 
@@ -152,11 +199,22 @@ def test_amp_is_ignored_on_cpu_and_training_is_deterministic():
     feats, labels, text, val = _tip_task(seed=2)
 
     def run(amp: bool):
-        head = TipHead(build_keys(feats[:, 1:]), build_values(labels, 3), text, alpha=1.0, beta=1.0, scale=100.0,
-                       train_keys=True)
+        head = TipHead(
+            build_keys(feats[:, 1:]),
+            build_values(labels, 3),
+            text,
+            alpha=1.0,
+            beta=1.0,
+            scale=100.0,
+            train_keys=True,
+        )
         settings = TrainSettings(epochs=3, batch_size=5, lr=1e-2, amp=amp, policy="tip")
-        train(head, TrainData(MemoryViews({"pooled": feats}), labels), settings=settings,
-              generator=torch.Generator().manual_seed(9))
+        train(
+            head,
+            TrainData(MemoryViews({"pooled": feats}), labels),
+            settings=settings,
+            generator=torch.Generator().manual_seed(9),
+        )
         return head.adapter.weight.detach()
 
     assert torch.equal(run(False), run(True)) and torch.equal(run(False), run(False))
@@ -181,7 +239,17 @@ def test_streamed_batches_equal_in_memory_batches(tmp_path):
 
 def test_optimizers_follow_settings():
     p = [torch.zeros(2, requires_grad=True)]
-    sgd = build_optimizer(p, TrainSettings(epochs=1, batch_size=1, lr=0.1, optimizer="sgd", momentum=0.8, weight_decay=5e-4))
-    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8 and sgd.defaults["weight_decay"] == 5e-4
+    sgd = build_optimizer(
+        p, TrainSettings(epochs=1, batch_size=1, lr=0.1, optimizer="sgd", momentum=0.8, weight_decay=5e-4)
+    )
+    assert (
+        isinstance(sgd, torch.optim.SGD)
+        and sgd.defaults["momentum"] == 0.8
+        and sgd.defaults["weight_decay"] == 5e-4
+    )
     adamw = build_optimizer(p, TrainSettings(epochs=1, batch_size=1, lr=0.1, eps=1e-4))
-    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["eps"] == 1e-4 and adamw.defaults["weight_decay"] == 0.01
+    assert (
+        isinstance(adamw, torch.optim.AdamW)
+        and adamw.defaults["eps"] == 1e-4
+        and adamw.defaults["weight_decay"] == 0.01
+    )

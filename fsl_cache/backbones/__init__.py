@@ -1,4 +1,5 @@
 """CLIP backbones: loading from any open_clip source, frozen, with feature taps and identity."""
+
 from fsl_cache.backbones.backbone import POOLED, Backbone
 from fsl_cache.backbones.catalog import ModelInfo, list_models
 from fsl_cache.backbones.loading import PRECISIONS, load_backbone

@@ -1,4 +1,5 @@
 """A frozen open_clip CLIP model and the feature taps fsl-cache extracts from it (METHODS §1.1)."""
+
 from __future__ import annotations
 
 import copy
@@ -60,8 +61,10 @@ class Backbone:
     _fingerprint: dict | None = field(default=None, init=False)
 
     def __repr__(self) -> str:
-        return (f"Backbone({self.arch!r}, pretrained={self.pretrained!r}, kind={self.kind!r}, "
-                f"device={self.device}, dtype={self.dtype})")
+        return (
+            f"Backbone({self.arch!r}, pretrained={self.pretrained!r}, kind={self.kind!r}, "
+            f"device={self.device}, dtype={self.dtype})"
+        )
 
     # --- identity ---------------------------------------------------------------------------------
 
@@ -140,8 +143,12 @@ class Backbone:
         # whenever pooled is wanted makes the result right for either behaviour.
         asked = sorted(set(layers) | ({4} if want_pooled else set()))
         res = self.model.forward_intermediates(
-            image=x, image_indices=asked, normalize=False,
-            intermediates_only=not want_pooled, stop_early=False)
+            image=x,
+            image_indices=asked,
+            normalize=False,
+            intermediates_only=not want_pooled,
+            stop_early=False,
+        )
         out = {f"rn/layer{k}": t for k, t in zip(asked, res["image_intermediates"], strict=True)}
         if want_pooled:
             out[POOLED] = res["image_features"]  # attnpool output, un-normalised
@@ -149,12 +156,19 @@ class Backbone:
 
     def _vit_taps(self, x: torch.Tensor, blocks: list[int], want_pooled: bool) -> dict:
         res = self.model.forward_intermediates(
-            image=x, image_indices=blocks, normalize=False,
-            intermediates_only=not want_pooled, stop_early=not want_pooled,
-            image_output_fmt="NLC", image_output_extra_tokens=True)
+            image=x,
+            image_indices=blocks,
+            normalize=False,
+            intermediates_only=not want_pooled,
+            stop_early=not want_pooled,
+            image_output_fmt="NLC",
+            image_output_extra_tokens=True,
+        )
         pairs = zip(blocks, res["image_intermediates_prefix"], res["image_intermediates"], strict=True)
-        out = {self._vit_tap(i): torch.cat([cls, patches], dim=1)  # [B, 1 + HW, W], CLS first
-               for i, cls, patches in pairs}
+        out = {
+            self._vit_tap(i): torch.cat([cls, patches], dim=1)  # [B, 1 + HW, W], CLS first
+            for i, cls, patches in pairs
+        }
         if want_pooled:
             out[POOLED] = res["image_features"]  # ln_post(CLS) @ proj, un-normalised
         return out
@@ -179,8 +193,9 @@ class Backbone:
 
     # --- text -------------------------------------------------------------------------------------
 
-    def text_classifier(self, classnames: Sequence[str], templates: Sequence[str | Callable],
-                        *, batch_size: int = 512) -> torch.Tensor:
+    def text_classifier(
+        self, classnames: Sequence[str], templates: Sequence[str | Callable], *, batch_size: int = 512
+    ) -> torch.Tensor:
         """Zero-shot classifier ``W [C, D]``, fp32 on CPU (METHODS §1.3).
 
         Per class: fill every template (``"a photo of a {}."`` or a callable), encode, L2-normalise
@@ -197,7 +212,7 @@ class Backbone:
         chunks = []
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
-                tokens = self.tokenizer(texts[start:start + batch_size]).to(self.device)
+                tokens = self.tokenizer(texts[start : start + batch_size]).to(self.device)
                 # Normalising in fp32 even for fp16 models; the originals do it in fp16.
                 chunks.append(self.model.encode_text(tokens, normalize=False).float().cpu())
         return torch.cat(chunks)
@@ -226,8 +241,10 @@ def visual_kind(model: torch.nn.Module, arch: str) -> str:
         return "rn"
     if isinstance(visual, VisionTransformer):
         return "vit"
-    raise BackboneError(f"{arch} has a {type(visual).__name__} image tower; fsl-cache supports "
-                        "open_clip's ModifiedResNet (RN*) and VisionTransformer (ViT-*) towers")
+    raise BackboneError(
+        f"{arch} has a {type(visual).__name__} image tower; fsl-cache supports "
+        "open_clip's ModifiedResNet (RN*) and VisionTransformer (ViT-*) towers"
+    )
 
 
 def describe_model(model: torch.nn.Module, arch: str) -> dict:

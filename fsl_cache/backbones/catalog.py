@@ -1,4 +1,5 @@
 """The architectures fsl-cache can load, with their pretrained tags, for ``fsl-cache models``."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,6 +52,14 @@ def list_models() -> list[ModelInfo]:
         tiny = name in TINY_MODELS
         tags = ("none",) if tiny else tuple(open_clip.list_pretrained_tags_by_model(name))
         size = cfg["vision_cfg"].get("image_size", 224)
-        infos.append(ModelInfo(name=name, kind=kind, tags=tags, embed_dim=int(cfg["embed_dim"]),
-                               image_size=int(size if isinstance(size, int) else size[0]), tiny=tiny))
+        infos.append(
+            ModelInfo(
+                name=name,
+                kind=kind,
+                tags=tags,
+                embed_dim=int(cfg["embed_dim"]),
+                image_size=int(size if isinstance(size, int) else size[0]),
+                tiny=tiny,
+            )
+        )
     return infos

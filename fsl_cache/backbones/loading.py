@@ -1,4 +1,5 @@
 """``load_backbone``: every way open_clip names a CLIP model, resolved offline-first and frozen."""
+
 from __future__ import annotations
 
 import logging
@@ -53,8 +54,14 @@ class _Spec:
     notes: list[str] = field(default_factory=list)
 
 
-def load_backbone(model: str = "RN50", pretrained: str = "openai", *, device: str = "cpu",
-                  precision: str = "fp32", cache_dir: str | None = None) -> Backbone:
+def load_backbone(
+    model: str = "RN50",
+    pretrained: str = "openai",
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    cache_dir: str | None = None,
+) -> Backbone:
     """Build a frozen CLIP backbone from anything open_clip accepts, without surprises offline.
 
     ``model``: an open_clip architecture (``RN50``, ``ViT-B-16``, ``fsl-tiny-rn``), ``hf-hub:org/repo``
@@ -73,10 +80,19 @@ def load_backbone(model: str = "RN50", pretrained: str = "openai", *, device: st
         clip = _build(spec, target, precision, cache_dir)
         tokenizer = _tokenizer(spec, cache_dir)
     clip.eval().requires_grad_(False)
-    return Backbone(model=clip, arch=spec.arch, pretrained=spec.pretrained,
-                    random_init=spec.weights.kind == "none", tokenizer=tokenizer, device=target,
-                    dtype=dtype, notes=tuple(spec.notes), weights=spec.weights,
-                    model_cfg=spec.model_cfg, **describe_model(clip, spec.arch))
+    return Backbone(
+        model=clip,
+        arch=spec.arch,
+        pretrained=spec.pretrained,
+        random_init=spec.weights.kind == "none",
+        tokenizer=tokenizer,
+        device=target,
+        dtype=dtype,
+        notes=tuple(spec.notes),
+        weights=spec.weights,
+        model_cfg=spec.model_cfg,
+        **describe_model(clip, spec.arch),
+    )
 
 
 def _target(device: str, precision: str) -> tuple[torch.device, torch.dtype]:
@@ -91,8 +107,9 @@ def _target(device: str, precision: str) -> tuple[torch.device, torch.dtype]:
     if target.type == "cuda" and target.index is None:  # so tensors' devices compare equal to it
         target = torch.device("cuda", torch.cuda.current_device())
     if precision == "fp16" and target.type == "cpu":
-        raise UsageError("Precision fp16 needs a CUDA device (CPU fp16 is emulated and slow); "
-                         "use fp32 or bf16 on CPU")
+        raise UsageError(
+            "Precision fp16 needs a CUDA device (CPU fp16 is emulated and slow); use fp32 or bf16 on CPU"
+        )
     return target, PRECISIONS[precision]
 
 
@@ -132,18 +149,19 @@ def _schema_spec(model: str, pretrained: str, *, cache_dir: str | None) -> _Spec
     if pretrained not in ("openai", model):  # 'openai' is only the signature's default here
         notes.append(f"pretrained '{pretrained}' ignored: {model.split(':')[0]}: models carry their weights")
     if model.startswith(HF_HUB):
-        repo = model[len(HF_HUB):]
+        repo = model[len(HF_HUB) :]
         folder = resolve_hf_hub(repo, cache_dir=cache_dir)
         path, cfg = resolve_local_dir(folder)
         source = WeightsSource("hf-hub", path, repo=repo)
     else:
-        folder = _user_path(model[len(LOCAL_DIR):], resolve=True)
+        folder = _user_path(model[len(LOCAL_DIR) :], resolve=True)
         path, cfg = resolve_local_dir(folder)
         model, source = LOCAL_DIR + str(folder), WeightsSource("local-dir", path)
     _check_tower(model, cfg)
     # Both build from the folder: an hf-hub snapshot is a local-dir, so no network is touched.
-    return _Spec(arch=model, name=LOCAL_DIR + str(folder), pretrained=model, weights=source,
-                 model_cfg=cfg, notes=notes)
+    return _Spec(
+        arch=model, name=LOCAL_DIR + str(folder), pretrained=model, weights=source, model_cfg=cfg, notes=notes
+    )
 
 
 def _user_path(text: str, *, resolve: bool = False) -> Path:
@@ -175,14 +193,18 @@ def _known_arch(model: str) -> str:
 def _check_tower(name: str, cfg: dict) -> None:
     """Fail before any download for towers the taps do not cover."""
     if config_kind(cfg) is None:
-        raise BackboneError(f"{name} has a timm or CoCa image tower; fsl-cache supports open_clip's "
-                            "ModifiedResNet (RN*) and VisionTransformer (ViT-*) CLIP models")
+        raise BackboneError(
+            f"{name} has a timm or CoCa image tower; fsl-cache supports open_clip's "
+            "ModifiedResNet (RN*) and VisionTransformer (ViT-*) CLIP models"
+        )
 
 
 def _named_spec(arch: str, pretrained: str, *, cache_dir: str | None) -> _Spec:
     if pretrained.strip().lower() == "none":
-        note = (f"pretrained='none': {arch} has RANDOM weights (seed {RANDOM_INIT_SEED}); "
-                "its features are for tests and demos only")
+        note = (
+            f"pretrained='none': {arch} has RANDOM weights (seed {RANDOM_INIT_SEED}); "
+            "its features are for tests and demos only"
+        )
         return _Spec(arch, arch, pretrained, WeightsSource("none"), notes=[note])
     if open_clip.get_pretrained_cfg(arch, pretrained):
         return _tag_spec(arch, pretrained, cache_dir=cache_dir)
@@ -199,8 +221,13 @@ def _tag_spec(arch: str, tag: str, *, cache_dir: str | None) -> _Spec:
     cfg = open_clip.get_pretrained_cfg(arch, tag)
     path = resolve_tag(arch, tag, cache_dir=cache_dir)
     clean = tag.lower().replace("-", "_")  # open_clip's own tag normalisation
-    spec = _Spec(arch, arch, tag, WeightsSource("tag", path, tag=clean),
-                 force_preprocess={k: cfg[k] for k in _TAG_PREPROCESS_KEYS if k in cfg})
+    spec = _Spec(
+        arch,
+        arch,
+        tag,
+        WeightsSource("tag", path, tag=clean),
+        force_preprocess={k: cfg[k] for k in _TAG_PREPROCESS_KEYS if k in cfg},
+    )
     if cfg.get("quick_gelu") and not open_clip.get_model_config(arch).get("quick_gelu"):
         # open_clip builds GELU here and only warns; the weights were trained with QuickGELU.
         spec.force_quick_gelu = True
@@ -210,8 +237,10 @@ def _tag_spec(arch: str, tag: str, *, cache_dir: str | None) -> _Spec:
 
 def _file_spec(arch: str, pretrained: str, path: Path) -> _Spec:
     if is_torchscript_archive(path):
-        note = (f"{path.name} is a TorchScript archive (OpenAI format): loaded with torch.jit.load, "
-                "which is not weights-only and can run code from the file; load only files you trust")
+        note = (
+            f"{path.name} is a TorchScript archive (OpenAI format): loaded with torch.jit.load, "
+            "which is not weights-only and can run code from the file; load only files you trust"
+        )
         spec = _Spec(arch, arch, pretrained, WeightsSource("openai-jit", path), notes=[note])
         release = openai_release_name(file_sha256(path))
         if release:
@@ -235,10 +264,15 @@ def _build(spec: _Spec, device: torch.device, precision: str, cache_dir: str | N
             return _random_model(spec.arch, device, precision)
         file_given = spec.weights.kind in ("tag", "file")
         return open_clip.create_model(
-            spec.name, pretrained=str(spec.weights.path) if file_given else None,
-            precision=precision, device=device, force_quick_gelu=spec.force_quick_gelu,
-            force_preprocess_cfg=spec.force_preprocess, cache_dir=cache_dir,
-            require_pretrained=True)  # never a silent random init
+            spec.name,
+            pretrained=str(spec.weights.path) if file_given else None,
+            precision=precision,
+            device=device,
+            force_quick_gelu=spec.force_quick_gelu,
+            force_preprocess_cfg=spec.force_preprocess,
+            cache_dir=cache_dir,
+            require_pretrained=True,
+        )  # never a silent random init
     except FslError:
         raise
     except Exception as exc:
@@ -261,8 +295,9 @@ def _random_model(arch: str, device: torch.device, precision: str) -> torch.nn.M
     # keeps the caller's random stream untouched.
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(RANDOM_INIT_SEED)
-        return open_clip.create_model(arch, pretrained=None, precision=precision, device=device,
-                                      pretrained_text=False)
+        return open_clip.create_model(
+            arch, pretrained=None, precision=precision, device=device, pretrained_text=False
+        )
 
 
 def _load_openai_jit(spec: _Spec, device: torch.device, precision: str) -> torch.nn.Module:
@@ -270,8 +305,9 @@ def _load_openai_jit(spec: _Spec, device: torch.device, precision: str) -> torch
     try:
         clip = open_clip.openai.load_openai_model(str(path), precision=precision, device=device)
     except Exception as exc:
-        raise BackboneError(f"{path} is a TorchScript archive but not a loadable OpenAI CLIP model: "
-                            f"{first_line(exc)}") from exc
+        raise BackboneError(
+            f"{path} is a TorchScript archive but not a loadable OpenAI CLIP model: {first_line(exc)}"
+        ) from exc
     found = {k: tuple(v.shape) for k, v in clip.state_dict().items()}
     mismatch = describe_mismatch(found, _meta_shapes(spec.arch))
     if mismatch:
@@ -290,8 +326,9 @@ def _openai_archs() -> list[str]:
 def _meta_shapes(name: str, *, cache_dir: str | None = None) -> dict[str, tuple[int, ...]]:
     """State-dict shapes of architecture ``name``, built on the meta device (no memory, no init)."""
     with torch.device("meta"):
-        model = open_clip.create_model(name, device="meta", load_weights=False,
-                                       pretrained_text=False, cache_dir=cache_dir)
+        model = open_clip.create_model(
+            name, device="meta", load_weights=False, pretrained_text=False, cache_dir=cache_dir
+        )
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

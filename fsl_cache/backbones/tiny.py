@@ -6,6 +6,7 @@ ViT of width 128 (64 px, patch 8: 64 patches + CLS). Both keep OpenAI's head wid
 ``open_clip.openai.load_openai_model`` infers them from a state dict exactly as it does RN50 or
 ViT-B/16, and both keep the 49,408-token vocabulary so the standard tokenizer works.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

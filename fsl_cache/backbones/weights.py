@@ -3,6 +3,7 @@
 A weights identity is content-based (SHA-256 of the file bytes, or of the state dict for random
 init) so that a cache is keyed by what was computed, not by a name that could point elsewhere.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -164,15 +165,15 @@ def resolve_tag(arch: str, tag: str, *, cache_dir: str | None) -> Path:
         try:
             path = download_pretrained(cfg, cache_dir=cache_dir)
         except Exception as exc:  # open_clip wraps every hub/URL failure differently
-            raise missing_tag_error(arch, tag, cfg, cache_dir=cache_dir, offline=offline,
-                                    cause=exc) from exc
+            raise missing_tag_error(arch, tag, cfg, cache_dir=cache_dir, offline=offline, cause=exc) from exc
     if not path:
         raise BackboneError(f"open_clip has no download location for {arch} '{tag}'")
     return Path(path)
 
 
-def missing_tag_error(arch: str, tag: str, cfg: dict, *, cache_dir: str | None,
-                      offline: str | None, cause: Exception) -> BackboneError:
+def missing_tag_error(
+    arch: str, tag: str, cfg: dict, *, cache_dir: str | None, offline: str | None, cause: Exception
+) -> BackboneError:
     """One line saying exactly what to download, where to, and the local-file alternative."""
     local = "or pass a local weights file instead (--pretrained /path/to/weights.safetensors or .pt)"
     hub = cfg.get("hf_hub", "")
@@ -181,14 +182,18 @@ def missing_tag_error(arch: str, tag: str, cfg: dict, *, cache_dir: str | None,
         # open_clip falls back to this file name, which every repo it lists carries.
         command = f"hf download {repo} {filename or HF_WEIGHTS_NAME}{_cache_flag(cache_dir)}"
         why = _why_unavailable(offline, cause, cache_dir or "the default Hugging Face cache")
-        return BackboneError(f"Weights {arch} '{tag}' are not available ({why}). They come from the "
-                             f"Hugging Face repo {repo}: run `{command}`, {local}.")
+        return BackboneError(
+            f"Weights {arch} '{tag}' are not available ({why}). They come from the "
+            f"Hugging Face repo {repo}: run `{command}`, {local}."
+        )
     url = cfg.get("url", "")
     folder = cache_dir or "~/.cache/clip"  # open_clip's default for URL downloads
     target = f"{folder}/{os.path.basename(url)}"
     why = _why_unavailable(None, cause, folder)
-    return BackboneError(f"Weights {arch} '{tag}' are not available ({why}). "
-                         f"Download {url} to {target} (`curl -L -o {target} {url}`), {local}.")
+    return BackboneError(
+        f"Weights {arch} '{tag}' are not available ({why}). "
+        f"Download {url} to {target} (`curl -L -o {target} {url}`), {local}."
+    )
 
 
 # --- schemas --------------------------------------------------------------------------------------
@@ -219,15 +224,19 @@ def resolve_local_dir(folder: Path) -> tuple[Path, dict]:
         raise BackboneError(f"local-dir: folder not found: {folder}")
     config = folder / HF_CONFIG_NAME
     if not config.is_file():
-        raise BackboneError(f"local-dir:{folder} has no {HF_CONFIG_NAME} (expected "
-                            '{"model_cfg": {...}, "preprocess_cfg": {...}} next to the weights)')
+        raise BackboneError(
+            f"local-dir:{folder} has no {HF_CONFIG_NAME} (expected "
+            '{"model_cfg": {...}, "preprocess_cfg": {...}} next to the weights)'
+        )
     # The same choice open_clip makes, so the file hashed is the file loaded.
     from open_clip.factory import _find_checkpoint_in_dir
 
     weights = _find_checkpoint_in_dir(folder)
     if weights is None:
-        raise BackboneError(f"local-dir:{folder} has no weights file (expected open_clip_model."
-                            f"safetensors or {HF_WEIGHTS_NAME})")
+        raise BackboneError(
+            f"local-dir:{folder} has no weights file (expected open_clip_model."
+            f"safetensors or {HF_WEIGHTS_NAME})"
+        )
     return Path(weights), _model_cfg(config)
 
 
@@ -236,15 +245,17 @@ def _model_cfg(config_path: Path) -> dict:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         return dict(config["model_cfg"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise BackboneError(f"{config_path} is not an open_clip config with a 'model_cfg' entry: "
-                            f"{first_line(exc)}") from exc
+        raise BackboneError(
+            f"{config_path} is not an open_clip config with a 'model_cfg' entry: {first_line(exc)}"
+        ) from exc
 
 
 # --- diagnosing a weights file that would not load ------------------------------------------------
 
 
-def weights_file_error(path: Path, arch: str, expected: dict[str, tuple[int, ...]],
-                       cause: Exception) -> BackboneError:
+def weights_file_error(
+    path: Path, arch: str, expected: dict[str, tuple[int, ...]], cause: Exception
+) -> BackboneError:
     """One line saying why ``path`` does not load into ``arch``: unreadable, or which keys differ."""
     foreign = _foreign_format(path)
     if foreign:
@@ -254,8 +265,10 @@ def weights_file_error(path: Path, arch: str, expected: dict[str, tuple[int, ...
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower():
             return _unreadable(path, exc)
-        return BackboneError(f"{path} holds Python objects besides tensors, which weights-only "
-                             "loading refuses: save model.state_dict() (torch.save or safetensors)")
+        return BackboneError(
+            f"{path} holds Python objects besides tensors, which weights-only "
+            "loading refuses: save model.state_dict() (torch.save or safetensors)"
+        )
     except Exception as exc:  # truncated zip, broken safetensors header
         return _unreadable(path, exc)
     mismatch = describe_mismatch({k: tuple(v.shape) for k, v in state.items()}, expected)
@@ -276,8 +289,9 @@ def _foreign_format(path: Path) -> str | None:
 
 
 def _unreadable(path: Path, exc: Exception) -> BackboneError:
-    return BackboneError(f"Cannot read weights file {path}: {first_line(exc)} (truncated download "
-                         "or corrupted file?)")
+    return BackboneError(
+        f"Cannot read weights file {path}: {first_line(exc)} (truncated download or corrupted file?)"
+    )
 
 
 def describe_mismatch(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str:

@@ -1,4 +1,5 @@
 """The dataset contract: what every loader returns and how loaders are registered."""
+
 from __future__ import annotations
 
 import hashlib

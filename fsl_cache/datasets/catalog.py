@@ -31,10 +31,7 @@ class DatasetInfo:
 def list_datasets() -> list[DatasetInfo]:
     """The built-in datasets (CoOp order, then the ImageNet shift sets) and the two user formats."""
     return [
-        *(
-            DatasetInfo(name, layout.num_classes, layout.expects)
-            for name, layout in coop.LAYOUTS.items()
-        ),
+        *(DatasetInfo(name, layout.num_classes, layout.expects) for name, layout in coop.LAYOUTS.items()),
         DatasetInfo("imagefolder:DIR", None, IMAGEFOLDER_LAYOUT),
         DatasetInfo("csv:FILE", None, CSV_LAYOUT),
     ]
@@ -49,9 +46,7 @@ def load_dataset(spec: str, *, root: Path | str | None = None) -> DatasetSpec:
     kind, sep, target = spec.partition(":")
     if sep and kind in CUSTOM_KINDS:
         if not target:
-            raise UsageError(
-                f"Dataset spec '{spec}' needs a path after the colon, e.g. {kind}:/data/mine"
-            )
+            raise UsageError(f"Dataset spec '{spec}' needs a path after the colon, e.g. {kind}:/data/mine")
         return CUSTOM_KINDS[kind](target)
     loaders = builtin_loaders()
     if spec not in loaders:

@@ -170,13 +170,8 @@ def _parse_split(data: dict, split: str, path: Path, num_classes: int, names: di
     if split not in data:
         raise DatasetError(f"Bad split file {path}: missing key '{split}' (needs train, val, test)")
     if not isinstance(data[split], list):
-        raise DatasetError(
-            f"Bad split file {path}: '{split}' must be a list of [path, label, classname]"
-        )
-    return [
-        _parse_entry(e, f"{split}[{i}]", path, num_classes, names)
-        for i, e in enumerate(data[split])
-    ]
+        raise DatasetError(f"Bad split file {path}: '{split}' must be a list of [path, label, classname]")
+    return [_parse_entry(e, f"{split}[{i}]", path, num_classes, names) for i, e in enumerate(data[split])]
 
 
 def _parse_entry(entry, where: str, path: Path, num_classes: int, names: dict[int, str]) -> Item:
@@ -189,15 +184,11 @@ def _parse_entry(entry, where: str, path: Path, num_classes: int, names: dict[in
     if type(label) is not int:  # bool is an int subclass; "3" is not accepted either
         raise DatasetError(f"{bad}: label must be an int, got {label!r}")
     if not 0 <= label < num_classes:
-        raise DatasetError(
-            f"{bad}: label {label} out of range 0..{num_classes - 1} ({num_classes} classes)"
-        )
+        raise DatasetError(f"{bad}: label {label} out of range 0..{num_classes - 1} ({num_classes} classes)")
     if not isinstance(name, str):
         raise DatasetError(f"{bad}: classname must be a string, got {name!r}")
     if names.setdefault(label, name) != name:
-        raise DatasetError(
-            f"{bad}: label {label} is named '{name}' here but '{names[label]}' before"
-        )
+        raise DatasetError(f"{bad}: label {label} is named '{name}' here but '{names[label]}' before")
     return rel, label
 
 
@@ -274,8 +265,7 @@ def _scan_wnid_folders(image_dir: Path, label_of: dict[str, int], prefix: str = 
     for wnid in sorted_subdirs(image_dir):
         if wnid not in label_of:
             raise DatasetError(
-                f"{image_dir / wnid}: class folder '{wnid}' is not among the "
-                f"{len(label_of)} known classes"
+                f"{image_dir / wnid}: class folder '{wnid}' is not among the {len(label_of)} known classes"
             )
         items += [(f"{prefix}{wnid}/{f}", label_of[wnid]) for f in list_images(image_dir / wnid)]
     return items
@@ -333,9 +323,7 @@ def _class_folders(image_dir: Path, names: dict[str, str], layout: Layout) -> li
         raise DatasetError(f"{layout.describe()}; no class folders in {image_dir}")
     unknown = [w for w in wnids if w not in names]
     if unknown:
-        raise DatasetError(
-            f"{image_dir / unknown[0]}: folder '{unknown[0]}' has no entry in classnames.txt"
-        )
+        raise DatasetError(f"{image_dir / unknown[0]}: folder '{unknown[0]}' has no entry in classnames.txt")
     return wnids
 
 
@@ -354,9 +342,7 @@ def _load_wnid_test_set(name: str, root: Path) -> DatasetSpec:
 def _test_only(name: str, image_dir: Path, classnames: list[str], test: list[Item]) -> DatasetSpec:
     splits = {"train": [], "val": [], "test": test}
     note = "test-only evaluation set (train and val are empty)"
-    return _spec(
-        name, image_dir.resolve(), classnames, splits, hash_items(splits, classnames), [note]
-    )
+    return _spec(name, image_dir.resolve(), classnames, splits, hash_items(splits, classnames), [note])
 
 
 for _name in ("imagenet_sketch", "imagenet_a", "imagenet_r"):

@@ -68,9 +68,7 @@ def stratified_split(
 
 def split_rule(held_out: dict[str, int]) -> str:
     """The note that records how :func:`stratified_split` made the splits."""
-    parts = ", ".join(
-        f"{name} = max(1, {pct}% of n, rounded down)" for name, pct in held_out.items()
-    )
+    parts = ", ".join(f"{name} = max(1, {pct}% of n, rounded down)" for name, pct in held_out.items())
     return (
         f"[PROPOSED] stratified split: per class, paths sorted then shuffled with "
         f"random.Random('{SPLIT_SEED}:<class>'); {parts}; train = the rest; classes with fewer "
@@ -89,9 +87,7 @@ def read_classnames(folder: Path, keys: Sequence[str]) -> list[str]:
     names = [line for _, line in read_lines(path)]
     if len(names) != len(keys):
         shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
-        raise DatasetError(
-            f"{path} has {len(names)} names but there are {len(keys)} classes ({shown})"
-        )
+        raise DatasetError(f"{path} has {len(names)} names but there are {len(keys)} classes ({shown})")
     return names
 
 
@@ -145,18 +141,14 @@ def load_imagefolder(folder: Path | str) -> DatasetSpec:
 def _class_images(class_dir: Path) -> list[str]:
     images = list_images(class_dir, recursive=True)
     if not images:
-        raise DatasetError(
-            f"imagefolder: {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
-        )
+        raise DatasetError(f"imagefolder: {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return images
 
 
 def _class_dirs(folder: Path) -> list[str]:
     keys = sorted_subdirs(folder)
     if not keys:
-        raise DatasetError(
-            f"imagefolder expects {IMAGEFOLDER_LAYOUT}; no class folders in {folder}"
-        )
+        raise DatasetError(f"imagefolder expects {IMAGEFOLDER_LAYOUT}; no class folders in {folder}")
     return keys
 
 
@@ -182,9 +174,7 @@ def _from_split_folders(folder: Path):
             "val": _scan_split(folder, "val", label_of),
         }
         return keys, {**splits, "test": test}, ["splits: train/, val/, test/ folders"]
-    groups = [
-        (key, [f"train/{key}/{p}" for p in _class_images(folder / "train" / key)]) for key in keys
-    ]
+    groups = [(key, [f"train/{key}/{p}" for p in _class_images(folder / "train" / key)]) for key in keys]
     notes = ["splits: train/ and test/ folders; val held out of train/", split_rule(VAL_FROM_TRAIN)]
     return keys, {**stratified_split(groups, held_out=VAL_FROM_TRAIN), "test": test}, notes
 
@@ -198,9 +188,7 @@ def _scan_split(folder: Path, split: str, label_of: dict[str, int]) -> list[Item
             )
         class_dir = folder / split / key
         # a class may lack val or test images, but one without train images is a mistake
-        images = (
-            _class_images(class_dir) if split == "train" else list_images(class_dir, recursive=True)
-        )
+        images = _class_images(class_dir) if split == "train" else list_images(class_dir, recursive=True)
         items += [(f"{split}/{key}/{p}", label_of[key]) for p in images]
     return items
 
@@ -278,17 +266,14 @@ def _header(values: list[str], file: Path) -> list[str]:
     known = set(columns) <= set(CSV_COLUMNS) and len(set(columns)) == len(columns)
     if not (known and "path" in columns and "label" in columns):
         found = ",".join(values) or "nothing"
-        raise DatasetError(
-            f"{file}:1: header must name the columns path,label[,split]; found: {found}"
-        )
+        raise DatasetError(f"{file}:1: header must name the columns path,label[,split]; found: {found}")
     return columns
 
 
 def _row(line: int, values: list[str], columns: list[str], file: Path) -> CsvRow:
     if len(values) != len(columns):
         raise DatasetError(
-            f"{file}:{line}: expected {len(columns)} columns ({','.join(columns)}), "
-            f"got {len(values)}"
+            f"{file}:{line}: expected {len(columns)} columns ({','.join(columns)}), got {len(values)}"
         )
     cells = {c: v.strip() for c, v in zip(columns, values, strict=True)}
     empty = [c for c in columns if not cells[c]]
@@ -309,8 +294,7 @@ def _resolve_labels(rows: list[CsvRow], file: Path) -> tuple[list[int], list[str
     names_path = file.parent / "classnames.txt"
     if not names_path.is_file():
         raise DatasetError(
-            f"{file}: labels are integers, so {names_path} must list the class names "
-            "(line i names label i)"
+            f"{file}: labels are integers, so {names_path} must list the class names (line i names label i)"
         )
     classnames = [line for _, line in read_lines(names_path)]
     for row in rows:

@@ -45,8 +45,7 @@ def make_demo_dataset(out_dir: Path | str, *, seed: int = 0) -> Path:
         if marker.read_text() == stamp:
             return out
         raise UsageError(
-            f"{out} already holds another demo dataset ({marker.read_text().strip()}); "
-            "choose another folder"
+            f"{out} already holds another demo dataset ({marker.read_text().strip()}); choose another folder"
         )
     _check_writable_here(out)
     for split_index, (split, count) in enumerate(COUNTS.items()):
@@ -90,9 +89,7 @@ def _draw(key: str, rng: np.random.Generator) -> Image.Image:
 def _shape(key: str, rng: np.random.Generator) -> np.ndarray:
     background = tuple(int(v) for v in rng.integers(70, 190, 3))
     img = Image.new("RGB", (SIZE, SIZE), background)
-    colour = tuple(
-        int(c) for c in np.clip(np.array(SHAPE_COLOURS[key]) + rng.integers(-30, 31, 3), 0, 255)
-    )
+    colour = tuple(int(c) for c in np.clip(np.array(SHAPE_COLOURS[key]) + rng.integers(-30, 31, 3), 0, 255))
     half = rng.uniform(0.18, 0.38) * SIZE
     cx, cy = rng.uniform(half, SIZE - half, 2)
     box = (cx - half, cy - half, cx + half, cy + half)

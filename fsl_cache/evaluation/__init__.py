@@ -1,4 +1,5 @@
 """Scoring heads: accuracy, mean per-class accuracy, confusion matrices, batched prediction."""
+
 from .metrics import Metrics, accuracy, confusion_matrix, correct_count, score
 from .predict import evaluate, predict
 

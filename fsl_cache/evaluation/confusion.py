@@ -18,6 +18,7 @@ and ``["analytics_novel"]`` under ``--protocol base2novel``);
 :func:`analytics_from_record` is what ``fsl-cache report`` calls on a record (old records without
 analytics get the matrix-only part, computed from the stored confusion matrix).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -31,7 +32,9 @@ TOP_PAIRS = 10
 """Confused (true, predicted) pairs listed per run."""
 
 
-def top_confused_pairs(confusion, classnames: Sequence[str] | None = None, *, top: int = TOP_PAIRS) -> list[dict]:
+def top_confused_pairs(
+    confusion, classnames: Sequence[str] | None = None, *, top: int = TOP_PAIRS
+) -> list[dict]:
     """The ``top`` off-diagonal cells of ``confusion[true][pred]`` by count (ties: row-major order).
 
     Each entry: ``true``, ``pred`` (indices), their names, ``count`` and ``rate`` (percent of the true
@@ -47,12 +50,22 @@ def top_confused_pairs(confusion, classnames: Sequence[str] | None = None, *, to
         y, c = divmod(int(idx), cm.shape[1])
         if off[y, c] <= 0:
             break
-        out.append({"true": y, "pred": c, "true_name": _name(classnames, y), "pred_name": _name(classnames, c),
-                    "count": int(off[y, c]), "rate": 100.0 * float(off[y, c]) / max(int(rows[y]), 1)})
+        out.append(
+            {
+                "true": y,
+                "pred": c,
+                "true_name": _name(classnames, y),
+                "pred_name": _name(classnames, c),
+                "count": int(off[y, c]),
+                "rate": 100.0 * float(off[y, c]) / max(int(rows[y]), 1),
+            }
+        )
     return out
 
 
-def resolved_pairs(pred: torch.Tensor, zs_pred: torch.Tensor, labels: torch.Tensor, *, num_classes: int) -> dict:
+def resolved_pairs(
+    pred: torch.Tensor, zs_pred: torch.Tensor, labels: torch.Tensor, *, num_classes: int
+) -> dict:
     """CAPT's measure: the share of zero-shot's confusable (true, predicted) sample pairs the method resolves.
 
     ``pred``, ``zs_pred``, ``labels``: ``[N]`` class indices of the same images.
@@ -76,8 +89,9 @@ def resolved_pairs(pred: torch.Tensor, zs_pred: torch.Tensor, labels: torch.Tens
     }
 
 
-def per_pair_resolution(pred, zs_pred, labels, classnames: Sequence[str] | None = None, *, num_classes: int,
-                        top: int = TOP_PAIRS) -> list[dict]:
+def per_pair_resolution(
+    pred, zs_pred, labels, classnames: Sequence[str] | None = None, *, num_classes: int, top: int = TOP_PAIRS
+) -> list[dict]:
     """For zero-shot's ``top`` confused pairs: its count, the method's count, and how many of those images it fixes."""
     pred, zs_pred, labels = (torch.as_tensor(t).long().flatten() for t in (pred, zs_pred, labels))
     c = num_classes
@@ -87,15 +101,29 @@ def per_pair_resolution(pred, zs_pred, labels, classnames: Sequence[str] | None 
     for pair in top_confused_pairs(zs_cm, classnames, top=top):
         in_cell = (labels == pair["true"]) & (zs_pred == pair["pred"])
         y, c = pair["true"], pair["pred"]
-        out.append({"true": y, "pred": c, "true_name": pair["true_name"], "pred_name": pair["pred_name"],
-                    "zero_shot_count": pair["count"], "method_count": int(m_cm[y, c]),
-                    "resolved": int((in_cell & (pred == labels)).sum())})
+        out.append(
+            {
+                "true": y,
+                "pred": c,
+                "true_name": pair["true_name"],
+                "pred_name": pair["pred_name"],
+                "zero_shot_count": pair["count"],
+                "method_count": int(m_cm[y, c]),
+                "resolved": int((in_cell & (pred == labels)).sum()),
+            }
+        )
     return out
 
 
-def confusion_analytics(pred: torch.Tensor, labels: torch.Tensor, *, num_classes: int,
-                        classnames: Sequence[str] | None = None, zs_pred: torch.Tensor | None = None,
-                        top: int = TOP_PAIRS) -> dict:
+def confusion_analytics(
+    pred: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int,
+    classnames: Sequence[str] | None = None,
+    zs_pred: torch.Tensor | None = None,
+    top: int = TOP_PAIRS,
+) -> dict:
     """Analytics of one head on one split (what every run record carries under ``analytics``).
 
     ``zs_pred`` (zero-shot's predictions on the same images) adds zero-shot's top pairs, the
@@ -104,11 +132,17 @@ def confusion_analytics(pred: torch.Tensor, labels: torch.Tensor, *, num_classes
     cm = confusion_matrix(torch.as_tensor(pred).long(), torch.as_tensor(labels).long(), num_classes).numpy()
     out: dict = {"top_pairs": top_confused_pairs(cm, classnames, top=top)}
     if zs_pred is not None:
-        zs_cm = confusion_matrix(torch.as_tensor(zs_pred).long(), torch.as_tensor(labels).long(), num_classes).numpy()
-        out["zero_shot"] = {"top1": 100.0 * float(np.trace(zs_cm)) / max(int(zs_cm.sum()), 1),
-                            "top_pairs": top_confused_pairs(zs_cm, classnames, top=top)}
+        zs_cm = confusion_matrix(
+            torch.as_tensor(zs_pred).long(), torch.as_tensor(labels).long(), num_classes
+        ).numpy()
+        out["zero_shot"] = {
+            "top1": 100.0 * float(np.trace(zs_cm)) / max(int(zs_cm.sum()), 1),
+            "top_pairs": top_confused_pairs(zs_cm, classnames, top=top),
+        }
         out["resolved"] = resolved_pairs(pred, zs_pred, labels, num_classes=num_classes)
-        out["per_pair"] = per_pair_resolution(pred, zs_pred, labels, classnames, num_classes=num_classes, top=top)
+        out["per_pair"] = per_pair_resolution(
+            pred, zs_pred, labels, classnames, num_classes=num_classes, top=top
+        )
     return out
 
 
@@ -123,14 +157,21 @@ def analytics_from_record(record: dict, *, top: int = TOP_PAIRS) -> dict:
     confusion = metrics["test"][metrics["headline"]].get("confusion")
     stored = metrics.get("analytics") or {}
     names = record.get("classnames")
-    out = {"confusion": confusion,
-           "top_pairs": stored.get("top_pairs") or (top_confused_pairs(confusion, names, top=top) if confusion else []),
-           "resolved": stored.get("resolved"), "zero_shot": stored.get("zero_shot"),
-           "per_pair": stored.get("per_pair", []), "novel": metrics.get("analytics_novel")}
+    out = {
+        "confusion": confusion,
+        "top_pairs": stored.get("top_pairs")
+        or (top_confused_pairs(confusion, names, top=top) if confusion else []),
+        "resolved": stored.get("resolved"),
+        "zero_shot": stored.get("zero_shot"),
+        "per_pair": stored.get("per_pair", []),
+        "novel": metrics.get("analytics_novel"),
+    }
     return out
 
 
-def zero_shot_predictions(store, split, *, template_set: str = "tip", classes: np.ndarray | None = None) -> torch.Tensor | None:
+def zero_shot_predictions(
+    store, split, *, template_set: str = "tip", classes: np.ndarray | None = None
+) -> torch.Tensor | None:
     """Zero-shot's arg-max on the center view of ``split`` from the store's cached ``zs_logits`` (``None`` if absent).
 
     ``classes`` restricts (and re-indexes) the columns, for class subsets such as base-to-novel.
@@ -140,7 +181,9 @@ def zero_shot_predictions(store, split, *, template_set: str = "tip", classes: n
         return None
     from ..training.data import read_rows_of_view
 
-    logits = torch.from_numpy(np.asarray(read_rows_of_view(store.array(name), split.rows, 0, name=name))).float()
+    logits = torch.from_numpy(
+        np.asarray(read_rows_of_view(store.array(name), split.rows, 0, name=name))
+    ).float()
     if classes is not None:
         logits = logits[:, torch.as_tensor(np.asarray(classes), dtype=torch.long)]
     return logits.argmax(dim=-1)

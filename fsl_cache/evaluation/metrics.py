@@ -1,4 +1,5 @@
 """Accuracy numbers reported for every split: top-1, mean per-class accuracy, confusion matrix."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Run a head over a whole split in batches (no gradients, eval mode) and score it."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,9 @@ EVAL_BATCH = 1024
 
 
 @torch.no_grad()
-def predict(head, source, *, device: torch.device | str = "cpu", batch_size: int | None = None) -> dict[str, torch.Tensor]:
+def predict(
+    head, source, *, device: torch.device | str = "cpu", batch_size: int | None = None
+) -> dict[str, torch.Tensor]:
     """``{head name: logits [N, C]}`` for every image of ``source`` on its center view (view 0).
 
     ``batch_size`` defaults to the head's ``eval_batch_size`` if it has one (heads on heavy maps), else ``EVAL_BATCH``.
@@ -31,7 +34,11 @@ def predict(head, source, *, device: torch.device | str = "cpu", batch_size: int
     return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
-def evaluate(head, source, labels: torch.Tensor, *, num_classes: int, device: torch.device | str = "cpu") -> dict[str, Metrics]:
+def evaluate(
+    head, source, labels: torch.Tensor, *, num_classes: int, device: torch.device | str = "cpu"
+) -> dict[str, Metrics]:
     """Metrics of every head of ``head`` on the split behind ``source``."""
-    return {name: score(logits, labels, num_classes=num_classes)
-            for name, logits in predict(head, source, device=device).items()}
+    return {
+        name: score(logits, labels, num_classes=num_classes)
+        for name, logits in predict(head, source, device=device).items()
+    }

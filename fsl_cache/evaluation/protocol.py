@@ -6,6 +6,7 @@ official quirks (full val split, lpclip's own sampling, test-set selection), fla
 ``base2novel``: the ``coop`` draw restricted to the base classes (CoCoOp / CAPT setting); the
 finished method is tested on base classes and, through :meth:`Method.novel_head`, on novel ones.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -44,7 +45,9 @@ def pool_for(store, split: str, *, prefer_full: bool = False) -> str | None:
     return next((p for p in order if store.has(f"images/{p}/labels")), None)
 
 
-def split_ref(store, name: str, pool: str, split_index: np.ndarray, notes: list[str] | None = None) -> SplitRef:
+def split_ref(
+    store, name: str, pool: str, split_index: np.ndarray, notes: list[str] | None = None
+) -> SplitRef:
     """Rows of ``pool`` holding the split indices ``split_index`` (in that order), minus skipped images."""
     pool_index = read_rows(store, f"images/{pool}/split_index", None).astype(np.int64)
     split_index = np.asarray(split_index, dtype=np.int64)
@@ -52,12 +55,16 @@ def split_ref(store, name: str, pool: str, split_index: np.ndarray, notes: list[
     if skipped:
         kept = np.array([i not in skipped for i in split_index], dtype=bool)
         if not kept.all() and notes is not None:
-            notes.append(f"{int((~kept).sum())} unreadable {name} image(s) skipped at extraction are left out")
+            notes.append(
+                f"{int((~kept).sum())} unreadable {name} image(s) skipped at extraction are left out"
+            )
         split_index = split_index[kept]
     rows = np.searchsorted(pool_index, split_index)
     rows = np.minimum(rows, len(pool_index) - 1)
     if len(split_index) and not np.array_equal(pool_index[rows], split_index):
-        raise StoreError(f"Store pool {pool} lacks some {name} images of this split; the store is incomplete or foreign")
+        raise StoreError(
+            f"Store pool {pool} lacks some {name} images of this split; the store is incomplete or foreign"
+        )
     labels = read_rows(store, f"images/{pool}/labels", rows).astype(np.int64)
     return SplitRef(name, pool, rows, torch.from_numpy(labels), split_index)
 
@@ -83,7 +90,10 @@ def few_shot_indices(store, *, shots: int, seed: int) -> tuple[np.ndarray, np.nd
     if store.has(f"{prefix}/train"):
         val = read_rows(store, f"{prefix}/val", None) if store.has(f"{prefix}/val") else np.zeros(0, np.int32)
         return read_rows(store, f"{prefix}/train", None), val
-    train_pool, val_pool = pool_for(store, "train", prefer_full=True), pool_for(store, "val", prefer_full=True)
+    train_pool, val_pool = (
+        pool_for(store, "train", prefer_full=True),
+        pool_for(store, "val", prefer_full=True),
+    )
     if train_pool == "train_full" and val_pool in ("val_full", None):
         # [CODE] Dassl sampling is a function of the split label lists, which full pools hold whole
         train_labels = read_rows(store, "images/train_full/labels", None).tolist()
@@ -94,7 +104,8 @@ def few_shot_indices(store, *, shots: int, seed: int) -> tuple[np.ndarray, np.nd
     raise UsageError(
         f"The store holds few-shot splits for shots {_join(fs.get('shots'))} and seeds {_join(fs.get('seeds'))}, "
         f"not shots={shots} seed={seed}. Extract a store that covers them (fsl-cache extract ... --shots "
-        f"{_join(sorted(set(fs.get('shots', [])) | {shots}))} --seeds {_join(sorted(set(fs.get('seeds', [])) | {seed}))}) "
+        f"{_join(sorted(set(fs.get('shots', [])) | {shots}))} "
+        f"--seeds {_join(sorted(set(fs.get('seeds', [])) | {seed}))}) "
         "or one with --full-train --full-val"
     )
 
@@ -103,7 +114,9 @@ def _join(values) -> str:
     return ",".join(str(v) for v in values or []) or "none"
 
 
-def lpclip_indices(train_labels: np.ndarray, val_labels: np.ndarray, *, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def lpclip_indices(
+    train_labels: np.ndarray, val_labels: np.ndarray, *, shots: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """CoOp lpclip's own draw: ``np.random.seed(seed)``, ``np.random.choice`` per class, train then val.
 
     [CODE] lpclip/linear_probe.py: classes from ``np.unique(train_label)``; val shots {1:1, 2:2, 4:4, 8:4, 16:4}.
@@ -124,8 +137,10 @@ def check_shots(store, split: SplitRef, *, shots: int) -> None:
     if short:
         c, have = short[0]
         more = f" (and {len(short) - 1} more classes)" if len(short) > 1 else ""
-        raise UsageError(f"--shots {shots} is more than class '{names[c]}' has: {have} train image(s){more}. "
-                         "Use fewer shots.")
+        raise UsageError(
+            f"--shots {shots} is more than class '{names[c]}' has: {have} train image(s){more}. "
+            "Use fewer shots."
+        )
 
 
 # ---------------------------------------------------------------------------- protocol
@@ -152,10 +167,14 @@ def _selection_split(store, method_cls, val_idx: np.ndarray, *, protocol: str, n
     if protocol == "paper" and method_cls.paper_full_val:
         if store.has("images/val_full/labels"):
             return whole_pool(store, "val", "val_full", notes)
-        notes.append("paper protocol selects on the full val split, but the store holds only the few-shot val "
-                     "(extract again with --full-val to add it); used the few-shot val")
+        notes.append(
+            "paper protocol selects on the full val split, but the store holds only the few-shot val "
+            "(extract again with --full-val to add it); used the few-shot val"
+        )
     if len(val_idx) == 0:
-        raise UsageError(f"Store {store.root.name} has no validation images for this split; methods select on val")
+        raise UsageError(
+            f"Store {store.root.name} has no validation images for this split; methods select on val"
+        )
     pool = pool_for(store, "val")
     if pool is None:
         raise StoreError(f"Store {store.root.name} has no val pool")
@@ -164,8 +183,10 @@ def _selection_split(store, method_cls, val_idx: np.ndarray, *, protocol: str, n
 
 def _lpclip_splits(store, *, shots: int, seed: int, notes: list[str]) -> Splits | None:
     if not (store.has("images/train_full/labels") and store.has("images/val_full/labels")):
-        notes.append("paper protocol samples like lpclip from the full train and val splits; the store holds "
-                     "only few-shot pools (extract with --full-train --full-val), so the CoOp split was used")
+        notes.append(
+            "paper protocol samples like lpclip from the full train and val splits; the store holds "
+            "only few-shot pools (extract with --full-train --full-val), so the CoOp split was used"
+        )
         return None
     train_labels = read_rows(store, "images/train_full/labels", None)
     val_labels = read_rows(store, "images/val_full/labels", None)
@@ -193,12 +214,19 @@ def base_novel_classes(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
 def subset_classes(split: SplitRef, classes: np.ndarray) -> SplitRef:
     """The images of ``split`` whose label is in ``classes``, relabelled ``classes[i] → i`` (in split order)."""
     classes = np.asarray(classes, dtype=np.int64)
-    relabel = np.full(int(max(classes.max(), int(split.labels.max()) if len(split) else 0)) + 1, -1, dtype=np.int64)
+    relabel = np.full(
+        int(max(classes.max(), int(split.labels.max()) if len(split) else 0)) + 1, -1, dtype=np.int64
+    )
     relabel[classes] = np.arange(len(classes))
     labels = split.labels.numpy()
     keep = np.isin(labels, classes)
-    return SplitRef(split.name, split.pool, split.rows[keep], torch.from_numpy(relabel[labels[keep]]),
-                    split.split_index[keep])
+    return SplitRef(
+        split.name,
+        split.pool,
+        split.rows[keep],
+        torch.from_numpy(relabel[labels[keep]]),
+        split.split_index[keep],
+    )
 
 
 def harmonic_mean(base: float, novel: float) -> float:

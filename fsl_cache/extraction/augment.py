@@ -4,6 +4,7 @@ Each view's parameters come from a generator seeded by (store seed, policy, spli
 from a shared stream, so a view is the same whichever process computes it, in whatever order, and a
 resumed extraction reproduces the views of the run it continues.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,9 @@ def center_box(width: int, height: int) -> tuple[int, int, int, int]:
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def sample_crop(rng: np.random.Generator, width: int, height: int, policy: Policy) -> tuple[int, int, int, int]:
+def sample_crop(
+    rng: np.random.Generator, width: int, height: int, policy: Policy
+) -> tuple[int, int, int, int]:
     """torchvision ``RandomResizedCrop.get_params``, drawing from ``rng`` instead of torch's global RNG."""
     area = width * height
     log_ratio = (math.log(policy.ratio[0]), math.log(policy.ratio[1]))
@@ -75,7 +78,9 @@ def sample_crop(rng: np.random.Generator, width: int, height: int, policy: Polic
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def sample_params(policy_name: str, *, views: int, width: int, height: int, seed: int, split: str, index: int) -> np.ndarray:
+def sample_params(
+    policy_name: str, *, views: int, width: int, height: int, seed: int, split: str, index: int
+) -> np.ndarray:
     """Crop box and flip bit of every view of one image: ``[views, 5]`` int32; view 0 is center."""
     params = np.zeros((views, len(PARAM_FIELDS)), dtype=np.int32)
     params[0, :4] = center_box(width, height)

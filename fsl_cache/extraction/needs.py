@@ -3,9 +3,11 @@
 Tap names here are generic: ``pooled`` (the embedding), ``multilevel`` (RN ``layer1..4`` or the ViT
 blocks LDC adapts), ``multilevel_lite`` (the same maps average-pooled to layer4's 7×7 grid, or ViT
 block token means: LDC-lite's approximation), ``dense`` (the map entering the pooling layer) and
-``dense_embed`` (CAPT-C's projected tokens, optional). :func:`resolve_taps` turns them into a backbone's concrete taps. The
+``dense_embed`` (CAPT-C's projected tokens, optional). :func:`resolve_taps` turns them into a backbone's concrete
+taps. The
 table exists before the methods do: it is the contract between stage one and stage two.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,18 +47,30 @@ def _needs_table(dataset: str) -> dict[str, Needs]:
     return {
         "zero_shot": Needs(note="METHODS §2.1"),
         "linear_probe": Needs(note="METHODS §2.2"),
-        "tip_adapter": Needs(train_views=(ViewNeed("tip", 11, ("pooled",)),), note="10 tip views average into keys"),
-        "tip_adapter_f": Needs(train_views=(ViewNeed("tip", _tip_views(dataset), ("pooled",)),), note="1 + max(10, epochs)"),
+        "tip_adapter": Needs(
+            train_views=(ViewNeed("tip", 11, ("pooled",)),), note="10 tip views average into keys"
+        ),
+        "tip_adapter_f": Needs(
+            train_views=(ViewNeed("tip", _tip_views(dataset), ("pooled",)),), note="1 + max(10, epochs)"
+        ),
         # [PROPOSED] 1 + 200 views would match CoOp's 200 epochs exactly; 50 keeps stage one affordable
         "clip_adapter": Needs(train_views=(ViewNeed("coop", 51, ("pooled",)),)),
         "coop": Needs(train_views=(ViewNeed("coop", 51, ("pooled",)),)),
-        "ldc": Needs(eval_taps=("pooled", "multilevel"), train_views=(ViewNeed("ldc", 10, ("pooled", "multilevel")),)),
+        "ldc": Needs(
+            eval_taps=("pooled", "multilevel"), train_views=(ViewNeed("ldc", 10, ("pooled", "multilevel")),)
+        ),
         # [PROPOSED] METHODS §2.6.7 ldc-lite: 376 KB instead of 3 MB per RN50 view; an approximation
-        "ldc_lite": Needs(eval_taps=("pooled", "multilevel_lite"), train_views=(ViewNeed("ldc", 10, ("pooled", "multilevel_lite")),)),
+        "ldc_lite": Needs(
+            eval_taps=("pooled", "multilevel_lite"),
+            train_views=(ViewNeed("ldc", 10, ("pooled", "multilevel_lite")),),
+        ),
         "safe": Needs(eval_taps=("pooled", "dense"), train_views=(ViewNeed("flip", 2, ("pooled", "dense")),)),
         "safe_a": Needs(
             eval_taps=("pooled", "dense"),
-            train_views=(ViewNeed("flip", 2, ("pooled", "dense")), ViewNeed("tip", _tip_views(dataset), ("pooled", "dense"))),
+            train_views=(
+                ViewNeed("flip", 2, ("pooled", "dense")),
+                ViewNeed("tip", _tip_views(dataset), ("pooled", "dense")),
+            ),
         ),
         "capt": Needs(train_views=(ViewNeed("coop", 51, ("pooled",)),)),
     }
@@ -111,14 +125,24 @@ def derive(tensor, how: str | None, *, grid: tuple[int, int] | None = None):
     return tensor
 
 
-def resolve_taps(generic: tuple[str, ...], *, kind: str, dense_tap: str, vit_blocks: tuple[int, ...]) -> tuple[str, ...]:
+def resolve_taps(
+    generic: tuple[str, ...], *, kind: str, dense_tap: str, vit_blocks: tuple[int, ...]
+) -> tuple[str, ...]:
     """Concrete backbone taps for generic names, in a stable order without repeats."""
     out: list[str] = []
     for tap in generic:
         if tap == "multilevel":
-            out += [f"rn/layer{i}" for i in range(1, 5)] if kind == "rn" else [f"vit/block{b:02d}" for b in vit_blocks]
+            out += (
+                [f"rn/layer{i}" for i in range(1, 5)]
+                if kind == "rn"
+                else [f"vit/block{b:02d}" for b in vit_blocks]
+            )
         elif tap == "multilevel_lite":
-            out += [f"rn/layer{i}_{POOL7}" for i in range(1, 5)] if kind == "rn" else [f"vit/block{b:02d}_{MEAN}" for b in vit_blocks]
+            out += (
+                [f"rn/layer{i}_{POOL7}" for i in range(1, 5)]
+                if kind == "rn"
+                else [f"vit/block{b:02d}_{MEAN}" for b in vit_blocks]
+            )
         elif tap == "dense":
             out.append(dense_tap)
         else:

@@ -1,4 +1,5 @@
 """Stage one end to end: dataset + backbone → plan → shards → a finished, fingerprinted store."""
+
 from __future__ import annotations
 
 import errno
@@ -15,16 +16,16 @@ import torch
 
 from .. import __version__
 from ..backbones import load_backbone
+from ..console import progress_bar
 from ..datasets import DatasetSpec, few_shot_pools, load_dataset
 from ..errors import DiskFullError, FslError, StoreError, UsageError
 from ..store.backend import FORMATS, ArraySpec
 from ..store.fingerprint import EXTRACTION_VERSION, dataset_dirname, fingerprint, store_dirname
 from ..store.store import MANIFEST, SCHEMA, FeatureStore, StoreWriter, check_manifest, read_manifest
-from ..console import progress_bar
 from .augment import POLICIES, ViewRenderer
 from .needs import DEFAULT_FOR, derived_shape, derived_tap, method_needs
 from .plan import ExtractionPlan, Pool, array_layout, check_fits, human_bytes, plan_extraction
-from .ranks import Ranks, rank_device, ranks_from_env
+from .ranks import SINGLE_PROCESS, Ranks, rank_device, ranks_from_env
 from .run import ZS_SCALE, Encoder, RunStats, run_job
 
 PRECISIONS = {"fp16": np.float16, "fp32": np.float32}
@@ -77,7 +78,9 @@ class ExtractResult:
     skipped: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        arrays = {n: {"shape": a["shape"], "dtype": a["dtype"], "bytes": a["bytes"]} for n, a in self.arrays.items()}
+        arrays = {
+            n: {"shape": a["shape"], "dtype": a["dtype"], "bytes": a["bytes"]} for n, a in self.arrays.items()
+        }
         return {
             "store": str(self.store),
             "fingerprint": self.fingerprint,
@@ -104,7 +107,7 @@ def extract(
     pretrained: str = "openai",
     cache_dir: str | Path | None = None,
     options: ExtractOptions = ExtractOptions(),
-    on_plan: Callable[["PreparedExtraction"], None] | None = None,
+    on_plan: Callable[[PreparedExtraction], None] | None = None,
     progress: bool = True,
 ) -> ExtractResult:
     """Extract what ``options.for_methods`` need from ``dataset`` into a fingerprinted store.
@@ -113,7 +116,9 @@ def extract(
     """
     ranks = ranks_from_env()
     options = replace(options, device=rank_device(options.device, ranks))
-    prepared = prepare_extraction(dataset, root=root, model=model, pretrained=pretrained, cache_dir=cache_dir, options=options)
+    prepared = prepare_extraction(
+        dataset, root=root, model=model, pretrained=pretrained, cache_dir=cache_dir, options=options
+    )
     error = None
     if ranks.is_main:
         if on_plan is not None:
@@ -140,7 +145,7 @@ class PreparedExtraction:
     planned_on: str | None = None
     """SHA-256 of the manifest the plan was made against (``None``: there was none)."""
 
-    def run(self, *, progress: bool = True, ranks: Ranks = Ranks()) -> ExtractResult:
+    def run(self, *, progress: bool = True, ranks: Ranks = SINGLE_PROCESS) -> ExtractResult:
         writer, error = None, None
         if ranks.is_main:  # rank 0 creates the store folder and takes the lock before the others open it
             try:
@@ -148,8 +153,10 @@ class PreparedExtraction:
                 if _manifest_digest(self.store_dir) != self.planned_on:
                     writer.close()
                     # Planned against an older manifest, it would drop the other run's arrays on publishing.
-                    raise StoreError(f"Another extraction finished writing {self.store_dir} while this one was being "
-                                     "planned; re-run the same command to plan against what it wrote")
+                    raise StoreError(
+                        f"Another extraction finished writing {self.store_dir} while this one was being "
+                        "planned; re-run the same command to plan against what it wrote"
+                    )
             except StoreError as err:
                 error = err
         ranks.raise_if_any(error)
@@ -183,7 +190,10 @@ class PreparedExtraction:
         for marker in writer.markers():
             for name in marker.digests:
                 rows_done[name] = rows_done.get(name, 0) + marker.stop - marker.start
-        left = sum(a.nbytes * max(0, a.shape[0] - rows_done.get(a.name, 0)) // a.shape[0] for a in self.plan.new_arrays)
+        left = sum(
+            a.nbytes * max(0, a.shape[0] - rows_done.get(a.name, 0)) // a.shape[0]
+            for a in self.plan.new_arrays
+        )
         free = _free_bytes(self.store_dir)
         # free may exceed left: blocks reserved for root, or a quota, still refuse the write
         amount = f"at least {human_bytes(left - free)}" if left > free else "space"
@@ -209,13 +219,26 @@ class PreparedExtraction:
         renderer = ViewRenderer(self.backbone.preprocess_cfg)
         total = sum(job.images for job in self.plan.jobs)
         error = None
-        with progress_bar(total // ranks.world_size, f"extract {self.spec.name}", enabled=progress) as advance:
+        with progress_bar(
+            total // ranks.world_size, f"extract {self.spec.name}", enabled=progress
+        ) as advance:
             try:
                 for job in self.plan.jobs:
-                    run_job(job, spec=self.spec, writer=writer, encoder=encoder, renderer=renderer,
-                            aug_seed=opts.aug_seed, batch_size=opts.batch_size, workers=opts.workers,
-                            skip_bad=opts.skip_bad, stats=stats, advance=advance,
-                            rank=ranks.rank, world_size=ranks.world_size)
+                    run_job(
+                        job,
+                        spec=self.spec,
+                        writer=writer,
+                        encoder=encoder,
+                        renderer=renderer,
+                        aug_seed=opts.aug_seed,
+                        batch_size=opts.batch_size,
+                        workers=opts.workers,
+                        skip_bad=opts.skip_bad,
+                        stats=stats,
+                        advance=advance,
+                        rank=ranks.rank,
+                        world_size=ranks.world_size,
+                    )
             except FslError as err:
                 error = err
             except OSError as err:  # shared with the other ranks, which would otherwise wait forever
@@ -257,15 +280,24 @@ class PreparedExtraction:
 
     def summary_rows(self) -> list[tuple[str, str, str, int]]:
         """(pool/policy, views, arrays, bytes) per job, for the pre-flight table."""
-        rows = [(f"{job.pool.name}/{job.policy}", str(job.views), ", ".join(job.taps), sum(a.nbytes for a in job.arrays))
-                for job in self.plan.jobs]
+        rows = [
+            (
+                f"{job.pool.name}/{job.policy}",
+                str(job.views),
+                ", ".join(job.taps),
+                sum(a.nbytes for a in job.arrays),
+            )
+            for job in self.plan.jobs
+        ]
         small = sum(s.nbytes for s, _ in self.plan.whole)
         if small:
             rows.append(("metadata", "-", "labels, paths, splits, text", small))
         return rows
 
 
-def prepare_extraction(dataset: str, *, root, model: str, pretrained: str, cache_dir, options: ExtractOptions) -> PreparedExtraction:
+def prepare_extraction(
+    dataset: str, *, root, model: str, pretrained: str, cache_dir, options: ExtractOptions
+) -> PreparedExtraction:
     spec = load_dataset(dataset, root=root)
     needs = [method_needs(m, dataset=spec.name) for m in options.for_methods]
     compute = "fp16" if (options.precision == "fp16" and options.device.startswith("cuda")) else "fp32"
@@ -282,23 +314,44 @@ def prepare_extraction(dataset: str, *, root, model: str, pretrained: str, cache
     key = fingerprint(parts)
     weights = Path(pretrained).stem if os.sep in pretrained or "." in pretrained else pretrained
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    store_dir = cache_dir / dataset_dirname(spec.name) / store_dirname(arch=backbone.arch, weights=weights, precision=options.precision, key=key)
-    planned_on = _manifest_digest(store_dir)  # before reading it: a newer manifest then refuses, never an older
-    manifest = _load_or_new_manifest(store_dir, key=key, parts=parts, spec=spec, backbone=backbone, options=options)
+    store_dir = (
+        cache_dir
+        / dataset_dirname(spec.name)
+        / store_dirname(arch=backbone.arch, weights=weights, precision=options.precision, key=key)
+    )
+    planned_on = _manifest_digest(
+        store_dir
+    )  # before reading it: a newer manifest then refuses, never an older
+    manifest = _load_or_new_manifest(
+        store_dir, key=key, parts=parts, spec=spec, backbone=backbone, options=options
+    )
     existing = {n: ArraySpec.from_json(n, a) for n, a in manifest.get("arrays", {}).items()}
     pools, whole = _pools_and_metadata(spec, options, existing)
-    manifest["pools"] = {**manifest.get("pools", {}), **{p.name: {"split": p.split, "size": p.size} for p in pools.values()}}
+    manifest["pools"] = {
+        **manifest.get("pools", {}),
+        **{p.name: {"split": p.split, "size": p.size} for p in pools.values()},
+    }
     base_shapes = {t: tuple(backbone.tap_shape(t)) for t in backbone.taps()}
     tap_shapes = _TapShapes(base_shapes)
     plan = plan_extraction(
-        pools=pools, needs=needs, kind=backbone.kind, dense_tap=backbone.dense_tap, vit_blocks=options.vit_blocks,
-        tap_shapes=tap_shapes, num_classes=spec.num_classes, template_sets=tuple(spec.templates),
-        dtype=np.dtype(PRECISIONS[options.precision]).name, views_override=options.views,
-        existing=existing, existing_views=manifest.get("views", {}),
+        pools=pools,
+        needs=needs,
+        kind=backbone.kind,
+        dense_tap=backbone.dense_tap,
+        vit_blocks=options.vit_blocks,
+        tap_shapes=tap_shapes,
+        num_classes=spec.num_classes,
+        template_sets=tuple(spec.templates),
+        dtype=np.dtype(PRECISIONS[options.precision]).name,
+        views_override=options.views,
+        existing=existing,
+        existing_views=manifest.get("views", {}),
     )
     plan.whole = whole
     shape = (spec.num_classes, backbone.embed_dim)
-    plan.text = [ArraySpec(f"text/{t}", shape, "float32", shape) for t in spec.templates if f"text/{t}" not in existing]
+    plan.text = [
+        ArraySpec(f"text/{t}", shape, "float32", shape) for t in spec.templates if f"text/{t}" not in existing
+    ]
     return PreparedExtraction(spec, backbone, options, store_dir, key, manifest, plan, planned_on)
 
 
@@ -314,38 +367,63 @@ class _TapShapes(dict):
         return derived_shape(tap, self)
 
 
-def _pools_and_metadata(spec: DatasetSpec, options: ExtractOptions, existing: dict) -> tuple[dict[str, Pool], list]:
+def _pools_and_metadata(
+    spec: DatasetSpec, options: ExtractOptions, existing: dict
+) -> tuple[dict[str, Pool], list]:
     """The pools to hold and the small arrays that describe them (labels, paths, few-shot splits)."""
     fewshot = few_shot_pools(spec, shots=options.shots, seeds=options.seeds)
     all_of = lambda split: np.arange(len(spec.splits[split]))  # noqa: E731
     pools = {"test": Pool("test", "test", all_of("test"))}
     if spec.splits["train"]:
-        train = Pool("train_full", "train", all_of("train")) if options.full_train else Pool("train_pool", "train", np.asarray(fewshot.train_union))
+        train = (
+            Pool("train_full", "train", all_of("train"))
+            if options.full_train
+            else Pool("train_pool", "train", np.asarray(fewshot.train_union))
+        )
         pools[train.name] = train
     if spec.splits["val"]:
-        val = Pool("val_full", "val", all_of("val")) if options.full_val else Pool("val_pool", "val", np.asarray(fewshot.val_union))
+        val = (
+            Pool("val_full", "val", all_of("val"))
+            if options.full_val
+            else Pool("val_pool", "val", np.asarray(fewshot.val_union))
+        )
         pools[val.name] = val
     whole = []
     for pool in pools.values():
         items = [spec.splits[pool.split][i] for i in pool.indices]
         whole += [
-            (array_layout(f"images/{pool.name}/split_index", (pool.size,), "int32"), pool.indices.astype(np.int32)),
-            (array_layout(f"images/{pool.name}/labels", (pool.size,), "int32"), np.array([l for _, l in items], np.int32)),
-            (array_layout(f"images/{pool.name}/paths", (pool.size,), "str"), np.array([p for p, _ in items], dtype=object)),
+            (
+                array_layout(f"images/{pool.name}/split_index", (pool.size,), "int32"),
+                pool.indices.astype(np.int32),
+            ),
+            (
+                array_layout(f"images/{pool.name}/labels", (pool.size,), "int32"),
+                np.array([label for _, label in items], np.int32),
+            ),
+            (
+                array_layout(f"images/{pool.name}/paths", (pool.size,), "str"),
+                np.array([p for p, _ in items], dtype=object),
+            ),
         ]
     for (k, s), subset in fewshot.subsets.items():
         for part, idx in (("train", subset.train), ("val", subset.val)):
-            whole.append((array_layout(f"splits/k{k}_s{s}/{part}", (len(idx),), "int32"), np.asarray(idx, np.int32)))
+            whole.append(
+                (array_layout(f"splits/k{k}_s{s}/{part}", (len(idx),), "int32"), np.asarray(idx, np.int32))
+            )
     return pools, [(a, d) for a, d in whole if a.name not in existing and a.shape[0] > 0]
 
 
-def _load_or_new_manifest(store_dir: Path, *, key: str, parts: dict, spec: DatasetSpec, backbone, options: ExtractOptions) -> dict:
+def _load_or_new_manifest(
+    store_dir: Path, *, key: str, parts: dict, spec: DatasetSpec, backbone, options: ExtractOptions
+) -> dict:
     path = store_dir / MANIFEST
     if path.exists():
         manifest = read_manifest(store_dir)
         check_manifest(store_dir, manifest)
         if manifest["fingerprint"] != key:
-            raise StoreError(f"{store_dir} belongs to another extraction (key {manifest['fingerprint'][:16]}); remove it")
+            raise StoreError(
+                f"{store_dir} belongs to another extraction (key {manifest['fingerprint'][:16]}); remove it"
+            )
         return manifest
     return {
         "schema": SCHEMA,
@@ -393,7 +471,12 @@ def _merge_skipped(manifest: dict, skipped: dict[str, list[int]]) -> None:
 def _versions() -> dict:
     import open_clip
 
-    return {"fsl_cache": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__, "numpy": np.__version__}
+    return {
+        "fsl_cache": __version__,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def _manifest_digest(store_dir: Path) -> str | None:

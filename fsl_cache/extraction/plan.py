@@ -3,6 +3,7 @@
 Planning touches no image and runs no network, so ``extract`` can show what it will write and how
 big it will be before it starts, and refuse when the disk cannot hold it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -89,7 +90,9 @@ class ExtractionPlan:
 def array_layout(name: str, shape: tuple[int, ...], dtype: str) -> ArraySpec:
     """Chunking and codec by measurement: zstd-1 for post-ReLU maps, none for Gaussian-like tensors."""
     codec = "zstd1" if "/rn/" in name else "none"
-    per_sample = int(np.prod(shape[1:], dtype=np.int64)) * (np.dtype(dtype).itemsize if dtype != "str" else 64)
+    per_sample = int(np.prod(shape[1:], dtype=np.int64)) * (
+        np.dtype(dtype).itemsize if dtype != "str" else 64
+    )
     samples = SHARD_SAMPLES
     while samples > 1 and samples * per_sample > TARGET_CHUNK_BYTES:
         samples //= 2
@@ -99,12 +102,23 @@ def array_layout(name: str, shape: tuple[int, ...], dtype: str) -> ArraySpec:
     return ArraySpec(name, shape, dtype, (first,) + shape[1:], codec)
 
 
-def tap_arrays(prefix: str, *, n: int, views: int, taps: tuple[str, ...], tap_shapes: dict, num_classes: int,
-               template_sets: tuple[str, ...], dtype: str) -> list[ArraySpec]:
+def tap_arrays(
+    prefix: str,
+    *,
+    n: int,
+    views: int,
+    taps: tuple[str, ...],
+    tap_shapes: dict,
+    num_classes: int,
+    template_sets: tuple[str, ...],
+    dtype: str,
+) -> list[ArraySpec]:
     """The arrays one view group produces: each tap, zero-shot logits if ``pooled`` is tapped, aug params."""
     specs = [array_layout(f"{prefix}/{tap}", (n, views) + tuple(tap_shapes[tap]), dtype) for tap in taps]
     if "pooled" in taps:
-        specs += [array_layout(f"{prefix}/zs_logits/{t}", (n, views, num_classes), dtype) for t in template_sets]
+        specs += [
+            array_layout(f"{prefix}/zs_logits/{t}", (n, views, num_classes), dtype) for t in template_sets
+        ]
     return specs
 
 
@@ -141,12 +155,23 @@ def plan_extraction(
             want(train, view.policy, views_override or view.views, view.taps)
 
     for (pool_name, policy), (views, taps) in groups.items():
-        plan.jobs += _group_job(plan, pools[pool_name], policy, views, tuple(taps), tap_shapes=tap_shapes,
-                                num_classes=num_classes, template_sets=template_sets, dtype=dtype)
+        plan.jobs += _group_job(
+            plan,
+            pools[pool_name],
+            policy,
+            views,
+            tuple(taps),
+            tap_shapes=tap_shapes,
+            num_classes=num_classes,
+            template_sets=template_sets,
+            dtype=dtype,
+        )
     return plan
 
 
-def _group_job(plan: ExtractionPlan, pool: Pool, policy: str, views: int, taps: tuple[str, ...], **layout) -> list[Job]:
+def _group_job(
+    plan: ExtractionPlan, pool: Pool, policy: str, views: int, taps: tuple[str, ...], **layout
+) -> list[Job]:
     key = f"{pool.name}/{policy}"
     have = plan.view_counts.get(key)
     if have is not None and have != views:

@@ -4,6 +4,7 @@ Each rank computes the shards ``s`` with ``s % world_size == rank`` (whole shard
 duplicates); rank 0 alone writes the small arrays, creates the big ones and finalizes the manifest
 once every rank is done. A single process is simply rank 0 of 1, with every collective a no-op.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,6 +48,10 @@ class Ranks:
         if failed:
             rank, message = failed[0]
             raise FslError(f"rank {rank} failed: {message}")
+
+
+SINGLE_PROCESS = Ranks()
+"""A process that is rank 0 of 1: every collective is a no-op."""
 
 
 def ranks_from_env() -> Ranks:

@@ -3,6 +3,7 @@
 Batches never cross shard boundaries and each view's augmentation is seeded by its own identity,
 so a resumed run computes every remaining shard exactly as an uninterrupted run would have.
 """
+
 from __future__ import annotations
 
 import threading
@@ -57,8 +58,15 @@ class ViewDataset(Dataset):
             # Raised here it would lose its type across the worker boundary; the main process decides.
             blank = torch.zeros(views, 3, self.renderer.size, self.renderer.size)
             return row, blank, np.zeros((views, 5), np.int32), str(err)
-        params = sample_params(self.job.policy, views=views, width=img.width, height=img.height,
-                               seed=self.seed, split=self.job.pool.split, index=index)
+        params = sample_params(
+            self.job.policy,
+            views=views,
+            width=img.width,
+            height=img.height,
+            seed=self.seed,
+            split=self.job.pool.split,
+            index=index,
+        )
         return row, self.renderer.render(img, params, policy=self.job.policy), params, ""
 
 
@@ -214,7 +222,9 @@ def _abandon_when(stop: threading.Event, model: torch.nn.Module) -> list:
     return [module.register_forward_pre_hook(check) for module in model.modules()]
 
 
-def _check_errors(job: Job, rows: list[int], errors: list[str], *, skip_bad: bool, stats: RunStats) -> list[int]:
+def _check_errors(
+    job: Job, rows: list[int], errors: list[str], *, skip_bad: bool, stats: RunStats
+) -> list[int]:
     """The split indices of the unreadable images in the batch (an error unless ``skip_bad``)."""
     found = []
     for row, error in zip(rows, errors):

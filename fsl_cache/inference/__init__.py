@@ -1,7 +1,16 @@
 """Trained heads outside stage two: rebuilt from a run or an export, applied to image files."""
+
 from .bundle import HeadBundle, export_bundle, find_run, load_bundle
 from .heads import head_builder, rebuild_head
 from .predict import Prediction, Predictor
 
-__all__ = ["HeadBundle", "Prediction", "Predictor", "export_bundle", "find_run", "head_builder", "load_bundle",
-           "rebuild_head"]
+__all__ = [
+    "HeadBundle",
+    "Prediction",
+    "Predictor",
+    "export_bundle",
+    "find_run",
+    "head_builder",
+    "load_bundle",
+    "rebuild_head",
+]

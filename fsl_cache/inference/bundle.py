@@ -11,6 +11,7 @@ that into one self-contained folder (no cache needed)::
       text.safetensors    class text weights per template set ("text/<set>")
       record.json         the run record (provenance: splits, metrics, versions, deviations)
 """
+
 from __future__ import annotations
 
 import json
@@ -62,11 +63,15 @@ def load_bundle(path: str | Path) -> HeadBundle:
         if meta.get("format") != BUNDLE_FORMAT:
             raise UsageError(f"{path / BUNDLE} is not an fsl-cache export")
         text = load_file(str(path / TEXT)) if (path / TEXT).is_file() else {}
-        return HeadBundle(meta, load_file(str(path / HEAD)), {k.split("/", 1)[1]: v for k, v in text.items()}, path)
+        return HeadBundle(
+            meta, load_file(str(path / HEAD)), {k.split("/", 1)[1]: v for k, v in text.items()}, path
+        )
     if (path / RECORD).is_file() and (path / HEAD).is_file():
         meta, text = meta_from_run(path)
         return HeadBundle(meta, load_file(str(path / HEAD)), text, path)
-    raise UsageError(f"{path} is neither a run folder (record.json + head.safetensors) nor an export (bundle.json)")
+    raise UsageError(
+        f"{path} is neither a run folder (record.json + head.safetensors) nor an export (bundle.json)"
+    )
 
 
 def meta_from_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -76,28 +81,55 @@ def meta_from_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     record = json.loads((run_dir / RECORD).read_text())
     store_path = Path(record["store"]["path"])
     if not (store_path / "manifest.json").is_file():
-        raise StoreError(f"The store of run {run_dir} is gone ({store_path}); predict from an export instead "
-                         "(fsl-cache export RUN OUT_DIR while the store exists)")
+        raise StoreError(
+            f"The store of run {run_dir} is gone ({store_path}); predict from an export instead "
+            "(fsl-cache export RUN OUT_DIR while the store exists)"
+        )
     store = FeatureStore.open(store_path)
     try:
         if store.fingerprint != record["store"]["fingerprint"]:
             raise StoreError(f"{store_path} now holds another store than run {run_dir} was fitted on")
         m = store.manifest
-        text = {name.split("/", 1)[1]: torch.from_numpy(store.read(name)).float()
-                for name in store.arrays if name.startswith("text/")}
+        text = {
+            name.split("/", 1)[1]: torch.from_numpy(store.read(name)).float()
+            for name in store.arrays
+            if name.startswith("text/")
+        }
         meta = {
-            "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "method": record["method"], "head": record["head"],
-            "config": record["config"], "options": record.get("options", {}),
-            "classnames": list(m["dataset"]["classnames"]), "templates": m["dataset"].get("templates", {}),
-            "backbone": {**{k: m["backbone"].get(k) for k in ("arch", "pretrained", "kind", "embed_dim", "random_init",
-                                                            "quick_gelu", "dense_tap", "compute_dtype")},
-                         "preprocess_cfg": m["backbone"].get("preprocess_cfg"),
-                         "fingerprint_parts": m["fingerprint_parts"]["backbone"]},
-            "precision": m.get("precision", "fp16"), "zs_scale": m.get("zs_scale", 100.0),
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "method": record["method"],
+            "head": record["head"],
+            "config": record["config"],
+            "options": record.get("options", {}),
+            "classnames": list(m["dataset"]["classnames"]),
+            "templates": m["dataset"].get("templates", {}),
+            "backbone": {
+                **{
+                    k: m["backbone"].get(k)
+                    for k in (
+                        "arch",
+                        "pretrained",
+                        "kind",
+                        "embed_dim",
+                        "random_init",
+                        "quick_gelu",
+                        "dense_tap",
+                        "compute_dtype",
+                    )
+                },
+                "preprocess_cfg": m["backbone"].get("preprocess_cfg"),
+                "fingerprint_parts": m["fingerprint_parts"]["backbone"],
+            },
+            "precision": m.get("precision", "fp16"),
+            "zs_scale": m.get("zs_scale", 100.0),
             "tap_shapes": tap_shapes(store, record["head"]["inputs"]),
             "run": {k: record[k] for k in ("dataset", "shots", "seed", "protocol", "run_fingerprint")}
-                   | {"store_fingerprint": store.fingerprint, "test_acc": record["metrics"]["test_acc"],
-                      "val_acc": record["metrics"]["val_acc"]},
+            | {
+                "store_fingerprint": store.fingerprint,
+                "test_acc": record["metrics"]["test_acc"],
+                "val_acc": record["metrics"]["val_acc"],
+            },
         }
     finally:
         store.close()
@@ -126,8 +158,11 @@ def export_bundle(run: str | Path, out_dir: str | Path) -> Path:
     tmp = out.with_name(out.name + ".incomplete")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in bundle.state.items()}, str(tmp / HEAD),
-              metadata={"method": bundle.method, "format": BUNDLE_FORMAT})
+    save_file(
+        {k: v.contiguous() for k, v in bundle.state.items()},
+        str(tmp / HEAD),
+        metadata={"method": bundle.method, "format": BUNDLE_FORMAT},
+    )
     save_file({f"text/{k}": v.contiguous() for k, v in bundle.text.items()}, str(tmp / TEXT))
     (tmp / BUNDLE).write_text(json.dumps(bundle.meta, indent=2) + "\n")
     if (bundle.source / RECORD).is_file():
@@ -147,12 +182,18 @@ def find_run(run: str | Path, *, runs_dir: str | Path | None = None) -> Path:
 
     root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     text = str(run)
-    matches = [p.parent for p in root.glob(f"*/*/*/*/{RECORD}") if _fingerprint(p).startswith(text)] if len(text) >= 6 else []
+    matches = (
+        [p.parent for p in root.glob(f"*/*/*/*/{RECORD}") if _fingerprint(p).startswith(text)]
+        if len(text) >= 6
+        else []
+    )
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
         raise UsageError(f"Run key '{text}' matches {len(matches)} runs under {root}; give more characters")
-    raise UsageError(f"No run folder or export '{text}' (nor a run fingerprint prefix of >= 6 characters under {root})")
+    raise UsageError(
+        f"No run folder or export '{text}' (nor a run fingerprint prefix of >= 6 characters under {root})"
+    )
 
 
 def _fingerprint(record_path: Path) -> str:

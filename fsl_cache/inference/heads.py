@@ -7,6 +7,7 @@ classmethod ``rebuild_head(bundle, state, backbone) -> Head``; otherwise the bui
 here for the head's class is used. Loading is strict: every saved tensor must land in the head, and
 only the parts ``saved_state`` leaves out may be missing from the file.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,8 +43,10 @@ def rebuild_head(bundle: HeadBundle, backbone: Callable[[], object]) -> torch.nn
     elif class_name in _BUILDERS:
         head = _BUILDERS[class_name](bundle, state, backbone)
     else:
-        raise UsageError(f"predict/export cannot rebuild {bundle.method} heads ({class_name}) yet; "
-                         f"supported: {', '.join(sorted(_BUILDERS))}")
+        raise UsageError(
+            f"predict/export cannot rebuild {bundle.method} heads ({class_name}) yet; "
+            f"supported: {', '.join(sorted(_BUILDERS))}"
+        )
     load_strict(head, state)
     return head.float().eval()
 
@@ -53,8 +56,10 @@ def load_strict(head, state: dict[str, torch.Tensor]) -> None:
     left_out = set(head.state_dict()) - set(head.saved_state())
     missing = set(result.missing_keys) - left_out
     if result.unexpected_keys or missing:
-        raise UsageError(f"The saved head does not fit a rebuilt {type(head).__name__}: unexpected "
-                         f"{sorted(result.unexpected_keys)[:3]}, missing {sorted(missing)[:3]}")
+        raise UsageError(
+            f"The saved head does not fit a rebuilt {type(head).__name__}: unexpected "
+            f"{sorted(result.unexpected_keys)[:3]}, missing {sorted(missing)[:3]}"
+        )
 
 
 def _f(state: dict, key: str) -> float:
@@ -62,7 +67,7 @@ def _f(state: dict, key: str) -> float:
 
 
 def _sub(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 @head_builder("ZeroShotHead")
@@ -83,16 +88,26 @@ def _linear(bundle, state, backbone):
 def _tip(bundle, state, backbone):
     from ..methods.tip_adapter import TipHead
 
-    return TipHead(state["adapter.weight"], state["values"], state["text"], alpha=_f(state, "alpha"),
-                   beta=_f(state, "beta"), scale=_f(state, "scale"))
+    return TipHead(
+        state["adapter.weight"],
+        state["values"],
+        state["text"],
+        alpha=_f(state, "alpha"),
+        beta=_f(state, "beta"),
+        scale=_f(state, "scale"),
+    )
 
 
 @head_builder("ClipAdapterHead")
 def _clip_adapter(bundle, state, backbone):
     from ..methods.clip_adapter import ClipAdapterHead
 
-    return ClipAdapterHead(state["text"], rho=_f(state, "rho"), scale=_f(state, "scale"),
-                           reduction=int(bundle.meta["config"].get("reduction", 4)))
+    return ClipAdapterHead(
+        state["text"],
+        rho=_f(state, "rho"),
+        scale=_f(state, "scale"),
+        reduction=int(bundle.meta["config"].get("reduction", 4)),
+    )
 
 
 @head_builder("CoOpHead")
@@ -100,8 +115,16 @@ def _coop(bundle, state, backbone):
     from ..methods.coop import CoOpHead
 
     cfg, bb = bundle.meta["config"], backbone()
-    return CoOpHead(bb.model, bb.tokenizer, bundle.classnames, n_ctx=int(cfg["n_ctx"]), csc=bool(cfg["csc"]),
-                    position=cfg["class_token_position"], scale=_f(state, "scale"), truncate=bool(cfg["truncate"]))
+    return CoOpHead(
+        bb.model,
+        bb.tokenizer,
+        bundle.classnames,
+        n_ctx=int(cfg["n_ctx"]),
+        csc=bool(cfg["csc"]),
+        position=cfg["class_token_position"],
+        scale=_f(state, "scale"),
+        truncate=bool(cfg["truncate"]),
+    )
 
 
 @head_builder("LDCHead")
@@ -114,8 +137,14 @@ def _ldc(bundle, state, backbone):
     frozen = tower_pooling(backbone().model.visual, kind)
     shapes = [tuple(bundle.meta["tap_shapes"][t]) for t in taps]
     trunk = build_trunk(kind, shapes, frozen, embed_dim=d, fuse=cfg["fuse"], lite=bundle.method == "ldc_lite")
-    return LDCHead(trunk, taps=taps, text=state["text"], scale=_f(state, "scale"),
-                   maf_hidden=d if kind == "rn" else VIT_MAF_HIDDEN, eval_batch_size=int(cfg["eval_batch_size"]))
+    return LDCHead(
+        trunk,
+        taps=taps,
+        text=state["text"],
+        scale=_f(state, "scale"),
+        maf_hidden=d if kind == "rn" else VIT_MAF_HIDDEN,
+        eval_batch_size=int(cfg["eval_batch_size"]),
+    )
 
 
 def _safe_head(bundle, state, backbone):
@@ -123,8 +152,14 @@ def _safe_head(bundle, state, backbone):
     from ..methods.safe import SafeHead
 
     bb = backbone()
-    return SafeHead(PoolingTail.from_backbone(bb), PoolingTail.from_backbone(bb), state["text"],
-                    tap=bundle.inputs[0], beta=_f(state, "beta"), tau=_f(state, "tau"))
+    return SafeHead(
+        PoolingTail.from_backbone(bb),
+        PoolingTail.from_backbone(bb),
+        state["text"],
+        tap=bundle.inputs[0],
+        beta=_f(state, "beta"),
+        tau=_f(state, "tau"),
+    )
 
 
 head_builder("SafeHead")(_safe_head)
@@ -134,4 +169,6 @@ head_builder("SafeHead")(_safe_head)
 def _safe_a(bundle, state, backbone):
     from ..methods.safe_a import SafeAHead
 
-    return SafeAHead(_safe_head(bundle, _sub(state, "safe."), backbone), _tip(bundle, _sub(state, "tip."), backbone))
+    return SafeAHead(
+        _safe_head(bundle, _sub(state, "safe."), backbone), _tip(bundle, _sub(state, "tip."), backbone)
+    )

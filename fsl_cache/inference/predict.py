@@ -5,6 +5,7 @@ backbone in the store's compute dtype, taps derived the same way (``Encoder``), 
 through the store's precision (fp16 by default) before the head sees them, so a head gives on an
 image the logits its cached evaluation gave on the same image.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,12 @@ class Predictor:
 
             meta = self.bundle.meta["backbone"]
             fp16 = self.device.type == "cuda" and meta.get("compute_dtype") == "float16"
-            backbone = load_backbone(meta["arch"], meta["pretrained"], device=str(self.device),
-                                     precision="fp16" if fp16 else "fp32")
+            backbone = load_backbone(
+                meta["arch"],
+                meta["pretrained"],
+                device=str(self.device),
+                precision="fp16" if fp16 else "fp32",
+            )
             check_backbone(backbone, meta)
             self._backbone = backbone
         return self._backbone
@@ -77,7 +82,7 @@ class Predictor:
         encoder = Encoder(bb, text, np.dtype(STORE_DTYPES[self.bundle.meta.get("precision", "fp16")]))
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([renderer.center(_open(p)) for p in images[start:start + self.batch_size]])
+            batch = torch.stack([renderer.center(_open(p)) for p in images[start : start + self.batch_size]])
             for tap, array in encoder(batch, taps).items():
                 parts.setdefault(tap, []).append(torch.from_numpy(array).float())
         return {tap: torch.cat(parts[tap]) for tap in self.bundle.inputs}
@@ -98,8 +103,10 @@ class Predictor:
         k = min(top_k, probs.shape[1])
         values, indices = probs.topk(k, dim=-1)
         names = self.bundle.classnames
-        return [Prediction(str(path), [(names[i], float(p)) for p, i in zip(v.tolist(), ix.tolist())])
-                for path, v, ix in zip(images, values, indices)]
+        return [
+            Prediction(str(path), [(names[i], float(p)) for p, i in zip(v.tolist(), ix.tolist())])
+            for path, v, ix in zip(images, values, indices)
+        ]
 
 
 def check_backbone(backbone, meta: dict) -> None:
@@ -108,9 +115,11 @@ def check_backbone(backbone, meta: dict) -> None:
     got = json.loads(json.dumps(backbone.fingerprint_parts()))
     if expected is not None and got != expected:
         differs = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
-        raise BackboneError(f"The backbone {meta['arch']}/{meta['pretrained']} loaded now differs from the one the "
-                            f"store was built with ({', '.join(differs)} changed): this head was trained on other "
-                            "features. Use the original weights, or extract and fit again")
+        raise BackboneError(
+            f"The backbone {meta['arch']}/{meta['pretrained']} loaded now differs from the one the "
+            f"store was built with ({', '.join(differs)} changed): this head was trained on other "
+            "features. Use the original weights, or extract and fit again"
+        )
 
 
 def _open(path: str | Path):

@@ -25,6 +25,7 @@ A new method is one module in this package (found automatically) plus its test::
         def train_settings(self, task):
             return self.config.train_settings(policy="tip")  # which cached views train it
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,7 +34,17 @@ from typing import ClassVar
 import torch
 
 from ..extraction.needs import Needs, method_needs
-from ..training import FitTask, Head, Member, Selector, TaskInfo, TrainData, TrainResult, TrainSettings, train_many
+from ..training import (
+    FitTask,
+    Head,
+    Member,
+    Selector,
+    TaskInfo,
+    TrainData,
+    TrainResult,
+    TrainSettings,
+    train_many,
+)
 from ..training.trainer import cross_entropy
 from .options import MethodConfig, TrainOptions
 
@@ -74,7 +85,8 @@ class Method:
     trains: ClassVar[bool] = True
     """Whether the method runs the shared trainer (``fsl-cache methods`` shows it)."""
     base2novel: ClassVar[bool] = False
-    """The method can classify classes it never trained on (``--protocol base2novel``): it overrides :meth:`novel_head`."""
+    """The method can classify classes it never trained on (``--protocol base2novel``): it overrides
+    :meth:`novel_head`."""
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -101,8 +113,14 @@ class Method:
         settings = self.train_settings(task)
         source = task.views(task.train, policy=settings.policy, taps=head.inputs)
         warn_view_reuse(task, policy=settings.policy, views=source.num_views, epochs=settings.epochs)
-        return Member(head, TrainData(source, task.train.labels), settings, generator,
-                      self.selector(task, head), self.loss)
+        return Member(
+            head,
+            TrainData(source, task.train.labels),
+            settings,
+            generator,
+            self.selector(task, head),
+            self.loss,
+        )
 
     def build_head(self, task: FitTask, *, generator: torch.Generator) -> Head:
         """The untrained head (build modules inside :func:`seeded_init` so init follows ``generator``)."""
@@ -117,7 +135,9 @@ class Method:
         """Model selection on the few-shot val (center view); override for other rules."""
         return Selector(task.views(task.val, taps=head.inputs), task.val.labels, name=task.val.name)
 
-    def loss(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(
+        self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, inputs: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         return cross_entropy(outputs, labels)
 
     def novel_head(self, fitted: FitResult, task: FitTask) -> Head:
@@ -127,15 +147,20 @@ class Method:
 
     def finalize(self, result: TrainResult, task: FitTask) -> FitResult:
         """After training: post-hoc searches (e.g. Tip's alpha/beta on val). Default: keep the head."""
-        return FitResult(result.head, selection={"epoch": result.best_epoch, "val_acc": result.best_score},
-                         history=result.history)
+        return FitResult(
+            result.head,
+            selection={"epoch": result.best_epoch, "val_acc": result.best_score},
+            history=result.history,
+        )
 
 
 def warn_view_reuse(task: FitTask, *, policy: str, views: int, epochs: int) -> None:
     """Record when cached views repeat across epochs (an approximation of fresh augmentation)."""
     if policy != "center" and 0 < views - 1 < epochs:
-        task.warn(f"{views - 1} cached '{policy}' views for {epochs} epochs: views repeat every {views - 1} "
-                  "epochs (approximation of fresh augmentation, METHODS §1.6)")
+        task.warn(
+            f"{views - 1} cached '{policy}' views for {epochs} epochs: views repeat every {views - 1} "
+            "epochs (approximation of fresh augmentation, METHODS §1.6)"
+        )
 
 
 def fit_together(methods: list[Method], task: FitTask, *, seed: int) -> list[FitResult]:
@@ -154,6 +179,8 @@ def fit_together(methods: list[Method], task: FitTask, *, seed: int) -> list[Fit
         if not first.data.source.streams:
             fitted = [methods[0].finalize(train_many([first], device=task.device)[0], task)]
             return fitted + [m.fit(task, generator=torch.Generator().manual_seed(seed)) for m in methods[1:]]
-        members = [first] + [m.trainee(task, generator=torch.Generator().manual_seed(seed)) for m in methods[1:]]
+        members = [first] + [
+            m.trainee(task, generator=torch.Generator().manual_seed(seed)) for m in methods[1:]
+        ]
         results = train_many(members, device=task.device)
         return [m.finalize(r, task) for m, r in zip(methods, results)]

@@ -8,6 +8,7 @@ pair prompts through the frozen text encoder, class-level refinement, image-leve
 the semantic expert), SAM (retrieval of confusing bank samples, never the query's own views; the
 Diff-Manner Adapter; the sample expert) and MGDE (top-2 router over the ZS, semantic and sample experts).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,7 +73,8 @@ class CaptConfig(TrainOptions):
     lb_weight: float = 0.1
     """Weight of the MGDE load-balancing term log 3 − H(mean r)."""
     random_vectors: bool = True
-    """Training only: W̃ += random_scale · R · K_5 with R ~ U(±1/√5) re-drawn every step ([CODE] CAPT 'random vectors')."""
+    """Training only: W̃ += random_scale · R · K_5 with R ~ U(±1/√5) re-drawn every step
+    ([CODE] CAPT 'random vectors')."""
     random_scale: float = 0.1
     """Scale of the random vectors."""
     kmeans: int = 5
@@ -86,7 +88,14 @@ class CaptConfig(TrainOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("pairs_per_class", "pairs_per_image", "retrieve", "bank_views", "hidden_ratio", "kmeans"):
+        for name in (
+            "pairs_per_class",
+            "pairs_per_image",
+            "retrieve",
+            "bank_views",
+            "hidden_ratio",
+            "kmeans",
+        ):
             check_range(name, getattr(self, name), low=1)
         for name in ("refresh_every", "expert_weight", "hn_weight", "lb_weight", "random_scale"):
             check_range(name, getattr(self, name), low=0)
@@ -104,14 +113,19 @@ class IndexedViews:
         return len(self.source)
 
     def batch(self, positions: np.ndarray, views: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-        return {**self.source.batch(positions, views), "image_id": torch.as_tensor(np.asarray(positions, np.int64))}
+        return {
+            **self.source.batch(positions, views),
+            "image_id": torch.as_tensor(np.asarray(positions, np.int64)),
+        }
 
 
 @register_method
 class Capt(Method):
     name = "capt"
-    description = ("CAPT-C [PROPOSED]: confusion bank + semantic/sample confusion experts routed by MGDE on cached "
-                   "coop views (§2.9.3; not the official CAPT code).")
+    description = (
+        "CAPT-C [PROPOSED]: confusion bank + semantic/sample confusion experts routed by MGDE on cached "
+        "coop views (§2.9.3; not the official CAPT code)."
+    )
     Config = CaptConfig
     deviations = (
         f"[PROPOSED] {DESIGN}: the official CAPT tunes deep prompts in both encoders with a ViT-L/14 PromptKD "
@@ -123,7 +137,9 @@ class Capt(Method):
         "[PROPOSED] each epoch trains on one cached coop view per image (view sampler, METHODS §1.6).",
         "[PROPOSED] fallback pair templates when no LLM descriptions are given.",
     )
-    paper_protocol = "Same as coop: CAPT-C has no official code to reproduce; its own setting is --protocol base2novel."
+    paper_protocol = (
+        "Same as coop: CAPT-C has no official code to reproduce; its own setting is --protocol base2novel."
+    )
     min_views = {"coop": 2}
     needs_backbone = True
     base2novel = True
@@ -146,11 +162,22 @@ class Capt(Method):
         self.head, self.refreshes = head, []
         self.noise = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
         head.generator = self.noise
-        result = train(head, TrainData(IndexedViews(self.source), task.train.labels), settings=settings,
-                       generator=generator, selector=self.selector(task, head), loss_fn=self.loss,
-                       device=task.device, on_epoch=self._refresh)
-        selection = {"epoch": result.best_epoch, "val_acc": result.best_score, **self.notes,
-                     "bank_refreshes": self.refreshes}
+        result = train(
+            head,
+            TrainData(IndexedViews(self.source), task.train.labels),
+            settings=settings,
+            generator=generator,
+            selector=self.selector(task, head),
+            loss_fn=self.loss,
+            device=task.device,
+            on_epoch=self._refresh,
+        )
+        selection = {
+            "epoch": result.best_epoch,
+            "val_acc": result.best_score,
+            **self.notes,
+            "bank_refreshes": self.refreshes,
+        }
         return FitResult(result.head, selection=selection, history=result.history)
 
     def _taps(self, task: FitTask) -> tuple[str, ...]:
@@ -160,10 +187,17 @@ class Capt(Method):
         self.grid = None
         if self.config.local and has:
             length = task.store.arrays[f"images/{task.train.pool}/views/coop/dense_embed"]["shape"][2]
-            side = int(round(length ** 0.5))
+            side = int(round(length**0.5))
             self.grid = side if side * side == length else None
-        why = ("enabled" if self.grid else "disabled: option local=false" if not self.config.local
-               else "disabled: the store caches no dense_embed" if not has else "disabled: tokens are not a square grid")
+        why = (
+            "enabled"
+            if self.grid
+            else "disabled: option local=false"
+            if not self.config.local
+            else "disabled: the store caches no dense_embed"
+            if not has
+            else "disabled: tokens are not a square grid"
+        )
         self.local_note = why
         return ("pooled", "dense_embed") if self.grid else ("pooled",)
 
@@ -178,17 +212,39 @@ class Capt(Method):
         pairs = confusable_classes(bank.counts, bank.soft, text, k=cfg.pairs_per_class)
         e_dif, e_com = self._pair_embeddings(task, pairs)
         class_mean = torch.zeros_like(text).index_add_(0, labels, f_hat[:, 0])
-        centroids = spherical_kmeans(e_com.mean(dim=1), cfg.kmeans, generator=generator) if cfg.random_vectors else None
+        centroids = (
+            spherical_kmeans(e_com.mean(dim=1), cfg.kmeans, generator=generator)
+            if cfg.random_vectors
+            else None
+        )
         self.bank_views = views
-        self.notes |= {"local_branch": self.local_note, "bank_views": views,
-                       "bank_initial": bank.to_json(task.info.classnames),
-                       "pairs": {task.info.classnames[c]: [task.info.classnames[o] for o in row]
-                                 for c, row in enumerate(pairs.tolist())}}
+        self.notes |= {
+            "local_branch": self.local_note,
+            "bank_views": views,
+            "bank_initial": bank.to_json(task.info.classnames),
+            "pairs": {
+                task.info.classnames[c]: [task.info.classnames[o] for o in row]
+                for c, row in enumerate(pairs.tolist())
+            },
+        }
         with seeded_init(generator):
-            head = CaptHead(text, e_dif, e_com, pairs, bank, feats.reshape(-1, feats.shape[-1]), class_mean,
-                            scale=task.info.zs_scale, pairs_per_image=cfg.pairs_per_image, retrieve_k=cfg.retrieve,
-                            tau=cfg.tau, hidden=max(1, text.shape[1] // cfg.hidden_ratio), grid=self.grid,
-                            centroids=centroids, random_scale=cfg.random_scale if cfg.random_vectors else 0.0)
+            head = CaptHead(
+                text,
+                e_dif,
+                e_com,
+                pairs,
+                bank,
+                feats.reshape(-1, feats.shape[-1]),
+                class_mean,
+                scale=task.info.zs_scale,
+                pairs_per_image=cfg.pairs_per_image,
+                retrieve_k=cfg.retrieve,
+                tau=cfg.tau,
+                hidden=max(1, text.shape[1] // cfg.hidden_ratio),
+                grid=self.grid,
+                centroids=centroids,
+                random_scale=cfg.random_scale if cfg.random_vectors else 0.0,
+            )
         self._index_bank(bank)
         return head
 
@@ -198,13 +254,18 @@ class Capt(Method):
         backbone = task.backbone()  # refuses a backbone that differs from the store's
         encode = lambda texts: backbone.text_classifier(texts, ["{}"])  # noqa: E731  one sentence per "class"
         given = {}
-        for key, path, template in (("dif", cfg.descriptions, DIFFERENCE_TEMPLATE),
-                                    ("com", cfg.commonalities, COMMONALITY_TEMPLATE)):
+        for key, path, template in (
+            ("dif", cfg.descriptions, DIFFERENCE_TEMPLATE),
+            ("com", cfg.commonalities, COMMONALITY_TEMPLATE),
+        ):
             found = load_descriptions(path, names) if path else None
             sentences = pair_sentences(pairs, names, given=found, template=template)
             given[key] = encode_pair_texts(encode, sentences, tuple(pairs.shape))
             used = sum((c, o) in (found or {}) for c, row in enumerate(pairs.tolist()) for o in row)
-            self.notes.setdefault("pair_texts", {})[key] = {"llm_pairs": used, "template_pairs": pairs.numel() - used}
+            self.notes.setdefault("pair_texts", {})[key] = {
+                "llm_pairs": used,
+                "template_pairs": pairs.numel() - used,
+            }
         return given["dif"], given["com"]
 
     # ------------------------------------------------------------------ the closed loop
@@ -226,7 +287,10 @@ class Capt(Method):
         for v in range(self.bank_views):
             for start in range(0, n, 1024):
                 pos = np.arange(start, min(start + 1024, n))
-                x = {k: t.to(device) for k, t in IndexedViews(self.source).batch(pos, np.full(len(pos), v)).items()}
+                x = {
+                    k: t.to(device)
+                    for k, t in IndexedViews(self.source).batch(pos, np.full(len(pos), v)).items()
+                }
                 logits[pos, v] = head(x)["capt"].float().cpu()
         head.train()
         bank = build_bank(logits, self.task.train.labels)
@@ -235,7 +299,9 @@ class Capt(Method):
 
     # ------------------------------------------------------------------ losses
 
-    def loss(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(
+        self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, inputs: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """``CE(capt) + w_e·Σ CE(expert) + λ_hn·L_hn + λ_lb·L_lb`` (METHODS §2.9.3 step 5)."""
         cfg, head = self.config, self.head
         loss = F.cross_entropy(outputs["capt"], labels)
@@ -257,9 +323,13 @@ class Capt(Method):
         x = {k: t.to(device) for k, t in self.source.batch(img.numpy(), view.numpy()).items()}
         f_hat = F.normalize(x["pooled"], dim=-1)
         anchor, _, confusers, omega = head.confusion_pairs(head.scale * f_hat @ head.text.T)
-        z = head.sample_embedding(f_hat, anchor, confusers, omega, image_id=img.to(device), tokens=x.get("dense_embed"))
+        z = head.sample_embedding(
+            f_hat, anchor, confusers, omega, image_id=img.to(device), tokens=x.get("dense_embed")
+        )
         features = torch.cat([head.aux["z_sample"], z])
-        return symmetric_infonce(features, torch.cat([labels, negative]), head.aux["w_tilde"], scale=float(head.scale))
+        return symmetric_infonce(
+            features, torch.cat([labels, negative]), head.aux["w_tilde"], scale=float(head.scale)
+        )
 
     # ------------------------------------------------------------------ base-to-novel
 
@@ -268,12 +338,25 @@ class Capt(Method):
         cfg, base = self.config, fitted.head
         text = task.text(cfg.templates)
         c = text.shape[0]
-        pairs = confusable_classes(torch.zeros(c, c, dtype=torch.long), torch.zeros(c, c), text, k=cfg.pairs_per_class)
+        pairs = confusable_classes(
+            torch.zeros(c, c, dtype=torch.long), torch.zeros(c, c), text, k=cfg.pairs_per_class
+        )
         self.notes = {}
         e_dif, e_com = self._pair_embeddings(task, pairs)
-        head = CaptHead(text, e_dif, e_com, pairs, None, None, None, scale=task.info.zs_scale,
-                        pairs_per_image=cfg.pairs_per_image, retrieve_k=cfg.retrieve, tau=cfg.tau,
-                        hidden=max(1, text.shape[1] // cfg.hidden_ratio))
+        head = CaptHead(
+            text,
+            e_dif,
+            e_com,
+            pairs,
+            None,
+            None,
+            None,
+            scale=task.info.zs_scale,
+            pairs_per_image=cfg.pairs_per_image,
+            retrieve_k=cfg.retrieve,
+            tau=cfg.tau,
+            hidden=max(1, text.shape[1] // cfg.hidden_ratio),
+        )
         head.gamma.data.copy_(base.gamma.data)  # class-agnostic parts transfer
         head.semantic_mlp.load_state_dict(base.semantic_mlp.state_dict())
         head.router.data.copy_(base.router.data)

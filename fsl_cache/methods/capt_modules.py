@@ -3,6 +3,7 @@
 Every expert's last layer is zero-initialised and the router starts at 0, so the untrained head
 reproduces zero-shot CLIP exactly; training moves away from it only where it helps.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,14 +53,16 @@ def load_descriptions(path: str | Path, classnames: list[str]) -> dict[tuple[int
         for sentence in sentences if isinstance(sentences, list) else [sentences]:
             low = _key(sentence)
             at = low.find(f"between {_key(name)} and ")
-            rest = low[at + len(f"between {_key(name)} and "):] if at >= 0 else ""
+            rest = low[at + len(f"between {_key(name)} and ") :] if at >= 0 else ""
             other = next((n for n in by_length if rest.startswith(n) and index[n] != a), None)
             if other is not None:
                 out.setdefault((a, index[other]), []).append(sentence)
     return out
 
 
-def pair_sentences(pairs: torch.Tensor, classnames: list[str], *, given: dict | None, template: str) -> list[list[str]]:
+def pair_sentences(
+    pairs: torch.Tensor, classnames: list[str], *, given: dict | None, template: str
+) -> list[list[str]]:
     """Per (class, k) the sentences of pair ``(c, pairs[c, k])``: the user's if any, else ``template``."""
     names = [n.replace("_", " ") for n in classnames]
     out = []
@@ -125,7 +128,9 @@ class DiffMannerAdapter(nn.Module):
         grid = tokens.transpose(1, 2).reshape(b, d, self.grid, length // self.grid)
         x = tokens + self.dwconv(grid).flatten(2).transpose(1, 2)  # [B, L, D]
         # locations least explained by the confusers get the weight
-        attn = (-(F.normalize(x, dim=-1) @ r_bar[:, :, None]).squeeze(-1) / self.tau).softmax(dim=-1)  # [B, L]
+        attn = (-(F.normalize(x, dim=-1) @ r_bar[:, :, None]).squeeze(-1) / self.tau).softmax(
+            dim=-1
+        )  # [B, L]
         h_l = self.local_mlp((attn[..., None] * x).sum(dim=1))
         a = torch.sigmoid(self.alpha)
         return a * h_l + (1 - a) * h_g
@@ -137,10 +142,25 @@ class CaptHead(Head):
     Outputs ``{"capt", "zero_shot", "semantic", "sample"}`` logits ``[B, C]`` (``capt`` is the headline).
     """
 
-    def __init__(self, text: torch.Tensor, e_dif: torch.Tensor, e_com: torch.Tensor, pairs: torch.Tensor,
-                 bank: ConfusionBank | None, bank_keys: torch.Tensor | None, class_mean: torch.Tensor | None, *,
-                 scale: float, pairs_per_image: int, retrieve_k: int, tau: float, hidden: int,
-                 grid: int | None = None, centroids: torch.Tensor | None = None, random_scale: float = 0.0) -> None:
+    def __init__(
+        self,
+        text: torch.Tensor,
+        e_dif: torch.Tensor,
+        e_com: torch.Tensor,
+        pairs: torch.Tensor,
+        bank: ConfusionBank | None,
+        bank_keys: torch.Tensor | None,
+        class_mean: torch.Tensor | None,
+        *,
+        scale: float,
+        pairs_per_image: int,
+        retrieve_k: int,
+        tau: float,
+        hidden: int,
+        grid: int | None = None,
+        centroids: torch.Tensor | None = None,
+        random_scale: float = 0.0,
+    ) -> None:
         super().__init__()
         c, d = text.shape
         self.register_buffer("text", text.float().clone())  # W [C, D]
@@ -170,8 +190,12 @@ class CaptHead(Head):
 
     def set_bank(self, bank: ConfusionBank) -> None:
         """Install (or refresh: the closed loop) the bank's counts and per-entry predictions."""
-        for name, value in (("counts", bank.counts.long()), ("bank_true", bank.true.long()),
-                            ("bank_pred", bank.pred.long()), ("bank_img", bank.img.long())):
+        for name, value in (
+            ("counts", bank.counts.long()),
+            ("bank_true", bank.true.long()),
+            ("bank_pred", bank.pred.long()),
+            ("bank_img", bank.img.long()),
+        ):
             if hasattr(self, name) and name in self._buffers:
                 self._buffers[name].copy_(value)
             else:
@@ -189,7 +213,9 @@ class CaptHead(Head):
             w = w + self.random_scale * r @ self.centroids
         return F.normalize(w, dim=-1)
 
-    def confusion_pairs(self, s_zs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def confusion_pairs(
+        self, s_zs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """ĉ ``[B]``, the top-K_s pair slots ``[B, K_s]``, their classes ``[B, K_s]`` and weights ω ``[B, K_s]``."""
         p = s_zs.softmax(dim=-1)
         anchor = p.argmax(dim=-1)
@@ -206,11 +232,24 @@ class CaptHead(Head):
         z = f_hat + self.semantic_mlp(torch.cat([f_hat, g_d, g_c], dim=-1))
         return self.scale * F.normalize(z, dim=-1) @ w_tilde.T
 
-    def sample_embedding(self, f_hat, anchor, confusers, omega, *, image_id=None, tokens=None) -> torch.Tensor:
+    def sample_embedding(
+        self, f_hat, anchor, confusers, omega, *, image_id=None, tokens=None
+    ) -> torch.Tensor:
         """``normalize(f̂ + h)``: the sample expert's image feature after the Diff-Manner Adapter."""
-        r_bar, _ = retrieve(f_hat, anchor, confusers, omega, keys=self.bank_keys.float(), true=self.bank_true,
-                            pred=self.bank_pred, img=self.bank_img, class_mean=self.class_mean, k=self.k_r,
-                            tau=self.tau, image_id=image_id)
+        r_bar, _ = retrieve(
+            f_hat,
+            anchor,
+            confusers,
+            omega,
+            keys=self.bank_keys.float(),
+            true=self.bank_true,
+            pred=self.bank_pred,
+            img=self.bank_img,
+            class_mean=self.class_mean,
+            k=self.k_r,
+            tau=self.tau,
+            image_id=image_id,
+        )
         return F.normalize(f_hat + self.adapter(f_hat, r_bar, tokens), dim=-1)
 
     def route(self, f_hat: torch.Tensor, experts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,8 +272,9 @@ class CaptHead(Head):
         s_sem = self.semantic(f_hat, anchor, slot, omega, w_tilde)
         experts = [s_zs, s_sem]
         if self.sample_expert:
-            z = self.sample_embedding(f_hat, anchor, confusers, omega, image_id=x.get("image_id"),
-                                      tokens=x.get("dense_embed"))
+            z = self.sample_embedding(
+                f_hat, anchor, confusers, omega, image_id=x.get("image_id"), tokens=x.get("dense_embed")
+            )
             experts.append(self.scale * z @ w_tilde.T)
             self.aux = {"z_sample": z, "w_tilde": w_tilde}
         else:
@@ -255,7 +295,9 @@ def load_balance(r: torch.Tensor) -> torch.Tensor:
     return math.log(used.shape[1]) + (mean * mean.log()).sum()
 
 
-def symmetric_infonce(z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, *, scale: float) -> torch.Tensor:
+def symmetric_infonce(
+    z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, *, scale: float
+) -> torch.Tensor:
     """Image↔text InfoNCE (τ = 1/scale) between features ``z`` ``[B, D]`` and ``text[labels]``.
 
     Duplicated labels share one text row: image→text is CE over the batch's distinct classes,

@@ -2,6 +2,7 @@
 
 [CODE] gaopengcuhk/CLIP-Adapter clip_adapter.py::Adapter, CustomCLIP.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,8 +80,12 @@ class Adapter(nn.Module):
 
     def __init__(self, dim: int, reduction: int = 4) -> None:
         super().__init__()
-        self.fc = nn.Sequential(nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(inplace=True),
-                                nn.Linear(dim // reduction, dim, bias=False), nn.ReLU(inplace=True))
+        self.fc = nn.Sequential(
+            nn.Linear(dim, dim // reduction, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(dim // reduction, dim, bias=False),
+            nn.ReLU(inplace=True),
+        )
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.fc(f)
@@ -133,7 +138,9 @@ class ClipAdapterConfig(DasslTrainOptions):
 @register_method
 class ClipAdapter(Method):
     name = "clip_adapter"
-    description = "CLIP-Adapter: residual bottleneck MLP on the image embedding, SGD on cached coop views (§2.4)."
+    description = (
+        "CLIP-Adapter: residual bottleneck MLP on the image embedding, SGD on cached coop views (§2.4)."
+    )
     Config = ClipAdapterConfig
     deviations = (
         "[PROPOSED] recipe: CLIP-Adapter released no config; CoOp's Dassl recipe is used (SGD 2e-3, cosine per "
@@ -148,7 +155,9 @@ class ClipAdapter(Method):
         "[PROPOSED] fp32 head on cached fp16 embeddings; T is cached once (the code re-encodes the constant "
         "prompts every forward).",
     )
-    paper_protocol = "the last epoch is evaluated (Dassl TEST.FINAL_MODEL last_step) instead of the best on val."
+    paper_protocol = (
+        "the last epoch is evaluated (Dassl TEST.FINAL_MODEL last_step) instead of the best on val."
+    )
     min_views = {"coop": 2}
 
     def resolve(self, info: TaskInfo) -> ClipAdapterConfig:
@@ -159,8 +168,12 @@ class ClipAdapter(Method):
 
     def _head(self, task: FitTask, *, rho: float, generator: torch.Generator) -> ClipAdapterHead:
         with seeded_init(generator):  # default kaiming-uniform init, drawn from the run's generator
-            return ClipAdapterHead(task.text(self.config.templates), rho=rho, scale=task.info.zs_scale,
-                                   reduction=self.config.reduction)
+            return ClipAdapterHead(
+                task.text(self.config.templates),
+                rho=rho,
+                scale=task.info.zs_scale,
+                reduction=self.config.reduction,
+            )
 
     def train_settings(self, task: FitTask) -> TrainSettings:
         return self.config.resolved_training(task.info).train_settings(policy="coop")
@@ -181,8 +194,15 @@ class ClipAdapter(Method):
             gen = torch.Generator().manual_seed(seed)
             head = self._head(task, rho=rho, generator=gen)
             selector = self.selector(task, head)
-            result = train(head, TrainData(source, task.train.labels), settings=settings, generator=gen,
-                           selector=selector, loss_fn=self.loss, device=task.device)
+            result = train(
+                head,
+                TrainData(source, task.train.labels),
+                settings=settings,
+                generator=gen,
+                selector=selector,
+                loss_fn=self.loss,
+                device=task.device,
+            )
             score = result.best_score if result.best_score is not None else selector(result.head, task.device)
             scores.append(score)
             if best is None or score > best[0]:
@@ -194,7 +214,10 @@ class ClipAdapter(Method):
 
     def finalize(self, result: TrainResult, task: FitTask) -> FitResult:
         select = self.config.resolved_training(task.info).select
-        selection = {"epoch": result.best_epoch, "val_acc": result.best_score, "select": select,
-                     "rho": float(result.head.rho)}
+        selection = {
+            "epoch": result.best_epoch,
+            "val_acc": result.best_score,
+            "select": select,
+            "rho": float(result.head.rho),
+        }
         return FitResult(result.head, selection=selection, history=result.history)
-

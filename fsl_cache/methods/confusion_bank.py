@@ -5,6 +5,7 @@ is the paper's C×C table built from cached train views: hard counts ``N[y, c]``
 ``S[y, c]`` and the cell lists of misclassified (image, view) entries, plus each class's top
 confusable classes ``N_K(c)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,7 +42,11 @@ class ConfusionBank:
         off = self.counts.clone()
         flat = torch.argsort(off.flatten(), descending=True, stable=True)[:top]
         c = off.shape[0]
-        cells = [{"true": int(i) // c, "pred": int(i) % c, "count": int(off.flatten()[i])} for i in flat if off.flatten()[i] > 0]
+        cells = [
+            {"true": int(i) // c, "pred": int(i) % c, "count": int(off.flatten()[i])}
+            for i in flat
+            if off.flatten()[i] > 0
+        ]
         if classnames is not None:
             for cell in cells:
                 cell["true_name"], cell["pred_name"] = classnames[cell["true"]], classnames[cell["pred"]]
@@ -64,7 +69,9 @@ def build_bank(logits: torch.Tensor, labels: torch.Tensor) -> ConfusionBank:
     return ConfusionBank(counts, soft, true.reshape(-1), pred.reshape(-1), img.reshape(-1), view.reshape(-1))
 
 
-def confusable_classes(counts: torch.Tensor, soft: torch.Tensor, text: torch.Tensor, *, k: int) -> torch.Tensor:
+def confusable_classes(
+    counts: torch.Tensor, soft: torch.Tensor, text: torch.Tensor, *, k: int
+) -> torch.Tensor:
     """``N_K(c)`` ``[C, k]``: top-``k`` of ``N[c,·] + N[·,c]``; ties and fill by ``S`` (symmetric), then by ``W Wᵀ``.
 
     ``k`` is capped at ``C − 1``. Rows with no statistics (novel classes) come from text similarity alone.
@@ -83,10 +90,21 @@ def confusable_classes(counts: torch.Tensor, soft: torch.Tensor, text: torch.Ten
     return torch.from_numpy(out)
 
 
-def retrieve(f_hat: torch.Tensor, anchor: torch.Tensor, confusers: torch.Tensor, weights: torch.Tensor, *,
-             keys: torch.Tensor, true: torch.Tensor, pred: torch.Tensor, img: torch.Tensor,
-             class_mean: torch.Tensor, k: int, tau: float, image_id: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieve(
+    f_hat: torch.Tensor,
+    anchor: torch.Tensor,
+    confusers: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    keys: torch.Tensor,
+    true: torch.Tensor,
+    pred: torch.Tensor,
+    img: torch.Tensor,
+    class_mean: torch.Tensor,
+    k: int,
+    tau: float,
+    image_id: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM retrieval: ``r̄`` ``[B, D]`` from the most similar confusing bank entries, and the chosen entries ``[B, k]``.
 
     Candidates of query ``i``: misclassified entries of the cells ``(ĉ, c_k)`` and ``(c_k, ĉ)``

@@ -3,6 +3,7 @@
 [CODE] KaiyangZhou/CoOp trainers/coop.py::PromptLearner, TextEncoder, CustomCLIP. Image embeddings
 come from the cache; the text encoder runs every step (gradients reach the context vectors only).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,10 +37,22 @@ class TextEncoder(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "attn_mask")
-        if any(not hasattr(model, n) for n in needed) or getattr(model, "text_pool_type", "argmax") != "argmax":
-            raise UsageError(f"CoOp needs an OpenAI-style CLIP text tower (argmax pooling); "
-                             f"{type(model).__name__} has none")
+        needed = (
+            "token_embedding",
+            "positional_embedding",
+            "transformer",
+            "ln_final",
+            "text_projection",
+            "attn_mask",
+        )
+        if (
+            any(not hasattr(model, n) for n in needed)
+            or getattr(model, "text_pool_type", "argmax") != "argmax"
+        ):
+            raise UsageError(
+                f"CoOp needs an OpenAI-style CLIP text tower (argmax pooling); "
+                f"{type(model).__name__} has none"
+            )
         self.transformer = model.transformer
         self.ln_final = model.ln_final
         self.positional_embedding = model.positional_embedding
@@ -73,8 +86,9 @@ def name_lengths(tokenizer, classnames: list[str]) -> list[int]:
     return (tokenizer(classnames).argmax(dim=-1) - 1).tolist()
 
 
-def assemble(prefix: torch.Tensor, ctx: torch.Tensor, suffix: torch.Tensor, *, position: str,
-             name_lens: list[int]) -> torch.Tensor:
+def assemble(
+    prefix: torch.Tensor, ctx: torch.Tensor, suffix: torch.Tensor, *, position: str, name_lens: list[int]
+) -> torch.Tensor:
     """Prompt embeddings ``[C, L, W]`` from SOS ``[C, 1, W]``, ctx ``[M, W]`` / ``[C, M, W]``, suffix ``[C, L-1-M, W]``.
 
     ``end``: ``[SOS, ctx, name, ., EOS, pad]``; ``middle``: ctx split in halves around the name;
@@ -87,11 +101,11 @@ def assemble(prefix: torch.Tensor, ctx: torch.Tensor, suffix: torch.Tensor, *, p
     half = ctx.shape[1] // 2
     prompts = []
     for i, n in enumerate(name_lens):
-        name, rest = suffix[i:i + 1, :n], suffix[i:i + 1, n:]
+        name, rest = suffix[i : i + 1, :n], suffix[i : i + 1, n:]
         if position == "middle":
-            parts = [prefix[i:i + 1], ctx[i:i + 1, :half], name, ctx[i:i + 1, half:], rest]
+            parts = [prefix[i : i + 1], ctx[i : i + 1, :half], name, ctx[i : i + 1, half:], rest]
         else:
-            parts = [prefix[i:i + 1], name, ctx[i:i + 1], rest]
+            parts = [prefix[i : i + 1], name, ctx[i : i + 1], rest]
         prompts.append(torch.cat(parts, dim=1))
     return torch.cat(prompts, dim=0)
 
@@ -103,25 +117,29 @@ class PromptLearner(nn.Module):
     ``token_suffix`` (name, ``.``, EOS, padding) are their frozen embeddings.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, classnames: list[str], *, n_ctx: int, csc: bool,
-                 position: str) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, classnames: list[str], *, n_ctx: int, csc: bool, position: str
+    ) -> None:
         super().__init__()
         names = [name.replace("_", " ") for name in classnames]
         tokens = tokenizer([" ".join(["X"] * n_ctx) + " " + name + "." for name in names])  # [C, 77]
         with torch.no_grad():
-            embedding = model.token_embedding(tokens.to(model.token_embedding.weight.device)).float()  # [C, 77, W]
+            embedding = model.token_embedding(
+                tokens.to(model.token_embedding.weight.device)
+            ).float()  # [C, 77, W]
         width = embedding.shape[-1]
         # [CODE] nn.init.normal_(ctx_vectors, std=0.02), generic [M, W] or class-specific [C, M, W]
         self.ctx = nn.Parameter(torch.empty(*((len(names),) if csc else ()), n_ctx, width).normal_(std=0.02))
         self.register_buffer("token_prefix", embedding[:, :1].clone())  # [C, 1, W]  SOS
-        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:].clone())  # [C, 77-1-M, W]
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :].clone())  # [C, 77-1-M, W]
         self.register_buffer("eot", tokens.argmax(dim=-1))  # [C]
         self.position = position
         self.name_lens = name_lengths(tokenizer, names)
 
     def forward(self) -> torch.Tensor:
-        return assemble(self.token_prefix, self.ctx, self.token_suffix, position=self.position,
-                        name_lens=self.name_lens)
+        return assemble(
+            self.token_prefix, self.ctx, self.token_suffix, position=self.position, name_lens=self.name_lens
+        )
 
 
 # ---------------------------------------------------------------------------- head
@@ -132,10 +150,22 @@ class CoOpHead(Head):
 
     inputs = ("pooled",)
 
-    def __init__(self, model: nn.Module, tokenizer, classnames: list[str], *, n_ctx: int = 16, csc: bool = False,
-                 position: str = "end", scale: float = 100.0, truncate: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        classnames: list[str],
+        *,
+        n_ctx: int = 16,
+        csc: bool = False,
+        position: str = "end",
+        scale: float = 100.0,
+        truncate: bool = True,
+    ) -> None:
         super().__init__()
-        self.prompt_learner = PromptLearner(model, tokenizer, classnames, n_ctx=n_ctx, csc=csc, position=position)
+        self.prompt_learner = PromptLearner(
+            model, tokenizer, classnames, n_ctx=n_ctx, csc=csc, position=position
+        )
         self.text_encoder = TextEncoder(model)
         self.register_buffer("scale", torch.tensor(float(scale)))
         full = self.prompt_learner.token_suffix.shape[1] + 1 + n_ctx
@@ -194,7 +224,9 @@ class CoOpConfig(DasslTrainOptions):
 @register_method
 class CoOp(Method):
     name = "coop"
-    description = "CoOp: 16 learnable context tokens through the frozen text encoder, SGD on cached coop views (§2.5)."
+    description = (
+        "CoOp: 16 learnable context tokens through the frozen text encoder, SGD on cached coop views (§2.5)."
+    )
     Config = CoOpConfig
     deviations = (
         "[PROPOSED] ctx trained in fp32 (the official PREC fp16 stores and updates ctx in fp16); the frozen text "
@@ -217,9 +249,16 @@ class CoOp(Method):
     def build_head(self, task: FitTask, *, generator: torch.Generator) -> CoOpHead:
         cfg, backbone = self.config, task.backbone()  # refuses a backbone that differs from the store's
         with seeded_init(generator):  # ctx ~ N(0, 0.02) drawn from the run's generator
-            return CoOpHead(backbone.model, backbone.tokenizer, list(task.info.classnames), n_ctx=cfg.n_ctx,
-                            csc=cfg.csc, position=cfg.class_token_position, scale=task.info.zs_scale,
-                            truncate=cfg.truncate)
+            return CoOpHead(
+                backbone.model,
+                backbone.tokenizer,
+                list(task.info.classnames),
+                n_ctx=cfg.n_ctx,
+                csc=cfg.csc,
+                position=cfg.class_token_position,
+                scale=task.info.zs_scale,
+                truncate=cfg.truncate,
+            )
 
     base2novel = True
 
@@ -227,9 +266,19 @@ class CoOp(Method):
         """[CODE] CoCoOp/CoOp base-to-novel: the learned generic context with the novel class names."""
         cfg, backbone = self.config, task.backbone()
         if cfg.csc:
-            raise UsageError("coop with csc=true learns one context per base class; it cannot name novel classes")
-        head = CoOpHead(backbone.model, backbone.tokenizer, list(task.info.classnames), n_ctx=cfg.n_ctx, csc=False,
-                        position=cfg.class_token_position, scale=task.info.zs_scale, truncate=cfg.truncate)
+            raise UsageError(
+                "coop with csc=true learns one context per base class; it cannot name novel classes"
+            )
+        head = CoOpHead(
+            backbone.model,
+            backbone.tokenizer,
+            list(task.info.classnames),
+            n_ctx=cfg.n_ctx,
+            csc=False,
+            position=cfg.class_token_position,
+            scale=task.info.zs_scale,
+            truncate=cfg.truncate,
+        )
         head.prompt_learner.ctx.data.copy_(fitted.head.prompt_learner.ctx.data)
         return head
 
@@ -238,6 +287,13 @@ class CoOp(Method):
 
     def finalize(self, result: TrainResult, task: FitTask) -> FitResult:
         select = self.config.resolved_training(task.info).select
-        return FitResult(result.head, selection={"epoch": result.best_epoch, "val_acc": result.best_score,
-                                                 "select": select, "text_length": result.head.length},
-                         history=result.history)
+        return FitResult(
+            result.head,
+            selection={
+                "epoch": result.best_epoch,
+                "val_acc": result.best_score,
+                "select": select,
+                "text_length": result.head.length,
+            },
+            history=result.history,
+        )

@@ -5,6 +5,7 @@ pooled embedding, and computes MAF, ICD and ALF exactly as the official model do
 backbone; the frozen attention pooling (RN) or projection (ViT) comes from the store's backbone,
 re-loaded and fingerprint-checked. [CODE] LiShuo1001/LDC ``clip_ldc/model.py``, ``ldc_train.py``.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,7 +20,17 @@ from ..extraction.needs import resolve_taps
 from ..training import FitTask, Head, Selector, SplitRef, TrainResult, TrainSettings, seeded_init
 from ..training.settings import Select
 from .base import FitResult, Method
-from .ldc_modules import ALF, ICD, VIT_MAF_HIDDEN, Fuse, RNMultiLevel, ViTMultiLevel, fuse_beta, mlp, search_beta
+from .ldc_modules import (
+    ALF,
+    ICD,
+    VIT_MAF_HIDDEN,
+    Fuse,
+    RNMultiLevel,
+    ViTMultiLevel,
+    fuse_beta,
+    mlp,
+    search_beta,
+)
 from .options import ConfigError, TrainOptions, check_range
 from .pooling import tower_pooling
 from .registry import register_method
@@ -37,8 +48,17 @@ class LDCHead(Head):
     ``inputs`` is ``pooled`` followed by the four level taps in order (layer1..4 / block 6..12).
     """
 
-    def __init__(self, trunk: RNMultiLevel | ViTMultiLevel, *, taps: tuple[str, ...], text: torch.Tensor,
-                 scale: float, maf_hidden: int, beta: float = 0.5, eval_batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        trunk: RNMultiLevel | ViTMultiLevel,
+        *,
+        taps: tuple[str, ...],
+        text: torch.Tensor,
+        scale: float,
+        maf_hidden: int,
+        beta: float = 0.5,
+        eval_batch_size: int = 64,
+    ) -> None:
         super().__init__()
         num_classes, embed_dim = text.shape
         self.inputs = ("pooled",) + tuple(taps)
@@ -58,8 +78,13 @@ class LDCHead(Head):
         s_maf = self.maf_head(z)
         s_icd = self.icd(s_zs, z)
         s_alf = self.alf(s_maf, s_icd, z)
-        return {"main": fuse_beta(s_maf, s_icd, self.beta), "alf": s_alf, "maf": s_maf, "icd": s_icd,
-                "zero_shot": s_zs}
+        return {
+            "main": fuse_beta(s_maf, s_icd, self.beta),
+            "alf": s_alf,
+            "maf": s_maf,
+            "icd": s_icd,
+            "zero_shot": s_zs,
+        }
 
     def set_beta(self, beta: float) -> None:
         self.beta.fill_(beta)
@@ -69,15 +94,24 @@ class LDCHead(Head):
         return {k: v for k, v in self.state_dict().items() if ".frozen." not in k}
 
 
-def ldc_loss(outputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
-             lambdas: tuple[float, float, float, float, float]) -> torch.Tensor:
+def ldc_loss(
+    outputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    lambdas: tuple[float, float, float, float, float],
+) -> torch.Tensor:
     """``λ1 CE(MAF) + λ2 CE(ICD) + λ3 CE(ALF) + λ4 L1(MAF, ZS) + λ5 L1(ICD, ZS)`` ([CODE] ``Runner.get_loss``).
 
     ``F.l1_loss`` uses mean reduction over B×C on the ×100-scaled zero-shot logits, which carry no gradient.
     """
     zs = outputs["zero_shot"].detach()
-    terms = (F.cross_entropy(outputs["maf"], labels), F.cross_entropy(outputs["icd"], labels),
-             F.cross_entropy(outputs["alf"], labels), F.l1_loss(outputs["maf"], zs), F.l1_loss(outputs["icd"], zs))
+    terms = (
+        F.cross_entropy(outputs["maf"], labels),
+        F.cross_entropy(outputs["icd"], labels),
+        F.cross_entropy(outputs["alf"], labels),
+        F.l1_loss(outputs["maf"], zs),
+        F.l1_loss(outputs["icd"], zs),
+    )
     return sum(lam * term for lam, term in zip(lambdas, terms, strict=True))
 
 
@@ -89,7 +123,9 @@ def ldc_vit_blocks(store) -> tuple[int, ...]:
 
     [CODE] ``Transformer.forward(return_fea=True)``: indices ``total − 2·{3, 2, 1, 0}`` (6, 8, 10, 12 of 12).
     """
-    found = {int(m.group(1)) for name in store.arrays if (m := re.search(r"/vit/block(\d+)(?:_mean)?$", name))}
+    found = {
+        int(m.group(1)) for name in store.arrays if (m := re.search(r"/vit/block(\d+)(?:_mean)?$", name))
+    }
     last = max(found) if found else 12
     return tuple(last - 2 * k for k in (3, 2, 1, 0))
 
@@ -106,16 +142,32 @@ def tap_shapes(task: FitTask, taps: tuple[str, ...]) -> list[tuple[int, ...]]:
 
 
 def frozen_pooling(task: FitTask) -> nn.Module | torch.Tensor:
-    """RN: the backbone's attention pooling (output token 0 only); ViT: its ``proj`` ``[W, D]`` (fingerprint-checked)."""
+    """RN: the backbone's attention pooling (output token 0 only); ViT: its ``proj`` ``[W, D]``
+    (fingerprint-checked)."""
     return tower_pooling(task.backbone().model.visual, task.info.backbone.get("kind", "rn"))
 
 
-def build_trunk(kind: str, shapes: list[tuple[int, ...]], frozen, *, embed_dim: int, fuse: Fuse,
-                lite: bool, fused: bool = False) -> RNMultiLevel | ViTMultiLevel:
+def build_trunk(
+    kind: str,
+    shapes: list[tuple[int, ...]],
+    frozen,
+    *,
+    embed_dim: int,
+    fuse: Fuse,
+    lite: bool,
+    fused: bool = False,
+) -> RNMultiLevel | ViTMultiLevel:
     """The MAF trunk for cached maps of ``shapes`` (RN ``[c, h, w]`` ×4, ViT ``[L, W]`` or ``[W]`` ×4)."""
     if kind == "rn":
-        return RNMultiLevel([s[0] for s in shapes], [s[-1] for s in shapes], attnpool=frozen, embed_dim=embed_dim,
-                            fuse=fuse, pre_pooled=lite, fused=fused)
+        return RNMultiLevel(
+            [s[0] for s in shapes],
+            [s[-1] for s in shapes],
+            attnpool=frozen,
+            embed_dim=embed_dim,
+            fuse=fuse,
+            pre_pooled=lite,
+            fused=fused,
+        )
     return ViTMultiLevel(shapes[0][-1], proj=frozen, fuse=fuse, pre_pooled=lite)
 
 
@@ -180,13 +232,17 @@ LDC_DEVIATIONS = (
 @register_method
 class LDC(Method):
     name = "ldc"
-    description = ("LDC: multi-level adapters (MAF), inter-class deconfusion (ICD) and adaptive fusion (ALF) "
-                   "on cached layer maps; beta-fusion of MAF and ICD searched on val (§2.6).")
+    description = (
+        "LDC: multi-level adapters (MAF), inter-class deconfusion (ICD) and adaptive fusion (ALF) "
+        "on cached layer maps; beta-fusion of MAF and ICD searched on val (§2.6)."
+    )
     Config = LDCConfig
     deviations = LDC_DEVIATIONS
-    paper_protocol = ("beta searched on the full val split (when the store has val_full); ImageNet searches beta "
-                      "on test, as ldc_train.py does without a val loader. The official single seed is 2024 "
-                      "(pass --seeds 2024 with a store that holds that draw).")
+    paper_protocol = (
+        "beta searched on the full val split (when the store has val_full); ImageNet searches beta "
+        "on test, as ldc_train.py does without a val loader. The official single seed is 2024 "
+        "(pass --seeds 2024 with a store that holds that draw)."
+    )
     paper_full_val = True
     paper_test_oracle = True  # only read for the ImageNet beta search
     min_views = {"ldc": 2}
@@ -199,10 +255,23 @@ class LDC(Method):
         frozen = frozen_pooling(task)
         d = task.info.embed_dim
         with seeded_init(generator):
-            trunk = build_trunk(kind, tap_shapes(task, taps), frozen, embed_dim=d, fuse=cfg.fuse, lite=self.lite,
-                                fused=cfg.fused)
-            return LDCHead(trunk, taps=taps, text=task.text(cfg.templates), scale=task.info.zs_scale,
-                           maf_hidden=d if kind == "rn" else VIT_MAF_HIDDEN, eval_batch_size=cfg.eval_batch_size)
+            trunk = build_trunk(
+                kind,
+                tap_shapes(task, taps),
+                frozen,
+                embed_dim=d,
+                fuse=cfg.fuse,
+                lite=self.lite,
+                fused=cfg.fused,
+            )
+            return LDCHead(
+                trunk,
+                taps=taps,
+                text=task.text(cfg.templates),
+                scale=task.info.zs_scale,
+                maf_hidden=d if kind == "rn" else VIT_MAF_HIDDEN,
+                eval_batch_size=cfg.eval_batch_size,
+            )
 
     def train_settings(self, task: FitTask) -> TrainSettings:
         return self.config.train_settings(policy="ldc", merge_singleton=True)
@@ -214,22 +283,40 @@ class LDC(Method):
         if self.config.select == "last":
             return None
         source = task.views(task.val, taps=head.inputs)
-        score = lambda h: searched_accuracy(h, source, task.val.labels, steps=self.config.beta_steps,  # noqa: E731
-                                            device=task.device)[1]
+
+        def score(h):
+            return searched_accuracy(
+                h, source, task.val.labels, steps=self.config.beta_steps, device=task.device
+            )[1]
+
         return Selector(source, task.val.labels, name=task.val.name, score=score)
 
     def finalize(self, result: TrainResult, task: FitTask) -> FitResult:
         head, split = result.head, search_split(task)
-        beta, acc = searched_accuracy(head, task.views(split, taps=head.inputs), split.labels,
-                                      steps=self.config.beta_steps, device=task.device)
+        beta, acc = searched_accuracy(
+            head,
+            task.views(split, taps=head.inputs),
+            split.labels,
+            steps=self.config.beta_steps,
+            device=task.device,
+        )
         head.set_beta(beta)
-        selection = {"epoch": result.best_epoch, "iteration": result.best_iter, "epoch_score": result.best_score,
-                     "epoch_on": "last" if self.config.select == "last" else task.val.name,
-                     "beta": beta, "search_acc": acc, "search_on": split.name, "search_n": len(split)}
+        selection = {
+            "epoch": result.best_epoch,
+            "iteration": result.best_iter,
+            "epoch_score": result.best_score,
+            "epoch_on": "last" if self.config.select == "last" else task.val.name,
+            "beta": beta,
+            "search_acc": acc,
+            "search_on": split.name,
+            "search_n": len(split),
+        }
         return FitResult(head, selection=selection, history=result.history)
 
 
-def searched_accuracy(head: LDCHead, source, labels: torch.Tensor, *, steps: int, device) -> tuple[float, float]:
+def searched_accuracy(
+    head: LDCHead, source, labels: torch.Tensor, *, steps: int, device
+) -> tuple[float, float]:
     """(β, accuracy %) of the β search on the split behind ``source`` (MAF and ICD on the center view)."""
     out = predict(head, source, device=device, batch_size=head.eval_batch_size)
     return search_beta(out["maf"], out["icd"], labels, steps=steps)
@@ -245,8 +332,10 @@ def search_split(task: FitTask) -> SplitRef:
 @register_method
 class LDCLite(LDC):
     name = "ldc_lite"
-    description = ("LDC-lite [PROPOSED APPROXIMATION, not LDC]: the LDC head with adapters applied to 7×7-pooled "
-                   "maps (RN) or block token means (ViT); 376 KB instead of 3 MB per RN50 view (§2.6.7).")
+    description = (
+        "LDC-lite [PROPOSED APPROXIMATION, not LDC]: the LDC head with adapters applied to 7×7-pooled "
+        "maps (RN) or block token means (ViT); 376 KB instead of 3 MB per RN50 view (§2.6.7)."
+    )
     deviations = (
         "[PROPOSED] APPROXIMATION: adapters run on maps average-pooled to layer4's grid (RN: Conv1×1 → BN → ReLU "
         "on the pooled map) or on block token means (ViT: Linear → LayerNorm → ReLU on the mean); ReLU, BN and "

@@ -28,6 +28,7 @@ module's. It falls back to the plain path where fusing does not pay, ``C_out < M
 (mixed precision keeps the plain fp16 conv), and for a spatial size that is not a multiple of the pool.
 Pure PyTorch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,20 +55,21 @@ def _tiles(batch: int, height: int, width: int, tile_pixels: int) -> list[tuple[
 
 
 def _conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """1×1 convolution by a ``[O, C]`` matrix: oneDNN's conv, up to 2× faster than MKL's ``matmul`` on this
+    """1×1 convolution by a ``[n_out, C]`` matrix: oneDNN's conv, up to 2× faster than MKL's ``matmul`` on this
     AMD CPU (``C_in = 1024``), and with a channels-last input no layout reorder."""
     return F.conv2d(x, w[:, :, None, None], bias)
 
 
 def _conv_wgrad(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``Σ_pixels g xᵀ`` (``[O, C]``), the weight gradient of a 1×1 conv, by oneDNN as in the plain backward.
+    """``Σ_pixels g xᵀ`` (``[n_out, C]``), the weight gradient of a 1×1 conv, by oneDNN as in the plain backward.
 
     Called directly: ``nn.grad.conv2d_weight`` clones an expanded dummy weight on every call; the weight's
     values are not read, only its shape."""
     o, c = g.shape[1], x.shape[1]
     shape_only = x.new_empty(o, c, 1, 1)
-    return torch.ops.aten.convolution_backward(g, x, shape_only, None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1,
-                                               (False, True, False))[1].view(o, c)
+    return torch.ops.aten.convolution_backward(
+        g, x, shape_only, None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1, (False, True, False)
+    )[1].view(o, c)
 
 
 MIN_EXPANSION = 4
@@ -79,11 +81,24 @@ output. Measured on RN50 (batch 16, 2 loaded cores, fused vs plain speed): layer
 
 class _FusedAdapterFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, gamma, beta, running_mean, running_var, training: bool, momentum: float | None,
-                eps: float, num_batches_tracked, pool: int, tile_pixels: int):
+    def forward(
+        ctx,
+        x,
+        weight,
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        training: bool,
+        momentum: float | None,
+        eps: float,
+        num_batches_tracked,
+        pool: int,
+        tile_pixels: int,
+    ):
         B, C, H, Wd = x.shape
-        O = weight.shape[0]
-        w = weight.reshape(O, C)
+        n_out = weight.shape[0]
+        w = weight.reshape(n_out, C)
         n = B * H * Wd
         with torch.no_grad():
             if training:
@@ -91,8 +106,8 @@ class _FusedAdapterFn(torch.autograd.Function):
                 # centred (no E[xxᵀ] − μμᵀ cancellation, and BN's −mean is in it) and channels last
                 xc = torch.sub(x, mu_x[:, None, None], out=torch.empty_like(x, memory_format=CL))
                 w_cov = w @ _conv_wgrad(xc, xc).div_(n)  # W Σ_x, kept for dW
-                mean = w @ mu_x  # [O] = mean of y
-                var = (w_cov * w).sum(dim=1).clamp_min_(0)  # [O] = biased var of y, diag(W Σ Wᵀ)
+                mean = w @ mu_x  # [n_out] = mean of y
+                var = (w_cov * w).sum(dim=1).clamp_min_(0)  # [n_out] = biased var of y, diag(W Σ Wᵀ)
                 if running_mean is not None:
                     num_batches_tracked.add_(1)
                     factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
@@ -106,8 +121,8 @@ class _FusedAdapterFn(torch.autograd.Function):
             shift = beta if training else beta - k1 * mean
             w_scaled = w * k1[:, None]  # z = diag(γ/σ) W x_c + shift
             tiles = _tiles(B, H, Wd, tile_pixels)
-            mask = torch.empty(B, O, H, Wd, dtype=torch.bool, device=x.device, memory_format=CL)
-            out = x.new_empty(B, O, H // pool, Wd // pool)
+            mask = torch.empty(B, n_out, H, Wd, dtype=torch.bool, device=x.device, memory_format=CL)
+            out = x.new_empty(B, n_out, H // pool, Wd // pool)
             for b0, b1 in tiles:
                 z = _conv(xc[b0:b1], w_scaled, shift).relu_()
                 mask[b0:b1].copy_(z)  # after the ReLU, z ≠ 0 ⇔ z > 0; a bool copy is a fast cast
@@ -121,8 +136,8 @@ class _FusedAdapterFn(torch.autograd.Function):
         xc, mask, weight, gamma, sigma, w_cov, mean = ctx.saved_tensors
         training, pool, tiles = ctx.training, ctx.pool, ctx.tiles
         B, C, H, Wd = xc.shape
-        O = weight.shape[0]
-        w = weight.reshape(O, C)
+        n_out = weight.shape[0]
+        w = weight.reshape(n_out, C)
         n = B * H * Wd
         k1 = gamma / sigma
         hp, wp = H // pool, Wd // pool
@@ -130,17 +145,19 @@ class _FusedAdapterFn(torch.autograd.Function):
         g = (grad_out * (1.0 / (pool * pool))).permute(0, 2, 3, 1).contiguous()
         need_x = ctx.needs_input_grad[0]
         dx = torch.empty_like(xc) if need_x else None
-        g_acc = xc.new_zeros(O, C)  # G = Σ g_z x_cᵀ
-        dbeta = xc.new_zeros(O)
-        gz_buf = xc.new_empty(max(b1 - b0 for b0, b1 in tiles), hp, pool, wp, pool, O)  # reused by every tile
+        g_acc = xc.new_zeros(n_out, C)  # G = Σ g_z x_cᵀ
+        dbeta = xc.new_zeros(n_out)
+        gz_buf = xc.new_empty(
+            max(b1 - b0 for b0, b1 in tiles), hp, pool, wp, pool, n_out
+        )  # reused by every tile
         for b0, b1 in tiles:
             k = b1 - b0
             # ReLU ∘ AvgPool backward: the pooled gradient broadcast over each window, masked. Cast the mask
             # (read as uint8, the faster cast) into the buffer, then multiply in place: 4× faster than
             # float × mask, which casts into a fresh full-size temporary.
-            m = mask[b0:b1].permute(0, 2, 3, 1).view(k, hp, pool, wp, pool, O).view(torch.uint8)
-            gz = gz_buf[:k].copy_(m).mul_(g[b0:b1].view(k, hp, 1, wp, 1, O))
-            gz = gz.view(k, H, Wd, O).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+            m = mask[b0:b1].permute(0, 2, 3, 1).view(k, hp, pool, wp, pool, n_out).view(torch.uint8)
+            gz = gz_buf[:k].copy_(m).mul_(g[b0:b1].view(k, hp, 1, wp, 1, n_out))
+            gz = gz.view(k, H, Wd, n_out).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
             dbeta += gz.sum(dim=(0, 2, 3))
             g_acc += _conv_wgrad(xc[b0:b1], gz)
             if need_x:
@@ -158,28 +175,51 @@ class _FusedAdapterFn(torch.autograd.Function):
         return (dx, dw.view_as(weight), dgamma, dbeta) + (None,) * 8
 
 
-def fused_conv_bn_relu_pool(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: int, *,
-                            tile_pixels: int = TILE_PIXELS) -> torch.Tensor:
+def fused_conv_bn_relu_pool(
+    x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: int, *, tile_pixels: int = TILE_PIXELS
+) -> torch.Tensor:
     """``AvgPool_pool(ReLU(bn(conv(x))))`` for a 1×1 bias-free ``conv``, computed tile by tile (see module doc)."""
-    return _FusedAdapterFn.apply(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.training,
-                                 bn.momentum, bn.eps, bn.num_batches_tracked, pool, tile_pixels)
+    return _FusedAdapterFn.apply(
+        x,
+        conv.weight,
+        bn.weight,
+        bn.bias,
+        bn.running_mean,
+        bn.running_var,
+        bn.training,
+        bn.momentum,
+        bn.eps,
+        bn.num_batches_tracked,
+        pool,
+        tile_pixels,
+    )
 
 
 class FusedConvAdapter(ConvAdapter):
     """:class:`ConvAdapter` (same parameters, buffers and state_dict) whose forward is the fused kernel."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, pool: int, tile_pixels: int = TILE_PIXELS) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, *, pool: int, tile_pixels: int = TILE_PIXELS
+    ) -> None:
         super().__init__(in_channels, out_channels, pool=pool)
         self.pool = pool
         self.tile_pixels = tile_pixels
 
     def can_fuse(self, x: torch.Tensor) -> bool:
         conv, bn = self[0], self[1]
-        return (self.pool > 1 and conv.out_channels >= MIN_EXPANSION * conv.in_channels
-                and x.dim() == 4 and x.shape[2] % self.pool == 0 and x.shape[3] % self.pool == 0
-                and x.dtype == conv.weight.dtype and x.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled(x.device.type) and bn.affine and bn.track_running_stats
-                and not (bn.training and x.shape[0] * x.shape[2] * x.shape[3] <= 1))
+        return (
+            self.pool > 1
+            and conv.out_channels >= MIN_EXPANSION * conv.in_channels
+            and x.dim() == 4
+            and x.shape[2] % self.pool == 0
+            and x.shape[3] % self.pool == 0
+            and x.dtype == conv.weight.dtype
+            and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(x.device.type)
+            and bn.affine
+            and bn.track_running_stats
+            and not (bn.training and x.shape[0] * x.shape[2] * x.shape[3] <= 1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.can_fuse(x):

@@ -5,6 +5,7 @@ method (``ldc.py``) wires them to cached taps. [CODE] LiShuo1001/LDC ``clip_ldc/
 (``ModifiedResNet.adapter``, ``VisionTransformer.adapter``, ``CLIP.adapter``, ``CLIP.my_forward``)
 and ``ldc_train.py`` (``Eval.search_hp``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,8 +23,12 @@ VIT_MAF_HIDDEN = 2048
 
 def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     """``Linear(nb) → BN1d → ReLU → Linear(nb)``: the shape of every LDC MLP (MAF head, ICD, ALF gate, LF)."""
-    return nn.Sequential(nn.Linear(d_in, d_hidden, bias=False), nn.BatchNorm1d(d_hidden), nn.ReLU(inplace=True),
-                         nn.Linear(d_hidden, d_out, bias=False))
+    return nn.Sequential(
+        nn.Linear(d_in, d_hidden, bias=False),
+        nn.BatchNorm1d(d_hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(d_hidden, d_out, bias=False),
+    )
 
 
 # ---------------------------------------------------------------------------- MAF: adapters
@@ -37,8 +42,12 @@ class ConvAdapter(nn.Sequential):
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, pool: int) -> None:
-        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), nn.BatchNorm2d(out_channels),
-                         nn.ReLU(inplace=True), nn.AvgPool2d(pool) if pool > 1 else nn.Identity())
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.AvgPool2d(pool) if pool > 1 else nn.Identity(),
+        )
 
 
 class TokenAdapter(nn.Module):
@@ -100,8 +109,17 @@ class RNMultiLevel(_MultiLevel):
     ``frozen`` is the backbone's attention pooling; it takes no gradient step, but gradients flow through it.
     """
 
-    def __init__(self, channels: Sequence[int], sides: Sequence[int], *, attnpool: nn.Module, embed_dim: int,
-                 fuse: Fuse = "wf", pre_pooled: bool = False, fused: bool = False) -> None:
+    def __init__(
+        self,
+        channels: Sequence[int],
+        sides: Sequence[int],
+        *,
+        attnpool: nn.Module,
+        embed_dim: int,
+        fuse: Fuse = "wf",
+        pre_pooled: bool = False,
+        fused: bool = False,
+    ) -> None:
         super().__init__()
         out_channels, grid = channels[-1], sides[-1]
         pools = [1 if pre_pooled else side // grid for side in sides]
@@ -109,8 +127,9 @@ class RNMultiLevel(_MultiLevel):
             from .ldc_fused import FusedConvAdapter as adapter_cls
         else:
             adapter_cls = ConvAdapter
-        self.adapters = nn.ModuleList(adapter_cls(c, out_channels, pool=p)
-                                      for c, p in zip(channels, pools, strict=True))
+        self.adapters = nn.ModuleList(
+            adapter_cls(c, out_channels, pool=p) for c, p in zip(channels, pools, strict=True)
+        )
         self.fuse = fuse
         self.lf = mlp(4 * embed_dim, out_channels, embed_dim) if fuse == "lf" else None
         self.frozen = freeze(attnpool)
@@ -128,7 +147,9 @@ class ViTMultiLevel(_MultiLevel):
     LF: ``mlp(4W, W, W)`` on ``[A¹; …; A⁴]`` before the projection ([CODE] ``adapter_weight``).
     """
 
-    def __init__(self, width: int, *, proj: torch.Tensor, fuse: Fuse = "wf", pre_pooled: bool = False) -> None:
+    def __init__(
+        self, width: int, *, proj: torch.Tensor, fuse: Fuse = "wf", pre_pooled: bool = False
+    ) -> None:
         super().__init__()
         self.adapters = nn.ModuleList(TokenAdapter(width, mean_tokens=not pre_pooled) for _ in range(4))
         self.fuse = fuse
@@ -193,8 +214,9 @@ def fuse_beta(s_maf: torch.Tensor, s_icd: torch.Tensor, beta: float | torch.Tens
 
 
 @torch.no_grad()
-def search_beta(s_maf: torch.Tensor, s_icd: torch.Tensor, labels: torch.Tensor, *,
-                steps: int = 50) -> tuple[float, float]:
+def search_beta(
+    s_maf: torch.Tensor, s_icd: torch.Tensor, labels: torch.Tensor, *, steps: int = 50
+) -> tuple[float, float]:
     """(β, accuracy %) of the first strict maximum over :func:`beta_grid`.
 
     [CODE] ``Eval.search_hp``: starts from β = 0 and accuracy 0 and keeps a β only if it is strictly

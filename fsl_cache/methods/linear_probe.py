@@ -1,4 +1,5 @@
 """Linear probe (CoOp ``lpclip``, METHODS §2.2): L2 logistic regression on raw embeddings, C searched on val."""
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,14 @@ def val_accuracy(clf, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(clf.predict(x) == y)) if len(y) else 0.0
 
 
-def search_c(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], *,
-             grid: tuple[float, ...], steps: int, max_iter: int) -> tuple[object, dict]:
+def search_c(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    *,
+    grid: tuple[float, ...],
+    steps: int,
+    max_iter: int,
+) -> tuple[object, dict]:
     """lpclip's search: the grid, then ``steps`` halvings in log10 space; returns the last step's model.
 
     [CODE] lpclip binary_search: fit both ends, keep the better (ties keep the left end), the next
@@ -81,9 +88,9 @@ def search_c(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.nda
         trace.append({"left": left, "right": right, "val_left": 100 * acc_left, "val_right": 100 * acc_right})
         mid = 0.5 * (math.log10(left) + math.log10(right))
         if acc_left < acc_right:
-            clf, c_final, left, right = clf_right, right, 10 ** mid, right
+            clf, c_final, left, right = clf_right, right, 10**mid, right
         else:
-            clf, c_final, left, right = clf_left, left, left, 10 ** mid
+            clf, c_final, left, right = clf_left, left, left, 10**mid
     selection = {"c": c_final, "grid": list(grid), "grid_val_acc": [100 * s for s in scores], "search": trace}
     return clf, selection
 
@@ -104,7 +111,10 @@ def head_from_sklearn(clf, *, num_classes: int, dim: int) -> LinearHead:
 @register_method
 class LinearProbe(Method):
     name = "linear_probe"
-    description = "Linear probe: sklearn lbfgs logistic regression on raw embeddings, C grid + binary search on val (§2.2)."
+    description = (
+        "Linear probe: sklearn lbfgs logistic regression on raw embeddings, "
+        "C grid + binary search on val (§2.2)."
+    )
     Config = LinearProbeConfig
     deviations = (
         "[PROPOSED] coop protocol: the shared CoOp/Dassl splits (seeds 1-3) instead of lpclip's own "
@@ -112,8 +122,10 @@ class LinearProbe(Method):
         "[CODE] the test number is that of the last search step, as lpclip reports; lpclip also scores "
         "test at every step (only printed), which fsl-cache does not do.",
     )
-    paper_protocol = ("lpclip's own sampling: np.random.seed(seed), np.random.choice per class from the full "
-                      "train split (val shots 1,2,4,4,4), when the store holds train_full and val_full.")
+    paper_protocol = (
+        "lpclip's own sampling: np.random.seed(seed), np.random.choice per class from the full "
+        "train split (val shots 1,2,4,4,4), when the store holds train_full and val_full."
+    )
     paper_sampling = "lpclip"
     trains = False
 

@@ -3,6 +3,7 @@
 A field's type drives how its string is parsed, its attribute docstring is its help text (read from
 the source, as litgpt and simple-parsing do), and ``__post_init__`` validates the values.
 """
+
 from __future__ import annotations
 
 import ast
@@ -109,7 +110,8 @@ def _parse_optional(raw: Any, args: tuple, *, key: str) -> Any:
     inner = [a for a in args if a is not type(None)]
     if raw is None or (isinstance(raw, str) and raw.strip().lower() in _NONE_WORDS):
         return None
-    return parse_value(raw, inner[0] if len(inner) == 1 else typing.Union[tuple(inner)], key=key)
+    union = typing.Union[tuple(inner)]  # noqa: UP007 (built at runtime from the annotation's members)
+    return parse_value(raw, inner[0] if len(inner) == 1 else union, key=key)
 
 
 def _parse_choice(raw: Any, choices: tuple, *, key: str) -> Any:
@@ -190,9 +192,13 @@ def _class_field_docs(klass: type) -> dict[str, str]:
     body = ast.parse(source).body[0].body
     docs = {}
     for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -200,8 +206,9 @@ def _class_field_docs(klass: type) -> dict[str, str]:
 # ---------------------------------------------------------------------------- validation helpers
 
 
-def check_range(name: str, value: float, *, low: float | None = None, high: float | None = None,
-                strict_low: bool = False) -> None:
+def check_range(
+    name: str, value: float, *, low: float | None = None, high: float | None = None, strict_low: bool = False
+) -> None:
     """Raise :class:`ConfigError` unless ``low <= value <= high`` (``low < value`` if ``strict_low``)."""
     if low is not None and (value <= low if strict_low else value < low):
         raise ConfigError(f"option {name} must be {'>' if strict_low else '>='} {low}, got {value}")
@@ -220,7 +227,16 @@ class TrainOptions(MethodConfig, Optimisation):
     a gradient-based method's ``Config`` subclasses this and re-declares the fields whose official defaults differ."""
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "iters", "warmup", "eval_every", "lr", "weight_decay", "momentum", "warmup_lr"):
+        for name in (
+            "epochs",
+            "iters",
+            "warmup",
+            "eval_every",
+            "lr",
+            "weight_decay",
+            "momentum",
+            "warmup_lr",
+        ):
             if getattr(self, name) is not None:  # None: a per-dataset default filled in by Method.resolve
                 check_range(name, getattr(self, name), low=0)
         check_range("batch_size", self.batch_size, low=1)

@@ -12,6 +12,7 @@ With one query, the key and value projections are never applied token by token (
 so a sample costs two ``C×C`` products instead of ``2L`` (RN50: 15 instead of 430 MFLOP; ViT-B/16
 5 instead of 230), the same function up to float rounding.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,15 +27,37 @@ from torch import nn
 from ..errors import BackboneError
 
 RN_PARAMS = ("pos", "wq", "bq", "wk", "bk", "wv", "bv", "wc", "bc")
-VIT_PARAMS = ("ln1_w", "ln1_b", "w_qkv", "b_qkv", "wo", "bo", "ln2_w", "ln2_b", "w_fc", "b_fc", "w_out", "b_out",
-              "lnp_w", "lnp_b", "proj")
+VIT_PARAMS = (
+    "ln1_w",
+    "ln1_b",
+    "w_qkv",
+    "b_qkv",
+    "wo",
+    "bo",
+    "ln2_w",
+    "ln2_b",
+    "w_fc",
+    "b_fc",
+    "w_out",
+    "b_out",
+    "lnp_w",
+    "lnp_b",
+    "proj",
+)
 
 
 class PoolingTail(nn.Module):
     """``G`` copies of a pooling tail (``kind`` ``rn`` or ``vit``), each parameter ``[G, ...]``."""
 
-    def __init__(self, params: dict[str, torch.Tensor], *, kind: str, heads: int, eps: float = 1e-5,
-                 quick_gelu: bool = False) -> None:
+    def __init__(
+        self,
+        params: dict[str, torch.Tensor],
+        *,
+        kind: str,
+        heads: int,
+        eps: float = 1e-5,
+        quick_gelu: bool = False,
+    ) -> None:
         super().__init__()
         names = RN_PARAMS if kind == "rn" else VIT_PARAMS
         if set(params) != set(names):
@@ -59,11 +82,12 @@ class PoolingTail(nn.Module):
 
     def member(self, index: int) -> PoolingTail:
         """A detached single-member tail holding member ``index``."""
-        return self._like({k: p[index:index + 1] for k, p in self.params.items()})
+        return self._like({k: p[index : index + 1] for k, p in self.params.items()})
 
     def _like(self, params: dict[str, torch.Tensor]) -> PoolingTail:
-        return PoolingTail(params, kind=self.kind, heads=self.heads, eps=self.eps,
-                           quick_gelu=self.quick_gelu).to(next(iter(self.params.values())).device)
+        return PoolingTail(
+            params, kind=self.kind, heads=self.heads, eps=self.eps, quick_gelu=self.quick_gelu
+        ).to(next(iter(self.params.values())).device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings ``[G, B, D]`` of cached maps ``x``: RN ``[B, C, H, W]``, ViT ``[B, L, W]`` (CLS first)."""
@@ -108,15 +132,18 @@ def attnpool_query0(x: torch.Tensor, p: dict[str, torch.Tensor], *, heads: int) 
     return linear(out, p["wc"], p["bc"])  # [G, B, D]
 
 
-def vit_block_cls(x: torch.Tensor, p: dict[str, torch.Tensor], *, heads: int, eps: float,
-                  quick_gelu: bool) -> torch.Tensor:
+def vit_block_cls(
+    x: torch.Tensor, p: dict[str, torch.Tensor], *, heads: int, eps: float, quick_gelu: bool
+) -> torch.Tensor:
     """The last ViT block, ``ln_post`` and ``proj`` on its input ``[B, L, W]``, CLS output only → ``[G, B, D]``."""
     width = x.shape[-1]
     h = affine(F.layer_norm(x, (width,), eps=eps)[None], p["ln1_w"], p["ln1_b"])  # [G, B, L, W]
     (wq, wk, wv), (bq, _, bv) = p["w_qkv"].split(width, dim=1), p["b_qkv"].split(width, dim=1)
     attn = attend_one(linear(h[:, :, 0], wq, bq), h, wk, wv, bv, heads=heads)
     cls = x[None, :, 0] + linear(attn, p["wo"], p["bo"])  # [G, B, W]
-    hidden = linear(affine(F.layer_norm(cls, (width,), eps=eps), p["ln2_w"], p["ln2_b"]), p["w_fc"], p["b_fc"])
+    hidden = linear(
+        affine(F.layer_norm(cls, (width,), eps=eps), p["ln2_w"], p["ln2_b"]), p["w_fc"], p["b_fc"]
+    )
     hidden = hidden * torch.sigmoid(1.702 * hidden) if quick_gelu else F.gelu(hidden)
     cls = cls + linear(hidden, p["w_out"], p["b_out"])
     cls = affine(F.layer_norm(cls, (width,), eps=eps), p["lnp_w"], p["lnp_b"])
@@ -135,8 +162,9 @@ def affine(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return x * w.reshape(shape) + b.reshape(shape)
 
 
-def attend_one(q: torch.Tensor, z: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor, *,
-               heads: int) -> torch.Tensor:
+def attend_one(
+    q: torch.Tensor, z: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor, *, heads: int
+) -> torch.Tensor:
     """Multi-head attention of one query per image over tokens ``z``, keys and values projected implicitly.
 
     ``q [G, B, C]`` (projected), ``z [G, B, L, C]``, ``wk``/``wv`` ``[G, C, C]``, ``bv [G, C]`` → ``[G, B, C]``.
@@ -159,30 +187,65 @@ def _rn_tail(visual) -> PoolingTail:
     pool = getattr(visual, "attnpool", None)
     if not isinstance(pool, AttentionPool2d):
         raise BackboneError(f"SAFE needs CLIP's AttentionPool2d, found {type(pool).__name__}")
-    params = {"pos": pool.positional_embedding, "wq": pool.q_proj.weight, "bq": pool.q_proj.bias,
-              "wk": pool.k_proj.weight, "bk": pool.k_proj.bias, "wv": pool.v_proj.weight, "bv": pool.v_proj.bias,
-              "wc": pool.c_proj.weight, "bc": pool.c_proj.bias}
+    params = {
+        "pos": pool.positional_embedding,
+        "wq": pool.q_proj.weight,
+        "bq": pool.q_proj.bias,
+        "wk": pool.k_proj.weight,
+        "bk": pool.k_proj.bias,
+        "wv": pool.v_proj.weight,
+        "bv": pool.v_proj.bias,
+        "wc": pool.c_proj.weight,
+        "bc": pool.c_proj.bias,
+    }
     return PoolingTail({k: v.detach()[None] for k, v in params.items()}, kind="rn", heads=pool.num_heads)
 
 
 def _vit_tail(visual) -> PoolingTail:
     block = visual.transformer.resblocks[-1]
-    plain = (isinstance(block, ResidualAttentionBlock) and isinstance(block.ls_1, nn.Identity)
-             and isinstance(block.ls_2, nn.Identity) and not hasattr(block, "ln_1_kv"))
-    if not plain or getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok" \
-            or visual.proj is None:
-        raise BackboneError("SAFE supports CLIP-style ViTs only (plain last block, CLS pooling, ln_post + proj)")
+    plain = (
+        isinstance(block, ResidualAttentionBlock)
+        and isinstance(block.ls_1, nn.Identity)
+        and isinstance(block.ls_2, nn.Identity)
+        and not hasattr(block, "ln_1_kv")
+    )
+    if (
+        not plain
+        or getattr(visual, "attn_pool", None) is not None
+        or getattr(visual, "pool_type", "tok") != "tok"
+        or visual.proj is None
+    ):
+        raise BackboneError(
+            "SAFE supports CLIP-style ViTs only (plain last block, CLS pooling, ln_post + proj)"
+        )
     act = block.mlp.gelu
     if not isinstance(act, (QuickGELU, nn.GELU)) or getattr(act, "approximate", "none") != "none":
         raise BackboneError(f"SAFE: unsupported MLP activation {act!r}")
     attn = block.attn
-    params = {"ln1_w": block.ln_1.weight, "ln1_b": block.ln_1.bias, "w_qkv": attn.in_proj_weight,  # [3W, W]: q, k, v
-              "b_qkv": attn.in_proj_bias, "wo": attn.out_proj.weight, "bo": attn.out_proj.bias,
-              "ln2_w": block.ln_2.weight, "ln2_b": block.ln_2.bias, "w_fc": block.mlp.c_fc.weight,
-              "b_fc": block.mlp.c_fc.bias, "w_out": block.mlp.c_proj.weight, "b_out": block.mlp.c_proj.bias,
-              "lnp_w": visual.ln_post.weight, "lnp_b": visual.ln_post.bias, "proj": visual.proj}
+    params = {
+        "ln1_w": block.ln_1.weight,
+        "ln1_b": block.ln_1.bias,
+        "w_qkv": attn.in_proj_weight,  # [3W, W]: q, k, v
+        "b_qkv": attn.in_proj_bias,
+        "wo": attn.out_proj.weight,
+        "bo": attn.out_proj.bias,
+        "ln2_w": block.ln_2.weight,
+        "ln2_b": block.ln_2.bias,
+        "w_fc": block.mlp.c_fc.weight,
+        "b_fc": block.mlp.c_fc.bias,
+        "w_out": block.mlp.c_proj.weight,
+        "b_out": block.mlp.c_proj.bias,
+        "lnp_w": visual.ln_post.weight,
+        "lnp_b": visual.ln_post.bias,
+        "proj": visual.proj,
+    }
     eps = {block.ln_1.eps, block.ln_2.eps, visual.ln_post.eps}
     if len(eps) != 1:
         raise BackboneError(f"SAFE: LayerNorms with different eps {sorted(eps)}")
-    return PoolingTail({k: v.detach()[None] for k, v in params.items()}, kind="vit", heads=attn.num_heads,
-                       eps=eps.pop(), quick_gelu=isinstance(act, QuickGELU))
+    return PoolingTail(
+        {k: v.detach()[None] for k, v in params.items()},
+        kind="vit",
+        heads=attn.num_heads,
+        eps=eps.pop(),
+        quick_gelu=isinstance(act, QuickGELU),
+    )

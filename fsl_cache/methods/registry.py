@@ -3,6 +3,7 @@
 Every module of this package is imported on first lookup, so adding a method is adding one file
 (plus its test); nothing else lists methods.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -17,7 +18,7 @@ from ..extraction.needs import Needs
 from .base import Method
 from .options import MethodConfig, OptionInfo
 
-_REGISTRY: dict[str, "MethodInfo"] = {}
+_REGISTRY: dict[str, MethodInfo] = {}
 _INFRASTRUCTURE = {"base", "options", "registry"}
 _discovered = False
 
@@ -54,8 +55,9 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise TypeError(f"{cls.__name__} needs a name and a description")
     if cls.name in _REGISTRY and _REGISTRY[cls.name].cls.__qualname__ != cls.__qualname__:
         raise TypeError(f"method '{cls.name}' is registered twice ({_REGISTRY[cls.name].cls.__qualname__})")
-    _REGISTRY[cls.name] = MethodInfo(cls.name, cls.description, cls, cls.Config, tuple(cls.deviations),
-                                     cls.paper_protocol, cls.trains)
+    _REGISTRY[cls.name] = MethodInfo(
+        cls.name, cls.description, cls, cls.Config, tuple(cls.deviations), cls.paper_protocol, cls.trains
+    )
     return cls
 
 
@@ -63,7 +65,8 @@ def _discover() -> None:
     global _discovered
     if _discovered:
         return
-    from . import __name__ as package, __path__ as path
+    from . import __name__ as package
+    from . import __path__ as path
 
     for module in pkgutil.iter_modules(path):
         if module.name not in _INFRASTRUCTURE and not module.name.startswith("_"):

@@ -11,6 +11,7 @@ every grid member (stacked parameters, :mod:`.pooling`), which gives the numbers
 the CPU the points train one after another on the same batches (``grid_chunk``): stacking 24 RN50
 attention pools (1.4 GB of weights) ran 1.4–1.6× slower per point there, memory-bound.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,7 +63,8 @@ class SafeConfig(MethodConfig):
     beta: float = 0.5
     """[PAPER] Weight of the frozen branch at inference: β·AttnPool_O(F) + AttnPool_F(F) (the paper's β, METHODS' ρ)."""
     tau: float = 100.0
-    """[PROPOSED] Logit scale τ_s of training and inference (CLIP's 100; cross_modal's partial recipe uses e⁴ ≈ 54.6)."""
+    """[PROPOSED] Logit scale τ_s of training and inference (CLIP's 100; cross_modal's partial recipe uses
+    e⁴ ≈ 54.6)."""
     templates: str = "tip"
     """Template set of the frozen text classifier W_c."""
     grid_chunk: int = 0
@@ -90,8 +92,10 @@ class SafeConfig(MethodConfig):
 
 
 SAFE_DEVIATIONS = (
-    "[PROPOSED] tau = 100 (CLIP's logit scale); the paper gives none (cross_modal's partial recipe uses e^4). Option tau.",
-    "[PROPOSED] inference normalises after blending: normalize(beta*AttnPool_O(F) + AttnPool_F(F)); the paper is silent.",
+    "[PROPOSED] tau = 100 (CLIP's logit scale); the paper gives none (cross_modal's partial recipe uses e^4). "
+    "Option tau.",
+    "[PROPOSED] inference normalises after blending: normalize(beta*AttnPool_O(F) + AttnPool_F(F)); "
+    "the paper is silent.",
     "[PROPOSED] ViT AttnPool_F = last transformer block + ln_post + proj (cross_modal partial_model layer_idx=1); "
     "the paper says 'last transformer layer'.",
     "[PROPOSED] views: center + deterministic flip (V=2, cross_modal features.sh); each step draws 8 (image, view) "
@@ -115,8 +119,16 @@ SAFE_DEVIATIONS = (
 class SafeHead(Head):
     """``τ · normalize(β·AttnPool_O(F) + AttnPool_F(F)) · Ŵᵀ`` on the cached dense map ``F``."""
 
-    def __init__(self, frozen: PoolingTail, tuned: PoolingTail, text: torch.Tensor, *, tap: str, beta: float,
-                 tau: float) -> None:
+    def __init__(
+        self,
+        frozen: PoolingTail,
+        tuned: PoolingTail,
+        text: torch.Tensor,
+        *,
+        tap: str,
+        beta: float,
+        tau: float,
+    ) -> None:
         super().__init__()
         self.inputs = (tap,)
         self.frozen = frozen.requires_grad_(False)
@@ -144,8 +156,14 @@ class SafeHead(Head):
 class StackedAdamW:
     """torch's AdamW update on parameters stacked ``[G, ...]``, with a learning rate and weight decay per member."""
 
-    def __init__(self, params: list[torch.Tensor], *, weight_decay: torch.Tensor, eps: float,
-                 betas: tuple[float, float] = (0.9, 0.999)) -> None:
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        *,
+        weight_decay: torch.Tensor,
+        eps: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ) -> None:
         self.params, self.weight_decay, self.eps, self.betas = params, weight_decay, eps, betas
         self.state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
         self.steps = 0
@@ -155,7 +173,7 @@ class StackedAdamW:
         """One update with per-member learning rates ``lr [G]`` (the formula of torch.optim.AdamW)."""
         self.steps += 1
         b1, b2 = self.betas
-        bias1, bias2_sqrt = 1 - b1 ** self.steps, math.sqrt(1 - b2 ** self.steps)
+        bias1, bias2_sqrt = 1 - b1**self.steps, math.sqrt(1 - b2**self.steps)
         for p, (m, v) in zip(self.params, self.state):
             shape = (-1,) + (1,) * (p.ndim - 1)
             rate, decay = lr.reshape(shape), self.weight_decay.reshape(shape)
@@ -211,8 +229,15 @@ class GridData:
     tap: str
 
 
-def train_grid(frozen: PoolingTail, data: GridData, config: SafeConfig, points: list[tuple[float, float]], *,
-               generator: torch.Generator, device: torch.device | str = "cpu") -> GridResult:
+def train_grid(
+    frozen: PoolingTail,
+    data: GridData,
+    config: SafeConfig,
+    points: list[tuple[float, float]],
+    *,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> GridResult:
     """Train one stacked copy of ``frozen`` per (lr, wd) point on the same batches (one pass over the data)."""
     device = torch.device(device)
     with flush_denormals(device):
@@ -235,14 +260,32 @@ def flush_denormals(device: torch.device) -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
-def _train_grid(frozen: PoolingTail, data: GridData, config: SafeConfig, points: list[tuple[float, float]], *,
-                generator: torch.Generator, device: torch.device) -> GridResult:
+def _train_grid(
+    frozen: PoolingTail,
+    data: GridData,
+    config: SafeConfig,
+    points: list[tuple[float, float]],
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+) -> GridResult:
     frozen = frozen.to(device)
     tuned = frozen.stacked(len(points)).requires_grad_(True)
     params = list(tuned.params.values())
-    optimizer = StackedAdamW(params, weight_decay=torch.tensor([p[1] for p in points], device=device), eps=config.eps)
-    schedules = [TrainSettings(epochs=1, batch_size=config.batch_size, lr=base, warmup=config.warmup,
-                               warmup_mode="linear", warmup_lr=config.warmup_lr) for base, _ in points]
+    optimizer = StackedAdamW(
+        params, weight_decay=torch.tensor([p[1] for p in points], device=device), eps=config.eps
+    )
+    schedules = [
+        TrainSettings(
+            epochs=1,
+            batch_size=config.batch_size,
+            lr=base,
+            warmup=config.warmup,
+            warmup_mode="linear",
+            warmup_lr=config.warmup_lr,
+        )
+        for base, _ in points
+    ]
     total = total_iterations(config, len(data.train) * data.train.num_views)
     selection = _Selection(tuned, frozen, data, config, device)
     text = data.text.to(device)
@@ -270,8 +313,9 @@ def total_iterations(config: SafeConfig, pairs: int) -> int:
     return config.iterations
 
 
-def train_batches(source: ViewSource, config: SafeConfig, total: int,
-                  generator: torch.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def train_batches(
+    source: ViewSource, config: SafeConfig, total: int, generator: torch.Generator
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``total`` batches of (image position, view) drawn from fresh permutations of all N × V pairs."""
     views = source.num_views
     done = 0
@@ -286,8 +330,14 @@ def train_batches(source: ViewSource, config: SafeConfig, total: int,
 class _Selection:
     """Scores every member on val with the blended head; keeps each member's first strict maximum."""
 
-    def __init__(self, tuned: PoolingTail, frozen: PoolingTail, data: GridData, config: SafeConfig,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        tuned: PoolingTail,
+        frozen: PoolingTail,
+        data: GridData,
+        config: SafeConfig,
+        device: torch.device,
+    ) -> None:
         self.tuned, self.data, self.config, self.device = tuned, data, config, device
         self.best = {k: p.detach().clone() for k, p in tuned.params.items()}
         self.scores: list[float | None] = [None] * tuned.copies
@@ -323,8 +373,10 @@ class _Selection:
 @torch.no_grad()
 def _embed_all(tail: PoolingTail, source: ViewSource, tap: str, device: torch.device) -> torch.Tensor:
     """``tail`` on the center view of every image of ``source`` → ``[G, N, D]``."""
-    parts = [tail(source.batch(np.arange(s, min(s + EVAL_BATCH, len(source))))[tap].to(device))
-             for s in range(0, len(source), EVAL_BATCH)]
+    parts = [
+        tail(source.batch(np.arange(s, min(s + EVAL_BATCH, len(source))))[tap].to(device))
+        for s in range(0, len(source), EVAL_BATCH)
+    ]
     return torch.cat(parts, dim=1)
 
 
@@ -341,28 +393,47 @@ def frozen_tail(task: FitTask) -> PoolingTail:
     return PoolingTail.from_backbone(task.backbone()).to(task.device)
 
 
-def fit_safe(task: FitTask, config: SafeConfig, *, generator: torch.Generator) -> tuple[SafeHead, dict, list[dict]]:
+def fit_safe(
+    task: FitTask, config: SafeConfig, *, generator: torch.Generator
+) -> tuple[SafeHead, dict, list[dict]]:
     """Train the grid (in chunks of ``grid_chunk`` points, each on the same batches) and build the winner's head."""
     tap, points = dense_tap(task), config.grid()
     frozen = frozen_tail(task)
     text = F.normalize(task.text(config.templates).float(), dim=-1)
-    data = GridData(task.views(task.train, policy=TRAIN_POLICY, taps=(tap,)), task.train.labels,
-                    task.views(task.val, taps=(tap,)), task.val.labels, text, tap)
+    data = GridData(
+        task.views(task.train, policy=TRAIN_POLICY, taps=(tap,)),
+        task.train.labels,
+        task.views(task.val, taps=(tap,)),
+        task.val.labels,
+        text,
+        tap,
+    )
     chunk = config.grid_chunk or (len(points) if task.device.type == "cuda" else 1)
     state = generator.get_state()
     results = []
     for start in range(0, len(points), chunk):
         generator.set_state(state)  # every chunk sees the batches a lone run would
-        results.append(train_grid(frozen, data, config, points[start:start + chunk], generator=generator,
-                                  device=task.device))
+        results.append(
+            train_grid(
+                frozen, data, config, points[start : start + chunk], generator=generator, device=task.device
+            )
+        )
     members = [(r, g) for r in results for g in range(r.tuned.copies)]
     scores, iters = [r.scores[g] for r, g in members], [r.best_iters[g] for r, g in members]
     win = first_best(scores)
     result, index = members[win]
     head = SafeHead(frozen, result.tuned.member(index), text, tap=tap, beta=config.beta, tau=config.tau)
-    grid = [{"lr": lr, "wd": wd, "val_acc": scores[i], "iteration": iters[i]} for i, (lr, wd) in enumerate(points)]
-    selection = {"lr": points[win][0], "wd": points[win][1], "val_acc": scores[win], "iteration": iters[win],
-                 "on": task.val.name, "grid": grid}
+    grid = [
+        {"lr": lr, "wd": wd, "val_acc": scores[i], "iteration": iters[i]} for i, (lr, wd) in enumerate(points)
+    ]
+    selection = {
+        "lr": points[win][0],
+        "wd": points[win][1],
+        "val_acc": scores[win],
+        "iteration": iters[win],
+        "on": task.val.name,
+        "grid": grid,
+    }
     history = [{**entry, "grid_offset": i * chunk} for i, r in enumerate(results) for entry in r.history]
     return head, selection, history
 
@@ -370,8 +441,10 @@ def fit_safe(task: FitTask, config: SafeConfig, *, generator: torch.Generator) -
 @register_method
 class Safe(Method):
     name = "safe"
-    description = ("SAFE: a trainable copy of the pooling layer (RN attnpool / ViT last block) on cached dense maps, "
-                   "blended with the frozen one; lr x wd grid on shared batches, selected on val (§2.7).")
+    description = (
+        "SAFE: a trainable copy of the pooling layer (RN attnpool / ViT last block) on cached dense maps, "
+        "blended with the frozen one; lr x wd grid on shared batches, selected on val (§2.7)."
+    )
     Config = SafeConfig
     deviations = SAFE_DEVIATIONS
     paper_protocol = "Same as coop: SAFE selects every choice on the few-shot val (min(k,4) per class)."

@@ -5,6 +5,7 @@ views, test feature the same blend, Tip's logits with the frozen ``W_c``. Stage 
 (:func:`.safe.fit_safe`); stage 2 runs :class:`.tip_adapter_f.TipAdapterF` unchanged on a view of the
 task in which ``pooled`` *is* the blended embedding of the cached dense map.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,15 +55,25 @@ class SafeAConfig(SafeConfig, TipAdapterConfig):
     def resolved(self, dataset: str) -> SafeAConfig:
         """Tip's per-dataset search scales, init alpha/beta and epochs for the fields left at ``None``."""
         row = tip_defaults(dataset)
-        fill = {"search_scale": row.search_scale, "init_beta": row.init_beta, "init_alpha": row.init_alpha,
-                "tip_epochs": row.epochs}
+        fill = {
+            "search_scale": row.search_scale,
+            "init_beta": row.init_beta,
+            "init_alpha": row.init_alpha,
+            "tip_epochs": row.epochs,
+        }
         return dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
 
     def tip_config(self) -> TipAdapterFConfig:
         """Stage 2's Tip-Adapter-F options."""
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TipAdapterConfig)}
-        return TipAdapterFConfig(**shared, epochs=self.tip_epochs, batch_size=self.tip_batch_size, lr=self.tip_lr,
-                                 eps=self.tip_eps, weight_decay=self.tip_weight_decay)
+        return TipAdapterFConfig(
+            **shared,
+            epochs=self.tip_epochs,
+            batch_size=self.tip_batch_size,
+            lr=self.tip_lr,
+            eps=self.tip_eps,
+            weight_decay=self.tip_weight_decay,
+        )
 
 
 # ---------------------------------------------------------------------------- stage 2's view of the task
@@ -89,8 +100,12 @@ def precompute(source: EmbeddedViews) -> MemoryViews:
     n, v = len(source), source.num_views
     views = []
     for view in range(v):
-        parts = [source.batch(np.arange(s, min(s + EMBED_BATCH, n)), np.full(min(EMBED_BATCH, n - s), view))["pooled"]
-                 for s in range(0, n, EMBED_BATCH)]
+        parts = [
+            source.batch(np.arange(s, min(s + EMBED_BATCH, n)), np.full(min(EMBED_BATCH, n - s), view))[
+                "pooled"
+            ]
+            for s in range(0, n, EMBED_BATCH)
+        ]
         views.append(torch.cat(parts))
     return MemoryViews({"pooled": torch.stack(views, dim=1)})
 
@@ -99,13 +114,22 @@ class EmbeddedTask(FitTask):
     """``task`` as Tip-Adapter-F sees it in SAFE-A: the ``pooled`` tap is SAFE's blended embedding."""
 
     def __init__(self, task: FitTask, safe: SafeHead, *, stored: bool) -> None:
-        super().__init__(task.store, task.info, train=task.train, val=task.val, oracle=task.oracle,
-                         device=task.device, memory_budget=task.memory_budget)
+        super().__init__(
+            task.store,
+            task.info,
+            train=task.train,
+            val=task.val,
+            oracle=task.oracle,
+            device=task.device,
+            memory_budget=task.memory_budget,
+        )
         self.warnings, self._text = task.warnings, task._text  # shared: warnings reach the run record
         self.safe, self.stored = safe, stored
         self._done: dict[tuple[str, str, str], MemoryViews] = {}
 
-    def views(self, split: SplitRef, *, policy: str = "center", taps: tuple[str, ...] = ("pooled",)) -> ViewSource:
+    def views(
+        self, split: SplitRef, *, policy: str = "center", taps: tuple[str, ...] = ("pooled",)
+    ) -> ViewSource:
         if tuple(taps) != ("pooled",):
             raise ValueError(f"SAFE-A's stage 2 reads only the blended 'pooled' embedding, not {taps}")
         source = EmbeddedViews(super().views(split, policy=policy, taps=self.safe.inputs), self.safe)
@@ -132,23 +156,33 @@ class SafeAHead(Head):
         return self.tip({"pooled": self.safe.embed(x)})
 
     def saved_state(self) -> dict[str, torch.Tensor]:
-        return {**{f"safe.{k}": v for k, v in self.safe.saved_state().items()},
-                **{f"tip.{k}": v for k, v in self.tip.saved_state().items()}}
+        return {
+            **{f"safe.{k}": v for k, v in self.safe.saved_state().items()},
+            **{f"tip.{k}": v for k, v in self.tip.saved_state().items()},
+        }
 
 
 @register_method
 class SafeA(Method):
     name = "safe_a"
-    description = ("SAFE-A: SAFE, then Tip-Adapter-F on SAFE's blended embeddings (keys from tip views); "
-                   "alpha/beta searched on val (§2.8).")
-    Config = SafeAConfig
-    deviations = SAFE_DEVIATIONS + TIP_DEVIATIONS + (
-        "[PROPOSED] stage 2 (no recipe in the paper): Tip-Adapter-F's official recipe on blended embeddings, "
-        "keys from tip views 1..10, epoch and alpha/beta selected on the few-shot val.",
-        "[PROPOSED] AttnPool_F is frozen after SAFE; the blended tip-view embeddings are computed once "
-        "(option precompute).",
+    description = (
+        "SAFE-A: SAFE, then Tip-Adapter-F on SAFE's blended embeddings (keys from tip views); "
+        "alpha/beta searched on val (§2.8)."
     )
-    paper_protocol = "Same as coop: SAFE's protocol selects on the few-shot val; Tip-F's test oracle is not used."
+    Config = SafeAConfig
+    deviations = (
+        SAFE_DEVIATIONS
+        + TIP_DEVIATIONS
+        + (
+            "[PROPOSED] stage 2 (no recipe in the paper): Tip-Adapter-F's official recipe on blended embeddings, "
+            "keys from tip views 1..10, epoch and alpha/beta selected on the few-shot val.",
+            "[PROPOSED] AttnPool_F is frozen after SAFE; the blended tip-view embeddings are computed once "
+            "(option precompute).",
+        )
+    )
+    paper_protocol = (
+        "Same as coop: SAFE's protocol selects on the few-shot val; Tip-F's test oracle is not used."
+    )
     min_views = {TRAIN_POLICY: 1, "tip": 1 + AUGMENT_VIEWS}
 
     def resolve(self, info: TaskInfo) -> SafeAConfig:
@@ -157,7 +191,12 @@ class SafeA(Method):
     def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
         cfg = self.config.resolved(task.info.dataset)
         safe, safe_selection, history = fit_safe(task, cfg.safe_options(), generator=generator)
-        tip = TipAdapterF(cfg.tip_config()).fit(EmbeddedTask(task, safe, stored=cfg.precompute), generator=generator)
+        tip = TipAdapterF(cfg.tip_config()).fit(
+            EmbeddedTask(task, safe, stored=cfg.precompute), generator=generator
+        )
         selection = {"safe": safe_selection, "tip": tip.selection, "dense_tap": dense_tap(task)}
-        return FitResult(SafeAHead(safe, tip.head), selection=selection,
-                         history=history + [{"stage": "tip", **h} for h in tip.history])
+        return FitResult(
+            SafeAHead(safe, tip.head),
+            selection=selection,
+            history=history + [{"stage": "tip", **h} for h in tip.history],
+        )

@@ -2,6 +2,7 @@
 
 [CODE] gaopengcuhk/Tip-Adapter main.py::run_tip_adapter, utils.py::build_cache_model, search_hp.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,8 +80,16 @@ def cache_logits(affinity: torch.Tensor, values: torch.Tensor, beta: float | tor
     return ((-1) * (beta - beta * affinity)).exp() @ values
 
 
-def tip_logits(f_hat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, text: torch.Tensor, *,
-               alpha: float, beta: float, scale: float = 100.0) -> torch.Tensor:
+def tip_logits(
+    f_hat: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    text: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    scale: float = 100.0,
+) -> torch.Tensor:
     """``scale f̂ Wᵀ + alpha · exp(-beta (1 - f̂ Kᵀ)) L`` for normalised features ``f̂`` ``[B, D]``."""
     clip = scale * f_hat @ text.T  # [B, C]
     return clip + cache_logits(f_hat @ keys.T, values, beta) * alpha
@@ -91,8 +100,15 @@ def search_grid(scale: float, steps: int) -> list[float]:
     return [i * (scale - 0.1) / steps + 0.1 for i in range(steps)]
 
 
-def search_alpha_beta(affinity: torch.Tensor, clip: torch.Tensor, values: torch.Tensor, labels: torch.Tensor, *,
-                      betas: list[float], alphas: list[float]) -> tuple[float, float, float]:
+def search_alpha_beta(
+    affinity: torch.Tensor,
+    clip: torch.Tensor,
+    values: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    betas: list[float],
+    alphas: list[float],
+) -> tuple[float, float, float]:
     """(beta, alpha, accuracy %) of the first strict maximum, beta-major ([CODE] utils.py::search_hp).
 
     Like the official loop it starts from accuracy 0 and beta = alpha = 0, so a split on which every
@@ -103,14 +119,18 @@ def search_alpha_beta(affinity: torch.Tensor, clip: torch.Tensor, values: torch.
     chunk = max(1, int(2**26 // max(clip.numel(), 1)))  # bound [A, N, C] to ~64 M elements
     for beta in betas:
         cache = cache_logits(affinity, values, beta)  # [N, C]
-        correct = torch.cat([_correct(clip, cache, alpha_t[i:i + chunk], labels) for i in range(0, len(alphas), chunk)])
+        correct = torch.cat(
+            [_correct(clip, cache, alpha_t[i : i + chunk], labels) for i in range(0, len(alphas), chunk)]
+        )
         for alpha, right in zip(alphas, correct.tolist()):
             if right > best_correct:
                 best_correct, best_beta, best_alpha = right, beta, alpha
     return best_beta, best_alpha, 100.0 * best_correct / max(len(labels), 1)
 
 
-def _correct(clip: torch.Tensor, cache: torch.Tensor, alphas: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _correct(
+    clip: torch.Tensor, cache: torch.Tensor, alphas: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     logits = clip[None] + cache[None] * alphas[:, None, None]  # [A, N, C]
     return (logits.argmax(dim=-1) == labels[None]).sum(dim=-1)  # [A]
 
@@ -123,8 +143,17 @@ class TipHead(Head):
 
     inputs = ("pooled",)
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, text: torch.Tensor, *, alpha: float, beta: float,
-                 scale: float, train_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        text: torch.Tensor,
+        *,
+        alpha: float,
+        beta: float,
+        scale: float,
+        train_keys: bool = False,
+    ) -> None:
         super().__init__()
         self.adapter = torch.nn.Linear(keys.shape[1], keys.shape[0], bias=False)
         with torch.no_grad():
@@ -151,14 +180,16 @@ class TipHead(Head):
 
 
 @torch.no_grad()
-def search_on(head: TipHead, task: FitTask, split: SplitRef, *, scale: tuple[float, float],
-              steps: tuple[int, int]) -> dict:
+def search_on(
+    head: TipHead, task: FitTask, split: SplitRef, *, scale: tuple[float, float], steps: tuple[int, int]
+) -> dict:
     """Search (beta, alpha) for ``head`` on ``split`` and set them; returns what the record keeps."""
     head.eval()
     clip, affinity = head.parts(task.center(split).to(head.text.device))
     betas, alphas = search_grid(scale[0], steps[0]), search_grid(scale[1], steps[1])
-    beta, alpha, acc = search_alpha_beta(affinity, clip, head.values, split.labels.to(clip.device),
-                                         betas=betas, alphas=alphas)
+    beta, alpha, acc = search_alpha_beta(
+        affinity, clip, head.values, split.labels.to(clip.device), betas=betas, alphas=alphas
+    )
     head.set_alpha_beta(alpha=alpha, beta=beta)
     return {"beta": beta, "alpha": alpha, "search_acc": acc, "search_on": split.name, "search_n": len(split)}
 
@@ -194,8 +225,12 @@ class TipAdapterConfig(MethodConfig):
     def resolved(self, dataset: str) -> TipAdapterConfig:
         """Per-dataset defaults filled in for the fields left at ``None``."""
         row = tip_defaults(dataset)
-        fill = {"search_scale": row.search_scale, "init_beta": row.init_beta, "init_alpha": row.init_alpha,
-                "epochs": row.epochs}
+        fill = {
+            "search_scale": row.search_scale,
+            "init_beta": row.init_beta,
+            "init_alpha": row.init_alpha,
+            "epochs": row.epochs,
+        }
         changes = {k: v for k, v in fill.items() if hasattr(self, k) and getattr(self, k) is None}
         return dataclasses.replace(self, **changes)
 
@@ -204,16 +239,25 @@ def keys_from_store(task: FitTask, *, views: int) -> torch.Tensor:
     """Keys from tip views 1..``views`` of the train images (view 0, the center crop, is not averaged)."""
     have = task.num_views("tip")
     if have < 1 + views:
-        raise StoreError(f"Tip-Adapter keys average {views} tip views but the store holds {max(have - 1, 0)} "
-                         f"augmented ones; extract with --for tip_adapter (or lower -o augment_views)")
+        raise StoreError(
+            f"Tip-Adapter keys average {views} tip views but the store holds {max(have - 1, 0)} "
+            f"augmented ones; extract with --for tip_adapter (or lower -o augment_views)"
+        )
     return build_keys(task.train_views("tip", views=range(1, 1 + views)))
 
 
 def initial_head(task: FitTask, config: TipAdapterConfig, *, train_keys: bool) -> TipHead:
     keys = keys_from_store(task, views=config.augment_views)
     values = build_values(task.train.labels, task.info.num_classes)
-    return TipHead(keys, values, task.text(config.templates), alpha=config.init_alpha, beta=config.init_beta,
-                   scale=task.info.zs_scale, train_keys=train_keys)
+    return TipHead(
+        keys,
+        values,
+        task.text(config.templates),
+        alpha=config.init_alpha,
+        beta=config.init_beta,
+        scale=task.info.zs_scale,
+        train_keys=train_keys,
+    )
 
 
 def search_split(task: FitTask) -> SplitRef:
@@ -233,11 +277,16 @@ TIP_DEVIATIONS = (
 @register_method
 class TipAdapter(Method):
     name = "tip_adapter"
-    description = "Tip-Adapter: training-free cache of 10-view-averaged few-shot keys; alpha/beta searched on val (§2.3)."
+    description = (
+        "Tip-Adapter: training-free cache of 10-view-averaged few-shot keys; "
+        "alpha/beta searched on val (§2.3)."
+    )
     Config = TipAdapterConfig
     deviations = TIP_DEVIATIONS
-    paper_protocol = ("alpha/beta searched on the full val split (when the store has val_full); "
-                      "ImageNet searches on test, as main_imagenet.py does.")
+    paper_protocol = (
+        "alpha/beta searched on the full val split (when the store has val_full); "
+        "ImageNet searches on test, as main_imagenet.py does."
+    )
     paper_full_val = True
     paper_test_oracle = True  # only read for the ImageNet test search
     min_views = {"tip": 1 + AUGMENT_VIEWS}
@@ -251,5 +300,7 @@ class TipAdapter(Method):
         head = initial_head(task, cfg, train_keys=False)
         selection = {"init_alpha": cfg.init_alpha, "init_beta": cfg.init_beta}
         if cfg.search:
-            selection |= search_on(head, task, search_split(task), scale=cfg.search_scale, steps=cfg.search_steps)
+            selection |= search_on(
+                head, task, search_split(task), scale=cfg.search_scale, steps=cfg.search_steps
+            )
         return FitResult(head, selection=selection)

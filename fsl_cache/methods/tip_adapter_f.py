@@ -2,6 +2,7 @@
 
 [CODE] gaopengcuhk/Tip-Adapter main.py::run_tip_adapter_F.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,7 +16,15 @@ from ..training.settings import Schedule
 from .base import FitResult, Method
 from .options import TrainOptions
 from .registry import register_method
-from .tip_adapter import AUGMENT_VIEWS, TIP_DEVIATIONS, TipAdapterConfig, TipHead, initial_head, search_on, search_split
+from .tip_adapter import (
+    AUGMENT_VIEWS,
+    TIP_DEVIATIONS,
+    TipAdapterConfig,
+    TipHead,
+    initial_head,
+    search_on,
+    search_split,
+)
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,10 @@ class TipAdapterFConfig(TipAdapterConfig, TrainOptions):
 @register_method
 class TipAdapterF(Method):
     name = "tip_adapter_f"
-    description = "Tip-Adapter-F: Tip cache keys fine-tuned with AdamW on cached tip views; epoch and alpha/beta on val (§2.3)."
+    description = (
+        "Tip-Adapter-F: Tip cache keys fine-tuned with AdamW on cached tip views; "
+        "epoch and alpha/beta on val (§2.3)."
+    )
     Config = TipAdapterFConfig
     deviations = TIP_DEVIATIONS + (
         "[PROPOSED] coop protocol: the epoch is selected on the few-shot val (with init alpha/beta); the "
@@ -50,9 +62,11 @@ class TipAdapterF(Method):
         "[PROPOSED] each epoch trains on one cached tip view per image (view sampler, METHODS §1.6), exact in "
         "distribution when the store holds at least epochs + 1 tip views.",
     )
-    paper_protocol = ("epoch chosen by test accuracy (oracle) and the reported test accuracy is "
-                      "max(best epoch, final), as main.py prints; alpha/beta on the full val split "
-                      "(ImageNet: on test).")
+    paper_protocol = (
+        "epoch chosen by test accuracy (oracle) and the reported test accuracy is "
+        "max(best epoch, final), as main.py prints; alpha/beta on the full val split "
+        "(ImageNet: on test)."
+    )
     paper_full_val = True
     paper_test_oracle = True
     min_views = {"tip": 1 + AUGMENT_VIEWS}
@@ -72,11 +86,17 @@ class TipAdapterF(Method):
 
     def finalize(self, result: TrainResult, task: FitTask) -> FitResult:
         cfg, head = self.config, result.head
-        selection = {"epoch": result.best_epoch, "epoch_acc": result.best_score,
-                     "epoch_on": "test" if task.info.protocol == "paper" and task.oracle is not None else "val",
-                     "init_alpha": cfg.init_alpha, "init_beta": cfg.init_beta}
+        selection = {
+            "epoch": result.best_epoch,
+            "epoch_acc": result.best_score,
+            "epoch_on": "test" if task.info.protocol == "paper" and task.oracle is not None else "val",
+            "init_alpha": cfg.init_alpha,
+            "init_beta": cfg.init_beta,
+        }
         if cfg.search:
-            selection |= search_on(head, task, search_split(task), scale=cfg.search_scale, steps=cfg.search_steps)
+            selection |= search_on(
+                head, task, search_split(task), scale=cfg.search_scale, steps=cfg.search_steps
+            )
         paper_acc = self._paper_test_acc(head, task, result.best_score)
         return FitResult(head, selection=selection, history=result.history, paper_test_acc=paper_acc)
 

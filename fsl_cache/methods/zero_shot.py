@@ -1,4 +1,5 @@
 """Zero-shot CLIP (METHODS §2.1): ``100 · f̂ Wᵀ`` with the dataset's hand-crafted templates."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -3,6 +3,7 @@
 Every format shows one block per dataset (the average over datasets first): a row per method, a
 column per shot count, ``mean ± std`` over seeds, the best mean of each column in bold.
 """
+
 from __future__ import annotations
 
 import csv
@@ -55,7 +56,9 @@ def as_text(table: ReportTable) -> str:
     from rich.table import Table
 
     out = io.StringIO()
-    console = Console(file=out, width=max(100, 24 + 18 * len(table.shots)), force_terminal=False, color_system=None)
+    console = Console(
+        file=out, width=max(100, 24 + 18 * len(table.shots)), force_terminal=False, color_system=None
+    )
     for block in table.blocks():
         t = Table(title=escape(block_title(table, block)), title_justify="left", show_edge=False)
         t.add_column("method")
@@ -63,7 +66,10 @@ def as_text(table: ReportTable) -> str:
             t.add_column(head, justify="right")
         for method in table.methods:
             cells = [table.get(method, block, k) for k in table.shots]
-            t.add_row(escape(method), *[f"[bold]{cell_text(c)}[/]" if _is_best(table, c) else cell_text(c) for c in cells])
+            t.add_row(
+                escape(method),
+                *[f"[bold]{cell_text(c)}[/]" if _is_best(table, c) else cell_text(c) for c in cells],
+            )
         console.print(t)
         console.print()
     for note in table.notes:
@@ -74,8 +80,12 @@ def as_text(table: ReportTable) -> str:
 def as_markdown(table: ReportTable) -> str:
     lines = []
     for block in table.blocks():
-        lines += [f"### {block_title(table, block)}", "", "| method | " + " | ".join(_shots_header(table)) + " |",
-                  "|---|" + "---:|" * len(table.shots)]
+        lines += [
+            f"### {block_title(table, block)}",
+            "",
+            "| method | " + " | ".join(_shots_header(table)) + " |",
+            "|---|" + "---:|" * len(table.shots),
+        ]
         for method in table.methods:
             cells = [table.get(method, block, k) for k in table.shots]
             texts = [f"**{cell_text(c)}**" if _is_best(table, c) else cell_text(c) for c in cells]
@@ -90,9 +100,18 @@ def as_csv(table: ReportTable) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["method", "dataset", "shots", "mean", "std", "n", "seeds", "partial"])
     for cell in _cells(table):
-        writer.writerow([cell.method, cell.dataset, cell.shots, f"{cell.mean:.4f}",
-                         "" if cell.std is None else f"{cell.std:.4f}", len(cell.values),
-                         " ".join(map(str, cell.seeds)), int(cell.partial)])
+        writer.writerow(
+            [
+                cell.method,
+                cell.dataset,
+                cell.shots,
+                f"{cell.mean:.4f}",
+                "" if cell.std is None else f"{cell.std:.4f}",
+                len(cell.values),
+                " ".join(map(str, cell.seeds)),
+                int(cell.partial),
+            ]
+        )
     return out.getvalue()
 
 
@@ -101,18 +120,29 @@ def as_json(table: ReportTable) -> str:
 
 
 def _cells(table: ReportTable) -> list[Cell]:
-    return [c for block in table.blocks() for m in table.methods for k in table.shots
-            if (c := table.get(m, block, k)) is not None]
+    return [
+        c
+        for block in table.blocks()
+        for m in table.methods
+        for k in table.shots
+        if (c := table.get(m, block, k)) is not None
+    ]
 
 
 def as_latex(table: ReportTable) -> str:
-    lines = ["% fsl-cache report: mean $\\pm$ std over seeds (test top-1, %); best per column in bold",
-             "% needs \\usepackage{booktabs}"]
+    lines = [
+        "% fsl-cache report: mean $\\pm$ std over seeds (test top-1, %); best per column in bold",
+        "% needs \\usepackage{booktabs}",
+    ]
     for block in table.blocks():
-        lines += [f"% {block_title(table, block)}", "\\begin{tabular}{l" + "c" * len(table.shots) + "}",
-                  "\\toprule",
-                  f"\\multicolumn{{{1 + len(table.shots)}}}{{l}}{{{_tex(block_title(table, block))}}} \\\\",
-                  "Method & " + " & ".join(_shots_header(table)) + " \\\\", "\\midrule"]
+        lines += [
+            f"% {block_title(table, block)}",
+            "\\begin{tabular}{l" + "c" * len(table.shots) + "}",
+            "\\toprule",
+            f"\\multicolumn{{{1 + len(table.shots)}}}{{l}}{{{_tex(block_title(table, block))}}} \\\\",
+            "Method & " + " & ".join(_shots_header(table)) + " \\\\",
+            "\\midrule",
+        ]
         for method in table.methods:
             cells = [table.get(method, block, k) for k in table.shots]
             texts = [cell_text(c, pm="$\\pm$") for c in cells]

@@ -3,6 +3,7 @@
 Confusion figures use the largest shot count each (method, dataset) has, summed over seeds and
 normalised per true class (row), so they read as "percent of class A's test images predicted B".
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -42,7 +43,11 @@ def write_plots(table: ReportTable, rows: Sequence[RunRow], out_dir: str | Path)
     matrices = confusion_by_group(rows)
     for (label, dataset), (shots, matrix, names) in list(matrices.items())[:MAX_HEATMAPS]:
         name = f"confusion_{slug(label)}_{slug(dataset_label(dataset))}_k{shots}.png"
-        written.append(plot_confusion(matrix, names, out / name, title=f"{label} on {dataset_label(dataset)}, {shots}-shot"))
+        written.append(
+            plot_confusion(
+                matrix, names, out / name, title=f"{label} on {dataset_label(dataset)}, {shots}-shot"
+            )
+        )
     for dataset in sorted({d for _, d in matrices}):
         groups = {label: (m, names) for (label, d), (_, m, names) in matrices.items() if d == dataset}
         path = out / f"confusable_pairs_{slug(dataset_label(dataset))}.png"
@@ -70,8 +75,17 @@ def plot_accuracy(table: ReportTable, path: Path) -> Path:
             x = np.array([c.shots for c in cells])
             y = np.array([c.mean for c in cells])
             s = np.array([c.std or 0.0 for c in cells])
-            ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], ms=5, lw=1.8, ls=STYLES[(i // 10) % len(STYLES)],
-                    color=colours(i % colours.N), label=method, alpha=0.9)
+            ax.plot(
+                x,
+                y,
+                marker=MARKERS[i % len(MARKERS)],
+                ms=5,
+                lw=1.8,
+                ls=STYLES[(i // 10) % len(STYLES)],
+                color=colours(i % colours.N),
+                label=method,
+                alpha=0.9,
+            )
             ax.fill_between(x, y - s, y + s, color=colours(i % colours.N), alpha=0.18, lw=0)
         ax.set_xscale("log", base=2)
         ax.set_xticks(table.shots, [str(k) for k in table.shots])
@@ -81,14 +95,21 @@ def plot_accuracy(table: ReportTable, path: Path) -> Path:
         ax.set_xlabel("shots per class")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(blocks):]:
+    for ax in axes.flat[len(blocks) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.suptitle("Few-shot test accuracy (band: ± std over seeds)", fontsize=12)
     fig.tight_layout()
     # below the panels; bbox_inches="tight" grows the canvas so no label is cut
-    fig.legend(handles, labels, loc="upper center", ncol=max(1, min(len(labels), 2 * cols)), frameon=False,
-               bbox_to_anchor=(0.5, 0.0), fontsize=9)
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncol=max(1, min(len(labels), 2 * cols)),
+        frameon=False,
+        bbox_to_anchor=(0.5, 0.0),
+        fontsize=9,
+    )
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -136,8 +157,15 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, *, titl
         for i in range(c):
             for j in range(c):
                 if rates[i, j] >= 0.5:
-                    ax.text(j, i, f"{rates[i, j]:.0f}", ha="center", va="center", fontsize=8,
-                            color="white" if rates[i, j] > 60 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{rates[i, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if rates[i, j] > 60 else "black",
+                    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     accuracy = 100.0 * np.trace(matrix) / max(matrix.sum(), 1)
@@ -148,7 +176,9 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, *, titl
     return path
 
 
-def confusable_pairs(matrix: np.ndarray, names: Sequence[str], *, top: int = TOP_PAIRS) -> list[tuple[str, float]]:
+def confusable_pairs(
+    matrix: np.ndarray, names: Sequence[str], *, top: int = TOP_PAIRS
+) -> list[tuple[str, float]]:
     """Class pairs by how often either is taken for the other: ``(A ↔ B, (rate(A→B) + rate(B→A)) / 2)`` in %."""
     rates = row_normalised(matrix)
     sym = np.triu((rates + rates.T) / 2, k=1)
@@ -162,7 +192,9 @@ def confusable_pairs(matrix: np.ndarray, names: Sequence[str], *, top: int = TOP
     return pairs
 
 
-def plot_confusable_pairs(groups: dict[str, tuple[np.ndarray, list[str]]], path: Path, *, title: str) -> Path | None:
+def plot_confusable_pairs(
+    groups: dict[str, tuple[np.ndarray, list[str]]], path: Path, *, title: str
+) -> Path | None:
     """Horizontal bars: the most-confused pairs (ranked by the mean over methods), one bar per method."""
     plt = _pyplot()
     scores: dict[str, dict[str, float]] = defaultdict(dict)
@@ -178,7 +210,9 @@ def plot_confusable_pairs(groups: dict[str, tuple[np.ndarray, list[str]]], path:
     colours = plt.get_cmap("tab10")
     for i, label in enumerate(labels):
         y = np.arange(len(ranked)) + i * height
-        ax.barh(y, [scores[p].get(label, 0.0) for p in ranked], height=height, color=colours(i % 10), label=label)
+        ax.barh(
+            y, [scores[p].get(label, 0.0) for p in ranked], height=height, color=colours(i % 10), label=label
+        )
     ax.set_yticks(np.arange(len(ranked)) + 0.4 - height / 2, ranked)
     ax.invert_yaxis()
     ax.set_xlabel("% of test images taken for the other class (mean of A→B and B→A)")

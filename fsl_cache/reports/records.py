@@ -1,4 +1,5 @@
 """Run records as report rows: found under a runs folder, filtered, one per (variant, dataset, shots, seed)."""
+
 from __future__ import annotations
 
 import json
@@ -57,10 +58,23 @@ def row_from_record(record: dict, path: Path) -> RunRow:
     test = m["test"][m["headline"]]
     options = tuple(sorted((str(k), _text(v)) for k, v in (record.get("options") or {}).items()))
     store = record.get("store", {})
-    return RunRow(record["method"], options, record["dataset"], int(record["shots"]), int(record["seed"]),
-                  record["protocol"], f"{store.get('arch')}/{store.get('pretrained')}", float(m["val_acc"]),
-                  float(m["test_acc"]), float(test["mean_per_class"]), record.get("created", ""), path,
-                  test.get("confusion"), str(store.get("path", "")), bool(store.get("random_init")))
+    return RunRow(
+        record["method"],
+        options,
+        record["dataset"],
+        int(record["shots"]),
+        int(record["seed"]),
+        record["protocol"],
+        f"{store.get('arch')}/{store.get('pretrained')}",
+        float(m["val_acc"]),
+        float(m["test_acc"]),
+        float(test["mean_per_class"]),
+        record.get("created", ""),
+        path,
+        test.get("confusion"),
+        str(store.get("path", "")),
+        bool(store.get("random_init")),
+    )
 
 
 def _text(value: Any) -> str:
@@ -84,11 +98,17 @@ class Filters:
         from ..runs.locate import canonical_dataset
 
         datasets = {canonical_dataset(d) for d in self.datasets} | set(self.datasets)
-        return ((not self.methods or row.method in self.methods or row.variant in self.methods)
-                and (not self.datasets or row.dataset in datasets or row.dataset_label in datasets)
-                and (not self.shots or row.shots in self.shots)
-                and (not self.protocols or row.protocol in self.protocols)
-                and (not self.backbones or row.backbone in self.backbones or row.backbone.split("/")[0] in self.backbones))
+        return (
+            (not self.methods or row.method in self.methods or row.variant in self.methods)
+            and (not self.datasets or row.dataset in datasets or row.dataset_label in datasets)
+            and (not self.shots or row.shots in self.shots)
+            and (not self.protocols or row.protocol in self.protocols)
+            and (
+                not self.backbones
+                or row.backbone in self.backbones
+                or row.backbone.split("/")[0] in self.backbones
+            )
+        )
 
 
 def find_records(runs_dir: Path) -> Iterable[Path]:

@@ -6,6 +6,7 @@ datasets is the mean of the per-dataset means; its std is the spread over seeds 
 dataset averages (only when every dataset has that seed). An average missing some datasets is
 marked partial rather than silently compared with complete ones.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -37,10 +38,18 @@ class Cell:
     """Datasets averaged (1 for a dataset cell)."""
 
     def to_json(self) -> dict:
-        return {"method": self.method, "dataset": self.dataset, "shots": self.shots, "mean": round(self.mean, 4),
-                "std": None if self.std is None else round(self.std, 4), "n": len(self.values),
-                "seeds": list(self.seeds), "values": [round(v, 4) for v in self.values], "partial": self.partial,
-                "datasets": self.datasets}
+        return {
+            "method": self.method,
+            "dataset": self.dataset,
+            "shots": self.shots,
+            "mean": round(self.mean, 4),
+            "std": None if self.std is None else round(self.std, 4),
+            "n": len(self.values),
+            "seeds": list(self.seeds),
+            "values": [round(v, 4) for v in self.values],
+            "partial": self.partial,
+            "datasets": self.datasets,
+        }
 
 
 @dataclass
@@ -89,12 +98,15 @@ def build_table(rows: Sequence[RunRow]) -> ReportTable:
     for (label, dataset, shots), by_seed in groups.items():
         seeds = tuple(sorted(by_seed))
         values = tuple(by_seed[s] for s in seeds)
-        table.cells[label, dataset, shots] = Cell(label, dataset, shots, float(np.mean(values)),
-                                                  float(np.std(values)), seeds, values)
+        table.cells[label, dataset, shots] = Cell(
+            label, dataset, shots, float(np.mean(values)), float(np.std(values)), seeds, values
+        )
     if len(datasets) > 1:
         _add_averages(table)
     if any(r.random_init for r in rows):
-        table.notes.append("some runs use a RANDOM-weight backbone: their numbers measure the pipeline, not CLIP")
+        table.notes.append(
+            "some runs use a RANDOM-weight backbone: their numbers measure the pipeline, not CLIP"
+        )
     return table
 
 
@@ -108,7 +120,17 @@ def _add_averages(table: ReportTable) -> None:
             per_seed = tuple(float(np.mean([c.values[c.seeds.index(s)] for c in cells])) for s in common)
             partial = len(cells) < len(table.datasets)
             table.cells[method, AVERAGE, shots] = Cell(
-                method, AVERAGE, shots, float(np.mean([c.mean for c in cells])),
-                float(np.std(per_seed)) if per_seed else None, tuple(common), per_seed, partial, len(cells))
+                method,
+                AVERAGE,
+                shots,
+                float(np.mean([c.mean for c in cells])),
+                float(np.std(per_seed)) if per_seed else None,
+                tuple(common),
+                per_seed,
+                partial,
+                len(cells),
+            )
     if any(c.partial for c in table.cells.values()):
-        table.notes.append(f"* average over fewer than the {len(table.datasets)} datasets (some runs are missing)")
+        table.notes.append(
+            f"* average over fewer than the {len(table.datasets)} datasets (some runs are missing)"
+        )

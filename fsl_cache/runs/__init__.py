@@ -1,4 +1,5 @@
 """Stage two runs: locating the store, fitting per seed, run records that are reused by fingerprint."""
+
 from .engine import fit_runs
 from .record import RunResult, default_runs_dir, load_head_tensors
 

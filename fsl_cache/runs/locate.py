@@ -1,4 +1,5 @@
 """Finding the store a fit reads, and checking it holds what the method needs."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ from pathlib import Path
 from ..errors import StoreError, UsageError, did_you_mean
 from ..extraction.needs import resolve_taps
 from ..store.catalog import StoreEntry, find_store
-from ..store.store import MANIFEST
 from ..store.fingerprint import slug
+from ..store.store import MANIFEST
 
 DEFAULT_SHOTS, DEFAULT_SEEDS = [1, 2, 4, 8, 16], [1, 2, 3]
 
@@ -28,8 +29,9 @@ def weights_tag(pretrained: str) -> str:
     return Path(pretrained).stem if os.sep in pretrained or "." in pretrained else pretrained
 
 
-def locate_store(cache_dir: Path, *, dataset: str, model: str, pretrained: str, store: str | None,
-                 method: str) -> StoreEntry:
+def locate_store(
+    cache_dir: Path, *, dataset: str, model: str, pretrained: str, store: str | None, method: str
+) -> StoreEntry:
     """The one finished store for ``dataset`` + backbone (or the store ``store`` names)."""
     name = canonical_dataset(dataset)
     if store is not None:
@@ -39,30 +41,44 @@ def locate_store(cache_dir: Path, *, dataset: str, model: str, pretrained: str, 
         return entry
     finished = finished_stores(cache_dir)
     prefix = f"{slug(model)}.{slug(weights_tag(pretrained))}-"
-    matches = [e for e in finished if e.dataset == name
-               and (e.backbone == f"{model}/{pretrained}" or e.path.name.startswith(prefix))]
+    matches = [
+        e
+        for e in finished
+        if e.dataset == name and (e.backbone == f"{model}/{pretrained}" or e.path.name.startswith(prefix))
+    ]
     if len(matches) == 1:
         return matches[0]
     if matches:
         listed = ", ".join(f"{e.key[:16]} ({e.precision}, {e.format})" for e in matches)
         raise UsageError(f"Several stores hold {name} with {model}/{pretrained}: {listed}. Pass --store KEY")
-    raise _no_store(cache_dir, name, dataset=dataset, model=model, pretrained=pretrained, method=method, finished=finished)
+    raise _no_store(
+        cache_dir, name, dataset=dataset, model=model, pretrained=pretrained, method=method, finished=finished
+    )
 
 
 def _no_store(cache_dir: Path, name: str, *, dataset, model, pretrained, method, finished) -> Exception:
     datasets = {e.dataset for e in finished}
     if name not in datasets and ":" not in name:
-        from ..datasets.base import builtin_loaders
         from ..datasets import catalog  # noqa: F401  (registers the built-in loaders)
+        from ..datasets.base import builtin_loaders
 
         known = set(builtin_loaders()) | datasets
         if name not in known:
             return did_you_mean(name, known, what="dataset")
     others = ", ".join(sorted(e.backbone for e in finished if e.dataset == name))
-    hint = f" (stores for {name} there: {others}; pick one with --model/--pretrained or --store KEY)" if others else ""
-    command = f"fsl-cache extract --dataset {shlex.quote(dataset)} --model {model} --pretrained {pretrained} --for {method}"
-    return UsageError(f"No feature store for {name} with {model}/{pretrained} under {cache_dir}{hint}. "
-                      f"Create it first: {command}")
+    hint = (
+        f" (stores for {name} there: {others}; pick one with --model/--pretrained or --store KEY)"
+        if others
+        else ""
+    )
+    command = (
+        f"fsl-cache extract --dataset {shlex.quote(dataset)} --model {model} "
+        f"--pretrained {pretrained} --for {method}"
+    )
+    return UsageError(
+        f"No feature store for {name} with {model}/{pretrained} under {cache_dir}{hint}. "
+        f"Create it first: {command}"
+    )
 
 
 def finished_stores(cache_dir: Path) -> list[StoreEntry]:
@@ -71,9 +87,18 @@ def finished_stores(cache_dir: Path) -> list[StoreEntry]:
     for manifest_path in sorted(Path(cache_dir).glob(f"*/*/{MANIFEST}")):
         try:
             m = json.loads(manifest_path.read_text())
-            entries.append(StoreEntry(manifest_path.parent, m["fingerprint"], m["dataset"]["name"],
-                                      f"{m['backbone']['arch']}/{m['backbone']['pretrained']}", m["precision"],
-                                      m["format"], True, 0))
+            entries.append(
+                StoreEntry(
+                    manifest_path.parent,
+                    m["fingerprint"],
+                    m["dataset"]["name"],
+                    f"{m['backbone']['arch']}/{m['backbone']['pretrained']}",
+                    m["precision"],
+                    m["format"],
+                    True,
+                    0,
+                )
+            )
         except (OSError, json.JSONDecodeError, KeyError):
             continue  # unfinished or foreign folders are not candidates
     return entries
@@ -85,8 +110,17 @@ def finished_stores(cache_dir: Path) -> list[StoreEntry]:
 def extract_command(manifest: dict, method: str, *, cache_dir: Path | None) -> str:
     """The ``fsl-cache extract`` command that adds ``method``'s arrays to this very store."""
     bb, fs = manifest["backbone"], manifest.get("few_shot", {})
-    words = ["fsl-cache extract", "--dataset", shlex.quote(manifest["dataset"]["name"]), "--model", bb["arch"],
-             "--pretrained", shlex.quote(str(bb["pretrained"])), "--for", method]
+    words = [
+        "fsl-cache extract",
+        "--dataset",
+        shlex.quote(manifest["dataset"]["name"]),
+        "--model",
+        bb["arch"],
+        "--pretrained",
+        shlex.quote(str(bb["pretrained"])),
+        "--for",
+        method,
+    ]
     if manifest.get("precision", "fp16") != "fp16":
         words += ["--precision", manifest["precision"]]
     if manifest.get("format", "zarr") != "zarr":
@@ -107,12 +141,19 @@ def check_needs(store, method_info, *, dataset: str, cache_dir: Path | None) -> 
     manifest = store.manifest
     needs = method_info.needs(dataset)
     bb = manifest["backbone"]
-    taps = lambda generic: resolve_taps(generic, kind=bb.get("kind", "rn"), dense_tap=bb.get("dense_tap", ""),  # noqa: E731
-                                        vit_blocks=vit_blocks(store))
+
+    def taps(generic):
+        kind, dense = bb.get("kind", "rn"), bb.get("dense_tap", "")
+        return resolve_taps(generic, kind=kind, dense_tap=dense, vit_blocks=vit_blocks(store))
+
     pools = [p for p in manifest.get("pools", {}) if store.has(f"images/{p}/labels")]
     train_pool = next((p for p in ("train_pool", "train_full") if p in pools), None)
-    missing = [f"images/{p}/views/center/{t}" for p in pools for t in taps(needs.eval_taps)
-               if not store.has(f"images/{p}/views/center/{t}")]
+    missing = [
+        f"images/{p}/views/center/{t}"
+        for p in pools
+        for t in taps(needs.eval_taps)
+        if not store.has(f"images/{p}/views/center/{t}")
+    ]
     caveats = []
     for view in needs.train_views:
         prefix = f"images/{train_pool}/views/{view.policy}"
@@ -120,16 +161,22 @@ def check_needs(store, method_info, *, dataset: str, cache_dir: Path | None) -> 
         have = int(manifest.get("views", {}).get(f"{train_pool}/{view.policy}", 0))
         least = method_info.cls.min_views.get(view.policy, 2)
         if store.has(f"{prefix}/{taps(view.taps)[0]}") and have < least:
-            raise StoreError(f"Store {store.root.name} holds {have} '{view.policy}' views per train image; "
-                             f"{method_info.name} needs at least {least}. Extract into a new store with --for "
-                             f"{method_info.name} (remove this one with fsl-cache cache rm {manifest['fingerprint'][:16]})")
+            raise StoreError(
+                f"Store {store.root.name} holds {have} '{view.policy}' views per train image; "
+                f"{method_info.name} needs at least {least}. Extract into a new store with --for "
+                f"{method_info.name} (remove this one with fsl-cache cache rm {manifest['fingerprint'][:16]})"
+            )
         if least <= have < view.views:
-            caveats.append(f"store holds {have} '{view.policy}' views per train image; {method_info.name} wants "
-                           f"{view.views} (1 + epochs) for fresh augmentation every epoch")
+            caveats.append(
+                f"store holds {have} '{view.policy}' views per train image; {method_info.name} wants "
+                f"{view.views} (1 + epochs) for fresh augmentation every epoch"
+            )
     if missing:
         more = f" and {len(missing) - 2} more" if len(missing) > 2 else ""
-        raise StoreError(f"Store {store.root.name} lacks {', '.join(missing[:2])}{more}, which {method_info.name} "
-                         f"needs. Add it with: {extract_command(manifest, method_info.name, cache_dir=cache_dir)}")
+        raise StoreError(
+            f"Store {store.root.name} lacks {', '.join(missing[:2])}{more}, which {method_info.name} "
+            f"needs. Add it with: {extract_command(manifest, method_info.name, cache_dir=cache_dir)}"
+        )
     return caveats
 
 

@@ -3,6 +3,7 @@
 The folder name carries the run fingerprint (store fingerprint + method + resolved config + shots
 + seed + protocol + code version), so a finished run is found, and not recomputed, by its path.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,18 +31,41 @@ def default_runs_dir() -> Path:
     return Path(os.environ.get("FSL_RUNS_DIR", "runs"))
 
 
-def run_fingerprint(*, store_fingerprint: str, method: str, config: dict, shots: int, seed: int,
-                    protocol: str) -> str:
-    return fingerprint({
-        "store": store_fingerprint, "method": method, "config": config, "shots": shots, "seed": seed,
-        "protocol": protocol, "code": {"fsl_cache": __version__, "fit_version": FIT_VERSION},
-    })
+def run_fingerprint(
+    *, store_fingerprint: str, method: str, config: dict, shots: int, seed: int, protocol: str
+) -> str:
+    return fingerprint(
+        {
+            "store": store_fingerprint,
+            "method": method,
+            "config": config,
+            "shots": shots,
+            "seed": seed,
+            "protocol": protocol,
+            "code": {"fsl_cache": __version__, "fit_version": FIT_VERSION},
+        }
+    )
 
 
-def run_dir(runs_dir: Path, *, dataset: str, store_dir: str, method: str, shots: int, seed: int,
-            protocol: str, key: str) -> Path:
+def run_dir(
+    runs_dir: Path,
+    *,
+    dataset: str,
+    store_dir: str,
+    method: str,
+    shots: int,
+    seed: int,
+    protocol: str,
+    key: str,
+) -> Path:
     """``runs/<dataset>/<store folder>/<method>/k<K>-s<S>-<protocol>-<key16>``."""
-    return Path(runs_dir) / dataset_dirname(dataset) / store_dir / method / f"k{shots}-s{seed}-{protocol}-{key[:16]}"
+    return (
+        Path(runs_dir)
+        / dataset_dirname(dataset)
+        / store_dir
+        / method
+        / f"k{shots}-s{seed}-{protocol}-{key[:16]}"
+    )
 
 
 def load_record(path: Path, *, key: str) -> dict | None:
@@ -64,7 +88,9 @@ def write_run(path: Path, record: dict, tensors: dict[str, torch.Tensor]) -> Non
     (path / RECORD).unlink(missing_ok=True)  # a forced re-run is unfinished until its record lands
     tmp = path / (HEAD + ".incomplete")
     plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    save_file(plain, str(tmp), metadata={"method": record["method"], "run_fingerprint": record["run_fingerprint"]})
+    save_file(
+        plain, str(tmp), metadata={"method": record["method"], "run_fingerprint": record["run_fingerprint"]}
+    )
     os.replace(tmp, path / HEAD)
     write_json_atomic(path / RECORD, record)
 
@@ -114,23 +140,41 @@ class RunResult:
         m = record["metrics"]
         heads = {name: {"val": m["val"][name]["top1"], "test": m["test"][name]["top1"]} for name in m["test"]}
         return cls(
-            method=record["method"], dataset=record["dataset"], shots=record["shots"], seed=record["seed"],
-            protocol=record["protocol"], val_acc=m["val_acc"], test_acc=m["test_acc"],
+            method=record["method"],
+            dataset=record["dataset"],
+            shots=record["shots"],
+            seed=record["seed"],
+            protocol=record["protocol"],
+            val_acc=m["val_acc"],
+            test_acc=m["test_acc"],
             val_mean_per_class=m["val"][m["headline"]]["mean_per_class"],
             test_mean_per_class=m["test"][m["headline"]]["mean_per_class"],
-            heads=heads, run_dir=path, run_fingerprint=record["run_fingerprint"],
-            store_fingerprint=record["store"]["fingerprint"], reused=reused,
-            seconds=record["timings"]["total_s"], warnings=tuple(record.get("warnings", [])),
+            heads=heads,
+            run_dir=path,
+            run_fingerprint=record["run_fingerprint"],
+            store_fingerprint=record["store"]["fingerprint"],
+            reused=reused,
+            seconds=record["timings"]["total_s"],
+            warnings=tuple(record.get("warnings", [])),
         )
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "method": self.method, "dataset": self.dataset, "shots": self.shots, "seed": self.seed,
-            "protocol": self.protocol, "val_acc": round(self.val_acc, 4), "test_acc": round(self.test_acc, 4),
+            "method": self.method,
+            "dataset": self.dataset,
+            "shots": self.shots,
+            "seed": self.seed,
+            "protocol": self.protocol,
+            "val_acc": round(self.val_acc, 4),
+            "test_acc": round(self.test_acc, 4),
             "val_mean_per_class": round(self.val_mean_per_class, 4),
             "test_mean_per_class": round(self.test_mean_per_class, 4),
-            "heads": self.heads, "run_dir": str(self.run_dir), "run_fingerprint": self.run_fingerprint,
-            "store": self.store_fingerprint, "reused": self.reused, "seconds": round(self.seconds, 3),
+            "heads": self.heads,
+            "run_dir": str(self.run_dir),
+            "run_fingerprint": self.run_fingerprint,
+            "store": self.store_fingerprint,
+            "reused": self.reused,
+            "seconds": round(self.seconds, 3),
             "warnings": list(self.warnings),
         }
 

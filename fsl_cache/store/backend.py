@@ -10,6 +10,7 @@ whole and then acknowledged by the store's progress marker, or rewritten on resu
   ``store.h5`` maps every array onto its parts as an HDF5 virtual dataset. One killed writer can
   therefore never corrupt data written before it, which a single growing HDF5 file cannot promise.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,11 +45,18 @@ class ArraySpec:
         return int(np.prod(self.shape, dtype=np.int64)) * itemsize
 
     def to_json(self) -> dict:
-        return {"shape": list(self.shape), "dtype": self.dtype, "chunks": list(self.chunks), "codec": self.codec}
+        return {
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "chunks": list(self.chunks),
+            "codec": self.codec,
+        }
 
     @classmethod
-    def from_json(cls, name: str, data: dict) -> "ArraySpec":
-        return cls(name, tuple(data["shape"]), data["dtype"], tuple(data["chunks"]), data.get("codec", "none"))
+    def from_json(cls, name: str, data: dict) -> ArraySpec:
+        return cls(
+            name, tuple(data["shape"]), data["dtype"], tuple(data["chunks"]), data.get("codec", "none")
+        )
 
 
 class Backend(Protocol):
@@ -97,8 +105,10 @@ class ZarrBackend:
         try:
             self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a", zarr_format=3)
         except Exception as err:  # a damaged zarr.json: JSON, key or value errors from zarr
-            raise StoreError(f"Cannot open {self.path} ({type(err).__name__}: {err}); the store is damaged: "
-                             "remove it and extract again") from err
+            raise StoreError(
+                f"Cannot open {self.path} ({type(err).__name__}: {err}); the store is damaged: "
+                "remove it and extract again"
+            ) from err
 
     def _codecs(self, spec: ArraySpec) -> list:
         from zarr.codecs import Crc32cCodec, ZstdCodec
@@ -116,8 +126,9 @@ class ZarrBackend:
                 return  # resuming: the array was created by the killed run
             del self.group[spec.name]
         self._writable.pop(spec.name, None)
-        self.group.create_array(spec.name, shape=spec.shape, dtype=dtype, chunks=spec.chunks,
-                                compressors=self._codecs(spec))
+        self.group.create_array(
+            spec.name, shape=spec.shape, dtype=dtype, chunks=spec.chunks, compressors=self._codecs(spec)
+        )
 
     def write_block(self, spec: ArraySpec, start: int, data: np.ndarray, *, part: str, part_rows) -> None:
         if spec.name not in self._writable:
@@ -169,8 +180,9 @@ class HDF5Backend:
             try:
                 self._file = h5py.File(self.path, "r")
             except OSError as err:
-                raise StoreError(f"Cannot open {self.path} ({err}); the store is damaged: remove it and "
-                                 "extract again") from err
+                raise StoreError(
+                    f"Cannot open {self.path} ({err}); the store is damaged: remove it and extract again"
+                ) from err
         else:
             self.parts_dir.mkdir(parents=True, exist_ok=True)
 
@@ -195,7 +207,11 @@ class HDF5Backend:
             shape = (stop - first,) + spec.shape[1:]
             chunks = (min(spec.chunks[0], shape[0]),) + tuple(spec.chunks[1:])
             # HDF5 has no zstd without plugins; gzip-1 + shuffle is its closest built-in (PERFORMANCE §2d)
-            opts = {"compression": "gzip", "compression_opts": 1, "shuffle": True} if spec.codec == "zstd1" else {}
+            opts = (
+                {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+                if spec.codec == "zstd1"
+                else {}
+            )
             fh.create_dataset(key, shape=shape, dtype=spec.dtype, chunks=chunks, fletcher32=True, **opts)
         fh[key][start - first : start - first + len(data)] = data
 
@@ -217,13 +233,18 @@ class HDF5Backend:
         """
         dataset = self._file[name]
         if name not in self._checked and dataset.is_virtual:
-            missing = [(m.file_name, m.vspace.get_select_bounds()) for m in dataset.virtual_sources()
-                       if not (self.root / m.file_name).is_file()]
+            missing = [
+                (m.file_name, m.vspace.get_select_bounds())
+                for m in dataset.virtual_sources()
+                if not (self.root / m.file_name).is_file()
+            ]
             if missing:
                 file, (lo, hi) = missing[0]
-                raise StoreError(f"Store {self.root} is damaged: array '{name}' rows {lo[0]}..{hi[0]} live in "
-                                 f"{file}, which is missing ({len(missing)} part file(s) missing in all); "
-                                 "remove the store and extract again")
+                raise StoreError(
+                    f"Store {self.root} is damaged: array '{name}' rows {lo[0]}..{hi[0]} live in "
+                    f"{file}, which is missing ({len(missing)} part file(s) missing in all); "
+                    "remove the store and extract again"
+                )
             self._checked.add(name)
         return dataset
 

@@ -1,4 +1,5 @@
 """Finding, describing, verifying and removing the stores under a cache folder."""
+
 from __future__ import annotations
 
 import json
@@ -33,14 +34,33 @@ def list_stores(cache_dir: Path) -> list[StoreEntry]:
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         if not manifest_path.exists():
             if (folder / "progress").exists() or (folder / ".lock").exists():
-                entries.append(StoreEntry(folder, folder.name.rsplit("-", 1)[-1], folder.parent.name, "?", "?", "?", False, size))
+                entries.append(
+                    StoreEntry(
+                        folder, folder.name.rsplit("-", 1)[-1], folder.parent.name, "?", "?", "?", False, size
+                    )
+                )
             continue
         try:
             m = json.loads(manifest_path.read_text())
             backbone = f"{m['backbone']['arch']}/{m['backbone']['pretrained']}"
-            entries.append(StoreEntry(folder, m["fingerprint"], m["dataset"]["name"], backbone, m["precision"], m["format"], True, size))
+            entries.append(
+                StoreEntry(
+                    folder,
+                    m["fingerprint"],
+                    m["dataset"]["name"],
+                    backbone,
+                    m["precision"],
+                    m["format"],
+                    True,
+                    size,
+                )
+            )
         except (ValueError, KeyError, TypeError):  # damaged: listed as unfinished, `verify` says why
-            entries.append(StoreEntry(folder, folder.name.rsplit("-", 1)[-1], folder.parent.name, "?", "?", "?", False, size))
+            entries.append(
+                StoreEntry(
+                    folder, folder.name.rsplit("-", 1)[-1], folder.parent.name, "?", "?", "?", False, size
+                )
+            )
     return entries
 
 
@@ -49,8 +69,16 @@ def find_store(cache_dir: Path, key: str) -> StoreEntry:
     if Path(key).is_dir() and (Path(key) / MANIFEST).exists():
         manifest = read_manifest(Path(key))
         field = lambda *keys: _get(manifest, keys)  # noqa: E731 -- opening the store says what is wrong
-        return StoreEntry(Path(key), field("fingerprint"), field("dataset", "name"), "", field("precision"),
-                          field("format"), True, 0)
+        return StoreEntry(
+            Path(key),
+            field("fingerprint"),
+            field("dataset", "name"),
+            "",
+            field("precision"),
+            field("format"),
+            True,
+            0,
+        )
     if len(key) < 4:
         raise UsageError(f"Store key '{key}' is too short; give at least 4 characters of the fingerprint")
     matches = [e for e in list_stores(cache_dir) if e.key.startswith(key)]
@@ -107,9 +135,13 @@ def _verify_array(store: FeatureStore, name: str, entry: dict) -> list[VerifyPro
             problems.append(VerifyProblem(name, (start, stop), f"unreadable ({type(err).__name__}: {err})"))
             continue
         if block_digest(_normalise(block)) != digest:
-            problems.append(VerifyProblem(name, (start, stop), "content differs from the digest written at extraction"))
+            problems.append(
+                VerifyProblem(name, (start, stop), "content differs from the digest written at extraction")
+            )
     if covered != entry["shape"][0]:
-        problems.append(VerifyProblem(name, (0, entry["shape"][0]), f"blocks cover {covered} of {entry['shape'][0]} rows"))
+        problems.append(
+            VerifyProblem(name, (0, entry["shape"][0]), f"blocks cover {covered} of {entry['shape'][0]} rows")
+        )
     return problems
 
 

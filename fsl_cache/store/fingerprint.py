@@ -3,6 +3,7 @@
 Following huggingface/datasets, the key is a readable prefix plus a hash, and anything that cannot be
 hashed is an error rather than a random key, so a cache is never silently reused for something else.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -11,6 +11,7 @@ Layout of one store folder::
 Readers trust the manifest alone, so an interrupted extraction never exposes a half-written array,
 and new views are added by later extractions without touching the arrays already there.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -114,7 +115,7 @@ class StoreWriter:
         marker.digests[spec.name] = block_digest(data)
         self.commit(marker)
 
-    def begin_shard(self, job: str, shard: int, start: int, stop: int) -> "ShardBlocks":
+    def begin_shard(self, job: str, shard: int, start: int, stop: int) -> ShardBlocks:
         """Start writing one shard; it counts as written only once :meth:`commit` gets its marker."""
         return ShardBlocks(self, ShardMarker(job, shard, start, stop))
 
@@ -130,7 +131,9 @@ class StoreWriter:
             try:
                 found.append(ShardMarker(**json.loads(path.read_text())))
             except (ValueError, TypeError) as err:  # written atomically, so only outside damage gets here
-                raise StoreError(f"Progress marker {path} is damaged ({err}); delete it and re-run to redo its shard") from err
+                raise StoreError(
+                    f"Progress marker {path} is damaged ({err}); delete it and re-run to redo its shard"
+                ) from err
         return found
 
     def forget_other_jobs(self, owner: dict[str, str]) -> None:
@@ -157,7 +160,9 @@ class StoreWriter:
         for spec in specs:
             covered = sum(stop - start for _, start, stop in parts[spec.name])
             if covered != spec.shape[0]:
-                raise StoreError(f"array {spec.name}: {covered} of {spec.shape[0]} rows written; re-run to resume")
+                raise StoreError(
+                    f"array {spec.name}: {covered} of {spec.shape[0]} rows written; re-run to resume"
+                )
         self.backend.finalize(specs, parts)
         arrays = self.manifest.setdefault("arrays", {})
         for spec in specs:
@@ -205,7 +210,9 @@ def _acquire_lock(root: Path):
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.close()
-        raise StoreError(f"Another process is writing {root}; wait for it to finish (or stop it) and re-run")
+        raise StoreError(
+            f"Another process is writing {root}; wait for it to finish (or stop it) and re-run"
+        ) from None
     return fh
 
 
@@ -218,7 +225,7 @@ class FeatureStore:
         self.backend = open_backend(root, manifest["format"], mode="r")
 
     @classmethod
-    def open(cls, root: str | Path) -> "FeatureStore":
+    def open(cls, root: str | Path) -> FeatureStore:
         root = Path(root)
         path = root / MANIFEST
         if not path.exists():
@@ -251,14 +258,20 @@ class FeatureStore:
         except StoreError:
             raise
         except Exception as err:  # KeyError from zarr, OSError from h5py
-            raise StoreError(f"{self._damaged(name)}: listed in the manifest but not readable from the "
-                             f"{self.manifest['format']} arrays ({type(err).__name__}: {err}); {REMEDY}") from err
+            raise StoreError(
+                f"{self._damaged(name)}: listed in the manifest but not readable from the "
+                f"{self.manifest['format']} arrays ({type(err).__name__}: {err}); {REMEDY}"
+            ) from err
         entry = self.arrays[name]
         if tuple(arr.shape) != tuple(entry["shape"]):
-            raise StoreError(f"{self._damaged(name)}: shape {tuple(arr.shape)} on disk but {tuple(entry['shape'])} "
-                             f"in the manifest; {REMEDY}")
+            raise StoreError(
+                f"{self._damaged(name)}: shape {tuple(arr.shape)} on disk but {tuple(entry['shape'])} "
+                f"in the manifest; {REMEDY}"
+            )
         if entry["dtype"] != "str" and str(np.dtype(arr.dtype)) != entry["dtype"]:
-            raise StoreError(f"{self._damaged(name)}: dtype {arr.dtype} on disk but {entry['dtype']} in the manifest; {REMEDY}")
+            raise StoreError(
+                f"{self._damaged(name)}: dtype {arr.dtype} on disk but {entry['dtype']} in the manifest; {REMEDY}"
+            )
         return arr
 
     def _damaged(self, name: str) -> str:
@@ -289,8 +302,10 @@ class FeatureStore:
         except IndexError:
             raise  # rows out of range: the caller's mistake, not the store's
         except Exception as err:  # a chunk checksum (zarr ValueError, HDF5 OSError), a truncated file
-            raise StoreError(f"{self._damaged(name)}, {self._bad_rows(arr, name, rows)}: {type(err).__name__}: "
-                             f"{err}. `fsl-cache cache verify` lists every damaged block; {REMEDY}") from err
+            raise StoreError(
+                f"{self._damaged(name)}, {self._bad_rows(arr, name, rows)}: {type(err).__name__}: "
+                f"{err}. `fsl-cache cache verify` lists every damaged block; {REMEDY}"
+            ) from err
         if data.dtype.kind == "S":
             return np.array([s.decode("utf-8") for s in data.reshape(-1)], dtype=object).reshape(data.shape)
         if data.dtype.kind == "T":
@@ -303,7 +318,12 @@ class FeatureStore:
 
 def _read_rows(arr: Any, sorted_rows: np.ndarray) -> np.ndarray:
     n = len(sorted_rows)
-    if n and 0 <= sorted_rows[0] and sorted_rows[-1] < arr.shape[0] and sorted_rows[-1] - sorted_rows[0] < n + n // 4:
+    if (
+        n
+        and 0 <= sorted_rows[0]
+        and sorted_rows[-1] < arr.shape[0]
+        and sorted_rows[-1] - sorted_rows[0] < n + n // 4
+    ):
         # dense rows (a sequential pass, an unpack): a slice reads 3-4x faster than zarr's integer selection,
         # for at most a quarter more rows held for a moment
         lo, hi = int(sorted_rows[0]), int(sorted_rows[-1]) + 1
@@ -328,24 +348,42 @@ def read_manifest(root: Path) -> Any:
 
 def _well_formed(entry: Any) -> bool:
     """An array entry with the fields readers and ``verify`` rely on: shape, dtype, [start, stop, digest] blocks."""
-    if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list) and entry["shape"]
-            and all(type(n) is int for n in entry["shape"]) and isinstance(entry.get("dtype"), str)):
+    if not (
+        isinstance(entry, dict)
+        and isinstance(entry.get("shape"), list)
+        and entry["shape"]
+        and all(type(n) is int for n in entry["shape"])
+        and isinstance(entry.get("dtype"), str)
+    ):
         return False
     blocks = entry.get("blocks", [])
     return isinstance(blocks, list) and all(
-        isinstance(b, list) and len(b) == 3 and type(b[0]) is int and type(b[1]) is int and isinstance(b[2], str)
-        for b in blocks)
+        isinstance(b, list)
+        and len(b) == 3
+        and type(b[0]) is int
+        and type(b[1]) is int
+        and isinstance(b[2], str)
+        for b in blocks
+    )
 
 
 def check_manifest(root: Path, manifest: dict) -> None:
     """Refuse a store whose manifest does not hash to its own key or folder name."""
     if not isinstance(manifest, dict):
         raise StoreError(f"{root}: manifest is not a JSON object; the store is corrupted or foreign")
-    for key, kind in (("schema", int), ("fingerprint", str), ("fingerprint_parts", dict), ("format", str), ("arrays", dict)):
+    for key, kind in (
+        ("schema", int),
+        ("fingerprint", str),
+        ("fingerprint_parts", dict),
+        ("format", str),
+        ("arrays", dict),
+    ):
         if key not in manifest:
             raise StoreError(f"{root}: manifest lacks '{key}'; the store is corrupted or foreign")
         if not isinstance(manifest[key], kind):
-            raise StoreError(f"{root}: manifest '{key}' is not a {kind.__name__}; the store is corrupted or foreign")
+            raise StoreError(
+                f"{root}: manifest '{key}' is not a {kind.__name__}; the store is corrupted or foreign"
+            )
     for name, entry in manifest["arrays"].items():
         if not _well_formed(entry):
             raise StoreError(f"{root}: manifest entry of array '{name}' is malformed; the store is corrupted")
@@ -354,7 +392,9 @@ def check_manifest(root: Path, manifest: dict) -> None:
     try:
         own = fingerprint(manifest["fingerprint_parts"])
     except TypeError as err:  # NaN or Infinity in the parts
-        raise StoreError(f"{root}: manifest fingerprint parts cannot be hashed ({err}); the store was altered") from err
+        raise StoreError(
+            f"{root}: manifest fingerprint parts cannot be hashed ({err}); the store was altered"
+        ) from err
     if own != manifest["fingerprint"]:
         raise StoreError(f"{root}: manifest fingerprint does not match its contents; the store was altered")
     if not root.name.endswith(manifest["fingerprint"][:16]):

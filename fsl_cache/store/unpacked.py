@@ -13,6 +13,7 @@ A sidecar is trusted only when its record matches the store, the array's manifes
 anything else (a killed build, another version of the array) is rebuilt. ``cache rm`` removes the
 sidecars with their store and ``cache verify`` reads only the manifest's arrays.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -76,9 +77,14 @@ def _record(store, name: str, uniq: np.ndarray) -> dict:
     """What a sidecar of ``uniq`` rows of ``name`` must have been unpacked from."""
     entry = store.arrays[name]
     blocks = json.dumps(entry.get("blocks", []), sort_keys=True).encode()
-    return {"store": store.fingerprint, "array": name, "shape": [len(uniq)] + list(entry["shape"][1:]),
-            "dtype": entry["dtype"], "blocks": hashlib.sha256(blocks).hexdigest(),
-            "rows": hashlib.sha256(uniq.tobytes()).hexdigest()}
+    return {
+        "store": store.fingerprint,
+        "array": name,
+        "shape": [len(uniq)] + list(entry["shape"][1:]),
+        "dtype": entry["dtype"],
+        "blocks": hashlib.sha256(blocks).hexdigest(),
+        "rows": hashlib.sha256(uniq.tobytes()).hexdigest(),
+    }
 
 
 def _open(path: Path, record: dict) -> np.ndarray | None:
@@ -94,7 +100,9 @@ def _open(path: Path, record: dict) -> np.ndarray | None:
     return np.asarray(data)  # plain ndarray over the map: gathers return plain arrays
 
 
-def _build_locked(store, name: str, uniq: np.ndarray, path: Path, record: dict, block_bytes: int) -> np.ndarray:
+def _build_locked(
+    store, name: str, uniq: np.ndarray, path: Path, record: dict, block_bytes: int
+) -> np.ndarray:
     """Unpack under the sidecar's lock; a process that waited on it reuses what the holder built."""
     try:
         path.parent.mkdir(exist_ok=True)
@@ -120,7 +128,11 @@ def _build(store, name: str, uniq: np.ndarray, path: Path, record: dict, block_b
     row_bytes = int(np.prod(record["shape"][1:], dtype=np.int64)) * dtype.itemsize
     _check_space(path.parent, len(uniq) * row_bytes, name)
     tmp = path.with_name(path.name + ".incomplete")
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(record["shape"])}
+    header = {
+        "descr": np.lib.format.dtype_to_descr(dtype),
+        "fortran_order": False,
+        "shape": tuple(record["shape"]),
+    }
     chunk_rows = int(store.arrays[name].get("chunks", [1])[0])
     try:
         with open(tmp, "wb") as fh:
@@ -134,15 +146,19 @@ def _build(store, name: str, uniq: np.ndarray, path: Path, record: dict, block_b
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):  # disk full, quota, read-only: the store's own reads raise StoreError
-            raise UnpackUnavailable(f"Cannot unpack {name} into {path.parent} ({err.strerror or err})") from err
+            raise UnpackUnavailable(
+                f"Cannot unpack {name} into {path.parent} ({err.strerror or err})"
+            ) from err
         raise
 
 
 def _check_space(folder: Path, need: int, name: str) -> None:
     free = shutil.disk_usage(folder).free
     if need + SPARE_BYTES > free:
-        raise UnpackUnavailable(f"Unpacking {name} needs {need / 1e9:.1f} GB (+{SPARE_BYTES / 1e9:.0f} GB spare) "
-                                f"in {folder}, {free / 1e9:.1f} GB are free")
+        raise UnpackUnavailable(
+            f"Unpacking {name} needs {need / 1e9:.1f} GB (+{SPARE_BYTES / 1e9:.0f} GB spare) "
+            f"in {folder}, {free / 1e9:.1f} GB are free"
+        )
 
 
 def _blocks(uniq: np.ndarray, *, chunk_rows: int, limit: int):

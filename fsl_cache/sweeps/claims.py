@@ -6,6 +6,7 @@ when its owner is a dead process on this host, or when it is older than ``stale_
 (owners elsewhere cannot be asked). A stale claim is taken over by renaming it aside first: of
 several processes that find it stale, exactly one rename succeeds.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,6 +55,7 @@ def try_claim(runs_dir: Path, key: str, *, stale_after: float = STALE_AFTER) -> 
         _set_aside(path, stale_token)
     return None
 
+
 def _create(path: Path) -> Claim | None:
     token = uuid.uuid4().hex
     try:
@@ -61,7 +63,9 @@ def _create(path: Path) -> Claim | None:
     except FileExistsError:
         return None
     with os.fdopen(fd, "w") as fh:
-        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": token}, fh)
+        json.dump(
+            {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": token}, fh
+        )
     return Claim(path, token)
 
 
@@ -83,6 +87,7 @@ def stale_owner(path: Path, *, stale_after: float = STALE_AFTER) -> str | None:
     else:
         alive = age <= stale_after
     return None if alive else str(owner.get("token", ""))
+
 
 def _alive(pid: int) -> bool:
     if pid <= 0:

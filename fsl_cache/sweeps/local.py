@@ -6,6 +6,7 @@ go to ``workers`` spawned processes ordered by store; each worker reads a store 
 each run before fitting it (:mod:`.claims`), so two workers, or two sweeps on one runs folder,
 never compute the same run. Interrupted, the finished records stay; the same command resumes.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -38,9 +39,14 @@ def split_done(trials: Sequence[Trial], stores: StoreCache) -> tuple[list[Outcom
     return done, pending
 
 
-def run_local(trials: Sequence[Trial], context: SweepContext, *, workers: int = 1,
-              on_outcome: Callable[[Outcome], None] | None = None,
-              on_start: Callable[[int, int], None] | None = None) -> list[Outcome]:
+def run_local(
+    trials: Sequence[Trial],
+    context: SweepContext,
+    *,
+    workers: int = 1,
+    on_outcome: Callable[[Outcome], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> list[Outcome]:
     """Run ``trials`` (skipping finished ones) on ``workers`` processes; ``on_start(pending, reused)`` first."""
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}")
@@ -70,7 +76,7 @@ def group_trials(trials: Sequence[Trial], *, size: int) -> list[list[Trial]]:
     for trial in trials:
         by_task.setdefault((trial.dataset, trial.method, trial.shots, trial.seed), []).append(trial)
     ordered = sorted(by_task.items(), key=lambda item: item[0][:2])
-    return [same[i:i + max(size, 1)] for _, same in ordered for i in range(0, len(same), max(size, 1))]
+    return [same[i : i + max(size, 1)] for _, same in ordered for i in range(0, len(same), max(size, 1))]
 
 
 def _report(outcomes: list[Outcome], on_outcome: Callable[[Outcome], None] | None) -> list[Outcome]:
@@ -80,12 +86,21 @@ def _report(outcomes: list[Outcome], on_outcome: Callable[[Outcome], None] | Non
     return outcomes
 
 
-def _in_processes(groups: list[list[Trial]], context: SweepContext, *, workers: int,
-                  on_outcome: Callable[[Outcome], None] | None) -> list[Outcome]:
+def _in_processes(
+    groups: list[list[Trial]],
+    context: SweepContext,
+    *,
+    workers: int,
+    on_outcome: Callable[[Outcome], None] | None,
+) -> list[Outcome]:
     # spawn, not fork: a forked torch process can deadlock on the parent's OpenMP state
     threads = max(1, (os.cpu_count() or 1) // workers)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(context, threads))
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(context, threads),
+    )
     outcomes = []
     try:
         futures = {pool.submit(_work, group) for group in groups}
@@ -94,7 +109,9 @@ def _in_processes(groups: list[list[Trial]], context: SweepContext, *, workers: 
             for future in finished:
                 outcomes += _report(future.result(), on_outcome)
     except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)  # claims of killed workers go stale; records stay whole
+        pool.shutdown(
+            wait=False, cancel_futures=True
+        )  # claims of killed workers go stale; records stay whole
         raise
     pool.shutdown(wait=True)
     return outcomes

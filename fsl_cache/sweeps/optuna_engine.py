@@ -8,6 +8,7 @@ mean **val** accuracy over seeds (test accuracy is only attached as a user attri
 for selection). The ``grid`` sampler visits every combination once; ``tpe`` samples ``n_trials``.
 Run records are written and reused exactly as with the local engine.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -92,8 +93,15 @@ def storage_for(path: Path):
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
-def objective_for(spec: GridSpec, method: str, dataset: str, shots: int, space: dict[str, list[Any]],
-                  stores: StoreCache, on_outcome: Callable[[Outcome], None] | None):
+def objective_for(
+    spec: GridSpec,
+    method: str,
+    dataset: str,
+    shots: int,
+    space: dict[str, list[Any]],
+    stores: StoreCache,
+    on_outcome: Callable[[Outcome], None] | None,
+):
     """The Optuna objective: mean val accuracy over the spec's seeds for the sampled option values."""
 
     def objective(trial) -> float:
@@ -114,8 +122,13 @@ def objective_for(spec: GridSpec, method: str, dataset: str, shots: int, space: 
     return objective
 
 
-def optimize(spec: GridSpec, context: SweepContext, settings: OptunaSettings, *,
-             on_outcome: Callable[[Outcome], None] | None = None) -> list[StudyResult]:
+def optimize(
+    spec: GridSpec,
+    context: SweepContext,
+    settings: OptunaSettings,
+    *,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> list[StudyResult]:
     """Run (or join) every study of ``spec`` in this process; returns each study's best trial."""
     optuna = require_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -127,8 +140,13 @@ def optimize(spec: GridSpec, context: SweepContext, settings: OptunaSettings, *,
         for method, dataset, shots in itertools.product(spec.methods, spec.datasets, spec.shots):
             space = search_space(spec, method)
             name = study_name(settings.prefix, method, dataset, shots, context.protocol)
-            study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                        sampler=_sampler(optuna, settings, space), load_if_exists=True)
+            study = optuna.create_study(
+                study_name=name,
+                storage=storage,
+                direction="maximize",
+                sampler=_sampler(optuna, settings, space),
+                load_if_exists=True,
+            )
             objective = objective_for(spec, method, dataset, shots, space, stores, on_outcome)
             _run_study(optuna, study, objective, settings, space)
             results.append(_summary(optuna, study, method, dataset, shots))
@@ -152,7 +170,11 @@ def _grid_size(space: dict[str, list[Any]]) -> int:
 
 def _run_study(optuna, study, objective, settings: OptunaSettings, space: dict[str, list[Any]]) -> None:
     """Until the study holds its quota of finished trials (counted across every process sharing it)."""
-    quota = _grid_size(space) if settings.sampler == "grid" or not space else (settings.n_trials or _grid_size(space))
+    quota = (
+        _grid_size(space)
+        if settings.sampler == "grid" or not space
+        else (settings.n_trials or _grid_size(space))
+    )
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
     done = len(study.get_trials(deepcopy=False, states=states))
     if done >= quota:
@@ -164,13 +186,26 @@ def _run_study(optuna, study, objective, settings: OptunaSettings, space: dict[s
 def _summary(optuna, study, method: str, dataset: str, shots: int) -> StudyResult:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None  # first maximum wins ties
-    return StudyResult(study.study_name, method, dataset, shots, dict(best.params) if best else {},
-                       best.value if best else None, best.user_attrs.get("test_acc") if best else None,
-                       len(study.trials))
+    return StudyResult(
+        study.study_name,
+        method,
+        dataset,
+        shots,
+        dict(best.params) if best else {},
+        best.value if best else None,
+        best.user_attrs.get("test_acc") if best else None,
+        len(study.trials),
+    )
 
 
-def optimize_in_processes(spec: GridSpec, context: SweepContext, settings: OptunaSettings, *, workers: int,
-                          on_outcome: Callable[[Outcome], None] | None = None) -> list[StudyResult]:
+def optimize_in_processes(
+    spec: GridSpec,
+    context: SweepContext,
+    settings: OptunaSettings,
+    *,
+    workers: int,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> list[StudyResult]:
     """``workers`` processes join the same studies through the journal; this process is one of them."""
     if workers <= 1:
         return optimize(spec, context, settings, on_outcome=on_outcome)
@@ -183,7 +218,9 @@ def optimize_in_processes(spec: GridSpec, context: SweepContext, settings: Optun
     finally:
         for helper in helpers:
             helper.join()
-    return [_summary(require_optuna(), _load(settings, r.study), r.method, r.dataset, r.shots) for r in results]
+    return [
+        _summary(require_optuna(), _load(settings, r.study), r.method, r.dataset, r.shots) for r in results
+    ]
 
 
 def _load(settings: OptunaSettings, name: str):

@@ -5,6 +5,7 @@ the same cached tensors (the store folder must be reachable from every node: a s
 or an fsspec URL), and writes the same run records under the same claims. Each Ray worker process
 keeps its stores open across the trials it runs. Not exercised by the test suite (Ray is heavy).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -31,13 +32,23 @@ def _trainable(config: dict) -> dict:
     context: SweepContext = config["context"]
     stores = _STORES.setdefault(context, StoreCache(context))
     outcome = run_trial(config["trial"], stores)
-    return {"val_acc": outcome.val_acc if outcome.val_acc is not None else float("nan"),
-            "test_acc": outcome.test_acc, "status": outcome.status, "error": outcome.error,
-            "run_dir": str(outcome.run_dir) if outcome.run_dir else ""}
+    return {
+        "val_acc": outcome.val_acc if outcome.val_acc is not None else float("nan"),
+        "test_acc": outcome.test_acc,
+        "status": outcome.status,
+        "error": outcome.error,
+        "run_dir": str(outcome.run_dir) if outcome.run_dir else "",
+    }
 
 
-def run_ray(trials: Sequence[Trial], context: SweepContext, *, workers: int | None = None,
-            on_outcome: Callable[[Outcome], None] | None = None, address: str | None = None) -> list[Outcome]:
+def run_ray(
+    trials: Sequence[Trial],
+    context: SweepContext,
+    *,
+    workers: int | None = None,
+    on_outcome: Callable[[Outcome], None] | None = None,
+    address: str | None = None,
+) -> list[Outcome]:
     """Run ``trials`` as one Tune grid (``workers`` concurrent trials; ``address`` joins a running cluster)."""
     ray, tune = require_ray()
     if not ray.is_initialized():
@@ -52,8 +63,14 @@ def run_ray(trials: Sequence[Trial], context: SweepContext, *, workers: int | No
         m = result.metrics or {}
         trial = result.config["trial"]
         status = m.get("status", "failed") if result.error is None else "failed"
-        outcome = Outcome(trial, status, Path(m["run_dir"]) if m.get("run_dir") else None, m.get("val_acc"), m.get("test_acc"),
-                          error=m.get("error") or (str(result.error) if result.error else ""))
+        outcome = Outcome(
+            trial,
+            status,
+            Path(m["run_dir"]) if m.get("run_dir") else None,
+            m.get("val_acc"),
+            m.get("test_acc"),
+            error=m.get("error") or (str(result.error) if result.error else ""),
+        )
         if on_outcome is not None:
             on_outcome(outcome)
         outcomes.append(outcome)

@@ -15,6 +15,7 @@
       tip_adapter_f.epochs: [5, 10]
     extract_for: [zero_shot, tip_adapter, linear_probe]
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,21 @@ from typing import Any
 from ..errors import UsageError, did_you_mean
 from .spec import GridSpec
 
-KEYS = {"name", "description", "model", "pretrained", "datasets", "methods", "shots", "seeds", "protocol",
-        "options", "root", "extract_for", "notes"}
+KEYS = {
+    "name",
+    "description",
+    "model",
+    "pretrained",
+    "datasets",
+    "methods",
+    "shots",
+    "seeds",
+    "protocol",
+    "options",
+    "root",
+    "extract_for",
+    "notes",
+}
 
 
 def load_recipe(path: str | Path) -> GridSpec:
@@ -46,12 +60,17 @@ def load_recipe(path: str | Path) -> GridSpec:
         if key not in KEYS:
             raise did_you_mean(str(key), KEYS, what=f"recipe key in {path}")
     return GridSpec(
-        methods=_names(data, "methods", path), datasets=_names(data, "datasets", path),
-        shots=_ints(data, "shots", path, (1, 2, 4, 8, 16)), seeds=_ints(data, "seeds", path, (1, 2, 3)),
+        methods=_names(data, "methods", path),
+        datasets=_names(data, "datasets", path),
+        shots=_ints(data, "shots", path, (1, 2, 4, 8, 16)),
+        seeds=_ints(data, "seeds", path, (1, 2, 3)),
         options={str(k): _as_tuple(v) for k, v in (data.get("options") or {}).items()},
-        protocol=str(data.get("protocol", "coop")), model=str(data.get("model", "RN50")),
-        pretrained=str(data.get("pretrained", "openai")), name=str(data.get("name", path.stem)),
-        root=data.get("root"), extract_for=tuple(data.get("extract_for") or ()),
+        protocol=str(data.get("protocol", "coop")),
+        model=str(data.get("model", "RN50")),
+        pretrained=str(data.get("pretrained", "openai")),
+        name=str(data.get("name", path.stem)),
+        root=data.get("root"),
+        extract_for=tuple(data.get("extract_for") or ()),
     )
 
 

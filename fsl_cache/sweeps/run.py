@@ -1,4 +1,5 @@
 """``grid``: expand a :class:`GridSpec` and hand it to an engine (local processes, Optuna, Ray)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,9 +24,16 @@ class SweepResult:
         return sum(o.status == status for o in self.outcomes)
 
 
-def run_sweep(spec: GridSpec, context: SweepContext, *, engine: str = "local", workers: int = 1,
-              on_start: Callable[[int, int], None] | None = None,
-              on_outcome: Callable[[Outcome], None] | None = None, optuna=None) -> SweepResult:
+def run_sweep(
+    spec: GridSpec,
+    context: SweepContext,
+    *,
+    engine: str = "local",
+    workers: int = 1,
+    on_start: Callable[[int, int], None] | None = None,
+    on_outcome: Callable[[Outcome], None] | None = None,
+    optuna=None,
+) -> SweepResult:
     """Run ``spec`` with ``engine``; ``optuna`` is an :class:`~.optuna_engine.OptunaSettings` for that engine."""
     if engine not in ENGINES:
         raise UsageError(f"Unknown engine '{engine}'. Available: {', '.join(ENGINES)}")
@@ -33,7 +41,9 @@ def run_sweep(spec: GridSpec, context: SweepContext, *, engine: str = "local", w
     if engine == "local":
         from .local import run_local
 
-        return SweepResult(run_local(trials, context, workers=workers, on_outcome=on_outcome, on_start=on_start))
+        return SweepResult(
+            run_local(trials, context, workers=workers, on_outcome=on_outcome, on_start=on_start)
+        )
     if engine == "ray":
         from .local import split_done
         from .ray_engine import require_ray, run_ray

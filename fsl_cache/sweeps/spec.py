@@ -4,6 +4,7 @@
 An unscoped option applies to every method of the grid whose config has that field, so
 ``zero_shot,tip_adapter_f -o epochs=5,10`` sweeps the epochs of Tip-Adapter-F only.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -56,8 +57,12 @@ class GridSpec:
     """Methods the stores must serve, i.e. the ``--for`` of the ``extract`` commands a recipe documents."""
 
     def __post_init__(self) -> None:
-        for what, values in (("methods", self.methods), ("datasets", self.datasets), ("shots", self.shots),
-                             ("seeds", self.seeds)):
+        for what, values in (
+            ("methods", self.methods),
+            ("datasets", self.datasets),
+            ("shots", self.shots),
+            ("seeds", self.seeds),
+        ):
             if not values:
                 raise UsageError(f"A grid needs at least one value for {what}")
         for what, values in (("shots", self.shots), ("seeds", self.seeds)):
@@ -96,7 +101,9 @@ def check_options(spec: GridSpec) -> None:
     for key in spec.options:
         scope, dot, name = key.rpartition(".")
         if dot and scope not in spec.methods:
-            raise UsageError(f"Option '{key}' is scoped to '{scope}', which is not in this grid ({', '.join(spec.methods)})")
+            raise UsageError(
+                f"Option '{key}' is scoped to '{scope}', which is not in this grid ({', '.join(spec.methods)})"
+            )
         scoped = {o.name for o in get_method(scope).options()} if dot else known
         if name not in scoped:
             raise did_you_mean(name, scoped, what=f"option for {scope or ', '.join(spec.methods)}")
@@ -141,7 +148,8 @@ def split_values(text: str) -> list[str]:
 
 
 def parse_option_grid(items: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """``("epochs=5,10", "tip_adapter_f.lr=1e-3")`` → ``{"epochs": ("5", "10"), ...}`` (strings, typed by the method)."""
+    """``("epochs=5,10", "tip_adapter_f.lr=1e-3")`` → ``{"epochs": ("5", "10"), ...}`` (strings, typed by the
+    method)."""
     grid: dict[str, tuple[str, ...]] = {}
     for item in items:
         key, sep, values = item.partition("=")
@@ -152,4 +160,3 @@ def parse_option_grid(items: Sequence[str]) -> dict[str, tuple[str, ...]]:
             raise UsageError(f"-o {key.strip()} has no values")
         grid[key.strip()] = tuple(parsed)
     return grid
-

@@ -3,6 +3,7 @@
 Local workers, Optuna and Ray all call :func:`run_trial` with a per-process :class:`StoreCache`, so
 each process opens (and reads) a store once however many trials it runs on it.
 """
+
 from __future__ import annotations
 
 import time
@@ -44,7 +45,8 @@ class Outcome:
 
     trial: Trial
     status: str
-    """``done`` (fitted now), ``reused`` (its record existed), ``busy`` (another process holds its claim), ``failed``."""
+    """``done`` (fitted now), ``reused`` (its record existed), ``busy`` (another process holds its claim),
+    ``failed``."""
     run_dir: Path | None = None
     val_acc: float | None = None
     test_acc: float | None = None
@@ -53,10 +55,19 @@ class Outcome:
 
     def to_json(self) -> dict[str, Any]:
         t = self.trial
-        return {"method": t.method, "dataset": t.dataset, "shots": t.shots, "seed": t.seed, "options": dict(t.options),
-                "status": self.status, "run_dir": str(self.run_dir) if self.run_dir else None,
-                "val_acc": self.val_acc, "test_acc": self.test_acc, "seconds": round(self.seconds, 3),
-                "error": self.error or None}
+        return {
+            "method": t.method,
+            "dataset": t.dataset,
+            "shots": t.shots,
+            "seed": t.seed,
+            "options": dict(t.options),
+            "status": self.status,
+            "run_dir": str(self.run_dir) if self.run_dir else None,
+            "val_acc": self.val_acc,
+            "test_acc": self.test_acc,
+            "seconds": round(self.seconds, 3),
+            "error": self.error or None,
+        }
 
 
 class CachedStore(FeatureStore):
@@ -74,7 +85,9 @@ class CachedStore(FeatureStore):
         data = self._held.get(name)
         if data is None:
             entry = self.arrays.get(name, {})
-            size = int(np.prod(entry.get("shape", [0]), dtype=np.int64)) * _itemsize(entry.get("dtype", "float32"))
+            size = int(np.prod(entry.get("shape", [0]), dtype=np.int64)) * _itemsize(
+                entry.get("dtype", "float32")
+            )
             if self._bytes + size > self.budget:
                 return super().read(name, rows)  # too big to hold: stream as usual
             data = self._held[name] = super().read(name)
@@ -100,8 +113,14 @@ class StoreCache:
 
         ctx = self.context
         if dataset not in self.stores:
-            entry = locate_store(ctx.cache_dir, dataset=dataset, model=ctx.model, pretrained=ctx.pretrained,
-                                 store=ctx.store, method=method)
+            entry = locate_store(
+                ctx.cache_dir,
+                dataset=dataset,
+                model=ctx.model,
+                pretrained=ctx.pretrained,
+                store=ctx.store,
+                method=method,
+            )
             store = CachedStore.open(entry.path)  # validates the manifest
             if ctx.memory_budget is not None:
                 store.budget = ctx.memory_budget
@@ -109,8 +128,9 @@ class StoreCache:
         store = self.stores[dataset]
         if (dataset, method) not in self.caveats:
             info = get_method(method)
-            self.caveats[dataset, method] = tuple(check_needs(store, info, dataset=store.manifest["dataset"]["name"],
-                                                              cache_dir=ctx.cache_dir))
+            self.caveats[dataset, method] = tuple(
+                check_needs(store, info, dataset=store.manifest["dataset"]["name"], cache_dir=ctx.cache_dir)
+            )
         return store, self.caveats[dataset, method]
 
     def close(self) -> None:
@@ -147,12 +167,35 @@ def prepare(trial: Trial, stores: StoreCache) -> Prepared:
     store, caveats = stores.get(trial.dataset, trial.method)
     tinfo = task_info(store, shots=trial.shots, seed=trial.seed, protocol=ctx.protocol)
     config = instance.resolve(tinfo)
-    key = run_fingerprint(store_fingerprint=store.fingerprint, method=info.name, config=config.to_json(),
-                          shots=trial.shots, seed=trial.seed, protocol=ctx.protocol)
-    path = run_dir(ctx.runs_dir, dataset=tinfo.dataset, store_dir=store.root.name, method=info.name,
-                   shots=trial.shots, seed=trial.seed, protocol=ctx.protocol, key=key)
-    plan = RunPlan(info, options, trial.shots, ctx.protocol, Path(ctx.runs_dir), False, torch.device(ctx.device),
-                   ctx.memory_budget or DEFAULT_MEMORY_BUDGET, caveats)
+    key = run_fingerprint(
+        store_fingerprint=store.fingerprint,
+        method=info.name,
+        config=config.to_json(),
+        shots=trial.shots,
+        seed=trial.seed,
+        protocol=ctx.protocol,
+    )
+    path = run_dir(
+        ctx.runs_dir,
+        dataset=tinfo.dataset,
+        store_dir=store.root.name,
+        method=info.name,
+        shots=trial.shots,
+        seed=trial.seed,
+        protocol=ctx.protocol,
+        key=key,
+    )
+    plan = RunPlan(
+        info,
+        options,
+        trial.shots,
+        ctx.protocol,
+        Path(ctx.runs_dir),
+        False,
+        torch.device(ctx.device),
+        ctx.memory_budget or DEFAULT_MEMORY_BUDGET,
+        caveats,
+    )
     return Prepared(trial, store, instance, plan, key, path)
 
 

@@ -7,6 +7,7 @@ that the split's rows are decoded into once (:mod:`fsl_cache.store.unpacked`), o
 itself when they cannot be written. A streamed source reads the next batch on a thread while the
 current step runs (:meth:`StoreViews.prefetch`).
 """
+
 from __future__ import annotations
 
 import os
@@ -82,7 +83,11 @@ class MemoryViews:
     def batch(self, positions: np.ndarray, views: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         device = next(iter(self.arrays.values())).device
         pos = torch.as_tensor(np.asarray(positions, dtype=np.int64), device=device)
-        view = torch.zeros_like(pos) if views is None else torch.as_tensor(np.asarray(views, dtype=np.int64), device=device)
+        view = (
+            torch.zeros_like(pos)
+            if views is None
+            else torch.as_tensor(np.asarray(views, dtype=np.int64), device=device)
+        )
         return {tap: t[pos, view].float() for tap, t in self.arrays.items()}
 
 
@@ -97,8 +102,15 @@ class StoreViews:
     streams = True
     """A batch is read from the store (or its sidecar), worth sharing between lockstep heads."""
 
-    def __init__(self, store, names: dict[str, str], rows: np.ndarray, num_views: int, *,
-                 unpacked: dict[str, UnpackedRows] | None = None) -> None:
+    def __init__(
+        self,
+        store,
+        names: dict[str, str],
+        rows: np.ndarray,
+        num_views: int,
+        *,
+        unpacked: dict[str, UnpackedRows] | None = None,
+    ) -> None:
         self.store, self.names, self.rows, self.num_views = store, names, rows, num_views
         self.unpacked = unpacked or {}
         self._pending: _Pending | None = None
@@ -157,7 +169,9 @@ class _Pending:
         self.positions, self.views = positions.copy(), views.copy()  # the caller may reuse its arrays
         self._value: dict[str, torch.Tensor] | None = None
         self._error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, args=(load,), name="fsl-cache-prefetch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(load,), name="fsl-cache-prefetch", daemon=True
+        )
         self._thread.start()
 
     def _run(self, load: Callable) -> None:
@@ -188,8 +202,10 @@ def read_rows_of_view(arr, rows: np.ndarray, view: int, *, name: str) -> np.ndar
         else:
             data = arr[list(uniq), view]
     except Exception as err:  # codec checksum, missing chunk: the store is damaged
-        raise StoreError(f"cannot read {name} ({type(err).__name__}: {err}); the store may be corrupted: "
-                         "run `fsl-cache cache verify KEY`") from err
+        raise StoreError(
+            f"cannot read {name} ({type(err).__name__}: {err}); the store may be corrupted: "
+            "run `fsl-cache cache verify KEY`"
+        ) from err
     return np.asarray(data)[inverse]
 
 
@@ -200,13 +216,22 @@ def read_rows(store, name: str, rows: np.ndarray) -> np.ndarray:
     except StoreError:
         raise
     except Exception as err:
-        raise StoreError(f"cannot read {name} ({type(err).__name__}: {err}); the store may be corrupted: "
-                         "run `fsl-cache cache verify KEY`") from err
+        raise StoreError(
+            f"cannot read {name} ({type(err).__name__}: {err}); the store may be corrupted: "
+            "run `fsl-cache cache verify KEY`"
+        ) from err
 
 
-def open_views(store, split: SplitRef, *, policy: str, taps: tuple[str, ...],
-               memory_budget: int = DEFAULT_MEMORY_BUDGET, unpack: bool = UNPACK,
-               device: torch.device | None = None) -> ViewSource:
+def open_views(
+    store,
+    split: SplitRef,
+    *,
+    policy: str,
+    taps: tuple[str, ...],
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    unpack: bool = UNPACK,
+    device: torch.device | None = None,
+) -> ViewSource:
     """The ``taps`` of ``split`` under ``policy``: in memory if they fit ``memory_budget`` (in GPU memory when
     ``device`` is a GPU with room for them), else streamed (from sidecars unpacked on first use when ``unpack``)."""
     names = {tap: f"images/{split.pool}/views/{policy}/{tap}" for tap in taps}
@@ -220,8 +245,12 @@ def open_views(store, split: SplitRef, *, policy: str, taps: tuple[str, ...],
     size = views_bytes(store, names.values(), len(split))
     if size <= memory_budget:
         target = device if device is not None and device.type == "cuda" and _gpu_room(device, size) else "cpu"
-        return MemoryViews({tap: torch.from_numpy(np.ascontiguousarray(read_rows(store, name, split.rows))).to(target)
-                            for tap, name in names.items()})
+        return MemoryViews(
+            {
+                tap: torch.from_numpy(np.ascontiguousarray(read_rows(store, name, split.rows))).to(target)
+                for tap, name in names.items()
+            }
+        )
     unpacked = unpack_views(store, names, split.rows) if unpack and isinstance(store, FeatureStore) else {}
     return StoreViews(store, names, split.rows, num_views, unpacked=unpacked)
 
@@ -240,8 +269,10 @@ def unpack_views(store: FeatureStore, names: dict[str, str], rows: np.ndarray) -
         try:
             unpacked[tap] = unpack_rows(store, name, rows)
         except UnpackUnavailable as err:
-            warnings.warn(f"{err}; streaming from the store instead (slower; FSL_FIT_UNPACK=0 skips this check)",
-                          stacklevel=3)
+            warnings.warn(
+                f"{err}; streaming from the store instead (slower; FSL_FIT_UNPACK=0 skips this check)",
+                stacklevel=3,
+            )
     return unpacked
 
 

@@ -1,4 +1,5 @@
 """The head: the small module a method fits on cached tensors and evaluation runs on every split."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Which image, which cached view, in which batch: every draw comes from a passed ``torch.Generator``."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -27,8 +28,15 @@ class ViewSampler:
         return 1 + (epoch + self.offsets[positions]) % (self.num_views - 1)
 
 
-def epoch_batches(num_images: int, *, batch_size: int, generator: torch.Generator, shuffle: bool = True,
-                  drop_last: bool = False, merge_singleton: bool = False) -> Iterator[np.ndarray]:
+def epoch_batches(
+    num_images: int,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    merge_singleton: bool = False,
+) -> Iterator[np.ndarray]:
     """Split positions of one epoch in batches (a fresh permutation per call when ``shuffle``)."""
     order = torch.randperm(num_images, generator=generator).numpy() if shuffle else np.arange(num_images)
     starts = list(range(0, num_images, batch_size))
@@ -38,7 +46,7 @@ def epoch_batches(num_images: int, *, batch_size: int, generator: torch.Generato
         starts = starts[:-1]  # the last batch swallows the lone image
     for i, start in enumerate(starts):
         stop = starts[i + 1] if i + 1 < len(starts) else (start + batch_size if drop_last else num_images)
-        yield order[start:min(stop, num_images)]
+        yield order[start : min(stop, num_images)]
 
 
 def batches_per_epoch(num_images: int, *, batch_size: int, drop_last: bool, merge_singleton: bool) -> int:

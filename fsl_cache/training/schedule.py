@@ -1,4 +1,5 @@
 """Optimisers and learning-rate schedules named by :class:`TrainSettings`."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,9 @@ from .settings import TrainSettings
 
 def build_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                               weight_decay=settings.weight_decay)
+        return torch.optim.SGD(
+            params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+        )
     return torch.optim.AdamW(params, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay)
 
 
@@ -34,14 +36,17 @@ def lr_factor(step: int, *, total: int, settings: TrainSettings) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings, *, iters_per_epoch: int,
-                    total_iters: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, settings: TrainSettings, *, iters_per_epoch: int, total_iters: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per iteration for ``cosine_iter``, once per epoch otherwise (see :func:`per_iteration`)."""
     if per_iteration(settings):
         total = total_iters
     else:
         total = -(-total_iters // max(iters_per_epoch, 1))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total=total, settings=settings))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total=total, settings=settings)
+    )
 
 
 def per_iteration(settings: TrainSettings) -> bool:

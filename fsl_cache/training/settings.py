@@ -1,4 +1,5 @@
 """What the shared trainer needs to know: optimiser, schedule, batching, views, selection."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

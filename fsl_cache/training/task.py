@@ -5,6 +5,7 @@ test tensor; the engine evaluates the finished head on test once. Only ``--proto
 method whose official code selects on test (Tip-Adapter-F's epoch oracle) the test split as
 ``oracle``, and the run is flagged as such.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -46,9 +47,18 @@ class TaskInfo:
 class FitTask:
     """Train split, selection split (few-shot val, or full val under ``paper``), text weights, views."""
 
-    def __init__(self, store, info: TaskInfo, *, train: SplitRef, val: SplitRef, oracle: SplitRef | None = None,
-                 device: str | torch.device = "cpu", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 classes: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        store,
+        info: TaskInfo,
+        *,
+        train: SplitRef,
+        val: SplitRef,
+        oracle: SplitRef | None = None,
+        device: str | torch.device = "cpu",
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        classes: np.ndarray | None = None,
+    ) -> None:
         self.store = store
         self.info = info
         self.train = train
@@ -64,7 +74,9 @@ class FitTask:
         self.classes = None if classes is None else np.asarray(classes, dtype=np.int64)
         """Store class indices this task classifies (``None``: all); ``--protocol base2novel`` sets them."""
 
-    def restricted(self, classes: np.ndarray, *, train: SplitRef | None = None, val: SplitRef | None = None) -> "FitTask":
+    def restricted(
+        self, classes: np.ndarray, *, train: SplitRef | None = None, val: SplitRef | None = None
+    ) -> FitTask:
         """The same store and backbone, classifying only the store classes ``classes`` (relabelled 0..n-1).
 
         Without ``train``/``val`` the new task has empty ones (e.g. base-to-novel's novel classes, text only).
@@ -73,8 +85,15 @@ class FitTask:
         names = tuple(self.store.manifest["dataset"]["classnames"][i] for i in classes)
         info = replace(self.info, classnames=names)
         empty = lambda s: SplitRef(s.name, s.pool, s.rows[:0], s.labels[:0], s.split_index[:0])  # noqa: E731
-        task = FitTask(self.store, info, train=train or empty(self.train), val=val or empty(self.val),
-                       device=self.device, memory_budget=self.memory_budget, classes=classes)
+        task = FitTask(
+            self.store,
+            info,
+            train=train or empty(self.train),
+            val=val or empty(self.val),
+            device=self.device,
+            memory_budget=self.memory_budget,
+            classes=classes,
+        )
         task._backbone, task.warnings = self._backbone, self.warnings
         return task
 
@@ -98,15 +117,29 @@ class FitTask:
         """Views cached per train image under ``policy`` (0 if the store has none)."""
         return int(self.store.manifest.get("views", {}).get(f"{self.train.pool}/{policy}", 0))
 
-    def views(self, split: SplitRef, *, policy: str = "center", taps: tuple[str, ...] = ("pooled",)) -> ViewSource:
+    def views(
+        self, split: SplitRef, *, policy: str = "center", taps: tuple[str, ...] = ("pooled",)
+    ) -> ViewSource:
         """The ``taps`` of ``split`` under ``policy`` as batches (in memory when they fit)."""
         if self._shared is None:
-            return open_views(self.store, split, policy=policy, taps=taps, memory_budget=self.memory_budget,
-                              device=self.device)
+            return open_views(
+                self.store,
+                split,
+                policy=policy,
+                taps=taps,
+                memory_budget=self.memory_budget,
+                device=self.device,
+            )
         key = (split.pool, split.rows.tobytes(), policy, tuple(taps))
         if key not in self._shared:
-            source = open_views(self.store, split, policy=policy, taps=taps, memory_budget=self.memory_budget,
-                                device=self.device)
+            source = open_views(
+                self.store,
+                split,
+                policy=policy,
+                taps=taps,
+                memory_budget=self.memory_budget,
+                device=self.device,
+            )
             self._shared[key] = SharedBatches(source)
         return self._shared[key]
 
@@ -129,7 +162,9 @@ class FitTask:
         source = self.views(self.train, policy=policy, taps=(tap,))
         chosen = range(source.num_views) if views is None else views
         positions = np.arange(len(self.train))
-        return torch.stack([source.batch(positions, np.full(len(positions), v))[tap].cpu() for v in chosen], dim=1)
+        return torch.stack(
+            [source.batch(positions, np.full(len(positions), v))[tap].cpu() for v in chosen], dim=1
+        )
 
     def backbone(self):
         """The store's backbone re-loaded from its manifest (for methods that need the text encoder).
@@ -143,11 +178,15 @@ class FitTask:
             # the store's own compute dtype where the device allows it (random-init identities hash the weights)
             fp16 = self.device.type == "cuda" and meta.get("compute_dtype") == "float16"
             precision = "fp16" if fp16 else "fp32"
-            backbone = load_backbone(meta["arch"], meta["pretrained"], device=str(self.device), precision=precision)
+            backbone = load_backbone(
+                meta["arch"], meta["pretrained"], device=str(self.device), precision=precision
+            )
             expected = self.store.manifest["fingerprint_parts"].get("backbone")
             if backbone.fingerprint_parts() != expected:
-                raise StoreError(f"The backbone {meta['arch']}/{meta['pretrained']} loaded now does not match the "
-                                 f"one store {self.store.root.name} was extracted with (weights or preprocessing "
-                                 "changed); extract again")
+                raise StoreError(
+                    f"The backbone {meta['arch']}/{meta['pretrained']} loaded now does not match the "
+                    f"one store {self.store.root.name} was extracted with (weights or preprocessing "
+                    "changed); extract again"
+                )
             self._backbone = backbone
         return self._backbone

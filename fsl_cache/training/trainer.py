@@ -5,6 +5,7 @@ sampler), optimiser and schedule from :class:`TrainSettings`, optional mixed pre
 and model selection on a selection split (few-shot val, or the test oracle only under
 ``--protocol paper``), keeping the best state. Nothing here reads a split it is not given.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -61,8 +62,12 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
     def selection(self, selector: Selector | None) -> dict:
-        return {"epoch": self.best_epoch, "iteration": self.best_iter, "score": self.best_score,
-                "on": selector.name if selector else "last"}
+        return {
+            "epoch": self.best_epoch,
+            "iteration": self.best_iter,
+            "score": self.best_score,
+            "on": selector.name if selector else "last",
+        }
 
 
 @dataclass
@@ -73,9 +78,17 @@ class TrainData:
     labels: torch.Tensor
 
 
-def train(head: Head, data: TrainData, *, settings: TrainSettings, generator: torch.Generator,
-          selector: Selector | None = None, loss_fn: LossFn = cross_entropy, device: str | torch.device = "cpu",
-          on_epoch: Callable[[int, Head], None] | None = None) -> TrainResult:
+def train(
+    head: Head,
+    data: TrainData,
+    *,
+    settings: TrainSettings,
+    generator: torch.Generator,
+    selector: Selector | None = None,
+    loss_fn: LossFn = cross_entropy,
+    device: str | torch.device = "cpu",
+    on_epoch: Callable[[int, Head], None] | None = None,
+) -> TrainResult:
     """Train ``head`` in place on ``data`` and return it in its selected state."""
     member = Member(head, data, settings, generator, selector, loss_fn, on_epoch)
     return train_many([member], device=device)[0]
@@ -140,7 +153,9 @@ class SharedBatches:
 
     def prefetch(self, positions: np.ndarray, views: np.ndarray | None = None) -> None:
         """Start reading the next batch unless it is the one already held (the source ignores repeats)."""
-        if hasattr(self.source, "prefetch") and (self._last is None or self._last[0] != _batch_key(positions, views)):
+        if hasattr(self.source, "prefetch") and (
+            self._last is None or self._last[0] != _batch_key(positions, views)
+        ):
             self.source.prefetch(positions, views)
 
 
@@ -156,13 +171,19 @@ class _Loop:
         self.head, self.data, self.settings, self.generator = head, data, settings, generator
         self.selector, self.loss_fn, self.device = selector, loss_fn, device
         n = len(data.source)
-        self.per_epoch = batches_per_epoch(n, batch_size=settings.batch_size, drop_last=settings.drop_last,
-                                           merge_singleton=settings.merge_singleton)
+        self.per_epoch = batches_per_epoch(
+            n,
+            batch_size=settings.batch_size,
+            drop_last=settings.drop_last,
+            merge_singleton=settings.merge_singleton,
+        )
         self.total = settings.iters or settings.epochs * self.per_epoch
         self.epochs = -(-self.total // max(self.per_epoch, 1))
         params = [p for p in head.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, settings)
-        self.scheduler = build_scheduler(self.optimizer, settings, iters_per_epoch=self.per_epoch, total_iters=self.total)
+        self.scheduler = build_scheduler(
+            self.optimizer, settings, iters_per_epoch=self.per_epoch, total_iters=self.total
+        )
         self.sampler = ViewSampler(n, data.source.num_views, generator=generator)
         self.amp = settings.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
@@ -182,8 +203,12 @@ class _Loop:
                 yield
             if not per_iteration(self.settings):
                 self.scheduler.step()
-            entry = {"epoch": epoch, "iteration": self.iteration, "loss": float(np.mean(losses)) if losses else None,
-                     "train_acc": 100.0 * correct / max(seen, 1)}
+            entry = {
+                "epoch": epoch,
+                "iteration": self.iteration,
+                "loss": float(np.mean(losses)) if losses else None,
+                "train_acc": 100.0 * correct / max(seen, 1),
+            }
             if self.settings.eval_every == 0:
                 entry["select_acc"] = self._select(epoch)
             self.history.append(entry)
@@ -194,23 +219,36 @@ class _Loop:
         """(loss, correct, images) per step of one epoch."""
         s = self.settings
         # the whole epoch's order up front (the same single permutation draw) so the next batch can be prefetched
-        batches = list(epoch_batches(len(self.data.source), batch_size=s.batch_size, generator=self.generator,
-                                     drop_last=s.drop_last, merge_singleton=s.merge_singleton))
+        batches = list(
+            epoch_batches(
+                len(self.data.source),
+                batch_size=s.batch_size,
+                generator=self.generator,
+                drop_last=s.drop_last,
+                merge_singleton=s.merge_singleton,
+            )
+        )
         for i, positions in enumerate(batches):
             upcoming = batches[i + 1] if i + 1 < len(batches) and self.iteration + 1 < self.total else None
-            loss, right = self._step(positions, self.sampler.views(epoch, positions),
-                                     None if upcoming is None else (upcoming, self.sampler.views(epoch, upcoming)))
+            loss, right = self._step(
+                positions,
+                self.sampler.views(epoch, positions),
+                None if upcoming is None else (upcoming, self.sampler.views(epoch, upcoming)),
+            )
             self.iteration += 1
             if per_iteration(s):
                 self.scheduler.step()
             if s.eval_every and self.iteration % s.eval_every == 0:
-                self.history.append({"epoch": epoch, "iteration": self.iteration, "select_acc": self._select(epoch)})
+                self.history.append(
+                    {"epoch": epoch, "iteration": self.iteration, "select_acc": self._select(epoch)}
+                )
             yield loss, right, len(positions)
             if self.iteration >= self.total:
                 break
 
-    def _step(self, positions: np.ndarray, views: np.ndarray,
-              upcoming: tuple[np.ndarray, np.ndarray] | None) -> tuple[float, int]:
+    def _step(
+        self, positions: np.ndarray, views: np.ndarray, upcoming: tuple[np.ndarray, np.ndarray] | None
+    ) -> tuple[float, int]:
         self.head.train()
         batch = self.data.source.batch(positions, views)
         if upcoming is not None and hasattr(self.data.source, "prefetch"):
