@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fsl_cache.backbones.encoder import Encoder
+from fsl_cache.backbones.views import ViewRenderer
 from fsl_cache.datasets import open_image
-from fsl_cache.extraction import ExtractOptions, ViewRenderer, prepare_extraction
-from fsl_cache.extraction.run import Encoder, RunStats, run_job
+from fsl_cache.extraction import ExtractOptions, prepare_extraction
+from fsl_cache.extraction.runner import RunStats, run_job
 from fsl_cache.store.store import StoreWriter
 
 

@@ -37,10 +37,10 @@ from torchvision import transforms
 
 from fsl_cache import api
 from fsl_cache.backbones import load_backbone
-from fsl_cache.evaluation.predict import predict
-from fsl_cache.evaluation.protocol import build_splits, test_split
+from fsl_cache.evaluation.scoring import predict
 from fsl_cache.methods import get_method
-from fsl_cache.runs.engine import task_info
+from fsl_cache.runs.request import task_info
+from fsl_cache.splits.protocol import build_splits, test_split
 from fsl_cache.store import FeatureStore
 from fsl_cache.training import FitTask
 

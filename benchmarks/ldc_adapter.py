@@ -27,8 +27,9 @@ import time
 import torch
 from torch import nn
 
+from fsl_cache.methods.ldc_adapter import ConvAdapter
 from fsl_cache.methods.ldc_fused import FusedConvAdapter
-from fsl_cache.methods.ldc_modules import ConvAdapter, RNMultiLevel, fuse_levels
+from fsl_cache.methods.ldc_modules import RNMultiLevel, fuse_levels
 
 CHANNELS, SIDES = (256, 512, 1024, 2048), (56, 28, 14, 7)
 

@@ -5,18 +5,38 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .extraction import DEFAULT_FOR, ExtractOptions, ExtractResult, PreparedExtraction, default_cache_dir
+from .defaults import (
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    DEFAULT_PROTOCOL,
+    DEFAULT_SEEDS,
+    DEFAULT_SHOTS,
+    DEFAULT_VIT_BLOCKS,
+)
+from .errors import UsageError
+from .extraction import ExtractOptions, ExtractResult, PreparedExtraction
 from .extraction import extract as _extract
+from .inference import Predictor, export_bundle, find_run
+from .methods import get_method, list_methods
+from .methods.needs import DEFAULT_FOR
+from .render import show_fit_progress
+from .reports import Filters, build_table, load_rows
+from .reports.plots import write_plots
+from .runs import default_runs_dir, fit_runs
+from .runs.request import FitRequest
 from .store import StoreEntry, VerifyProblem, find_store, list_stores, remove_store, verify_store
+from .store.catalog import default_cache_dir
 from .store.store import FeatureStore
+from .sweeps import GridSpec, SweepContext, load_recipe, run_sweep
+from .sweeps.optuna_engine import OptunaSettings
 
 
 def extract(
     dataset: str,
     *,
     root: str | Path | None = None,
-    model: str = "RN50",
-    pretrained: str = "openai",
+    model: str = DEFAULT_MODEL,
+    pretrained: str = DEFAULT_PRETRAINED,
     for_methods: Sequence[str] | None = None,
     views: int | None = None,
     precision: str = "fp16",
@@ -25,11 +45,11 @@ def extract(
     workers: int = 2,
     device: str = "cpu",
     cache_dir: str | Path | None = None,
-    shots: Sequence[int] = (1, 2, 4, 8, 16),
-    seeds: Sequence[int] = (1, 2, 3),
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
     full_train: bool = False,
     full_val: bool = False,
-    vit_blocks: Sequence[int] = (6, 8, 10, 12),
+    vit_blocks: Sequence[int] = DEFAULT_VIT_BLOCKS,
     skip_bad: bool = False,
     on_plan: Callable[[PreparedExtraction], None] | None = None,
     progress: bool = True,
@@ -97,10 +117,10 @@ def fit(
     *,
     dataset: str,
     shots: int,
-    seeds: Sequence[int] = (1, 2, 3),
-    protocol: str = "coop",
-    model: str = "RN50",
-    pretrained: str = "openai",
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    protocol: str = DEFAULT_PROTOCOL,
+    model: str = DEFAULT_MODEL,
+    pretrained: str = DEFAULT_PRETRAINED,
     store: str | None = None,
     options: dict | None = None,
     cache_dir: str | Path | None = None,
@@ -118,39 +138,34 @@ def fit(
     A run whose fingerprint already has a record under ``runs_dir`` is returned without recomputing
     (``force=True`` redoes it). Returns one :class:`fsl_cache.runs.RunResult` per seed.
     """
-    from .runs import fit_runs
 
     def report(result) -> None:
         if progress:
-            from .render import show_fit_progress
-
             show_fit_progress(result)
         if on_run is not None:
             on_run(result)
 
-    return fit_runs(
+    request = FitRequest(
         method,
-        dataset=dataset,
-        shots=shots,
+        dataset,
+        shots,
         seeds=seeds,
+        options=dict(options or {}),
         protocol=protocol,
         model=model,
         pretrained=pretrained,
         store=store,
-        options=options,
-        cache_dir=cache_dir,
-        runs_dir=runs_dir,
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        runs_dir=Path(runs_dir) if runs_dir is not None else None,
         force=force,
         device=device,
         memory_budget=memory_budget,
-        on_run=report,
     )
+    return fit_runs(request, on_run=report)
 
 
 def methods() -> list:
     """Every registered method (:class:`fsl_cache.methods.MethodInfo`), sorted by name."""
-    from .methods import get_method, list_methods
-
     return [get_method(name) for name in list_methods()]
 
 
@@ -158,13 +173,13 @@ def grid(
     methods: Sequence[str] | None = None,
     *,
     datasets: Sequence[str] | None = None,
-    shots: Sequence[int] = (1, 2, 4, 8, 16),
-    seeds: Sequence[int] = (1, 2, 3),
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
     options: dict[str, Sequence] | None = None,
     recipe: str | Path | None = None,
-    protocol: str = "coop",
-    model: str = "RN50",
-    pretrained: str = "openai",
+    protocol: str = DEFAULT_PROTOCOL,
+    model: str = DEFAULT_MODEL,
+    pretrained: str = DEFAULT_PRETRAINED,
     store: str | None = None,
     workers: int = 1,
     group_size: int = 8,
@@ -188,10 +203,6 @@ def grid(
     ``optuna`` (studies in the journal file ``study_storage``, ``sampler`` grid or tpe, selection on
     val) or ``ray``. Returns a :class:`fsl_cache.sweeps.SweepResult`.
     """
-    from .errors import UsageError
-    from .runs import default_runs_dir
-    from .sweeps import GridSpec, SweepContext, load_recipe, run_sweep
-
     if recipe is not None:
         spec = load_recipe(recipe)
     elif methods and datasets:
@@ -220,8 +231,6 @@ def grid(
     )
     settings = None
     if engine == "optuna":
-        from .sweeps.optuna_engine import OptunaSettings
-
         settings = OptunaSettings(
             storage=Path(study_storage) if study_storage else runs / "optuna.journal",
             sampler=sampler,
@@ -253,10 +262,6 @@ def report(
 
     Returns ``(table, rows, plots)``: a :class:`fsl_cache.reports.ReportTable`, the records used, the PNGs written.
     """
-    from .errors import UsageError
-    from .reports import Filters, build_table, load_rows
-    from .runs import default_runs_dir
-
     root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     filters = Filters(tuple(methods), tuple(datasets), tuple(shots), tuple(protocols), tuple(backbones))
     rows = load_rows(root, filters)
@@ -269,8 +274,6 @@ def report(
     table = build_table(rows)
     plots = []
     if plot_dir is not None:
-        from .reports.plots import write_plots
-
         plots = write_plots(table, rows, plot_dir)
     return table, rows, plots
 
@@ -289,14 +292,10 @@ def predict(
     encodes the center view as stage one did, applies the trained head. Returns
     :class:`fsl_cache.inference.Prediction` per image.
     """
-    from .inference import Predictor, find_run
-
     return Predictor.load(find_run(run, runs_dir=runs_dir), device=device).predict(list(images), top_k=top_k)
 
 
 def export(run: str | Path, out_dir: str | Path, *, runs_dir: str | Path | None = None) -> Path:
     """Write a run's head, config, class names, templates, text weights and backbone spec to ``out_dir``,
     loadable by ``predict`` (and :class:`fsl_cache.inference.Predictor`) without the feature cache."""
-    from .inference import export_bundle, find_run
-
     return export_bundle(find_run(run, runs_dir=runs_dir), out_dir)

@@ -15,6 +15,12 @@ import click
 from rich.markup import escape  # messages quote paths and "[path, label, classname]": never markup
 
 from .console import err_console
+from .defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_SEEDS, DEFAULT_SHOTS
+
+
+def _joined(values) -> str:
+    return ",".join(map(str, values))
+
 
 CACHE_DIR_OPTION = click.option(
     "--cache-dir",
@@ -92,13 +98,13 @@ def main(ctx: click.Context, debug: bool) -> None:
 )
 @click.option(
     "--model",
-    default="RN50",
+    default=DEFAULT_MODEL,
     show_default=True,
     help="open_clip architecture, hf-hub:ORG/REPO or local-dir:DIR.",
 )
 @click.option(
     "--pretrained",
-    default="openai",
+    default=DEFAULT_PRETRAINED,
     show_default=True,
     help="Pretrained tag, weights file, or 'none' (random).",
 )
@@ -122,14 +128,14 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option(
     "--shots",
     callback=_int_list,
-    default="1,2,4,8,16",
+    default=_joined(DEFAULT_SHOTS),
     show_default=True,
     help="Few-shot sizes the train pool covers.",
 )
 @click.option(
     "--seeds",
     callback=_int_list,
-    default="1,2,3",
+    default=_joined(DEFAULT_SEEDS),
     show_default=True,
     help="Sampling seeds the train pool covers.",
 )
@@ -274,8 +280,8 @@ def cache_verify(key, cache_dir, as_json) -> None:
 def cache_rm(key, cache_dir, yes) -> None:
     """Remove one store."""
     from . import api
-    from .extraction import default_cache_dir
     from .store import find_store
+    from .store.catalog import default_cache_dir
 
     entry = find_store(cache_dir or default_cache_dir(), key)
     if not yes and not click.confirm(f"Remove {entry.path}?", err=True):
@@ -384,7 +390,7 @@ def demo(out, cache_dir, runs_dir, plot_dir, as_json) -> None:
 
 def _seed_list(ctx, param, value: tuple[str, ...]):
     """``--seed 1 --seed 2`` or ``--seed 1,2,3``; default 1,2,3."""
-    seeds = [v for item in value for v in item.split(",") if v.strip()] or ["1", "2", "3"]
+    seeds = [v for item in value for v in item.split(",") if v.strip()] or [str(s) for s in DEFAULT_SEEDS]
     try:
         return tuple(int(v) for v in seeds)
     except ValueError:
@@ -422,8 +428,10 @@ def _key_values(ctx, param, value: tuple[str, ...]) -> dict:
     help="coop: few-shot val for every choice, test once; paper: each paper's own quirks; "
     "base2novel: train on base classes, report base, novel and their harmonic mean.",
 )
-@click.option("--model", default="RN50", show_default=True, help="Backbone architecture of the store.")
-@click.option("--pretrained", default="openai", show_default=True, help="Backbone weights of the store.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Backbone architecture of the store.")
+@click.option(
+    "--pretrained", default=DEFAULT_PRETRAINED, show_default=True, help="Backbone weights of the store."
+)
 @click.option(
     "--store", default=None, help="Store key (fingerprint prefix) or folder, instead of --model/--pretrained."
 )
@@ -533,8 +541,8 @@ def _grid_options(ctx, param, value: tuple[str, ...]) -> dict:
 @main.command()
 @click.argument("methods", required=False, callback=_name_list)
 @click.option("--dataset", "datasets", callback=_name_list, help="Datasets, comma-separated (as for fit).")
-@click.option("--shots", callback=_int_list, default="1,2,4,8,16", show_default=True)
-@click.option("--seeds", callback=_int_list, default="1,2,3", show_default=True)
+@click.option("--shots", callback=_int_list, default=_joined(DEFAULT_SHOTS), show_default=True)
+@click.option("--seeds", callback=_int_list, default=_joined(DEFAULT_SEEDS), show_default=True)
 @click.option(
     "-o",
     "--option",
@@ -550,8 +558,12 @@ def _grid_options(ctx, param, value: tuple[str, ...]) -> dict:
     help="A pipelines/*.yaml recipe instead of METHODS/--dataset/--shots/--seeds/-o.",
 )
 @click.option("--protocol", type=click.Choice(["coop", "paper"]), default="coop", show_default=True)
-@click.option("--model", default="RN50", show_default=True, help="Backbone architecture of the stores.")
-@click.option("--pretrained", default="openai", show_default=True, help="Backbone weights of the stores.")
+@click.option(
+    "--model", default=DEFAULT_MODEL, show_default=True, help="Backbone architecture of the stores."
+)
+@click.option(
+    "--pretrained", default=DEFAULT_PRETRAINED, show_default=True, help="Backbone weights of the stores."
+)
 @click.option("--store", default=None, help="Store key or folder (single-dataset grids).")
 @click.option(
     "--workers", type=int, default=1, show_default=True, help="Worker processes (or concurrent trials)."

@@ -21,9 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .datasets.base import DatasetSpec
-from .datasets.shots import few_shot_pools
+from .defaults import DEFAULT_SEEDS
+from .methods import get_method
+from .splits.sampling import few_shot_pools
 from .store.backend import ArraySpec
 from .store.fingerprint import EXTRACTION_VERSION, dataset_dirname, fingerprint, store_dirname
 from .store.store import SCHEMA, StoreWriter
@@ -43,7 +46,7 @@ class SyntheticSpec:
     per_class: tuple[int, int, int] = (16, 8, 12)
     """Images per class in the train, val and test splits."""
     shots: tuple[int, ...] = (1, 2, 4)
-    seeds: tuple[int, ...] = (1, 2, 3)
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
     views: Mapping[str, int] = field(default_factory=lambda: {"tip": 21})
     """Augmented train views per policy (view 0 is the center view)."""
     zero_shot: float = 0.0
@@ -255,10 +258,6 @@ class ArrayStore:
 
 def fit_method(name: str, task, options: Mapping, *, seed: int = 1):
     """Fit registered method ``name`` on ``task`` with ``options`` resolved as ``fsl-cache fit`` does."""
-    import torch
-
-    from .methods import get_method
-
     method = get_method(name).create(options)
     method = type(method)(method.resolve(task.info))
     return method.fit(task, generator=torch.Generator().manual_seed(seed))
@@ -266,8 +265,6 @@ def fit_method(name: str, task, options: Mapping, *, seed: int = 1):
 
 def pooled_accuracy(head, test) -> float:
     """Top-1 (%) of ``head`` on ``test = (pooled features [N, D], labels [N])``."""
-    import torch
-
     head.eval()
     with torch.no_grad():
         return 100.0 * (head({"pooled": test[0]}).argmax(-1) == test[1]).float().mean().item()

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest_datasets import (
+from dataset_helpers import (
     COOP_CASES,
     build_coop_layout,
     scratch_dir,

@@ -6,7 +6,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest_datasets import touch_all
+from dataset_helpers import touch_all
 
 from fsl_cache.datasets import load_dataset, make_demo_dataset, open_image
 from fsl_cache.datasets.custom import stratified_split

@@ -10,9 +10,9 @@ from PIL import Image
 
 from fsl_cache import api
 from fsl_cache.backbones import load_backbone
+from fsl_cache.backbones.views import ViewRenderer, sample_params
 from fsl_cache.datasets import load_dataset, make_demo_dataset, open_image
 from fsl_cache.errors import DatasetError, DiskFullError, UsageError
-from fsl_cache.extraction import ViewRenderer, sample_params
 from fsl_cache.store import FeatureStore, verify_store
 
 FEW = {"shots": (1, 2), "seeds": (1, 2), "workers": 0, "progress": False}

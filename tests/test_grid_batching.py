@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from fsl_cache import api
-from fsl_cache.evaluation.protocol import build_splits
 from fsl_cache.methods import get_method
 from fsl_cache.methods.base import fit_together
-from fsl_cache.runs.engine import task_info
 from fsl_cache.runs.record import load_head_tensors
+from fsl_cache.runs.request import task_info
+from fsl_cache.splits.protocol import build_splits
 from fsl_cache.store.store import FeatureStore
 from fsl_cache.sweeps.local import group_trials
 from fsl_cache.sweeps.spec import Trial

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
+from fsl_cache.methods.ldc_adapter import ConvAdapter
 from fsl_cache.methods.ldc_fused import FusedConvAdapter, _tiles
-from fsl_cache.methods.ldc_modules import ConvAdapter
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

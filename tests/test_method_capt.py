@@ -12,12 +12,12 @@ from fsl_cache import api
 from fsl_cache.backbones import load_backbone
 from fsl_cache.datasets import make_demo_dataset
 from fsl_cache.errors import UsageError
-from fsl_cache.evaluation.protocol import base_novel_classes, harmonic_mean, subset_classes
 from fsl_cache.methods import FitTask, TaskInfo, get_method
 from fsl_cache.methods.capt_modules import CaptHead, load_balance, load_descriptions
 from fsl_cache.methods.confusion_bank import build_bank, confusable_classes, retrieve
+from fsl_cache.splits import SplitRef
+from fsl_cache.splits.protocol import base_novel_classes, harmonic_mean, subset_classes
 from fsl_cache.testing import ArrayStore
-from fsl_cache.training import SplitRef
 
 NAMES = ("red circle", "blue square", "green triangle", "striped pattern")
 

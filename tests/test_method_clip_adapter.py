@@ -10,9 +10,10 @@ from fsl_cache.datasets import make_demo_dataset
 from fsl_cache.methods import FitTask, TaskInfo, get_method
 from fsl_cache.methods.clip_adapter import ClipAdapterHead, blend
 from fsl_cache.methods.zero_shot import ZeroShotHead
-from fsl_cache.runs.engine import fit_runs
+from fsl_cache.runs.fitting import fit_runs
+from fsl_cache.runs.request import FitRequest
+from fsl_cache.splits import SplitRef
 from fsl_cache.testing import ArrayStore, fit_method, pooled_accuracy
-from fsl_cache.training import SplitRef
 
 NAMES = ("a", "b", "c", "d", "e")
 FAST = {"epochs": 2, "batch_size": 4}
@@ -137,6 +138,9 @@ def test_runs_end_to_end_on_a_tiny_store_deterministically(tmp_path):
         options=FAST,
         force=True,
     )
-    first, second = fit_runs("clip_adapter", **kwargs)[0], fit_runs("clip_adapter", **kwargs)[0]
+    first, second = (
+        fit_runs(FitRequest("clip_adapter", **kwargs))[0],
+        fit_runs(FitRequest("clip_adapter", **kwargs))[0],
+    )
     assert (first.val_acc, first.test_acc, first.heads) == (second.val_acc, second.test_acc, second.heads)
     assert (first.run_dir / "head.safetensors").exists()

@@ -12,9 +12,10 @@ from fsl_cache.errors import StoreError
 from fsl_cache.methods import FitTask, TaskInfo, get_method
 from fsl_cache.methods.coop import CoOpHead, assemble, name_lengths
 from fsl_cache.methods.zero_shot import ZeroShotHead
-from fsl_cache.runs.engine import fit_runs
+from fsl_cache.runs.fitting import fit_runs
+from fsl_cache.runs.request import FitRequest
+from fsl_cache.splits import SplitRef
 from fsl_cache.testing import ArrayStore, fit_method, pooled_accuracy
-from fsl_cache.training import SplitRef
 
 NAMES = ("red circle", "blue square", "green triangle", "striped pattern", "checkerboard")
 FAST = {"epochs": 2, "batch_size": 4}
@@ -243,7 +244,7 @@ def test_runs_end_to_end_on_a_tiny_store_deterministically(tmp_path):
         options=FAST | {"n_ctx": 4},
         force=True,
     )
-    first, second = fit_runs("coop", **kwargs)[0], fit_runs("coop", **kwargs)[0]
+    first, second = fit_runs(FitRequest("coop", **kwargs))[0], fit_runs(FitRequest("coop", **kwargs))[0]
     assert not first.reused and not second.reused
     assert (first.val_acc, first.test_acc, first.heads) == (second.val_acc, second.test_acc, second.heads)
     assert (first.run_dir / "head.safetensors").exists()

@@ -15,11 +15,11 @@ from PIL import Image
 
 from fsl_cache import api
 from fsl_cache.backbones import load_backbone
+from fsl_cache.backbones.taps import derive, derived_tap
+from fsl_cache.backbones.views import ViewRenderer
 from fsl_cache.datasets import make_demo_dataset
 from fsl_cache.errors import UsageError
-from fsl_cache.evaluation.predict import predict
-from fsl_cache.extraction import ViewRenderer
-from fsl_cache.extraction.needs import derive, derived_tap
+from fsl_cache.evaluation.scoring import predict
 from fsl_cache.methods import ConfigError, get_method
 from fsl_cache.methods.ldc import LDCHead, build_trunk, ldc_loss, ldc_taps, search_split
 from fsl_cache.methods.ldc_modules import (

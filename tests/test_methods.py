@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from fsl_cache import api
 from fsl_cache.datasets import make_demo_dataset
 from fsl_cache.errors import UsageError
-from fsl_cache.extraction.needs import method_needs
-from fsl_cache.methods import ConfigError, MethodConfig, get_method, list_methods
+from fsl_cache.methods import ConfigError, Method, MethodConfig, get_method, list_methods
 from fsl_cache.methods.linear_probe import fit_logreg, head_from_sklearn, search_c
+from fsl_cache.methods.needs import Needs
 from fsl_cache.methods.tip_adapter import (
     TIP_DEFAULT,
     TIP_TABLE,
@@ -31,7 +31,9 @@ from fsl_cache.methods.tip_adapter import (
     tip_logits,
 )
 from fsl_cache.methods.zero_shot import ZeroShotHead
+from fsl_cache.runs import fitting
 from fsl_cache.runs.record import load_head_tensors
+from fsl_cache.store import FeatureStore
 from fsl_cache.testing import make_synthetic_store, zero_shot_chance
 
 SYNTH = dict(dataset="synthetic", model="synthetic", pretrained="none")
@@ -272,7 +274,8 @@ def test_method_declares_the_contract(name):
     assert info.description and info.paper_protocol
     assert dataclasses.is_dataclass(info.config) and issubclass(info.config, MethodConfig)
     assert info.config.__dataclass_params__.frozen
-    assert info.needs("eurosat") == method_needs(name, dataset="eurosat")  # one source of truth
+    assert isinstance(info.needs("eurosat"), Needs)
+    assert info.cls.rebuild_head.__func__ is not Method.rebuild_head.__func__, "predict/export need it"
     for option in info.options():
         assert option.doc, f"{name} option {option.name} has no docstring"
     defaults = info.config()
@@ -290,14 +293,11 @@ def test_method_declares_the_contract(name):
 @pytest.fixture
 def store_reads(monkeypatch):
     """Array names the store hands out, in order, with ``FINAL`` where the engine's final evaluation starts."""
-    from fsl_cache.runs import engine
-    from fsl_cache.store import FeatureStore
-
     log: list[str] = []
-    original_array, original_final = FeatureStore.array, engine.final_evaluation
+    original_array, original_final = FeatureStore.array, fitting.final_evaluation
     monkeypatch.setattr(FeatureStore, "array", lambda self, n: (log.append(n), original_array(self, n))[1])
     monkeypatch.setattr(
-        engine, "final_evaluation", lambda *a, **k: (log.append("FINAL"), original_final(*a, **k))[1]
+        fitting, "final_evaluation", lambda *a, **k: (log.append("FINAL"), original_final(*a, **k))[1]
     )
     return log
 

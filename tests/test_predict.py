@@ -13,25 +13,16 @@ from click.testing import CliRunner
 from fsl_cache import api
 from fsl_cache.cli import main
 from fsl_cache.errors import BackboneError, StoreError
-from fsl_cache.evaluation import protocol
-from fsl_cache.evaluation.predict import predict as cached_predict
+from fsl_cache.evaluation.scoring import predict as cached_predict
 from fsl_cache.inference import Predictor, load_bundle
+from fsl_cache.methods import get_method, list_methods
+from fsl_cache.splits import protocol
 from fsl_cache.store.store import FeatureStore
 from fsl_cache.training.data import open_views
 
 TINY = dict(model="fsl-tiny-rn", pretrained="none")
-FAST_SAFE = {"iterations": 10, "lrs": "1e-4", "wds": "0", "eval_every": 5, "warmup": 2}
-METHODS = {
-    "zero_shot": {},
-    "linear_probe": {"search_steps": 1},
-    "tip_adapter": {},
-    "safe": FAST_SAFE,
-    "tip_adapter_f": {"epochs": 2},
-    "clip_adapter": {"epochs": 2},
-    "coop": {"epochs": 1},
-    "ldc": {"epochs": 1},
-    "safe_a": {**FAST_SAFE, "tip_epochs": 1},
-}
+METHODS = list_methods()
+"""Every registered method: its ``quick`` options keep each fit to seconds."""
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +34,7 @@ def demo(tmp_path_factory):
     result = api.extract(
         f"imagefolder:{data}",
         cache_dir=root / "cache",
-        for_methods=list(METHODS),
+        for_methods=METHODS,
         shots=(2,),
         seeds=(1,),
         workers=0,
@@ -60,7 +51,7 @@ def fit(demo, method: str) -> Path:
         dataset=f"imagefolder:{data}",
         shots=2,
         seeds=[1],
-        options=METHODS[method],
+        options=get_method(method).cls.quick,
         cache_dir=root / "cache",
         runs_dir=root / "runs",
         progress=False,
@@ -69,28 +60,37 @@ def fit(demo, method: str) -> Path:
     return run.run_dir
 
 
-def cached_logits(store_dir: Path, head, inputs) -> tuple[torch.Tensor, list[str]]:
+def cached_logits(store_dir: Path, head, inputs) -> tuple[dict[str, torch.Tensor], list[str], torch.Tensor]:
+    """The head's logits on the store's test split, its image paths and labels."""
     store = FeatureStore.open(store_dir)
     try:
         split = protocol.test_split(store)
-        logits = cached_predict(head, open_views(store, split, policy="center", taps=tuple(inputs)))["main"]
-        return logits, list(store.read("images/test/paths")[split.rows])
+        logits = cached_predict(head, open_views(store, split, policy="center", taps=tuple(inputs)))
+        return logits, list(store.read("images/test/paths")[split.rows]), split.labels
     finally:
         store.close()
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_predict_on_images_gives_the_cached_evaluation_logits(demo, method):
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_round_trips_export_and_predict_to_its_cached_evaluation(demo, method, tmp_path):
+    """The rebuilt head scores the cached test split exactly as the run recorded it, and on the image files
+    (from the run folder and from an export) gives the cached logits."""
     _, data, store_dir = demo
-    predictor = Predictor.load(fit(demo, method))
-    cached, paths = cached_logits(store_dir, predictor.head, predictor.bundle.inputs)
-    live = predictor.logits([data / p for p in paths[:25]])["main"]
-    assert torch.allclose(live, cached[:25], atol=1e-4, rtol=1e-4)
-    assert torch.equal(live.argmax(dim=1), cached[:25].argmax(dim=1))
-    record = json.loads((predictor.bundle.source / "record.json").read_text())
-    full = predictor.logits([data / p for p in paths])["main"]
-    labels = torch.tensor(record["metrics"]["test"]["main"]["confusion"]).sum(dim=1)
-    assert len(full) == int(labels.sum())  # every test image
+    run = fit(demo, method)
+    predictor = Predictor.load(run)
+    record = json.loads((run / "record.json").read_text())
+    headline = record["metrics"]["headline"]
+    cached_all, paths, test_labels = cached_logits(store_dir, predictor.head, predictor.bundle.inputs)
+    cached = cached_all[headline]
+    labels = torch.tensor(record["metrics"]["test"][headline]["confusion"]).sum(dim=1)
+    assert len(cached) == int(labels.sum())  # every test image
+    top1 = 100.0 * (cached.argmax(dim=1) == test_labels).double().mean().item()  # records hold percent
+    assert top1 == pytest.approx(record["metrics"]["test"][headline]["top1"], abs=1e-6)
+    images = [data / p for p in paths[:25]]
+    exported = Predictor.load(api.export(run, tmp_path / "export"))
+    for live in (predictor.logits(images)[headline], exported.logits(images)[headline]):
+        assert torch.allclose(live, cached[:25], atol=1e-4, rtol=1e-4)
+        assert torch.equal(live.argmax(dim=1), cached[:25].argmax(dim=1))
 
 
 def test_heavy_taps_come_from_the_backbone(demo):

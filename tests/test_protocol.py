@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from fsl_cache import api
-from fsl_cache.datasets.shots import sample_few_shot
 from fsl_cache.errors import UsageError
-from fsl_cache.evaluation.protocol import few_shot_indices, lpclip_indices
 from fsl_cache.methods import list_methods
-from fsl_cache.runs import engine
+from fsl_cache.runs import fitting
+from fsl_cache.splits.protocol import few_shot_indices, lpclip_indices
+from fsl_cache.splits.sampling import sample_few_shot
 from fsl_cache.store import FeatureStore
 from fsl_cache.testing import make_synthetic_store
 
@@ -30,7 +30,7 @@ def cache(tmp_path_factory):
 def store_reads(monkeypatch):
     """Every array name the store hands out, in order, with a FINAL marker where the final evaluation starts."""
     log: list[str] = []
-    original_array, original_final = FeatureStore.array, engine.final_evaluation
+    original_array, original_final = FeatureStore.array, fitting.final_evaluation
 
     def array(self, name):
         log.append(name)
@@ -41,7 +41,7 @@ def store_reads(monkeypatch):
         return original_final(*args, **kwargs)
 
     monkeypatch.setattr(FeatureStore, "array", array)
-    monkeypatch.setattr(engine, "final_evaluation", final_evaluation)
+    monkeypatch.setattr(fitting, "final_evaluation", final_evaluation)
     return log
 
 

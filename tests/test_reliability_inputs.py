@@ -29,9 +29,9 @@ from fsl_cache.backbones.loading import resolve_spec
 from fsl_cache.cli import _int_list, main
 from fsl_cache.datasets import load_dataset
 from fsl_cache.datasets.base import DatasetSpec
-from fsl_cache.datasets.shots import few_shot_pools
 from fsl_cache.errors import FslError, StoreError
 from fsl_cache.extraction.pipeline import ExtractOptions, prepare_extraction
+from fsl_cache.splits.sampling import few_shot_pools
 from fsl_cache.store import FeatureStore, find_store, verify_store
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest_datasets import shared_dir, split_file
+from dataset_helpers import shared_dir, split_file
 
-from fsl_cache.datasets import FewShotSubset, few_shot_pools, sample_few_shot
 from fsl_cache.datasets.base import DatasetSpec
 from fsl_cache.datasets.coop import read_split_json
 from fsl_cache.errors import UsageError
+from fsl_cache.splits import FewShotSubset, few_shot_pools, sample_few_shot
 
 PUBLISHED = {
     # dataset: (split-file stem, classes, prefix of the published impaths before the split path)

@@ -9,6 +9,7 @@ import torch
 
 from fsl_cache.errors import StoreError
 from fsl_cache.methods.tip_adapter import TipHead, build_keys, build_values
+from fsl_cache.splits import SplitRef
 from fsl_cache.store import (
     ArraySpec,
     FeatureStore,
@@ -22,7 +23,7 @@ from fsl_cache.store.fingerprint import store_dirname
 from fsl_cache.store.store import SCHEMA
 from fsl_cache.store.unpacked import _blocks, unpack_rows
 from fsl_cache.testing import make_synthetic_store
-from fsl_cache.training import MemoryViews, SplitRef, StoreViews, TrainData, TrainSettings, open_views, train
+from fsl_cache.training import MemoryViews, StoreViews, TrainData, TrainSettings, open_views, train
 
 NAME = "images/train/views/ldc/rn/layer4"
 

@@ -9,18 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from fsl_cache.methods.tip_adapter import TipHead, build_keys, build_values
+from fsl_cache.splits import SplitRef
 from fsl_cache.store import FeatureStore
 from fsl_cache.testing import make_synthetic_store
-from fsl_cache.training import (
-    MemoryViews,
-    Selector,
-    SplitRef,
-    TrainData,
-    TrainSettings,
-    ViewSampler,
-    open_views,
-    train,
-)
+from fsl_cache.training import MemoryViews, Selector, TrainData, TrainSettings, ViewSampler, open_views, train
 from fsl_cache.training.sampler import batches_per_epoch, epoch_batches
 from fsl_cache.training.schedule import build_optimizer, build_scheduler, lr_factor
 

@@ -28,6 +28,7 @@ from fsl_cache.backbones.weights import (
     resolve_tag,
     weights_file_error,
 )
+from fsl_cache.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from fsl_cache.errors import BackboneError, FslError, UsageError, did_you_mean
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,8 +56,8 @@ class _Spec:
 
 
 def load_backbone(
-    model: str = "RN50",
-    pretrained: str = "openai",
+    model: str = DEFAULT_MODEL,
+    pretrained: str = DEFAULT_PRETRAINED,
     *,
     device: str = "cpu",
     precision: str = "fp32",
@@ -137,7 +138,7 @@ def _schema_from_pretrained(model: str, pretrained: str, notes: list[str]) -> tu
         spec = LOCAL_DIR + spec
     if not spec.startswith((HF_HUB, LOCAL_DIR)):
         return model, pretrained
-    if model not in ("RN50", spec):  # RN50 is only the signature's default
+    if model not in (DEFAULT_MODEL, spec):  # only the signature's default
         notes.append(f"model '{model}' ignored: the architecture comes from {spec}")
     return spec, spec
 
@@ -146,7 +147,7 @@ def _schema_spec(model: str, pretrained: str, *, cache_dir: str | None) -> _Spec
     if not model.split(":", 1)[1].strip():
         raise UsageError(f"'{model}' names no repo or folder after the colon")
     notes = []
-    if pretrained not in ("openai", model):  # 'openai' is only the signature's default here
+    if pretrained not in (DEFAULT_PRETRAINED, model):  # only the signature's default here
         notes.append(f"pretrained '{pretrained}' ignored: {model.split(':')[0]}: models carry their weights")
     if model.startswith(HF_HUB):
         repo = model[len(HF_HUB) :]

@@ -1,30 +1,18 @@
-"""Datasets: built-in CoOp loaders, user folders and CSVs, prompt templates, few-shot sampling."""
+"""Datasets: built-in CoOp loaders, user folders and CSVs, prompt templates, robust image loading."""
 
 from fsl_cache.datasets.base import DatasetSpec
 from fsl_cache.datasets.catalog import DatasetInfo, list_datasets, load_dataset
 from fsl_cache.datasets.demo import make_demo_dataset
 from fsl_cache.datasets.images import BadImageError, open_image
-from fsl_cache.datasets.shots import (
-    FewShotPools,
-    FewShotSubset,
-    Shortfall,
-    few_shot_pools,
-    sample_few_shot,
-)
 from fsl_cache.datasets.templates import templates_for
 
 __all__ = [
     "BadImageError",
     "DatasetInfo",
     "DatasetSpec",
-    "FewShotPools",
-    "FewShotSubset",
-    "Shortfall",
-    "few_shot_pools",
     "list_datasets",
     "load_dataset",
     "make_demo_dataset",
     "open_image",
-    "sample_few_shot",
     "templates_for",
 ]

@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fsl_cache.datasets import coop
 from fsl_cache.datasets.base import DatasetSpec, builtin_loaders
+from fsl_cache.datasets.coop import LAYOUTS
 from fsl_cache.datasets.custom import CSV_LAYOUT, IMAGEFOLDER_LAYOUT, load_csv, load_imagefolder
 from fsl_cache.datasets.files import user_path
 from fsl_cache.errors import UsageError, did_you_mean
@@ -31,7 +31,7 @@ class DatasetInfo:
 def list_datasets() -> list[DatasetInfo]:
     """The built-in datasets (CoOp order, then the ImageNet shift sets) and the two user formats."""
     return [
-        *(DatasetInfo(name, layout.num_classes, layout.expects) for name, layout in coop.LAYOUTS.items()),
+        *(DatasetInfo(name, layout.num_classes, layout.expects) for name, layout in LAYOUTS.items()),
         DatasetInfo("imagefolder:DIR", None, IMAGEFOLDER_LAYOUT),
         DatasetInfo("csv:FILE", None, CSV_LAYOUT),
     ]
@@ -57,7 +57,7 @@ def load_dataset(spec: str, *, root: Path | str | None = None) -> DatasetSpec:
 def _data_root(name: str, root: Path | str | None) -> Path:
     root = root or os.environ.get(DATA_ENV)
     if not root:
-        folder = coop.LAYOUTS[name].folder
+        folder = LAYOUTS[name].folder
         raise UsageError(
             f"Dataset '{name}' needs a data root: pass --root DIR or set {DATA_ENV} "
             f"(DIR is the folder that contains {folder}/)"

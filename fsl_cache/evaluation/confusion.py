@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..store.reads import read_rows_of_view
 from .metrics import confusion_matrix
 
 TOP_PAIRS = 10
@@ -179,8 +180,6 @@ def zero_shot_predictions(
     name = f"images/{split.pool}/views/center/zs_logits/{template_set}"
     if not store.has(name):
         return None
-    from ..training.data import read_rows_of_view
-
     logits = torch.from_numpy(
         np.asarray(read_rows_of_view(store.array(name), split.rows, 0, name=name))
     ).float()

@@ -16,17 +16,23 @@ import torch
 
 from .. import __version__
 from ..backbones import load_backbone
+from ..backbones.encoder import ZS_SCALE, Encoder
+from ..backbones.taps import derived_shape, derived_tap
+from ..backbones.views import POLICIES, ViewRenderer
 from ..console import progress_bar
-from ..datasets import DatasetSpec, few_shot_pools, load_dataset
+from ..datasets import DatasetSpec, load_dataset
+from ..defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_SEEDS, DEFAULT_SHOTS, DEFAULT_VIT_BLOCKS
 from ..errors import DiskFullError, FslError, StoreError, UsageError
+from ..methods.needs import DEFAULT_FOR
+from ..methods.registry import get_method
+from ..splits.sampling import few_shot_pools
 from ..store.backend import FORMATS, ArraySpec
+from ..store.catalog import default_cache_dir
 from ..store.fingerprint import EXTRACTION_VERSION, dataset_dirname, fingerprint, store_dirname
 from ..store.store import MANIFEST, SCHEMA, FeatureStore, StoreWriter, check_manifest, read_manifest
-from .augment import POLICIES, ViewRenderer
-from .needs import DEFAULT_FOR, derived_shape, derived_tap, method_needs
 from .plan import ExtractionPlan, Pool, array_layout, check_fits, human_bytes, plan_extraction
 from .ranks import SINGLE_PROCESS, Ranks, rank_device, ranks_from_env
-from .run import ZS_SCALE, Encoder, RunStats, run_job
+from .runner import RunStats, run_job
 
 PRECISIONS = {"fp16": np.float16, "fp32": np.float32}
 
@@ -45,11 +51,11 @@ class ExtractOptions:
     """Images per forward pass (all views of a sample stay in one batch)."""
     workers: int = 2
     device: str = "cpu"
-    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
-    seeds: tuple[int, ...] = (1, 2, 3)
+    shots: tuple[int, ...] = DEFAULT_SHOTS
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
     full_train: bool = False
     full_val: bool = False
-    vit_blocks: tuple[int, ...] = (6, 8, 10, 12)
+    vit_blocks: tuple[int, ...] = DEFAULT_VIT_BLOCKS
     skip_bad: bool = False
     aug_seed: int = 0
 
@@ -95,16 +101,12 @@ class ExtractResult:
         }
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FSL_CACHE_DIR", "cache"))
-
-
 def extract(
     dataset: str,
     *,
     root: str | Path | None = None,
-    model: str = "RN50",
-    pretrained: str = "openai",
+    model: str = DEFAULT_MODEL,
+    pretrained: str = DEFAULT_PRETRAINED,
     cache_dir: str | Path | None = None,
     options: ExtractOptions = ExtractOptions(),
     on_plan: Callable[[PreparedExtraction], None] | None = None,
@@ -299,7 +301,7 @@ def prepare_extraction(
     dataset: str, *, root, model: str, pretrained: str, cache_dir, options: ExtractOptions
 ) -> PreparedExtraction:
     spec = load_dataset(dataset, root=root)
-    needs = [method_needs(m, dataset=spec.name) for m in options.for_methods]
+    needs = [get_method(m).needs(spec.name) for m in options.for_methods]
     compute = "fp16" if (options.precision == "fp16" and options.device.startswith("cuda")) else "fp32"
     backbone = load_backbone(model, pretrained, device=options.device, precision=compute)
     parts = {
@@ -348,6 +350,9 @@ def prepare_extraction(
         existing_views=manifest.get("views", {}),
     )
     plan.whole = whole
+    for job in plan.jobs:
+        if job.custom_policy is not None:
+            manifest["policies"].setdefault(job.policy, job.custom_policy.__dict__)
     shape = (spec.num_classes, backbone.embed_dim)
     plan.text = [
         ArraySpec(f"text/{t}", shape, "float32", shape) for t in spec.templates if f"text/{t}" not in existing

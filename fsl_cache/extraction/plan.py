@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..backbones.taps import resolve_taps
+from ..backbones.views import Policy
 from ..errors import DiskFullError, UsageError
+from ..methods.needs import Needs
 from ..store.backend import ArraySpec
-from .needs import Needs, resolve_taps
 
 SHARD_SAMPLES = 64
 """Samples per shard: the unit of resume, of multi-process ownership and of light-array chunks."""
@@ -43,6 +45,8 @@ class Job:
     views: int
     taps: tuple[str, ...]
     arrays: tuple[ArraySpec, ...]
+    custom_policy: Policy | None = None
+    """A method's own crop policy named ``policy`` (built-in policies are looked up by name)."""
 
     @property
     def id(self) -> str:
@@ -140,6 +144,7 @@ def plan_extraction(
     """Jobs for the view groups the ``needs`` ask for, minus arrays the store already holds."""
     plan = ExtractionPlan(pools=pools, existing=existing, view_counts=dict(existing_views))
     groups: dict[tuple[str, str], tuple[int, list[str]]] = {}
+    custom = {v.policy: v.custom_policy for n in needs for v in n.train_views if v.custom_policy is not None}
 
     def want(pool: str, policy: str, views: int, generic: tuple[str, ...]) -> None:
         taps = resolve_taps(generic, kind=kind, dense_tap=dense_tap, vit_blocks=vit_blocks)
@@ -165,12 +170,20 @@ def plan_extraction(
             num_classes=num_classes,
             template_sets=template_sets,
             dtype=dtype,
+            custom_policy=custom.get(policy),
         )
     return plan
 
 
 def _group_job(
-    plan: ExtractionPlan, pool: Pool, policy: str, views: int, taps: tuple[str, ...], **layout
+    plan: ExtractionPlan,
+    pool: Pool,
+    policy: str,
+    views: int,
+    taps: tuple[str, ...],
+    *,
+    custom_policy: Policy | None,
+    **layout,
 ) -> list[Job]:
     key = f"{pool.name}/{policy}"
     have = plan.view_counts.get(key)
@@ -187,7 +200,7 @@ def _group_job(
     specs = tap_arrays(prefix, n=pool.size, views=views, taps=missing_taps, **layout)
     if f"{prefix}/aug_params" not in plan.existing:
         specs.append(array_layout(f"{prefix}/aug_params", (pool.size, views, 5), "int32"))
-    return [Job(pool, policy, views, missing_taps, tuple(specs))]
+    return [Job(pool, policy, views, missing_taps, tuple(specs), custom_policy)]
 
 
 def check_fits(plan: ExtractionPlan, *, free_bytes: int) -> None:

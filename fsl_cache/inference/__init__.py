@@ -1,8 +1,8 @@
 """Trained heads outside stage two: rebuilt from a run or an export, applied to image files."""
 
 from .bundle import HeadBundle, export_bundle, find_run, load_bundle
-from .heads import head_builder, rebuild_head
-from .predict import Prediction, Predictor
+from .heads import rebuild_head
+from .predictor import Prediction, Predictor
 
 __all__ = [
     "HeadBundle",
@@ -10,7 +10,6 @@ __all__ = [
     "Predictor",
     "export_bundle",
     "find_run",
-    "head_builder",
     "load_bundle",
     "rebuild_head",
 ]

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..errors import StoreError, UsageError
-from ..runs.record import HEAD, RECORD
+from ..runs.record import HEAD, RECORD, default_runs_dir
+from ..store.store import FeatureStore
 
 BUNDLE, TEXT = "bundle.json", "text.safetensors"
 BUNDLE_FORMAT, BUNDLE_VERSION = "fsl-cache-head", 1
@@ -55,8 +57,6 @@ class HeadBundle:
 
 def load_bundle(path: str | Path) -> HeadBundle:
     """The head in ``path``: an exported folder (``bundle.json``) or a run folder (``record.json``)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if (path / BUNDLE).is_file():
         meta = json.loads((path / BUNDLE).read_text())
@@ -76,8 +76,6 @@ def load_bundle(path: str | Path) -> HeadBundle:
 
 def meta_from_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``bundle.json``'s content for a run, read from its record and its store (which must still exist)."""
-    from ..store.store import FeatureStore
-
     record = json.loads((run_dir / RECORD).read_text())
     store_path = Path(record["store"]["path"])
     if not (store_path / "manifest.json").is_file():
@@ -149,8 +147,6 @@ def tap_shapes(store, taps) -> dict[str, list[int]]:
 
 def export_bundle(run: str | Path, out_dir: str | Path) -> Path:
     """Write the run's head as a self-contained folder (written whole: ``OUT.incomplete`` then renamed)."""
-    from safetensors.torch import save_file
-
     bundle = load_bundle(run)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -178,8 +174,6 @@ def find_run(run: str | Path, *, runs_dir: str | Path | None = None) -> Path:
     path = Path(run)
     if path.is_dir():
         return path
-    from ..runs.record import default_runs_dir
-
     root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     text = str(run)
     matches = (

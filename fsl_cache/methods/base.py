@@ -4,7 +4,10 @@ A method declares its ``name``, ``description``, ``Config`` (the ``-o`` options)
 from the official code, and what ``--protocol paper`` changes. Gradient-based methods implement
 :meth:`Method.build_head` (and, if needed, :meth:`~Method.train_settings`, :meth:`~Method.loss`,
 :meth:`~Method.finalize`); the shared trainer does the rest. Closed-form or search-based methods
-override :meth:`Method.fit`. Its needs come from stage one's table (:func:`method_needs`).
+override :meth:`Method.fit`. A method also says what it reads from the store (``needed``, or
+:meth:`Method.needs` when it depends on the dataset), which is all ``extract --for`` writes, and
+how its fitted head is rebuilt from the run's saved tensors (:meth:`Method.rebuild_head`), which is
+all ``predict`` and ``export`` need.
 
 A new method is one module in this package (found automatically) plus its test::
 
@@ -17,6 +20,11 @@ A new method is one module in this package (found automatically) plus its test::
     class MyMethod(Method):
         name, description, Config = "my_method", "What it does (METHODS §x).", MyConfig
         deviations = ("[PROPOSED] how it differs from the official code.",)
+        needed = Needs(train_views=(ViewNeed("tip", 31, ("pooled",)),))  # 1 + epochs tip views
+
+        @classmethod
+        def rebuild_head(cls, bundle, state, backbone):
+            return MyHead(state["text"], scale=float(state["scale"]))  # tensors of saved_state()
 
         def build_head(self, task, *, generator):
             with seeded_init(generator):  # default inits drawn from the run's generator
@@ -28,12 +36,12 @@ A new method is one module in this package (found automatically) plus its test::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from ..extraction.needs import Needs, method_needs
 from ..training import (
     FitTask,
     Head,
@@ -46,6 +54,7 @@ from ..training import (
     train_many,
 )
 from ..training.trainer import cross_entropy
+from .needs import Needs
 from .options import MethodConfig, TrainOptions
 
 
@@ -88,13 +97,28 @@ class Method:
     """The method can classify classes it never trained on (``--protocol base2novel``): it overrides
     :meth:`novel_head`."""
 
+    needed: ClassVar[Needs] = Needs()
+    """What the method reads from the store; stage one writes exactly this for ``--for NAME``."""
+    quick: ClassVar[dict[str, Any]] = {}
+    """``-o`` options that make a fit take seconds (smoke runs and the registry-wide contract tests)."""
+
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
 
     @classmethod
     def needs(cls, dataset: str = "") -> Needs:
-        """Cached tensors this method reads, from stage one's table (the single source of truth)."""
-        return method_needs(cls.name, dataset=dataset)
+        """Cached tensors this method reads on ``dataset`` (override when view counts follow the dataset)."""
+        return cls.needed
+
+    @classmethod
+    def rebuild_head(cls, bundle, state: dict[str, torch.Tensor], backbone: Callable[[], Any]) -> Head:
+        """The fitted head for ``predict``/``export``, in its class but not yet loaded with ``state``.
+
+        ``state`` holds the tensors :meth:`Head.saved_state` wrote, ``bundle.meta`` the run's config,
+        class names, tap shapes and backbone, and ``backbone()`` re-loads the (fingerprint-checked)
+        backbone for frozen parts a head does not save. The caller loads ``state`` into the head strictly.
+        """
+        raise NotImplementedError(f"{cls.__name__} must override rebuild_head() for predict and export")
 
     def resolve(self, info: TaskInfo) -> MethodConfig:
         """The config with per-dataset / per-shot defaults filled in (what the run fingerprint hashes)."""

@@ -32,6 +32,7 @@ from .capt_modules import (
     symmetric_infonce,
 )
 from .confusion_bank import ConfusionBank, build_bank, confusable_classes
+from .needs import Needs, ViewNeed
 from .options import TrainOptions, check_range
 from .registry import register_method
 
@@ -143,6 +144,42 @@ class Capt(Method):
     min_views = {"coop": 2}
     needs_backbone = True
     base2novel = True
+
+    quick = {"epochs": 2}
+    needed = Needs(train_views=(ViewNeed("coop", 51, ("pooled",)),))
+
+    @classmethod
+    def rebuild_head(cls, bundle, state, backbone) -> CaptHead:
+        """Every CAPT-C tensor is saved (bank included); the config gives the sizes the buffers do not."""
+        cfg, text = bundle.meta["config"], state["text"]
+        grid = None
+        if "dense_embed" in bundle.inputs:
+            length = bundle.meta["tap_shapes"]["dense_embed"][0]
+            grid = round(length**0.5)
+        bank = None
+        if "bank_keys" in state:  # the sample expert ran: a bank of the saved size (its values load next)
+            entries = len(state["bank_true"])
+            empty = torch.zeros(entries, dtype=torch.long)
+            bank = ConfusionBank(
+                state["counts"], torch.zeros(text.shape[0], text.shape[0]), empty, empty, empty, empty
+            )
+        return CaptHead(
+            text,
+            state["e_dif"],
+            state["e_com"],
+            state["pairs"],
+            bank,
+            state.get("bank_keys"),
+            state.get("class_mean"),
+            scale=float(state["scale"]),
+            pairs_per_image=int(cfg["pairs_per_image"]),
+            retrieve_k=int(cfg["retrieve"]),
+            tau=float(cfg["tau"]),
+            hidden=max(1, text.shape[1] // int(cfg["hidden_ratio"])),
+            grid=grid,
+            centroids=state["centroids"] if len(state["centroids"]) else None,
+            random_scale=float(cfg["random_scale"]) if cfg["random_vectors"] else 0.0,
+        )
 
     def resolve(self, info: TaskInfo) -> CaptConfig:
         return self.config

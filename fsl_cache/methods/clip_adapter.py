@@ -15,6 +15,7 @@ from torch import nn
 from ..training import FitTask, Head, TaskInfo, TrainData, TrainResult, TrainSettings, seeded_init, train
 from ..training.settings import Optimizer, Schedule, Select
 from .base import FitResult, Method, warn_view_reuse
+from .needs import Needs, ViewNeed
 from .options import TrainOptions, check_range
 from .registry import register_method
 
@@ -159,6 +160,17 @@ class ClipAdapter(Method):
         "the last epoch is evaluated (Dassl TEST.FINAL_MODEL last_step) instead of the best on val."
     )
     min_views = {"coop": 2}
+
+    # [PROPOSED] 1 + 200 views would match CoOp's 200 epochs exactly; 50 keeps stage one affordable
+    quick = {"epochs": 2}
+    needed = Needs(train_views=(ViewNeed("coop", 51, ("pooled",)),))
+
+    @classmethod
+    def rebuild_head(cls, bundle, state, backbone) -> ClipAdapterHead:
+        reduction = int(bundle.meta["config"].get("reduction", 4))
+        return ClipAdapterHead(
+            state["text"], rho=float(state["rho"]), scale=float(state["scale"]), reduction=reduction
+        )
 
     def resolve(self, info: TaskInfo) -> ClipAdapterConfig:
         return self.config.resolved_training(info)

@@ -17,7 +17,7 @@ from ..errors import UsageError
 from ..training import FitTask, TaskInfo, TrainResult, TrainSettings, seeded_init
 from ..training.head import Head
 from .base import FitResult, Method
-from .clip_adapter import DasslTrainOptions
+from .clip_adapter import ClipAdapter, DasslTrainOptions
 from .options import check_range
 from .registry import register_method
 
@@ -242,6 +242,23 @@ class CoOp(Method):
     paper_protocol = "the last epoch is evaluated (TEST.FINAL_MODEL last_step) instead of the best on val."
     min_views = {"coop": 2}
     needs_backbone = True
+
+    quick = {"epochs": 1}
+    needed = ClipAdapter.needed
+
+    @classmethod
+    def rebuild_head(cls, bundle, state, backbone) -> CoOpHead:
+        cfg, bb = bundle.meta["config"], backbone()
+        return CoOpHead(
+            bb.model,
+            bb.tokenizer,
+            bundle.classnames,
+            n_ctx=int(cfg["n_ctx"]),
+            csc=bool(cfg["csc"]),
+            position=cfg["class_token_position"],
+            scale=float(state["scale"]),
+            truncate=bool(cfg["truncate"]),
+        )
 
     def resolve(self, info: TaskInfo) -> CoOpConfig:
         return self.config.resolved_training(info)

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..evaluation.predict import predict
-from ..extraction.needs import resolve_taps
-from ..training import FitTask, Head, Selector, SplitRef, TrainResult, TrainSettings, seeded_init
+from ..backbones.taps import resolve_taps
+from ..evaluation.scoring import predict
+from ..splits import SplitRef
+from ..training import FitTask, Head, Selector, TrainResult, TrainSettings, seeded_init
 from ..training.settings import Select
 from .base import FitResult, Method
 from .ldc_modules import (
@@ -31,6 +32,7 @@ from .ldc_modules import (
     mlp,
     search_beta,
 )
+from .needs import Needs, ViewNeed
 from .options import ConfigError, TrainOptions, check_range
 from .pooling import tower_pooling
 from .registry import register_method
@@ -249,6 +251,27 @@ class LDC(Method):
     needs_backbone = True
     lite: bool = False
 
+    quick = {"epochs": 1}
+    needed = Needs(
+        eval_taps=("pooled", "multilevel"), train_views=(ViewNeed("ldc", 10, ("pooled", "multilevel")),)
+    )
+
+    @classmethod
+    def rebuild_head(cls, bundle, state, backbone) -> LDCHead:
+        cfg, meta = bundle.meta["config"], bundle.meta["backbone"]
+        kind, d, taps = meta.get("kind", "rn"), int(meta["embed_dim"]), bundle.inputs[1:]
+        frozen = tower_pooling(backbone().model.visual, kind)
+        shapes = [tuple(bundle.meta["tap_shapes"][t]) for t in taps]
+        trunk = build_trunk(kind, shapes, frozen, embed_dim=d, fuse=cfg["fuse"], lite=cls.lite)
+        return LDCHead(
+            trunk,
+            taps=taps,
+            text=state["text"],
+            scale=float(state["scale"]),
+            maf_hidden=d if kind == "rn" else VIT_MAF_HIDDEN,
+            eval_batch_size=int(cfg["eval_batch_size"]),
+        )
+
     def build_head(self, task: FitTask, *, generator: torch.Generator) -> LDCHead:
         cfg, kind = self.config, task.info.backbone.get("kind", "rn")
         taps = ldc_taps(task.store, kind=kind, lite=self.lite)
@@ -342,6 +365,12 @@ class LDCLite(LDC):
         "LayerNorm do not commute with pooling, so this is not LDC. Report it separately.",
     ) + LDC_DEVIATIONS
     lite = True
+
+    # [PROPOSED] METHODS §2.6.7 ldc-lite: 376 KB instead of 3 MB per RN50 view; an approximation
+    needed = Needs(
+        eval_taps=("pooled", "multilevel_lite"),
+        train_views=(ViewNeed("ldc", 10, ("pooled", "multilevel_lite")),),
+    )
 
     def build_head(self, task: FitTask, *, generator: torch.Generator) -> LDCHead:
         task.warn("ldc_lite is an approximation of LDC (adapters on pre-pooled maps), not LDC itself")

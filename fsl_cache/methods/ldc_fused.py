@@ -1,6 +1,6 @@
 """Fused exact LDC RN adapter: ``AvgPool_s(ReLU(BN2d(Conv1×1(x))))`` without the full-resolution output.
 
-The plain :class:`~fsl_cache.methods.ldc_modules.ConvAdapter` materialises ``y = Conv1×1(x)``
+The plain :class:`~fsl_cache.methods.ldc_adapter.ConvAdapter` materialises ``y = Conv1×1(x)``
 (``[B, 2048, H, W]``: 25.7 MB per image in fp32 for RN50 layer1) and keeps it, the BN output and the
 ReLU mask for the backward pass, with some ten memory-bound passes over tensors of that size. Here:
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ldc_modules import ConvAdapter
+from .ldc_adapter import ConvAdapter
 
 CL = torch.channels_last
 """Layout of every full-resolution tensor: oneDNN's native one (NCHW costs a reorder around each conv),

@@ -14,6 +14,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .ldc_adapter import ConvAdapter
+from .ldc_fused import FusedConvAdapter
+
 Fuse = Literal["wf", "mean", "lf"]
 WF_WEIGHTS = (0.1, 0.2, 0.3, 0.4)
 """[CODE] ``fuse_type=2``: fixed weights of levels 1..4 (the setting of every reported result)."""
@@ -32,22 +35,6 @@ def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
 
 
 # ---------------------------------------------------------------------------- MAF: adapters
-
-
-class ConvAdapter(nn.Sequential):
-    """RN adapter ``A^k = AvgPool_s(ReLU(BN2d(Conv1×1(x_k))))`` mapping ``[B, c_k, H_k, W_k]`` to layer4's grid.
-
-    ``pool`` is the side ratio to layer4 (RN50: 8, 4, 2, 1); ``pool=1`` (layer4, or LDC-lite's
-    pre-pooled maps) has no pooling.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, *, pool: int) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-            nn.AvgPool2d(pool) if pool > 1 else nn.Identity(),
-        )
 
 
 class TokenAdapter(nn.Module):
@@ -123,10 +110,8 @@ class RNMultiLevel(_MultiLevel):
         super().__init__()
         out_channels, grid = channels[-1], sides[-1]
         pools = [1 if pre_pooled else side // grid for side in sides]
-        if fused:  # same parameters and state_dict, tile-by-tile kernel (ldc_fused.py)
-            from .ldc_fused import FusedConvAdapter as adapter_cls
-        else:
-            adapter_cls = ConvAdapter
+        # fused: same parameters and state_dict, tile-by-tile kernel (ldc_fused.py)
+        adapter_cls = FusedConvAdapter if fused else ConvAdapter
         self.adapters = nn.ModuleList(
             adapter_cls(c, out_channels, pool=p) for c, p in zip(channels, pools, strict=True)
         )

@@ -129,6 +129,12 @@ class LinearProbe(Method):
     paper_sampling = "lpclip"
     trains = False
 
+    quick = {"search_steps": 1}
+
+    @classmethod
+    def rebuild_head(cls, bundle, state, backbone) -> LinearHead:
+        return LinearHead(state["linear.weight"], state["linear.bias"])
+
     def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
         train = (task.center(task.train).double().numpy(), task.train.labels.numpy())
         val = (task.center(task.val).double().numpy(), task.val.labels.numpy())

@@ -11,15 +11,16 @@ import importlib
 import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import did_you_mean
-from ..extraction.needs import Needs
 from .base import Method
+from .needs import Needs
 from .options import MethodConfig, OptionInfo
 
 _REGISTRY: dict[str, MethodInfo] = {}
-_INFRASTRUCTURE = {"base", "options", "registry"}
+_INFRASTRUCTURE = {"base", "needs", "options", "registry"}
 _discovered = False
 
 
@@ -65,10 +66,8 @@ def _discover() -> None:
     global _discovered
     if _discovered:
         return
-    from . import __name__ as package
-    from . import __path__ as path
-
-    for module in pkgutil.iter_modules(path):
+    package = __name__.rpartition(".")[0]
+    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if module.name not in _INFRASTRUCTURE and not module.name.startswith("_"):
             importlib.import_module(f"{package}.{module.name}")
     _discovered = True

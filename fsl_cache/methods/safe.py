@@ -30,6 +30,7 @@ from ..training.sampler import epoch_batches
 from ..training.schedule import lr_factor
 from ..training.settings import TrainSettings
 from .base import FitResult, Method
+from .needs import Needs, ViewNeed
 from .options import ConfigError, MethodConfig, check_range
 from .pooling import PoolingTail
 from .registry import register_method
@@ -449,6 +450,23 @@ class Safe(Method):
     deviations = SAFE_DEVIATIONS
     paper_protocol = "Same as coop: SAFE selects every choice on the few-shot val (min(k,4) per class)."
     min_views = {TRAIN_POLICY: 1}
+
+    quick = {"iterations": 10, "lrs": "1e-4", "wds": "0", "eval_every": 5, "warmup": 2}
+    needed = Needs(
+        eval_taps=("pooled", "dense"), train_views=(ViewNeed(TRAIN_POLICY, 2, ("pooled", "dense")),)
+    )
+
+    @classmethod
+    def rebuild_head(cls, bundle, state, backbone) -> SafeHead:
+        bb = backbone()
+        return SafeHead(
+            PoolingTail.from_backbone(bb),
+            PoolingTail.from_backbone(bb),
+            state["text"],
+            tap=bundle.inputs[0],
+            beta=float(state["beta"]),
+            tau=float(state["tau"]),
+        )
 
     def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
         head, selection, history = fit_safe(task, self.config, generator=generator)

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..training import FitTask, Head, MemoryViews, SplitRef, TaskInfo, ViewSource
+from ..splits import SplitRef
+from ..training import FitTask, Head, MemoryViews, TaskInfo, ViewSource
 from .base import FitResult, Method
+from .needs import Needs
 from .options import check_range
 from .registry import register_method
-from .safe import SAFE_DEVIATIONS, TRAIN_POLICY, SafeConfig, SafeHead, dense_tap, fit_safe
-from .tip_adapter import AUGMENT_VIEWS, TIP_DEVIATIONS, TipAdapterConfig, TipHead, tip_defaults
+from .safe import SAFE_DEVIATIONS, TRAIN_POLICY, Safe, SafeConfig, SafeHead, dense_tap, fit_safe
+from .tip_adapter import AUGMENT_VIEWS, TIP_DEVIATIONS, TipAdapterConfig, TipHead, tip_defaults, tip_views
 from .tip_adapter_f import TipAdapterF, TipAdapterFConfig
 
 EMBED_BATCH = 256
@@ -184,6 +186,23 @@ class SafeA(Method):
         "Same as coop: SAFE's protocol selects on the few-shot val; Tip-F's test oracle is not used."
     )
     min_views = {TRAIN_POLICY: 1, "tip": 1 + AUGMENT_VIEWS}
+
+    quick = Safe.quick | {"tip_epochs": 1}
+
+    @classmethod
+    def needs(cls, dataset: str = "") -> Needs:
+        tip = tip_views(dataset)
+        return Needs(
+            eval_taps=Safe.needed.eval_taps,
+            train_views=Safe.needed.train_views + (dataclasses.replace(tip, taps=("pooled", "dense")),),
+        )
+
+    @classmethod
+    def rebuild_head(cls, bundle, state, backbone) -> SafeAHead:
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+        return SafeAHead(Safe.rebuild_head(bundle, part("safe."), backbone), TipHead.from_state(part("tip.")))
 
     def resolve(self, info: TaskInfo) -> SafeAConfig:
         return self.config.resolved(info.dataset)

@@ -12,11 +12,23 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import StoreError
-from ..extraction.needs import TIP_F_DEFAULT_EPOCHS, TIP_F_EPOCHS
-from ..training import FitTask, Head, SplitRef, TaskInfo
+from ..splits import SplitRef
+from ..training import FitTask, Head, TaskInfo
 from .base import FitResult, Method
+from .needs import Needs, ViewNeed
 from .options import ConfigError, MethodConfig, check_range
 from .registry import register_method
+
+# [CODE] Tip-Adapter configs/*.yaml: train_epoch 20, EuroSAT 100
+TIP_F_EPOCHS = {"eurosat": 100}
+TIP_F_DEFAULT_EPOCHS = 20
+
+
+def tip_views(dataset: str) -> ViewNeed:
+    """Tip-Adapter-F's cached ``tip`` views on ``dataset``: ``1 + max(10 averaged into keys, epochs)``."""
+    return ViewNeed(
+        "tip", 1 + max(AUGMENT_VIEWS, TIP_F_EPOCHS.get(dataset, TIP_F_DEFAULT_EPOCHS)), ("pooled",)
+    )
 
 
 @dataclass(frozen=True)
@@ -142,6 +154,18 @@ class TipHead(Head):
     """The Tip-Adapter logits; keys live in ``adapter`` (``nn.Linear(D, N, bias=False)``), trainable for -F."""
 
     inputs = ("pooled",)
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> TipHead:
+        """The head whose :meth:`saved_state` is ``state`` (every Tip tensor and scalar is saved)."""
+        return cls(
+            state["adapter.weight"],
+            state["values"],
+            state["text"],
+            alpha=float(state["alpha"]),
+            beta=float(state["beta"]),
+            scale=float(state["scale"]),
+        )
 
     def __init__(
         self,
@@ -291,6 +315,12 @@ class TipAdapter(Method):
     paper_test_oracle = True  # only read for the ImageNet test search
     min_views = {"tip": 1 + AUGMENT_VIEWS}
     trains = False
+
+    needed = Needs(train_views=(ViewNeed("tip", 1 + AUGMENT_VIEWS, ("pooled",)),))
+
+    @classmethod
+    def rebuild_head(cls, bundle, state, backbone) -> TipHead:
+        return TipHead.from_state(state)
 
     def resolve(self, info: TaskInfo) -> TipAdapterConfig:
         return self.config.resolved(info.dataset)

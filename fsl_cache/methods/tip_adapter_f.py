@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import torch
 
 from ..evaluation.metrics import accuracy
-from ..evaluation.predict import predict
+from ..evaluation.scoring import predict
 from ..training import FitTask, Selector, TaskInfo, TrainResult, TrainSettings
 from ..training.settings import Schedule
 from .base import FitResult, Method
+from .needs import Needs
 from .options import TrainOptions
 from .registry import register_method
 from .tip_adapter import (
@@ -24,6 +25,7 @@ from .tip_adapter import (
     initial_head,
     search_on,
     search_split,
+    tip_views,
 )
 
 
@@ -70,6 +72,16 @@ class TipAdapterF(Method):
     paper_full_val = True
     paper_test_oracle = True
     min_views = {"tip": 1 + AUGMENT_VIEWS}
+
+    quick = {"epochs": 2}
+
+    @classmethod
+    def needs(cls, dataset: str = "") -> Needs:
+        return Needs(train_views=(tip_views(dataset),))
+
+    @classmethod
+    def rebuild_head(cls, bundle, state, backbone) -> TipHead:
+        return TipHead.from_state(state)
 
     def resolve(self, info: TaskInfo) -> TipAdapterFConfig:
         return self.config.resolved(info.dataset)

@@ -46,6 +46,10 @@ class ZeroShot(Method):
 
     base2novel = True
 
+    @classmethod
+    def rebuild_head(cls, bundle, state, backbone) -> ZeroShotHead:
+        return ZeroShotHead(state["text"], scale=float(state["scale"]))
+
     def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
         head = ZeroShotHead(task.text(self.config.templates), scale=task.info.zs_scale)
         return FitResult(head, selection={"templates": self.config.templates})

@@ -1,7 +1,7 @@
 """Reports over run records: the papers' mean ± std table in several formats, and PNG figures."""
 
 from .formats import FORMATS, format_report
-from .records import Filters, RunRow, load_rows
+from .rows import Filters, RunRow, load_rows
 from .table import AVERAGE, Cell, ReportTable, build_table
 
 __all__ = [

@@ -10,7 +10,12 @@ import csv
 import io
 import json
 
-from .records import dataset_label
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import did_you_mean
+from .rows import dataset_label
 from .table import AVERAGE, Cell, ReportTable
 
 FORMATS = ("table", "markdown", "csv", "latex", "json")
@@ -20,8 +25,6 @@ def format_report(table: ReportTable, fmt: str) -> str:
     """``table`` rendered as ``fmt`` (one of :data:`FORMATS`), ending with a newline."""
     renderers = {"table": as_text, "markdown": as_markdown, "csv": as_csv, "latex": as_latex, "json": as_json}
     if fmt not in renderers:
-        from ..errors import did_you_mean
-
         raise did_you_mean(fmt, renderers, what="report format")
     return renderers[fmt](table)
 
@@ -51,10 +54,6 @@ def _shots_header(table: ReportTable) -> list[str]:
 
 
 def as_text(table: ReportTable) -> str:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
     out = io.StringIO()
     console = Console(
         file=out, width=max(100, 24 + 18 * len(table.shots)), force_terminal=False, color_system=None

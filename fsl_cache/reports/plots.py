@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..store.fingerprint import slug
-from .records import RunRow, classnames_for, dataset_label
+from .rows import RunRow, classnames_for, dataset_label
 from .table import AVERAGE, ReportTable, row_label
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .records import RunRow
+from .rows import RunRow
 
 AVERAGE = "Average"
 

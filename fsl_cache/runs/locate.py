@@ -7,13 +7,14 @@ import os
 import shlex
 from pathlib import Path
 
+from ..backbones.taps import resolve_taps
+from ..datasets import catalog  # noqa: F401  (registers the built-in loaders)
+from ..datasets.base import builtin_loaders
+from ..defaults import DEFAULT_SEEDS, DEFAULT_SHOTS, DEFAULT_VIT_BLOCKS
 from ..errors import StoreError, UsageError, did_you_mean
-from ..extraction.needs import resolve_taps
 from ..store.catalog import StoreEntry, find_store
 from ..store.fingerprint import slug
 from ..store.store import MANIFEST
-
-DEFAULT_SHOTS, DEFAULT_SEEDS = [1, 2, 4, 8, 16], [1, 2, 3]
 
 
 def canonical_dataset(spec: str) -> str:
@@ -59,9 +60,6 @@ def locate_store(
 def _no_store(cache_dir: Path, name: str, *, dataset, model, pretrained, method, finished) -> Exception:
     datasets = {e.dataset for e in finished}
     if name not in datasets and ":" not in name:
-        from ..datasets import catalog  # noqa: F401  (registers the built-in loaders)
-        from ..datasets.base import builtin_loaders
-
         known = set(builtin_loaders()) | datasets
         if name not in known:
             return did_you_mean(name, known, what="dataset")
@@ -125,9 +123,9 @@ def extract_command(manifest: dict, method: str, *, cache_dir: Path | None) -> s
         words += ["--precision", manifest["precision"]]
     if manifest.get("format", "zarr") != "zarr":
         words += ["--format", manifest["format"]]
-    if fs.get("shots", DEFAULT_SHOTS) != DEFAULT_SHOTS:
+    if fs.get("shots", list(DEFAULT_SHOTS)) != list(DEFAULT_SHOTS):
         words += ["--shots", ",".join(map(str, fs["shots"]))]
-    if fs.get("seeds", DEFAULT_SEEDS) != DEFAULT_SEEDS:
+    if fs.get("seeds", list(DEFAULT_SEEDS)) != list(DEFAULT_SEEDS):
         words += ["--seeds", ",".join(map(str, fs["seeds"]))]
     pools = manifest.get("pools", {})
     words += ["--full-train"] * ("train_full" in pools) + ["--full-val"] * ("val_full" in pools)
@@ -184,4 +182,4 @@ def vit_blocks(store) -> tuple[int, ...]:
     """ViT blocks the store tapped (from its array names), or the extraction default."""
     # split("_"): derived taps such as vit/block06_mean (ldc_lite) name the block they come from
     blocks = sorted({int(n.rsplit("block", 1)[1].split("_")[0]) for n in store.arrays if "/vit/block" in n})
-    return tuple(blocks) or (6, 8, 10, 12)
+    return tuple(blocks) or DEFAULT_VIT_BLOCKS

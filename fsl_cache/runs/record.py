@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..store.fingerprint import dataset_dirname, fingerprint
@@ -82,8 +83,6 @@ def load_record(path: Path, *, key: str) -> dict | None:
 
 def write_run(path: Path, record: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Head first, record last, each through a temp file and a rename: a record means a whole run."""
-    from safetensors.torch import save_file
-
     path.mkdir(parents=True, exist_ok=True)
     (path / RECORD).unlink(missing_ok=True)  # a forced re-run is unfinished until its record lands
     tmp = path / (HEAD + ".incomplete")
@@ -96,8 +95,6 @@ def write_run(path: Path, record: dict, tensors: dict[str, torch.Tensor]) -> Non
 
 
 def load_head_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(str(Path(path) / HEAD))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,11 @@ import numpy as np
 
 from ..errors import StoreError, UsageError
 from .store import MANIFEST, FeatureStore, _acquire_lock, block_digest, read_manifest
+
+
+def default_cache_dir() -> Path:
+    """Where stores live unless ``--cache-dir`` says otherwise: ``$FSL_CACHE_DIR`` or ``./cache``."""
+    return Path(os.environ.get("FSL_CACHE_DIR", "cache"))
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 from .claims import Claim, try_claim
 from .recipe import load_recipe
-from .run import ENGINES, SweepResult, run_sweep
 from .spec import GridSpec, Trial, expand, parse_option_grid
+from .sweep import ENGINES, SweepResult, run_sweep
 from .trial import Outcome, SweepContext, run_trial
 
 __all__ = [

@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_SEEDS, DEFAULT_SHOTS
 from ..errors import UsageError, did_you_mean
 from .spec import GridSpec
 
@@ -62,12 +63,12 @@ def load_recipe(path: str | Path) -> GridSpec:
     return GridSpec(
         methods=_names(data, "methods", path),
         datasets=_names(data, "datasets", path),
-        shots=_ints(data, "shots", path, (1, 2, 4, 8, 16)),
-        seeds=_ints(data, "seeds", path, (1, 2, 3)),
+        shots=_ints(data, "shots", path, DEFAULT_SHOTS),
+        seeds=_ints(data, "seeds", path, DEFAULT_SEEDS),
         options={str(k): _as_tuple(v) for k, v in (data.get("options") or {}).items()},
         protocol=str(data.get("protocol", "coop")),
-        model=str(data.get("model", "RN50")),
-        pretrained=str(data.get("pretrained", "openai")),
+        model=str(data.get("model", DEFAULT_MODEL)),
+        pretrained=str(data.get("pretrained", DEFAULT_PRETRAINED)),
         name=str(data.get("name", path.stem)),
         root=data.get("root"),
         extract_for=tuple(data.get("extract_for") or ()),

@@ -12,7 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import UsageError
+from ..defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_SEEDS, DEFAULT_SHOTS
+from ..errors import UsageError, did_you_mean
+from ..methods import get_method
 
 OptionGrid = Mapping[str, Sequence[Any]]
 """``{"epochs": [5, 10], "tip_adapter_f.lr": [1e-3]}``: option name (optionally ``method.``-scoped) → values."""
@@ -41,14 +43,14 @@ class GridSpec:
 
     methods: tuple[str, ...]
     datasets: tuple[str, ...]
-    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
-    seeds: tuple[int, ...] = (1, 2, 3)
+    shots: tuple[int, ...] = DEFAULT_SHOTS
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
     options: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     """Option grids, see :data:`OptionGrid`."""
     protocol: str = "coop"
-    model: str = "RN50"
+    model: str = DEFAULT_MODEL
     """Backbone architecture of the stores (every dataset uses the same backbone)."""
-    pretrained: str = "openai"
+    pretrained: str = DEFAULT_PRETRAINED
     name: str = ""
     """Recipe name (for messages only)."""
     root: str | None = None
@@ -77,8 +79,6 @@ class GridSpec:
 
 def method_options(spec: GridSpec, method: str) -> list[dict[str, Any]]:
     """Every combination of the option values that apply to ``method`` (one empty dict if none do)."""
-    from ..methods import get_method
-
     fields = {o.name for o in get_method(method).options()}
     chosen: dict[str, tuple[Any, ...]] = {}
     for key, values in spec.options.items():
@@ -93,9 +93,6 @@ def method_options(spec: GridSpec, method: str) -> list[dict[str, Any]]:
 
 def check_options(spec: GridSpec) -> None:
     """Refuse an option no method of the grid takes (a typo would otherwise sweep nothing)."""
-    from ..errors import did_you_mean
-    from ..methods import get_method
-
     infos = [get_method(m) for m in spec.methods]  # unknown methods fail here, with a suggestion
     known = {o.name for info in infos for o in info.options()}
     for key in spec.options:

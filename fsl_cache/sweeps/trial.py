@@ -15,8 +15,15 @@ from typing import Any
 
 import numpy as np
 
+from ..defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_PROTOCOL
 from ..errors import FslError
+from ..methods import get_method
+from ..runs.fitting import fit_group
+from ..runs.locate import check_needs, locate_store
+from ..runs.record import load_record
+from ..runs.request import FitRequest, ResolvedRun, resolve_run
 from ..store.store import FeatureStore
+from ..training.data import DEFAULT_MEMORY_BUDGET
 from .claims import STALE_AFTER, try_claim
 from .spec import Trial
 
@@ -27,9 +34,9 @@ class SweepContext:
 
     cache_dir: Path
     runs_dir: Path
-    protocol: str = "coop"
-    model: str = "RN50"
-    pretrained: str = "openai"
+    protocol: str = DEFAULT_PROTOCOL
+    model: str = DEFAULT_MODEL
+    pretrained: str = DEFAULT_PRETRAINED
     store: str | None = None
     """Store key or folder for every trial (single-dataset sweeps), instead of model/pretrained."""
     device: str = "cpu"
@@ -37,6 +44,24 @@ class SweepContext:
     stale_after: float = STALE_AFTER
     group_size: int = 8
     """Trials differing only in options that train together in one pass (each batch read once for all)."""
+
+    def request(self, trial: Trial) -> FitRequest:
+        """The fit request of ``trial`` (one seed) under these settings."""
+        return FitRequest(
+            trial.method,
+            trial.dataset,
+            trial.shots,
+            seeds=(trial.seed,),
+            options=dict(trial.options),
+            protocol=self.protocol,
+            model=self.model,
+            pretrained=self.pretrained,
+            store=self.store,
+            cache_dir=self.cache_dir,
+            runs_dir=self.runs_dir,
+            device=self.device,
+            memory_budget=self.memory_budget,
+        )
 
 
 @dataclass(frozen=True)
@@ -74,8 +99,6 @@ class CachedStore(FeatureStore):
     """A :class:`FeatureStore` that keeps every array it reads whole in memory (up to a byte budget)."""
 
     def __init__(self, root: Path, manifest: dict, *, budget: int | None = None) -> None:
-        from ..training.data import DEFAULT_MEMORY_BUDGET
-
         super().__init__(root, manifest)
         self.budget = DEFAULT_MEMORY_BUDGET if budget is None else budget
         self._held: dict[str, np.ndarray] = {}
@@ -108,9 +131,6 @@ class StoreCache:
     caveats: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
 
     def get(self, dataset: str, method: str) -> tuple[CachedStore, tuple[str, ...]]:
-        from ..methods import get_method
-        from ..runs.locate import check_needs, locate_store
-
         ctx = self.context
         if dataset not in self.stores:
             entry = locate_store(
@@ -141,73 +161,28 @@ class StoreCache:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A trial resolved against its store: the run's fingerprint and folder, and what ``fit_one`` needs."""
+    """A trial resolved against its store: the run's fingerprint and folder, and what ``fit_group`` needs."""
 
     trial: Trial
     store: CachedStore
-    instance: Any
-    plan: Any
-    key: str
-    path: Path
+    run: ResolvedRun
+    caveats: tuple[str, ...]
 
 
 def prepare(trial: Trial, stores: StoreCache) -> Prepared:
     """Resolve ``trial``'s config on its store and compute its run fingerprint (nothing is fitted)."""
-    import torch
-
-    from ..methods import get_method
-    from ..runs.engine import RunPlan, task_info
-    from ..runs.record import run_dir, run_fingerprint
-    from ..training.data import DEFAULT_MEMORY_BUDGET
-
-    ctx = stores.context
-    info = get_method(trial.method)
-    options = dict(trial.options)
-    instance = info.create(options)
+    request = stores.context.request(trial).checked()
     store, caveats = stores.get(trial.dataset, trial.method)
-    tinfo = task_info(store, shots=trial.shots, seed=trial.seed, protocol=ctx.protocol)
-    config = instance.resolve(tinfo)
-    key = run_fingerprint(
-        store_fingerprint=store.fingerprint,
-        method=info.name,
-        config=config.to_json(),
-        shots=trial.shots,
-        seed=trial.seed,
-        protocol=ctx.protocol,
-    )
-    path = run_dir(
-        ctx.runs_dir,
-        dataset=tinfo.dataset,
-        store_dir=store.root.name,
-        method=info.name,
-        shots=trial.shots,
-        seed=trial.seed,
-        protocol=ctx.protocol,
-        key=key,
-    )
-    plan = RunPlan(
-        info,
-        options,
-        trial.shots,
-        ctx.protocol,
-        Path(ctx.runs_dir),
-        False,
-        torch.device(ctx.device),
-        ctx.memory_budget or DEFAULT_MEMORY_BUDGET,
-        caveats,
-    )
-    return Prepared(trial, store, instance, plan, key, path)
+    return Prepared(trial, store, resolve_run(request, store, seed=trial.seed), caveats)
 
 
 def existing(prepared: Prepared) -> Outcome | None:
     """The trial's outcome if its record is already written."""
-    from ..runs.record import load_record
-
-    record = load_record(prepared.path, key=prepared.key)
+    record = load_record(prepared.run.path, key=prepared.run.key)
     if record is None:
         return None
     m = record["metrics"]
-    return Outcome(prepared.trial, "reused", prepared.path, m["val_acc"], m["test_acc"])
+    return Outcome(prepared.trial, "reused", prepared.run.path, m["val_acc"], m["test_acc"])
 
 
 def run_trial(trial: Trial, stores: StoreCache) -> Outcome:
@@ -219,7 +194,7 @@ def run_group(trials: Sequence[Trial], stores: StoreCache) -> list[Outcome]:
     """Fit trials that differ only in options (same dataset, method, shots, seed) in one lockstep pass.
 
     Each trial is reused, skipped as ``busy`` (claimed elsewhere) or claimed and fitted; the claimed
-    ones train together (:func:`~fsl_cache.runs.engine.fit_group`), and each one's ``seconds`` is an
+    ones train together (:func:`~fsl_cache.runs.fitting.fit_group`), and each one's ``seconds`` is an
     equal share of the group's time. Never raises: a failure fails the trials it touched.
     """
     started = time.perf_counter()
@@ -247,21 +222,19 @@ def _claim_or_outcome(trial: Trial, stores: StoreCache, index: int, claimed: lis
         return _failure(err, 0.0, trial)
     if (done := existing(prepared)) is not None:
         return done
-    claim = try_claim(stores.context.runs_dir, prepared.key, stale_after=stores.context.stale_after)
+    claim = try_claim(stores.context.runs_dir, prepared.run.key, stale_after=stores.context.stale_after)
     if claim is None:
-        return Outcome(trial, "busy", prepared.path)
+        return Outcome(trial, "busy", prepared.run.path)
     claimed.append((index, prepared, claim))
     return existing(prepared)  # finished between our look and our claim: reuse it, fit nothing
 
 
 def _fit_claimed(claimed: list, outcomes: list, started: float) -> None:
-    from ..runs.engine import fit_group
-
     todo = [(i, p) for i, p, _ in claimed if outcomes[i] is None]
     if not todo:
         return
     first = todo[0][1]
-    results = fit_group(first.store, [(p.instance, p.plan) for _, p in todo], seed=first.trial.seed)
+    results = fit_group(first.store, [p.run for _, p in todo], caveats=first.caveats)
     share = (time.perf_counter() - started) / len(todo)
     for (i, p), result in zip(todo, results):
         outcomes[i] = Outcome(p.trial, "done", result.run_dir, result.val_acc, result.test_acc, share)

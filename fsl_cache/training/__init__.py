@@ -1,6 +1,6 @@
 """Stage two's shared machinery: cached tensors as batches, the view sampler, the one trainer."""
 
-from .data import DEFAULT_MEMORY_BUDGET, MemoryViews, SplitRef, StoreViews, ViewSource, open_views
+from .data import DEFAULT_MEMORY_BUDGET, MemoryViews, StoreViews, ViewSource, open_views
 from .head import Head, seeded_init
 from .sampler import ViewSampler, epoch_batches
 from .settings import TrainSettings
@@ -15,7 +15,6 @@ __all__ = [
     "MemoryViews",
     "Selector",
     "SharedBatches",
-    "SplitRef",
     "StoreViews",
     "TaskInfo",
     "TrainData",

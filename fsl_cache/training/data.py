@@ -14,13 +14,14 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from ..errors import StoreError
+from ..splits.refs import SplitRef
+from ..store.reads import read_rows, read_rows_of_view
 from ..store.store import FeatureStore
 from ..store.unpacked import UnpackedRows, UnpackUnavailable, unpack_rows
 
@@ -28,25 +29,6 @@ DEFAULT_MEMORY_BUDGET = int(float(os.environ.get("FSL_FIT_MEMORY_GB", "4")) * (1
 """Bytes of cached tensors a fit may hold in memory before it streams from the store instead."""
 UNPACK = os.environ.get("FSL_FIT_UNPACK", "1") != "0"
 """Whether a streamed split is decoded once into sidecars (``FSL_FIT_UNPACK=0``: read the store every batch)."""
-
-
-@dataclass(frozen=True)
-class SplitRef:
-    """The images of one split a fit uses: rows of a store pool, their labels and split indices."""
-
-    name: str
-    """``train``, ``val`` or ``test``."""
-    pool: str
-    """Store pool holding the images, e.g. ``train_pool`` or ``val_full``."""
-    rows: np.ndarray
-    """Rows in the pool, in split order (int64)."""
-    labels: torch.Tensor
-    """Class index per image (int64)."""
-    split_index: np.ndarray
-    """Index of each image in the dataset's split list (what the run record stores)."""
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
 
 class ViewSource(Protocol):
@@ -191,35 +173,6 @@ class _Pending:
         if self._error is not None:
             raise self._error
         return self._value
-
-
-def read_rows_of_view(arr, rows: np.ndarray, view: int, *, name: str) -> np.ndarray:
-    """``arr[rows, view]`` for rows in any order (zarr orthogonal read or h5py increasing indices)."""
-    uniq, inverse = np.unique(rows, return_inverse=True)
-    try:
-        if hasattr(arr, "get_orthogonal_selection"):
-            data = arr.get_orthogonal_selection((uniq, view) + (slice(None),) * (arr.ndim - 2))
-        else:
-            data = arr[list(uniq), view]
-    except Exception as err:  # codec checksum, missing chunk: the store is damaged
-        raise StoreError(
-            f"cannot read {name} ({type(err).__name__}: {err}); the store may be corrupted: "
-            "run `fsl-cache cache verify KEY`"
-        ) from err
-    return np.asarray(data)[inverse]
-
-
-def read_rows(store, name: str, rows: np.ndarray) -> np.ndarray:
-    """``store.read(name, rows)`` that turns a damaged block into a :class:`StoreError`."""
-    try:
-        return store.read(name, rows)
-    except StoreError:
-        raise
-    except Exception as err:
-        raise StoreError(
-            f"cannot read {name} ({type(err).__name__}: {err}); the store may be corrupted: "
-            "run `fsl-cache cache verify KEY`"
-        ) from err
 
 
 def open_views(

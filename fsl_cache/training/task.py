@@ -16,8 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..backbones import load_backbone
 from ..errors import StoreError, UsageError
-from .data import DEFAULT_MEMORY_BUDGET, SplitRef, ViewSource, open_views, read_rows
+from ..splits.refs import SplitRef
+from ..store.reads import read_rows
+from .data import DEFAULT_MEMORY_BUDGET, ViewSource, open_views
 from .trainer import SharedBatches
 
 
@@ -172,8 +175,6 @@ class FitTask:
         Refuses when the loaded backbone does not fingerprint like the one the store was made with.
         """
         if self._backbone is None:
-            from ..backbones import load_backbone
-
             meta = self.info.backbone
             # the store's own compute dtype where the device allows it (random-init identities hash the weights)
             fp16 = self.device.type == "cuda" and meta.get("compute_dtype") == "float16"

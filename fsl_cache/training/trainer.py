@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..evaluation.metrics import correct_count
-from ..evaluation.predict import predict
+from ..evaluation.scoring import predict
 from .data import ViewSource
 from .head import Head
 from .sampler import ViewSampler, batches_per_epoch, epoch_batches

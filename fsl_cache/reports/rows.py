@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..runs.locate import canonical_dataset
 from ..runs.record import RECORD
 
 
@@ -95,8 +96,6 @@ class Filters:
     """``arch`` or ``arch/pretrained``."""
 
     def keep(self, row: RunRow) -> bool:
-        from ..runs.locate import canonical_dataset
-
         datasets = {canonical_dataset(d) for d in self.datasets} | set(self.datasets)
         return (
             (not self.methods or row.method in self.methods or row.variant in self.methods)

@@ -16,6 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..backbones import load_backbone
+from ..backbones.encoder import Encoder
+from ..backbones.views import ViewRenderer
+from ..datasets import BadImageError, open_image
 from ..errors import BackboneError, UsageError
 from .bundle import HeadBundle, load_bundle
 from .heads import rebuild_head
@@ -56,8 +60,6 @@ class Predictor:
     def backbone(self):
         """The backbone the store was extracted with, re-loaded; refuses one whose weights or preprocessing differ."""
         if self._backbone is None:
-            from ..backbones import load_backbone
-
             meta = self.bundle.meta["backbone"]
             fp16 = self.device.type == "cuda" and meta.get("compute_dtype") == "float16"
             backbone = load_backbone(
@@ -72,9 +74,6 @@ class Predictor:
 
     def features(self, images: Sequence[str | Path]) -> dict[str, torch.Tensor]:
         """The head's input taps for ``images``, float32 ``{tap: [N, ...]}``, as the store would hold them."""
-        from ..extraction.augment import ViewRenderer
-        from ..extraction.run import Encoder
-
         bb = self.backbone()
         renderer = ViewRenderer(self.bundle.meta["backbone"]["preprocess_cfg"] or bb.preprocess_cfg)
         taps = tuple(t for t in self.bundle.inputs if not t.startswith("zs_logits/"))
@@ -123,8 +122,6 @@ def check_backbone(backbone, meta: dict) -> None:
 
 
 def _open(path: str | Path):
-    from ..datasets import BadImageError, open_image
-
     try:
         return open_image(path)
     except BadImageError as err:

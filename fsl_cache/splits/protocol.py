@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..datasets.shots import VAL_SHOTS_CAP, sample_few_shot
 from ..errors import StoreError, UsageError
-from ..training.data import SplitRef, read_rows
+from ..store.reads import read_rows
+from .refs import SplitRef
+from .sampling import VAL_SHOTS_CAP, sample_few_shot
 
 PROTOCOLS = ("coop", "paper", "base2novel")
 

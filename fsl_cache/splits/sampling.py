@@ -8,11 +8,10 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from fsl_cache.datasets.base import DatasetSpec
-from fsl_cache.errors import UsageError
+from ..datasets.base import DatasetSpec
+from ..defaults import DEFAULT_SEEDS, DEFAULT_SHOTS
+from ..errors import UsageError
 
-DEFAULT_SHOTS = (1, 2, 4, 8, 16)
-DEFAULT_SEEDS = (1, 2, 3)
 VAL_SHOTS_CAP = 4
 """Few-shot val takes ``min(k, 4)`` images per class ([CODE] CoOp datasets/*.py)."""
 

@@ -1,4 +1,6 @@
-"""Augmentation policies of the train views, sampled reproducibly and stored as crop/flip parameters.
+"""The views the backbone sees: the center view (open_clip's test transform) and augmented train views.
+
+Augmentation policies are sampled reproducibly and stored as crop/flip parameters.
 
 Each view's parameters come from a generator seeded by (store seed, policy, split, item, view), not
 from a shared stream, so a view is the same whichever process computes it, in whatever order, and a
@@ -16,6 +18,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,15 @@ POLICIES: dict[str, Policy | None] = {
 """``center`` is the test preprocessing; ``flip`` is center + a deterministic horizontal flip."""
 
 PARAM_FIELDS = ("top", "left", "height", "width", "flip")
+
+
+def resolve_policy(policy: str | Policy) -> tuple[str, Policy | None]:
+    """``(name, crop policy)`` of a built-in policy name or of a method's own :class:`Policy`."""
+    if isinstance(policy, Policy):
+        return policy.name, policy
+    if policy not in POLICIES:
+        raise UsageError(f"Unknown augmentation policy '{policy}'. Built-in: {', '.join(POLICIES)}")
+    return policy, POLICIES[policy]
 
 
 def view_rng(seed: int, policy: str, split: str, index: int, view: int) -> np.random.Generator:
@@ -79,12 +92,12 @@ def sample_crop(
 
 
 def sample_params(
-    policy_name: str, *, views: int, width: int, height: int, seed: int, split: str, index: int
+    policy: str | Policy, *, views: int, width: int, height: int, seed: int, split: str, index: int
 ) -> np.ndarray:
     """Crop box and flip bit of every view of one image: ``[views, 5]`` int32; view 0 is center."""
     params = np.zeros((views, len(PARAM_FIELDS)), dtype=np.int32)
     params[0, :4] = center_box(width, height)
-    policy = POLICIES[policy_name]
+    policy_name, policy = resolve_policy(policy)
     for v in range(1, views):
         if policy is None:  # 'flip': the center crop mirrored, identical for every extra view
             params[v] = (*center_box(width, height), 1)
@@ -121,12 +134,13 @@ class ViewRenderer:
             fill_color=preprocess_cfg.get("fill_color", 0),
         )
 
-    def render(self, img: Image.Image, params: np.ndarray, *, policy: str) -> torch.Tensor:
+    def render(self, img: Image.Image, params: np.ndarray, *, policy: str | Policy) -> torch.Tensor:
         """``[V, 3, size, size]`` float32 for the ``[V, 5]`` view parameters of ``img``."""
         center = self.center(img)
+        crop = resolve_policy(policy)[1]
         out = []
         for v, (top, left, h, w, flip) in enumerate(params.tolist()):
-            if v == 0 or POLICIES[policy] is None:
+            if v == 0 or crop is None:
                 view = center
             else:
                 crop = TF.resized_crop(img, top, left, h, w, [self.size, self.size], self.mode)

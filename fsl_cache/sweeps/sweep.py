@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
+from .local import run_local, split_done
+from .optuna_engine import OptunaSettings, optimize_in_processes, require_optuna
+from .ray_engine import require_ray, run_ray
 from .spec import GridSpec, expand
-from .trial import Outcome, SweepContext
+from .trial import Outcome, StoreCache, SweepContext
 
 ENGINES = ("local", "optuna", "ray")
 
@@ -39,16 +42,10 @@ def run_sweep(
         raise UsageError(f"Unknown engine '{engine}'. Available: {', '.join(ENGINES)}")
     trials = expand(spec)
     if engine == "local":
-        from .local import run_local
-
         return SweepResult(
             run_local(trials, context, workers=workers, on_outcome=on_outcome, on_start=on_start)
         )
     if engine == "ray":
-        from .local import split_done
-        from .ray_engine import require_ray, run_ray
-        from .trial import StoreCache
-
         require_ray()
         stores = StoreCache(context)
         try:
@@ -58,8 +55,6 @@ def run_sweep(
         if on_start is not None:
             on_start(len(pending), len(done))
         return SweepResult(done + run_ray(pending, context, workers=workers, on_outcome=on_outcome))
-    from .optuna_engine import OptunaSettings, optimize_in_processes, require_optuna
-
     require_optuna()
     settings = optuna or OptunaSettings(storage=Path(context.runs_dir) / "optuna.journal")
     outcomes: list[Outcome] = []

@@ -8,43 +8,23 @@ whose official code selects on test receives it earlier, as ``task.oracle``, and
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import UsageError
 from ..evaluation.confusion import confusion_analytics, zero_shot_predictions
 from ..evaluation.metrics import score
-from ..evaluation.predict import evaluate, predict
-from ..evaluation.protocol import (
-    base_novel_classes,
-    build_splits,
-    check_protocol,
-    harmonic_mean,
-    subset_classes,
-    test_split,
-)
-from ..methods import FitResult, FitTask, MethodInfo, TaskInfo, get_method
+from ..evaluation.scoring import evaluate, predict
+from ..methods import FitResult, FitTask, get_method
 from ..methods.base import fit_together
+from ..splits import base_novel_classes, build_splits, harmonic_mean, subset_classes, test_split
 from ..store.store import FeatureStore
-from ..training.data import DEFAULT_MEMORY_BUDGET
 from .locate import check_needs, locate_store
-from .record import (
-    HEAD,
-    RECORD_SCHEMA,
-    RunResult,
-    default_runs_dir,
-    load_record,
-    now,
-    run_dir,
-    run_fingerprint,
-    versions,
-    write_run,
-)
+from .record import HEAD, RECORD_SCHEMA, RunResult, load_record, now, versions, write_run
+from .request import FitRequest, ResolvedRun, resolve_run, task_info
 
 COOP_NOTE = (
     "CoOp/Dassl split from the store; few-shot val (min(k,4)/class) for every choice; "
@@ -56,75 +36,28 @@ B2N_NOTE = (
 )
 
 
-@dataclass(frozen=True)
-class RunPlan:
-    """Everything fixed for the runs of one ``fit`` call (all seeds)."""
-
-    info: MethodInfo
-    options: dict[str, Any]
-    shots: int
-    protocol: str
-    runs_dir: Path
-    force: bool
-    device: torch.device
-    memory_budget: int
-    caveats: tuple[str, ...] = ()
-
-
-def fit_runs(
-    method: str,
-    *,
-    dataset: str,
-    shots: int,
-    seeds: Sequence[int] = (1, 2, 3),
-    protocol: str = "coop",
-    model: str = "RN50",
-    pretrained: str = "openai",
-    store: str | None = None,
-    options: Mapping[str, Any] | None = None,
-    cache_dir: str | Path | None = None,
-    runs_dir: str | Path | None = None,
-    force: bool = False,
-    device: str = "cpu",
-    memory_budget: int | None = None,
-    on_run: Callable[[RunResult], None] | None = None,
-) -> list[RunResult]:
-    """Fit ``method`` on the store of ``dataset`` + backbone for each seed; reuse finished runs."""
-    from ..extraction import default_cache_dir
-
-    info = get_method(method)
-    options = dict(options or {})
-    instance = info.create(options)  # bad options fail before any store is opened
-    check_protocol(protocol)
-    check_base2novel(info, protocol)
-    seeds = [seeds] if isinstance(seeds, (int, np.integer)) else seeds
-    shots, seeds = _positive(shots, "--shots"), [_positive(s, "--seed") for s in seeds]
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+def fit_runs(request: FitRequest, *, on_run: Callable[[RunResult], None] | None = None) -> list[RunResult]:
+    """Fit ``request`` on its store once per seed; finished runs are reused, not recomputed."""
+    request = request.checked()
     entry = locate_store(
-        cache, dataset=dataset, model=model, pretrained=pretrained, store=store, method=method
+        request.cache,
+        dataset=request.dataset,
+        model=request.model,
+        pretrained=request.pretrained,
+        store=request.store,
+        method=request.method,
     )
     fs = FeatureStore.open(entry.path)
     try:
         caveats = check_needs(
             fs,
-            info,
+            get_method(request.method),
             dataset=fs.manifest["dataset"]["name"],
-            cache_dir=Path(cache_dir) if cache_dir is not None else None,
-        )
-        plan = RunPlan(
-            info,
-            options,
-            shots,
-            protocol,
-            Path(runs_dir) if runs_dir else default_runs_dir(),
-            force,
-            torch.device(device),
-            memory_budget or DEFAULT_MEMORY_BUDGET,
-            tuple(caveats),
+            cache_dir=request.cache_dir,
         )
         results = []
-        for seed in seeds:
-            results.append(fit_one(fs, instance, plan, seed=seed))
+        for seed in request.seeds:
+            results.append(fit_group(fs, [resolve_run(request, fs, seed=seed)], caveats=caveats)[0])
             if on_run is not None:
                 on_run(results[-1])
         return results
@@ -132,108 +65,58 @@ def fit_runs(
         fs.close()
 
 
-def check_base2novel(info: MethodInfo, protocol: str) -> None:
-    """Refuse ``--protocol base2novel`` for a method that cannot classify classes it did not train on."""
-    if protocol == "base2novel" and not info.cls.base2novel:
-        from ..methods import list_methods
-
-        able = [n for n in list_methods() if get_method(n).cls.base2novel]
-        raise UsageError(
-            f"Method {info.name} cannot run --protocol base2novel: its head has no way to score classes "
-            f"it never trained on. Methods that can: {', '.join(able)}"
-        )
-
-
-def _positive(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise UsageError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def task_info(fs: FeatureStore, *, shots: int, seed: int, protocol: str) -> TaskInfo:
-    m = fs.manifest
-    return TaskInfo(
-        dataset=m["dataset"]["name"],
-        classnames=tuple(m["dataset"]["classnames"]),
-        shots=shots,
-        seed=seed,
-        protocol=protocol,
-        embed_dim=int(m["backbone"]["embed_dim"]),
-        backbone=m["backbone"],
-        zs_scale=float(m.get("zs_scale", 100.0)),
-        store_fingerprint=m["fingerprint"],
-    )
-
-
-def fit_one(fs: FeatureStore, instance, plan: RunPlan, *, seed: int) -> RunResult:
-    """One (method, shots, seed, protocol) run: reused if its record exists, else fitted and recorded."""
-    return fit_group(fs, [(instance, plan)], seed=seed)[0]
-
-
-def fit_group(fs: FeatureStore, runs: Sequence[tuple[Any, RunPlan]], *, seed: int) -> list[RunResult]:
+def fit_group(
+    fs: FeatureStore, runs: Sequence[ResolvedRun], *, caveats: Sequence[str] = ()
+) -> list[RunResult]:
     """Runs of one method that differ only in options, on one (shots, seed, protocol): one task, one pass.
 
     Finished runs are reused; the others are fitted together (:func:`~fsl_cache.methods.base.fit_together`:
     lockstep training that reads each cached batch once) and each gets its own record.
     """
-    first = runs[0][1]
+    first = runs[0]
+    shared = ("method", "shots", "protocol", "device", "budget")
     if any(
-        (p.info.name, p.shots, p.protocol, p.device, p.memory_budget)
-        != (first.info.name, first.shots, first.protocol, first.device, first.memory_budget)
-        for _, p in runs
+        [getattr(r.request, k) for k in shared] != [getattr(first.request, k) for k in shared]
+        or r.seed != first.seed
+        for r in runs
     ):
-        raise ValueError("fit_group runs must share method, shots, protocol, device and memory budget")
+        raise ValueError("fit_group runs must share method, shots, seed, protocol, device and memory budget")
     started = time.perf_counter()
-    info = task_info(fs, shots=first.shots, seed=seed, protocol=first.protocol)
-    base = base_novel_classes(info.num_classes)[0] if first.protocol == "base2novel" else None
-    if base is not None:  # the method sees the base classes only (METHODS §1.5)
-        info = replace(info, classnames=tuple(info.classnames[i] for i in base))
+    request, seed = first.request, first.seed
     results: list[RunResult | None] = []
     pending = []
-    for instance, plan in runs:
-        method = plan.info.cls(instance.resolve(info))
-        key = run_fingerprint(
-            store_fingerprint=fs.fingerprint,
-            method=plan.info.name,
-            config=method.config.to_json(),
-            shots=plan.shots,
-            seed=seed,
-            protocol=plan.protocol,
-        )
-        path = run_dir(
-            plan.runs_dir,
-            dataset=info.dataset,
-            store_dir=fs.root.name,
-            method=plan.info.name,
-            shots=plan.shots,
-            seed=seed,
-            protocol=plan.protocol,
-            key=key,
-        )
-        existing = None if plan.force else load_record(path, key=key)
-        results.append(None if existing is None else RunResult.from_record(existing, path, reused=True))
+    for run in runs:
+        existing = None if run.request.force else load_record(run.path, key=run.key)
+        results.append(None if existing is None else RunResult.from_record(existing, run.path, reused=True))
         if existing is None:
-            pending.append((len(results) - 1, method, plan, key, path))
+            pending.append((len(results) - 1, run))
     if not pending:
         return results
-    splits = build_splits(fs, first.info.cls, shots=first.shots, seed=seed, protocol=first.protocol)
-    oracle = test_split(fs) if first.protocol == "paper" and first.info.cls.paper_test_oracle else None
+    cls = first.info.cls
+    splits = build_splits(fs, cls, shots=request.shots, seed=seed, protocol=request.protocol)
+    oracle = test_split(fs) if request.protocol == "paper" and cls.paper_test_oracle else None
+    info = task_info(fs, shots=request.shots, seed=seed, protocol=request.protocol)
+    base = (
+        base_novel_classes(len(fs.manifest["dataset"]["classnames"]))[0]
+        if request.protocol == "base2novel"
+        else None
+    )
     task = FitTask(
         fs,
         info,
         train=splits.train,
         val=splits.val,
         oracle=oracle,
-        device=first.device,
-        memory_budget=first.memory_budget,
+        device=torch.device(request.device),
+        memory_budget=request.budget,
         classes=base,
     )
     splits_s = time.perf_counter() - started
-    fitted_all = fit_together([method for _, method, *_ in pending], task, seed=seed)
+    fitted_all = fit_together([run.method for _, run in pending], task, seed=seed)
     fit_s = time.perf_counter() - started - splits_s
-    for (index, method, plan, key, path), fitted in zip(pending, fitted_all):
+    for (index, run), fitted in zip(pending, fitted_all):
         evaluated = time.perf_counter()
-        metrics, test = final_evaluation(fitted, task, method=method)
+        metrics, test = final_evaluation(fitted, task, method=run.method)
         timings = {
             "splits_s": splits_s,
             "fit_s": fit_s,
@@ -242,10 +125,10 @@ def fit_group(fs: FeatureStore, runs: Sequence[tuple[Any, RunPlan]], *, seed: in
         }
         timings["total_s"] = splits_s + fit_s + timings["eval_s"]
         record = build_record(
-            fs, plan, method, task, fitted, metrics, test, key=key, timings=timings, notes=splits.notes
+            fs, run, task, fitted, metrics, test, timings=timings, notes=list(caveats) + splits.notes
         )
-        write_run(path, record, fitted.head.saved_state())
-        results[index] = RunResult.from_record(record, path, reused=False)
+        write_run(run.path, record, fitted.head.saved_state())
+        results[index] = RunResult.from_record(record, run.path, reused=False)
     return results
 
 
@@ -319,37 +202,35 @@ def novel_evaluation(method, fitted: FitResult, task: FitTask, whole_test, *, ba
 
 def build_record(
     fs,
-    plan: RunPlan,
-    method,
+    run: ResolvedRun,
     task: FitTask,
     fitted: FitResult,
     metrics: dict,
     test,
     *,
-    key: str,
     timings: dict,
     notes: list[str],
 ) -> dict:
-    m, head = fs.manifest, fitted.head
+    m, head, info, request = fs.manifest, fitted.head, run.info, run.request
     state = head.saved_state()
-    warnings = list(plan.caveats) + list(notes) + task.warnings
+    warnings = list(notes) + task.warnings
     if m["backbone"].get("random_init"):
         warnings.insert(0, "the backbone has RANDOM weights: numbers measure the pipeline, not CLIP")
     return jsonable(
         {
             "schema": RECORD_SCHEMA,
-            "run_fingerprint": key,
+            "run_fingerprint": run.key,
             "created": now(),
-            "method": plan.info.name,
-            "description": plan.info.description,
-            "config": method.config.to_json(),
-            "options": plan.options,
+            "method": info.name,
+            "description": info.description,
+            "config": run.method.config.to_json(),
+            "options": dict(request.options),
             "dataset": task.info.dataset,
-            "shots": plan.shots,
+            "shots": request.shots,
             "seed": task.info.seed,
-            "protocol": plan.protocol,
-            "protocol_notes": {"paper": plan.info.paper_protocol, "base2novel": B2N_NOTE}.get(
-                plan.protocol, COOP_NOTE
+            "protocol": request.protocol,
+            "protocol_notes": {"paper": info.paper_protocol, "base2novel": B2N_NOTE}.get(
+                request.protocol, COOP_NOTE
             ),
             "store": {
                 "fingerprint": fs.fingerprint,
@@ -371,7 +252,7 @@ def build_record(
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "device": str(task.device),
             "versions": versions(),
-            "deviations": list(plan.info.deviations),
+            "deviations": list(info.deviations),
             "warnings": warnings,
             "head": {
                 "file": HEAD,

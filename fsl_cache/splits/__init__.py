@@ -1,0 +1,30 @@
+"""Which images train, select and test: CoOp few-shot sampling, the protocols' splits, split references."""
+
+from .protocol import (
+    PROTOCOLS,
+    Splits,
+    base_novel_classes,
+    build_splits,
+    check_protocol,
+    harmonic_mean,
+    subset_classes,
+    test_split,
+)
+from .refs import SplitRef
+from .sampling import FewShotPools, FewShotSubset, few_shot_pools, sample_few_shot
+
+__all__ = [
+    "PROTOCOLS",
+    "FewShotPools",
+    "FewShotSubset",
+    "SplitRef",
+    "Splits",
+    "base_novel_classes",
+    "build_splits",
+    "check_protocol",
+    "harmonic_mean",
+    "few_shot_pools",
+    "sample_few_shot",
+    "subset_classes",
+    "test_split",
+]
