@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from rich.console import Console
 from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from .console import err_console
@@ -198,15 +207,6 @@ class GridProgress:
     """One overall progress bar with ETA over a grid's pending runs, plus a line per failed run."""
 
     def __init__(self, *, enabled: bool = True) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         self.progress = Progress(
             TextColumn("[bold]grid"),
             BarColumn(),
@@ -265,8 +265,6 @@ def show_grid_summary(result) -> None:
 
 def show_predictions(predictions) -> None:
     """``predict``'s results for people: one block per image, classes with probability bars (stdout)."""
-    from rich.console import Console
-
     out = Console()
     for p in predictions:
         out.print(f"[bold]{p.image}[/]", highlight=False)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from open_clip.transform import image_transform
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -117,8 +118,6 @@ class ViewRenderer:
     """
 
     def __init__(self, preprocess_cfg: dict) -> None:
-        from open_clip.transform import image_transform
-
         size = preprocess_cfg["size"]
         self.size = int(size[0] if isinstance(size, (list, tuple)) else size)
         self.mean = tuple(preprocess_cfg["mean"])

@@ -22,6 +22,7 @@ import huggingface_hub.constants
 import open_clip
 import torch
 from open_clip.constants import HF_WEIGHTS_NAME
+from open_clip.factory import _find_checkpoint_in_dir
 from open_clip.pretrained import download_pretrained, download_pretrained_from_hf
 
 from fsl_cache.errors import BackboneError
@@ -229,8 +230,6 @@ def resolve_local_dir(folder: Path) -> tuple[Path, dict]:
             '{"model_cfg": {...}, "preprocess_cfg": {...}} next to the weights)'
         )
     # The same choice open_clip makes, so the file hashed is the file loaded.
-    from open_clip.factory import _find_checkpoint_in_dir
-
     weights = _find_checkpoint_in_dir(folder)
     if weights is None:
         raise BackboneError(

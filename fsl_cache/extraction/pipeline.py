@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 
 from .. import __version__
@@ -474,8 +475,6 @@ def _merge_skipped(manifest: dict, skipped: dict[str, list[int]]) -> None:
 
 
 def _versions() -> dict:
-    import open_clip
-
     return {
         "fsl_cache": __version__,
         "torch": torch.__version__,

@@ -52,6 +52,7 @@ class LinearHead(Head):
 
 def fit_logreg(x: np.ndarray, y: np.ndarray, *, c: float, max_iter: int):
     """sklearn ``LogisticRegression(lbfgs, l2, C=c)`` ([CODE] lpclip)."""
+    # sklearn takes ~1 s to import: only a linear-probe fit pays it, not every listing of the methods
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 

@@ -95,7 +95,7 @@ class ZarrBackend:
     format = "zarr"
 
     def __init__(self, root: Path, *, mode: str) -> None:
-        import zarr
+        import zarr  # each backend imports only its own format's library
 
         self._zarr = zarr
         self.path = root / "arrays.zarr"

@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+import torch
+
 from ..errors import UsageError
 from .spec import Trial
 from .trial import Outcome, StoreCache, SweepContext, existing, prepare, run_group
@@ -118,8 +120,6 @@ def _in_processes(
 
 
 def _init_worker(context: SweepContext, threads: int) -> None:
-    import torch
-
     global _WORKER_STORES
     torch.set_num_threads(threads)
     _WORKER_STORES = StoreCache(context)

@@ -21,6 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_SEEDS, DEFAULT_SHOTS
 from ..errors import UsageError, did_you_mean
 from .spec import GridSpec
@@ -45,10 +47,6 @@ KEYS = {
 def load_recipe(path: str | Path) -> GridSpec:
     """The :class:`GridSpec` a recipe file describes; unknown keys and wrong types fail with the key's name."""
     path = Path(path)
-    try:
-        import yaml
-    except ImportError as err:  # pragma: no cover - pyyaml is a dependency
-        raise UsageError("Recipes need PyYAML: pip install pyyaml") from err
     if not path.is_file():
         raise UsageError(f"No recipe file {path} (recipes live in pipelines/*.yaml)")
     try:
