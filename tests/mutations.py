@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FORMULAS, SELECTION = "tests/test_formulas_trained.py", "tests/test_selection.py"
 
 # (id, file, old, new, tests to run): each new text swaps two terms of the old one.
+# Left out as equivalent: swapping alpha/beta in inference/heads.py's Tip builder (load_strict then
+# loads the saved alpha/beta buffers over the constructor's values, so the numbers do not change).
 MUTANTS: list[tuple[str, str, str, str, str]] = [
     (
         "zero_shot: normalise over the batch instead of the features",
@@ -56,8 +58,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     (
         "tip: exp(-beta(1 - A)) written exp(-beta(A - 1))",
         "fsl_cache/methods/tip_adapter.py",
-        "((-1) * (beta - beta * affinity)).exp() @ values",
-        "((-1) * (beta * affinity - beta)).exp() @ values",
+        "return ((-1) * (beta - beta * affinity)).exp() @ values",
+        "return ((-1) * (beta * affinity - beta)).exp() @ values",
         FORMULAS,
     ),
     (
@@ -80,13 +82,6 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
         "self.alpha.fill_(alpha)\n        self.beta.fill_(beta)",
         "self.alpha.fill_(beta)\n        self.beta.fill_(alpha)",
         FORMULAS,
-    ),
-    (
-        "tip export: rebuilt head gets alpha and beta swapped",
-        "fsl_cache/inference/heads.py",
-        'alpha=_f(state, "alpha"),\n        beta=_f(state, "beta"),',
-        'alpha=_f(state, "beta"),\n        beta=_f(state, "alpha"),',
-        SELECTION,
     ),
     (
         "tip_adapter_f: keys from the raw instead of the normalised feature",
