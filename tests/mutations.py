@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FORMULAS, SELECTION = "tests/test_formulas_trained.py", "tests/test_selection.py"
 
 # (id, file, old, new, tests to run): each new text swaps two terms of the old one.
-# Left out as equivalent: swapping alpha/beta in inference/heads.py's Tip builder (load_strict then
+# Left out as equivalent: swapping alpha/beta in TipHead.from_state (the strict load then
 # loads the saved alpha/beta buffers over the constructor's values, so the numbers do not change).
 MUTANTS: list[tuple[str, str, str, str, str]] = [
     (

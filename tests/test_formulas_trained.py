@@ -181,8 +181,8 @@ def test_tip_adapter_f_head_after_training_on_a_task(pooled_task):
 def pooled_task():
     """A small in-memory task with tip views (Tip-Adapter-F training)."""
     from fsl_cache.methods import FitTask, TaskInfo
+    from fsl_cache.splits import SplitRef
     from fsl_cache.testing import ArrayStore
-    from fsl_cache.training import SplitRef
 
     g = gen(3)
     means = 2 * unit(torch.randn(C, D, generator=g))
