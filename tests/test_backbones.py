@@ -473,6 +473,7 @@ def test_list_models():
     assert "openai" in infos["RN50"].tags and infos["RN50"].kind == "rn"
     assert infos["ViT-B-16"].kind == "vit" and infos["ViT-B-16"].embed_dim == 512
     for name in TINY_MODELS:
-        assert infos[name].tags == ("none",) and infos[name].tiny
+        assert infos[name].tags[-1] == "none" and infos[name].tiny
+    assert infos["fsl-tiny-rn"].tags == ("shapes", "none")  # the shipped weights
     assert "ViT-B-16-SigLIP" not in infos  # timm tower
     assert {info.kind for info in infos.values()} == {"rn", "vit"}

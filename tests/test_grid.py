@@ -70,7 +70,7 @@ def test_option_values_parse_with_bracketed_tuples_and_typos_fail():
 
 def test_recipes_load_and_the_main_table_recipe_has_the_papers_grid():
     demo = load_recipe(REPO / "pipelines" / "demo.yaml")
-    assert demo.model == "fsl-tiny-rn" and demo.pretrained == "none" and len(expand(demo)) == 36
+    assert demo.model == "fsl-tiny-rn" and demo.pretrained == "shapes" and len(expand(demo)) == 120
     main_table = load_recipe(REPO / "pipelines" / "main_table_rn50.yaml")
     assert (main_table.model, main_table.pretrained, main_table.shots, main_table.seeds) == (
         "RN50",
@@ -91,9 +91,11 @@ def test_recipes_load_and_the_main_table_recipe_has_the_papers_grid():
 
 
 def test_demo_recipe_matches_the_demo_command():
-    from fsl_cache.cli import DEMO_METHODS
+    from fsl_cache.cli import DEMO_METHODS, DEMO_OPTIONS, DEMO_SEEDS, DEMO_SHOTS
 
-    assert load_recipe(REPO / "pipelines" / "demo.yaml").methods == DEMO_METHODS
+    demo = load_recipe(REPO / "pipelines" / "demo.yaml")
+    assert (demo.methods, demo.shots, demo.seeds) == (DEMO_METHODS, DEMO_SHOTS, DEMO_SEEDS)
+    assert demo.options == DEMO_OPTIONS and demo.extract_for == DEMO_METHODS
 
 
 # ---------------------------------------------------------------------------- skipping

@@ -18,7 +18,7 @@ class ModelInfo:
     kind: str
     """``rn`` (ModifiedResNet) or ``vit`` (VisionTransformer)."""
     tags: tuple[str, ...]
-    """Pretrained tags open_clip knows for it; the tiny test models list only ``none``.
+    """Pretrained tags open_clip knows for it; the tiny models list ``shapes`` and ``none``.
 
     ``none`` (random init) and a weights file are accepted by every architecture."""
     embed_dim: int
@@ -26,7 +26,7 @@ class ModelInfo:
     image_size: int
     """Input side in pixels."""
     tiny: bool = False
-    """One of fsl-cache's tiny random-weight models for tests and demos."""
+    """One of fsl-cache's tiny models for tests and demos."""
 
 
 def config_kind(model_cfg: dict) -> str | None:
@@ -50,7 +50,9 @@ def list_models() -> list[ModelInfo]:
         if kind is None:
             continue
         tiny = name in TINY_MODELS
-        tags = ("none",) if tiny else tuple(open_clip.list_pretrained_tags_by_model(name))
+        tags = tuple(open_clip.list_pretrained_tags_by_model(name))
+        if tiny:
+            tags += ("none",)
         size = cfg["vision_cfg"].get("image_size", 224)
         infos.append(
             ModelInfo(

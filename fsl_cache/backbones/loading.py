@@ -15,7 +15,7 @@ from open_clip.transform import PreprocessCfg
 
 from fsl_cache.backbones.backbone import Backbone, describe_model
 from fsl_cache.backbones.catalog import config_kind, list_models
-from fsl_cache.backbones.tiny import TINY_MODELS
+from fsl_cache.backbones.tiny import SHAPES_NOTE, SHAPES_TAG, TINY_MODELS
 from fsl_cache.backbones.weights import (
     WeightsSource,
     describe_mismatch,
@@ -229,6 +229,8 @@ def _tag_spec(arch: str, tag: str, *, cache_dir: str | None) -> _Spec:
         WeightsSource("tag", path, tag=clean),
         force_preprocess={k: cfg[k] for k in _TAG_PREPROCESS_KEYS if k in cfg},
     )
+    if arch in TINY_MODELS and clean == SHAPES_TAG:
+        spec.notes.append(SHAPES_NOTE.format(arch=arch))
     if cfg.get("quick_gelu") and not open_clip.get_model_config(arch).get("quick_gelu"):
         # open_clip builds GELU here and only warns; the weights were trained with QuickGELU.
         spec.force_quick_gelu = True
