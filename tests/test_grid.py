@@ -95,7 +95,10 @@ def test_demo_recipe_matches_the_demo_command():
 
     demo = load_recipe(REPO / "pipelines" / "demo.yaml")
     assert (demo.methods, demo.shots, demo.seeds) == (DEMO_METHODS, DEMO_SHOTS, DEMO_SEEDS)
-    assert demo.options == DEMO_OPTIONS and demo.extract_for == DEMO_METHODS
+    options = {
+        k: tuple(tuple(v) if isinstance(v, list) else v for v in values) for k, values in demo.options.items()
+    }
+    assert options == DEMO_OPTIONS and demo.extract_for == DEMO_METHODS
 
 
 # ---------------------------------------------------------------------------- skipping

@@ -162,6 +162,8 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
 def resolve_tag(arch: str, tag: str, *, cache_dir: str | None) -> Path:
     """The local file for ``arch``/``tag``, downloaded by open_clip's own resolver when online."""
     cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if cfg.get("file"):  # a local file (the tiny models' 'shapes'): no network, not even a DNS lookup
+        return Path(cfg["file"])
     with hub_access() as offline:
         try:
             path = download_pretrained(cfg, cache_dir=cache_dir)
