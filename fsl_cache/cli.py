@@ -402,6 +402,7 @@ def demo(out, cache_dir, runs_dir, plot_dir, as_json) -> None:
             pretrained="shapes",
             cache_dir=cache_dir,
             runs_dir=runs_dir,
+            workers=min(2, os.cpu_count() or 1),
             on_start=bar.start,
             on_outcome=bar.advance,
         )

@@ -17,7 +17,7 @@ STAGE_TWO = ("splits", "training", "evaluation", "methods", "runs", "sweeps", "r
 LOWER = {
     "store": ("errors",),
     "datasets": ("errors",),
-    "backbones": ("errors", "defaults"),
+    "backbones": ("errors", "defaults", "datasets"),
     "evaluation": ("errors", "store"),
 }
 """Packages and every top-level package they may import (besides themselves)."""
