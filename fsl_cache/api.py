@@ -28,6 +28,7 @@ from .store import StoreEntry, VerifyProblem, find_store, list_stores, remove_st
 from .store.catalog import default_cache_dir
 from .store.store import FeatureStore
 from .sweeps import GridSpec, SweepContext, load_recipe, run_sweep
+from .sweeps.claims import STALE_AFTER
 from .sweeps.optuna_engine import OptunaSettings
 
 
@@ -190,6 +191,7 @@ def grid(
     cache_dir: str | Path | None = None,
     runs_dir: str | Path | None = None,
     device: str = "cpu",
+    claim_stale_after: float | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_outcome: Callable | None = None,
 ):
@@ -201,7 +203,9 @@ def grid(
     in groups of up to ``group_size`` (splits held once, streamed batches read once for the group;
     results equal to separate runs). ``engine``: ``local`` (``workers`` processes),
     ``optuna`` (studies in the journal file ``study_storage``, ``sampler`` grid or tpe, selection on
-    val) or ``ray``. Returns a :class:`fsl_cache.sweeps.SweepResult`.
+    val) or ``ray``. A run's claim whose owner stopped refreshing it for ``claim_stale_after`` seconds
+    (default :data:`fsl_cache.sweeps.claims.STALE_AFTER`) is taken over, from any host.
+    Returns a :class:`fsl_cache.sweeps.SweepResult`.
     """
     if recipe is not None:
         spec = load_recipe(recipe)
@@ -228,6 +232,7 @@ def grid(
         store=store,
         device=device,
         group_size=group_size,
+        stale_after=STALE_AFTER if claim_stale_after is None else claim_stale_after,
     )
     settings = None
     if engine == "optuna":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -50,24 +51,46 @@ def _name_list(ctx, param, value: str | None):
     return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+KEPT = {
+    "extract": "finished shards are kept",
+    "fit": "finished runs are kept",
+    "grid": "finished runs are kept and claims released",
+}
+"""What an interrupted command leaves behind, for the line that says how to resume it."""
+
+
 class FslGroup(click.Group):
-    """Turns user errors into one line on stderr with the right exit code, not a traceback."""
+    """Turns user errors into one line on stderr with the right exit code, not a traceback.
+
+    SIGTERM (a scheduler's preemption) stops a command like Ctrl-C does, exiting 143 instead of 130.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv"] = list(args)  # for the resume command: sys.argv is not ours when called from Python
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
         from .errors import FslError
+        from .interrupts import Terminated, sigterm_as_interrupt
 
         try:
-            return super().invoke(ctx)
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
         except FslError as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             sys.exit(err.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
+            what = "terminated" if isinstance(err, Terminated) else "interrupted"
+            kept = KEPT.get(ctx.invoked_subcommand or "", "finished work is kept")
+            command = shlex.join(["fsl-cache", *ctx.meta.get("argv", [])])
             err_console.print(
-                "[yellow]interrupted:[/] finished shards are kept; re-run the same command to resume"
+                f"[yellow]{what}:[/] {kept}; re-run the same command to resume: {escape(command)}",
+                highlight=False,
+                soft_wrap=True,
             )
-            sys.exit(130)
+            sys.exit(143 if isinstance(err, Terminated) else 130)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except OSError as err:
@@ -630,6 +653,14 @@ def _grid_options(ctx, param, value: tuple[str, ...]) -> dict:
     default=None,
     help="Optuna journal file [default: RUNS_DIR/optuna.journal]; share it to join from other nodes.",
 )
+@click.option(
+    "--claim-stale-after",
+    type=click.FloatRange(min=1.0),
+    default=120.0,
+    show_default=True,
+    help="Seconds without a heartbeat (one every quarter of it) after which another process's claim on a "
+    "run is taken over, from any host; raise it on slow shared file systems.",
+)
 @CACHE_DIR_OPTION
 @RUNS_DIR_OPTION
 @click.option("--device", default="cpu", show_default=True)
@@ -651,6 +682,7 @@ def grid(
     sampler,
     n_trials,
     study_storage,
+    claim_stale_after,
     cache_dir,
     runs_dir,
     device,
@@ -681,6 +713,7 @@ def grid(
             cache_dir=cache_dir,
             runs_dir=runs_dir,
             device=device,
+            claim_stale_after=claim_stale_after,
             on_start=bar.start,
             on_outcome=bar.advance,
         )

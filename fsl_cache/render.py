@@ -44,15 +44,15 @@ def show_extract_plan(prepared) -> None:
         err_console.print("[green]nothing to do:[/] the store already holds everything asked for")
         return
     table = Table(title="to write", title_justify="left", show_edge=False)
-    for col in ("pool/policy", "views", "arrays", "size"):
-        table.add_column(col, justify="right" if col in ("views", "size") else "left")
+    for col in ("pool/policy", "views", "arrays", "on disk"):
+        table.add_column(col, justify="right" if col in ("views", "on disk") else "left")
     for group, views, taps, size in rows:
         table.add_row(group, views, taps, human_bytes(size))
     table.add_row(
         "[bold]total[/]",
         "",
-        f"{len(prepared.plan.new_arrays)} arrays",
-        f"[bold]{human_bytes(prepared.plan.new_bytes)}[/]",
+        f"{len(prepared.plan.new_arrays)} arrays, {human_bytes(prepared.plan.new_bytes)} of data",
+        f"[bold]{human_bytes(prepared.disk_bytes)}[/]",
     )
     err_console.print(table)
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,15 @@ from ..store.backend import FORMATS, ArraySpec
 from ..store.catalog import default_cache_dir
 from ..store.fingerprint import EXTRACTION_VERSION, dataset_dirname, fingerprint, store_dirname
 from ..store.store import MANIFEST, SCHEMA, FeatureStore, StoreWriter, check_manifest, read_manifest
-from .plan import ExtractionPlan, Pool, array_layout, check_fits, human_bytes, plan_extraction
+from .plan import (
+    ExtractionPlan,
+    Pool,
+    array_layout,
+    check_fits,
+    disk_footprint,
+    human_bytes,
+    plan_extraction,
+)
 from .ranks import SINGLE_PROCESS, Ranks, rank_device, ranks_from_env
 from .runner import RunStats, run_job
 
@@ -127,7 +137,7 @@ def extract(
         if on_plan is not None:
             on_plan(prepared)
         try:
-            check_fits(prepared.plan, free_bytes=_free_bytes(prepared.store_dir))
+            check_fits(prepared.disk_bytes, free_bytes=_free_bytes(prepared.store_dir))
         except DiskFullError as err:
             error = err
     ranks.raise_if_any(error)
@@ -188,14 +198,25 @@ class PreparedExtraction:
             skipped=stats.skipped,
         )
 
+    @cached_property
+    def footprint(self) -> dict[str, int]:
+        """On-disk bytes per job id and ``metadata`` (:func:`~fsl_cache.extraction.plan.disk_footprint`)."""
+        manifest = len(json.dumps(self.manifest, indent=1, sort_keys=True, default=str))
+        block = _block_size(self.store_dir)
+        return disk_footprint(self.plan, fmt=self.options.format, block=block, manifest_bytes=manifest)
+
+    @property
+    def disk_bytes(self) -> int:
+        """What this extraction takes on disk at most: arrays, block rounding, folders, markers, manifest."""
+        return sum(self.footprint.values())
+
     def _disk_full(self, err: OSError, writer: StoreWriter) -> DiskFullError:
-        rows_done: dict[str, int] = {}
-        for marker in writer.markers():
-            for name in marker.digests:
-                rows_done[name] = rows_done.get(name, 0) + marker.stop - marker.start
-        left = sum(
-            a.nbytes * max(0, a.shape[0] - rows_done.get(a.name, 0)) // a.shape[0]
-            for a in self.plan.new_arrays
+        done = {marker.part for marker in writer.markers()}
+        left = self.footprint["metadata"] + sum(
+            self.footprint[job.id]
+            * sum(f"{job.id}/{s:06d}" not in done for s in range(job.num_shards))
+            // job.num_shards
+            for job in self.plan.jobs
         )
         free = _free_bytes(self.store_dir)
         # free may exceed left: blocks reserved for root, or a quota, still refuse the write
@@ -282,19 +303,15 @@ class PreparedExtraction:
         return weights
 
     def summary_rows(self) -> list[tuple[str, str, str, int]]:
-        """(pool/policy, views, arrays, bytes) per job, for the pre-flight table."""
+        """(pool/policy, views, arrays, bytes on disk) per job, for the pre-flight table."""
         rows = [
-            (
-                f"{job.pool.name}/{job.policy}",
-                str(job.views),
-                ", ".join(job.taps),
-                sum(a.nbytes for a in job.arrays),
-            )
+            (f"{job.pool.name}/{job.policy}", str(job.views), ", ".join(job.taps), self.footprint[job.id])
             for job in self.plan.jobs
         ]
-        small = sum(s.nbytes for s, _ in self.plan.whole)
-        if small:
-            rows.append(("metadata", "-", "labels, paths, splits, text", small))
+        if self.plan.whole or self.plan.text or rows:
+            rows.append(
+                ("metadata", "-", "labels, paths, splits, text, manifest", self.footprint["metadata"])
+            )
         return rows
 
 
@@ -495,8 +512,17 @@ def _is_disk_full(err: OSError) -> bool:
     return err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err)
 
 
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def _free_bytes(path: Path) -> int:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
+    return shutil.disk_usage(_existing(path)).free
+
+
+def _block_size(path: Path) -> int:
+    """The file system's allocation unit: every file takes whole ones."""
+    stats = os.statvfs(_existing(path))
+    return max(stats.f_frsize or stats.f_bsize, 512)

@@ -16,6 +16,7 @@ from ..backbones.views import Policy
 from ..errors import DiskFullError, UsageError
 from ..methods.needs import Needs
 from ..store.backend import ArraySpec
+from ..store.footprint import dir_bytes, file_bytes, hdf5_master, hdf5_part, zarr_array, zarr_groups
 
 SHARD_SAMPLES = 64
 """Samples per shard: the unit of resume, of multi-process ownership and of light-array chunks."""
@@ -203,10 +204,64 @@ def _group_job(
     return [Job(pool, policy, views, missing_taps, tuple(specs), custom_policy)]
 
 
-def check_fits(plan: ExtractionPlan, *, free_bytes: int) -> None:
-    if plan.new_bytes > free_bytes:
+def disk_footprint(plan: ExtractionPlan, *, fmt: str, block: int, manifest_bytes: int) -> dict[str, int]:
+    """What the plan takes on disk in ``fmt`` with ``block``-byte file-system blocks, as
+    ``{job id: bytes, "metadata": bytes}``: arrays with their files and folders, progress markers,
+    and (under ``metadata``) the small arrays, the manifest (twice: it is rewritten through a temp
+    file) and the store's own folders. ``manifest_bytes`` is the size of the manifest before this plan.
+    """
+    sizes = {job.id: _job_disk(job, fmt=fmt, block=block) for job in plan.jobs}
+    small = [(spec, _string_bytes(data)) for spec, data in plan.whole] + [(spec, 0) for spec in plan.text]
+    meta = sum(_whole_disk(spec, fmt=fmt, block=block, string_bytes=n) for spec, n in small)
+    meta += 2 * file_bytes(manifest_bytes + _manifest_growth(plan), block)
+    names = [a.name for a in plan.new_arrays]
+    if fmt == "zarr":
+        meta += zarr_groups(names, existing=list(plan.existing), block=block)
+    else:
+        blocks = sum(-(-a.shape[0] // SHARD_SAMPLES) for a in plan.all_arrays)
+        meta += hdf5_master(plan.all_arrays, mappings=blocks, block=block)
+        meta += dir_bytes(sum(job.num_shards for job in plan.jobs) + len(small), block)  # parts/
+    meta += 4 * dir_bytes(len(small) + len(plan.jobs) + 4, block) + file_bytes(1, block)  # folders, .lock
+    return {**sizes, "metadata": meta}
+
+
+def _job_disk(job: Job, *, fmt: str, block: int) -> int:
+    markers = job.num_shards * file_bytes(_marker_bytes(job.arrays), block) + dir_bytes(job.num_shards, block)
+    if fmt == "zarr":
+        return markers + sum(zarr_array(a, block=block) for a in job.arrays)
+    rows = [stop - start for start, stop in map(job.shard_rows, range(job.num_shards))]
+    return markers + sum(hdf5_part([(a, n) for a in job.arrays], block=block) for n in rows)
+
+
+def _whole_disk(spec: ArraySpec, *, fmt: str, block: int, string_bytes: int) -> int:
+    """A small array written in one block, with its progress marker and folder."""
+    marker = file_bytes(_marker_bytes([spec]), block) + dir_bytes(1, block)
+    if fmt == "zarr":
+        return marker + zarr_array(spec, block=block, string_bytes=string_bytes)
+    return marker + hdf5_part([(spec, spec.shape[0])], block=block, string_bytes=string_bytes)
+
+
+def _marker_bytes(arrays) -> int:
+    return 256 + sum(len(a.name) + 80 for a in arrays)  # job, rows, a SHA-256 per array
+
+
+def _manifest_growth(plan: ExtractionPlan) -> int:
+    """Manifest bytes the new arrays add: an entry each and a [start, stop, digest] line per block."""
+    return sum(512 + len(a.name) + 160 * -(-a.shape[0] // SHARD_SAMPLES) for a in plan.new_arrays)
+
+
+def _string_bytes(data: np.ndarray) -> int:
+    """Bytes per item of a string array: the longest, plus zarr's 4-byte length."""
+    if data.dtype.kind not in "OUS":
+        return 0
+    return max((len(str(s).encode("utf-8")) for s in data.reshape(-1)), default=0) + 4
+
+
+def check_fits(need: int, *, free_bytes: int) -> None:
+    """Refuse an extraction whose on-disk size (:func:`disk_footprint`) exceeds the free space."""
+    if need > free_bytes:
         raise DiskFullError(
-            f"Not enough disk space: this extraction writes up to {human_bytes(plan.new_bytes)} "
+            f"Not enough disk space: this extraction takes up to {human_bytes(need)} on disk "
             f"but only {human_bytes(free_bytes)} is free. Free space, pick another --cache-dir, "
             f"or extract fewer views/methods (--for, --views)."
         )

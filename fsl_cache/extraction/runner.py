@@ -6,12 +6,15 @@ so a resumed run computes every remaining shard exactly as an uninterrupted run 
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ from ..backbones.encoder import Encoder
 from ..backbones.views import ViewRenderer, sample_params
 from ..datasets import BadImageError, DatasetSpec, open_image
 from ..errors import DatasetError
+from ..interrupts import die_with_parent
 from ..store.store import ShardBlocks, StoreWriter
 from .plan import SHARD_SAMPLES, Job
 
@@ -85,6 +89,15 @@ class ShardBatchSampler(Sampler):
         return sum(-(-size // self.step) for size in sizes)
 
 
+def _init_worker(parent: int, worker_id: int) -> None:
+    """Decoding workers hold nothing to clean up, so they follow the main process: it stops them on
+    Ctrl-C or SIGTERM (a worker that died of the signal first would make torch raise in the main
+    process), and the kernel kills them when it dies, instead of them decoding on for seconds."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent(parent)
+
+
 def _collate(batch):
     rows, views, params, errors = zip(*batch)
     return list(rows), torch.stack(views), np.stack(params), list(errors)
@@ -120,6 +133,7 @@ def run_job(
         num_workers=workers,
         collate_fn=_collate,
         persistent_workers=False,
+        worker_init_fn=partial(_init_worker, os.getpid()),
     )
     blocks: ShardBlocks | None = None
     started = time.perf_counter()

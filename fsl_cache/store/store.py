@@ -18,6 +18,9 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,16 +207,68 @@ def _remove_leftovers(root: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _acquire_lock(root: Path):
+_HELD_LOCKS: set = set()
+"""Lock files this process holds open (see :func:`_drop_inherited_locks`)."""
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a decoding worker), close the parent's lock files.
+
+    An flock belongs to the open file, which a fork shares: a child that outlived a killed parent
+    would keep the store locked against the re-run. Closed here, the lock is the parent's alone.
+    """
+    for fh in _HELD_LOCKS:
+        fh.close()
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+class _StoreLock:
+    """The store's ``.lock`` held with flock, naming its holder inside for whoever is refused."""
+
+    def __init__(self, fh) -> None:
+        self.fh = fh
+        _HELD_LOCKS.add(fh)
+
+    def close(self) -> None:
+        _HELD_LOCKS.discard(self.fh)
+        self.fh.close()
+
+
+def _acquire_lock(root: Path) -> _StoreLock:
     fh = open(root / ".lock", "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        fh.seek(0)
+        holder = _describe_holder(fh.read())
         fh.close()
         raise StoreError(
-            f"Another process is writing {root}; wait for it to finish (or stop it) and re-run"
+            f"Another process is writing {root}{holder}; wait for it to finish (or stop it) and re-run"
         ) from None
-    return fh
+    fh.seek(0)
+    fh.truncate()
+    command = shlex.join(sys.orig_argv)
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command if len(command) <= 200 else command[:199] + "…",
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    json.dump(holder, fh)
+    fh.flush()
+    return _StoreLock(fh)
+
+
+def _describe_holder(text: str) -> str:
+    """``: pid 123 on host, since …, running `…``` from the lock file (empty if it names nobody)."""
+    try:
+        h = json.loads(text)
+        return f": pid {h['pid']} on {h['host']}, since {h['since']}, running `{h['command']}`"
+    except (ValueError, KeyError, TypeError):  # written by an older version, or being written now
+        return ""
 
 
 class FeatureStore:

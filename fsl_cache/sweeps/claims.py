@@ -1,10 +1,16 @@
 """Claim files: at most one process computes a run, across workers, sweeps and nodes sharing a runs folder.
 
 A claim is ``<runs>/.claims/<run fingerprint>.claim``, created with ``O_CREAT | O_EXCL`` (atomic on
-local and NFSv3+ file systems) and holding the owner's host, pid and start time. A claim is stale
-when its owner is a dead process on this host, or when it is older than ``stale_after`` seconds
-(owners elsewhere cannot be asked). A stale claim is taken over by renaming it aside first: of
-several processes that find it stale, exactly one rename succeeds.
+local and NFSv3+ file systems) and holding the owner's host, pid, process start time and a token.
+While the run goes on, a thread of the owner touches the file every ``stale_after / 4`` seconds
+(its heartbeat: the file's mtime). A claim is stale when its heartbeat is older than ``stale_after``
+seconds, on any host, or, on the owner's own host, when its pid is dead or now belongs to another
+process (another start time: containers reuse pids). A stale claim is taken over by renaming it
+aside first: of several processes that find it stale, exactly one rename succeeds.
+
+The mtime is compared with the local clock, so hosts sharing a runs folder need clocks that agree
+to well within ``stale_after``; on a slow shared file system (attribute caching, delayed writes)
+raise it (``grid --claim-stale-after``).
 """
 
 from __future__ import annotations
@@ -12,29 +18,51 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 CLAIMS = ".claims"
-STALE_AFTER = 24 * 3600.0
-"""Seconds after which a claim from another host is presumed abandoned (a run takes minutes)."""
+STALE_AFTER = 120.0
+"""Seconds without a heartbeat after which a claim is taken over (four heartbeats missed)."""
+HEARTBEATS = 4
+"""Heartbeats per ``stale_after``: a claim is stale only after several in a row were missed."""
 
 
-@dataclass(frozen=True)
 class Claim:
-    """A held claim; :meth:`release` it when the run's record is written (or the run failed)."""
+    """A held claim, kept fresh by a heartbeat thread; :meth:`release` it when the run's record is
+    written (or the run failed)."""
 
-    path: Path
-    token: str
+    def __init__(self, path: Path, token: str, *, stale_after: float = STALE_AFTER) -> None:
+        self.path = path
+        self.token = token
+        self._stop = threading.Event()
+        self._beat = threading.Thread(
+            target=self._heartbeat, args=(stale_after / HEARTBEATS,), name="fsl-cache-claim", daemon=True
+        )
+        self._beat.start()
+
+    def _heartbeat(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            if not self._owned():
+                return  # taken over (we were presumed dead): never refresh another owner's claim
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def _owned(self) -> bool:
+        try:
+            return json.loads(self.path.read_text()).get("token") == self.token
+        except (OSError, json.JSONDecodeError):
+            return False
 
     def release(self) -> None:
-        try:
-            if json.loads(self.path.read_text()).get("token") == self.token:
-                self.path.unlink()
-        except (OSError, json.JSONDecodeError):
-            pass  # already taken over as stale, or removed: nothing of ours to release
+        self._stop.set()
+        if self._owned():
+            self.path.unlink(missing_ok=True)
+        # else: already taken over as stale, or removed: nothing of ours to release
 
 
 def claim_path(runs_dir: Path, key: str) -> Path:
@@ -46,9 +74,9 @@ def try_claim(runs_dir: Path, key: str, *, stale_after: float = STALE_AFTER) -> 
     path = claim_path(runs_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):  # create; or remove a stale claim and create again
-        claim = _create(path)
-        if claim is not None:
-            return claim
+        token = _create(path)
+        if token is not None:
+            return Claim(path, token, stale_after=stale_after)
         stale_token = stale_owner(path, stale_after=stale_after)
         if stale_token is None:
             return None
@@ -56,24 +84,29 @@ def try_claim(runs_dir: Path, key: str, *, stale_after: float = STALE_AFTER) -> 
     return None
 
 
-def _create(path: Path) -> Claim | None:
+def _create(path: Path) -> str | None:
     token = uuid.uuid4().hex
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return None
+    owner = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_started": process_start(os.getpid()),
+        "started": time.time(),
+        "token": token,
+    }
     with os.fdopen(fd, "w") as fh:
-        json.dump(
-            {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": token}, fh
-        )
-    return Claim(path, token)
+        json.dump(owner, fh)
+    return token
 
 
 def stale_owner(path: Path, *, stale_after: float = STALE_AFTER) -> str | None:
     """The token of the claim at ``path`` if nobody alive owns it (``""`` if it vanished), else ``None``."""
     try:
         owner = json.loads(path.read_text())
-        age = time.time() - path.stat().st_mtime
+        heartbeat_age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return ""
     except (OSError, json.JSONDecodeError):
@@ -82,16 +115,33 @@ def stale_owner(path: Path, *, stale_after: float = STALE_AFTER) -> str | None:
             return "" if time.time() - path.stat().st_mtime > 60.0 else None
         except FileNotFoundError:
             return ""
-    if owner.get("host") == socket.gethostname():
-        alive = _alive(int(owner.get("pid", -1)))
-    else:
-        alive = age <= stale_after
+    alive = heartbeat_age <= stale_after
+    if alive and owner.get("host") == socket.gethostname():
+        pid = int(owner.get("pid", -1))
+        started = process_start(pid)
+        alive = started is not None and owner.get("pid_started") in (None, started)
     return None if alive else str(owner.get("token", ""))
 
 
-def _alive(pid: int) -> bool:
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), ``None`` if no such process.
+
+    With the pid it names one process for good: a reused pid has another start time. Where there is
+    no /proc, ``0`` for any live pid (the pid alone is compared).
+    """
     if pid <= 0:
-        return False
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return 0 if not Path("/proc/self").exists() and _alive(pid) else None
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)", which may hold spaces
+    return None if fields[0] == "Z" else int(fields[19])  # a zombie is dead; field 22: starttime
+
+
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 import torch
 
 from ..errors import UsageError
+from ..interrupts import Terminated, die_with_parent
 from .spec import Trial
 from .trial import Outcome, StoreCache, SweepContext, existing, prepare, run_group
 
@@ -101,7 +104,7 @@ def _in_processes(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(context, threads),
+        initargs=(context, threads, os.getpid()),
     )
     outcomes = []
     try:
@@ -110,21 +113,62 @@ def _in_processes(
             finished, futures = wait(futures, return_when=FIRST_COMPLETED)
             for future in finished:
                 outcomes += _report(future.result(), on_outcome)
-    except BaseException:
-        pool.shutdown(
-            wait=False, cancel_futures=True
-        )  # claims of killed workers go stale; records stay whole
+    except BaseException:  # Ctrl-C, SIGTERM, a failing callback
+        _stop_workers(pool)
         raise
     pool.shutdown(wait=True)
     return outcomes
 
 
-def _init_worker(context: SweepContext, threads: int) -> None:
+STOP_GRACE = 10.0
+"""Seconds the workers get to release their claims when the grid stops, before they are killed."""
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop the runs in progress too: SIGTERM unwinds each worker's run (its claims are released),
+    and nothing waits for its group to finish. A worker still alive after :data:`STOP_GRACE` is killed."""
+    processes = list(pool._processes.values())  # the executor has no public handle on its workers
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + STOP_GRACE
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+
+
+_RUNNING = False
+"""Whether this worker is running a group (a stop signal then unwinds it; idle, the worker just exits)."""
+
+
+def _init_worker(context: SweepContext, threads: int, parent: int) -> None:
     global _WORKER_STORES
+    die_with_parent(parent)  # a killed grid leaves no worker computing for nobody; its claims go stale
+    signal.signal(signal.SIGTERM, _stop_worker)
+    signal.signal(signal.SIGINT, _stop_worker)
     torch.set_num_threads(threads)
     _WORKER_STORES = StoreCache(context)
 
 
+def _stop_worker(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: Ctrl-C reaches a worker directly and via the grid
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not _RUNNING:
+        os._exit(0)  # waiting for work: nothing to release, and raising here would print a traceback
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
 def _work(group: list[Trial]) -> list[Outcome]:
+    global _RUNNING
     assert _WORKER_STORES is not None, "worker not initialised"
-    return run_group(group, _WORKER_STORES)
+    _RUNNING = True
+    try:
+        return run_group(group, _WORKER_STORES)
+    except KeyboardInterrupt:  # Terminated too: the group has unwound and released its claims
+        # Exit now: the grid is stopping, yet the executor would hand this worker the group it queued
+        # ahead, and a normal interpreter exit takes seconds with torch loaded.
+        os._exit(0)
+    finally:
+        _RUNNING = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from statistics import fmean
 from typing import Any
 
 from ..errors import FslError, UsageError
+from ..interrupts import die_with_parent, sigterm_as_interrupt
 from .spec import GridSpec, Trial, check_options, method_options
 from .trial import Outcome, StoreCache, SweepContext, run_trial
 
@@ -210,17 +212,31 @@ def optimize_in_processes(
     if workers <= 1:
         return optimize(spec, context, settings, on_outcome=on_outcome)
     ctx = multiprocessing.get_context("spawn")
-    helpers = [ctx.Process(target=optimize, args=(spec, context, settings)) for _ in range(workers - 1)]
+    args = (spec, context, settings, os.getpid())
+    helpers = [ctx.Process(target=_helper, args=args) for _ in range(workers - 1)]
     for helper in helpers:
         helper.start()
     try:
         results = optimize(spec, context, settings, on_outcome=on_outcome)
+    except BaseException:  # Ctrl-C, SIGTERM: the helpers stop their trials too, not after their studies
+        for helper in helpers:
+            helper.terminate()
+        raise
     finally:
         for helper in helpers:
             helper.join()
     return [
         _summary(require_optuna(), _load(settings, r.study), r.method, r.dataset, r.shots) for r in results
     ]
+
+
+def _helper(spec: GridSpec, context: SweepContext, settings: OptunaSettings, parent: int) -> None:
+    die_with_parent(parent)
+    try:
+        with sigterm_as_interrupt():
+            optimize(spec, context, settings)
+    except KeyboardInterrupt:  # Terminated too: the trial has unwound and released its claims
+        pass
 
 
 def _load(settings: OptunaSettings, name: str):
