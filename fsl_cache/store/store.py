@@ -234,7 +234,10 @@ class _StoreLock:
 
     def close(self) -> None:
         _HELD_LOCKS.discard(self.fh)
-        self.fh.close()
+        try:
+            self.fh.truncate(0)  # names nobody once released
+        finally:
+            self.fh.close()
 
 
 def _acquire_lock(root: Path) -> _StoreLock:

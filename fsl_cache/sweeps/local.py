@@ -128,7 +128,6 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
     """Stop the runs in progress too: SIGTERM unwinds each worker's run (its claims are released),
     and nothing waits for its group to finish. A worker still alive after :data:`STOP_GRACE` is killed."""
     processes = list(pool._processes.values())  # the executor has no public handle on its workers
-    pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         if process.is_alive():
             process.terminate()
@@ -137,6 +136,9 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
         process.join(max(0.0, deadline - time.monotonic()))
         if process.is_alive():
             process.kill()
+    # With every worker gone, this returns at once; it joins the executor's manager thread, which
+    # would otherwise race the interpreter's exit hook ("Exception ignored in ... threading").
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 _RUNNING = False
