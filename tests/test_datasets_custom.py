@@ -271,3 +271,11 @@ def test_demo_dataset_refuses_foreign_folder(tmp_path):
     (tmp_path / "thesis.tex").write_text("precious")
     with pytest.raises(UsageError, match="not empty"):
         make_demo_dataset(tmp_path)
+
+
+def test_the_demo_dataset_names_each_folder_by_its_own_class(tmp_path):
+    from fsl_cache.datasets import load_dataset, make_demo_dataset
+    from fsl_cache.datasets.demo import CLASSES
+
+    spec = load_dataset(f"imagefolder:{make_demo_dataset(tmp_path / 'demo')}")
+    assert list(spec.classnames) == [CLASSES[key] for key in sorted(CLASSES)]

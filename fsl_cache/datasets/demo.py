@@ -27,7 +27,7 @@ SHAPE_COLOURS = {
 }
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.")
 MARKER = ".demo-complete"
-VERSION = 1
+VERSION = 2
 """Bump when the images change, so an old demo folder is not mistaken for a current one."""
 
 
@@ -51,7 +51,8 @@ def make_demo_dataset(out_dir: Path | str, *, seed: int = 0) -> Path:
     for split_index, (split, count) in enumerate(COUNTS.items()):
         for label, key in enumerate(CLASSES):
             _write_class(out / split / key, key, count, [seed, split_index, label])
-    (out / "classnames.txt").write_text("".join(f"{name}\n" for name in CLASSES.values()))
+    # imagefolder reads classnames.txt in sorted folder order
+    (out / "classnames.txt").write_text("".join(f"{CLASSES[key]}\n" for key in sorted(CLASSES)))
     (out / "templates.txt").write_text("".join(f"{t}\n" for t in TEMPLATES))
     marker.write_text(stamp)  # last, so an interrupted run is redone on the next call
     return out
