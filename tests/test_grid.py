@@ -86,7 +86,7 @@ def test_recipes_load_and_the_main_table_recipe_has_the_papers_grid():
         "ldc",
         "safe",
         "safe_a",
-        "capt",
+        "capt_c",
     }
 
 

@@ -208,6 +208,10 @@ class Backbone:
         emb = F.normalize(emb, dim=-1).view(len(classnames), len(templates), -1).mean(dim=1)
         return F.normalize(emb, dim=-1)  # [C, D]
 
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int = 512) -> torch.Tensor:
+        """Text embeddings ``[T, D]`` of whole sentences, un-normalised, fp32 on CPU."""
+        return self._encode_texts(list(texts), batch_size)
+
     def _encode_texts(self, texts: list[str], batch_size: int) -> torch.Tensor:
         chunks = []
         with torch.no_grad():

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import StoreError, UsageError
-from ..runs.record import HEAD, RECORD, default_runs_dir
+from ..runs.record import HEAD, RECORD, default_runs_dir, method_of
 from ..store.store import FeatureStore
 
 BUNDLE, TEXT = "bundle.json", "text.safetensors"
@@ -44,7 +44,8 @@ class HeadBundle:
 
     @property
     def method(self) -> str:
-        return self.meta["method"]
+        """The registered method (a run recorded under a method's former name rebuilds under today's)."""
+        return method_of(self.meta)
 
     @property
     def classnames(self) -> list[str]:
@@ -96,7 +97,7 @@ def meta_from_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
         meta = {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
-            "method": record["method"],
+            "method": method_of(record),
             "head": record["head"],
             "config": record["config"],
             "options": record.get("options", {}),

@@ -1,400 +1,339 @@
-"""CAPT-C (METHODS §2.9.3 [PROPOSED]): Confusion-Aware Prompt Tuning rebuilt on cached features.
+"""CAPT (METHODS §2.9.2): the official training objective, with everything that can be cached read from the cache.
 
-This is **not** the official CAPT code (greatest-gourmet/CAPT needs deep prompts inside both
-encoders and a ViT-L/14 teacher, so it cannot run on caches; §2.9.2). It keeps every module and
-data flow of the paper's figure: the Confusion Bank (built from zero-shot predictions on the cached
-train views, refreshed from the model every ``refresh_every`` epochs), SEM (difference/commonality
-pair prompts through the frozen text encoder, class-level refinement, image-level confusion score,
-the semantic expert), SAM (retrieval of confusing bank samples, never the query's own views; the
-Diff-Manner Adapter; the sample expert) and MGDE (top-2 router over the ZS, semantic and sample experts).
+[CODE] greatest-gourmet/CAPT ``trainers/sple_promptkd.py::StackSPLE_PromptKD``: prompt tuning of the
+student's text side (context + deep text prompts, DPC decoupling), batches widened by confusion-mined
+negatives (the teacher's top-8 classes, one bank image each), LLM-sentence centroids mixed into the
+text features by a fresh random linear layer, symmetric image–text InfoNCE. The image features are
+the store's cached embeddings (``visual_depth=0``); the text encoder runs every step.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..training import FitTask, TaskInfo, TrainData, TrainSettings, seeded_init, train
-from ..training.settings import Schedule
+from ..errors import UsageError
+from ..splits.protocol import subset_classes, whole_pool
+from ..training import FitTask, TrainData, TrainSettings, seeded_init, train
+from ..training.settings import Optimizer, Schedule
 from .base import FitResult, Method, warn_view_reuse
-from .capt_modules import (
-    COMMONALITY_TEMPLATE,
-    DIFFERENCE_TEMPLATE,
-    CaptHead,
-    encode_pair_texts,
-    load_balance,
-    load_descriptions,
-    pair_sentences,
-    spherical_kmeans,
-    symmetric_infonce,
-)
-from .confusion_bank import ConfusionBank, build_bank, confusable_classes
+from .capt_c import IndexedViews
+from .capt_modules import COMMONALITY_TEMPLATE, spherical_kmeans
+from .capt_prompts import CaptPromptHead, capt_infonce, mine_negatives, mix_centroids, widen_batch
 from .needs import Needs, ViewNeed
-from .options import TrainOptions, check_range
+from .options import ConfigError, TrainOptions, check_range
 from .registry import register_method
-
-DESIGN = "CAPT-C [PROPOSED] cached-feature design (METHODS §2.9.3); not the official CAPT code"
+from .zero_shot import ZeroShotHead
 
 
 @dataclass(frozen=True)
 class CaptConfig(TrainOptions):
-    epochs: int = 50
-    """[PROPOSED] §2.9.3 recipe: 50 epochs."""
-    batch_size: int = 64
-    """[PROPOSED] §2.9.3 recipe: batch 64."""
-    lr: float = 1e-3
-    """[PROPOSED] AdamW learning rate 1e-3."""
-    weight_decay: float = 1e-4
-    """[PROPOSED] AdamW weight decay 1e-4."""
-    schedule: Schedule = "cosine_iter"
-    """[PROPOSED] cosine per iteration."""
-    templates: str = "tip"
-    """Template set of the class weights W (the store's text/<set>)."""
-    pairs_per_class: int = 5
-    """K_p: confusable classes N_K(c) kept per class (pair prompts encoded per class)."""
-    pairs_per_image: int = 3
-    """K_s: semantic confusion pairs kept per image (top of the image-level confusion score)."""
-    retrieve: int = 4
-    """K_r: confusing bank samples retrieved per image (SAM)."""
-    tau: float = 0.07
-    """Temperature of the retrieval weights and of the local branch's attention."""
-    refresh_every: int = 10
-    """E_r: rebuild the bank from the current model's predictions every E_r epochs (closed loop); 0 = never."""
-    bank_views: int = 5
-    """Cached coop views per train image that populate the bank (view 0 = center); bounds its memory."""
-    hidden_ratio: int = 4
-    """Expert MLPs are D → D/hidden_ratio → D."""
-    expert_weight: float = 0.5
-    """Weight of each expert's own CE (semantic and sample) in the loss."""
-    hn_weight: float = 0.5
-    """λ_hn: weight of the hard-negative symmetric InfoNCE (batch + one bank view of 2 confusable classes each)."""
-    lb_weight: float = 0.1
-    """Weight of the MGDE load-balancing term log 3 − H(mean r)."""
-    random_vectors: bool = True
-    """Training only: W̃ += random_scale · R · K_5 with R ~ U(±1/√5) re-drawn every step
-    ([CODE] CAPT 'random vectors')."""
-    random_scale: float = 0.1
-    """Scale of the random vectors."""
-    kmeans: int = 5
-    """Centroids of the commonality embeddings the random vectors mix (k-means, cosine)."""
-    local: bool = True
-    """Use the local Diff-Manner branch when the store caches dense_embed (disabled and recorded otherwise)."""
+    epochs: int = 20
+    """[CODE] OPTIM.MAX_EPOCH 20 (vit_b16_c2_ep20_batch4_4+4ctx)."""
+    batch_size: int = 4
+    """[CODE] batch 4 images before widening (each adds its mined negatives)."""
+    lr: float = 2e-3
+    """[CODE] OPTIM.LR 0.002."""
+    optimizer: Optimizer = "sgd"
+    """[CODE] OPTIM.NAME sgd."""
+    weight_decay: float = 5e-4
+    """[CODE] Dassl OPTIM.WEIGHT_DECAY 5e-4."""
+    momentum: float = 0.9
+    """[CODE] Dassl OPTIM.MOMENTUM 0.9."""
+    schedule: Schedule = "cosine_epoch"
+    """[CODE] cosine, stepped once per epoch."""
+    warmup: int = 1
+    """[CODE] OPTIM.WARMUP_EPOCH 1."""
+    warmup_lr: float = 1e-5
+    """[CODE] constant warm-up at 1e-5."""
+    n_ctx: int = 4
+    """[CODE] N_CTX_TEXT 4 context tokens."""
+    ctx_init: str = "a photo of a"
+    """[CODE] CTX_INIT: words whose token embeddings start the context (must be n_ctx tokens; '' = N(0, 0.02))."""
+    text_depth: int = 9
+    """[CODE] PROMPT_DEPTH_TEXT 9: the context plus deep prompts in blocks 1..8 (capped at the encoder's depth)."""
+    visual_depth: int = 0
+    """Deep visual prompts in the first N ViT blocks; 0 = image features straight from the pooled cache."""
+    dpc: bool = True
+    """[CODE] STACK.MODE loop+converse: the encoder reads (ctx − (1 − w)·ctx_init) / w."""
+    dpc_weight: float = 0.2
+    """[CODE] STACK.WEIGHT 0.2 (w above)."""
+    topk: int = 8
+    """[CODE] SPLE.INFER_TOPK 8: teacher classes mined per sample (minus the label and in-batch classes)."""
+    fill: int = 2
+    """[CODE] random classes added when fewer than this many negatives remain."""
+    teacher: str | None = None
+    """ARCH/PRETRAINED of another store of the same dataset whose zero-shot logits rank the negatives;
+    none = the student's own zero-shot logits."""
     descriptions: str | None = None
-    """Path to a CAPT descriptions JSON of difference sentences ({class: ['The difference between A and B is ...']})."""
-    commonalities: str | None = None
-    """Path to a CAPT descriptions JSON of commonality sentences (same format); template fallback otherwise."""
+    """CAPT descriptions: a <ds>_prompt_common.json file or the folder holding it ({class: [sentences]});
+    none = template sentences."""
+    centroids: int = 5
+    """[CODE] k-means clusters (cosine) of the per-class sentence embeddings."""
+    centroid_scale: float = 1.0
+    """Scale of the random centroid mix added to the text features ([CODE] 1.0; the notebook 0.1); 0 = off."""
+    templates: str = "tip"
+    """Template set of the zero-shot text: the default teacher and the novel classes under base2novel."""
+    truncate: bool = True
+    """[PROPOSED] Run the text encoder on max(eot)+1 positions instead of 77 (exact under the causal mask)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in (
-            "pairs_per_class",
-            "pairs_per_image",
-            "retrieve",
-            "bank_views",
-            "hidden_ratio",
-            "kmeans",
-        ):
+        for name in ("n_ctx", "text_depth", "topk", "centroids"):
             check_range(name, getattr(self, name), low=1)
-        for name in ("refresh_every", "expert_weight", "hn_weight", "lb_weight", "random_scale"):
+        for name in ("fill", "centroid_scale", "visual_depth"):
             check_range(name, getattr(self, name), low=0)
-        check_range("tau", self.tau, low=0, strict_low=True)
+        check_range("dpc_weight", self.dpc_weight, low=0, high=1, strict_low=True)
+        if self.visual_depth > 0:
+            raise ConfigError(
+                "capt visual_depth > 0 (deep visual prompts run from cached pre-ln_pre tokens) is not "
+                "implemented yet; use visual_depth=0 (text prompts on the pooled cache)"
+            )
+        if self.teacher is not None and "/" not in self.teacher:
+            raise ConfigError(
+                f"option teacher takes ARCH/PRETRAINED (e.g. ViT-L-14/openai), got {self.teacher!r}"
+            )
 
 
-class IndexedViews:
-    """A train :class:`ViewSource` whose batches also carry ``image_id`` (split positions), so retrieval can
-    leave out the query's own views."""
-
-    def __init__(self, source) -> None:
-        self.source, self.num_views = source, source.num_views
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def batch(self, positions: np.ndarray, views: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-        return {
-            **self.source.batch(positions, views),
-            "image_id": torch.as_tensor(np.asarray(positions, np.int64)),
-        }
+MODE = "visual_depth=0: text prompts only; image features are the store's cached pooled embeddings"
 
 
 @register_method
 class Capt(Method):
     name = "capt"
     description = (
-        "CAPT-C [PROPOSED]: confusion bank + semantic/sample confusion experts routed by MGDE on cached "
-        "coop views (§2.9.3; not the official CAPT code)."
+        "CAPT as its official code trains it: context + deep text prompts (DPC), batches widened by the "
+        "teacher's confusion-mined classes, sentence centroids, symmetric InfoNCE; cached images (§2.9.2)."
     )
     Config = CaptConfig
     deviations = (
-        f"[PROPOSED] {DESIGN}: the official CAPT tunes deep prompts in both encoders with a ViT-L/14 PromptKD "
-        "teacher, which caches cannot run (§2.9.2); no equivalence and no comparable anchors.",
-        "[PROPOSED] pair prompts and N_K are fixed at epoch 0 (zero-shot bank, encoded once); the closed-loop "
-        "refresh updates the bank's counts and cells (confusion scores and retrieval candidates).",
-        "[PROPOSED] the bank holds the first bank_views cached coop views per train image (memory bound).",
-        "[PROPOSED] the sample expert's local branch needs cached dense_embed; without it only the global branch runs.",
-        "[PROPOSED] each epoch trains on one cached coop view per image (view sampler, METHODS §1.6).",
-        "[PROPOSED] fallback pair templates when no LLM descriptions are given.",
+        "[CODE] the official student is ViT-B/16 with deep visual prompts and VPT_image_trans (512→768) read "
+        "against the ViT-L/14 teacher's text encoder with PromptSRC prompts; here the store's own backbone "
+        "gives both sides (its text encoder with the learned prompts, its cached image embedding), so no "
+        "projection is trained.",
+        "[PROPOSED] visual_depth=0 only: no visual prompts, the image features are the cached pooled embeddings "
+        "(the official code tunes 4 visual prompts in 9 blocks); visual_depth > 0 is not implemented yet.",
+        "[PROPOSED] the context starts at ctx_init ('a photo of a') and the deep text prompts at N(0, 0.02); the "
+        "official setting starts from PromptKD/PromptSRC prompts (SPLE_INIT); DPC's pre_ctx is that start.",
+        "[PROPOSED] the teacher's ranking is the store's zero-shot logits of the batch's cached view (or of the "
+        "teacher store's center view with -o teacher); the official teacher is the PromptSRC-tuned ViT-L/14 run "
+        "on the augmented image, its text features also mixed with random centroids.",
+        "[PROPOSED] the bank is the train split's center-view cached embeddings (the whole train split when the "
+        "store has --full-train arrays, else the few-shot train split, recorded); the official bank reads all "
+        "train images of the class from disk with the test transform.",
+        "[PROPOSED] each epoch trains on one cached coop view per image (view sampler, METHODS §1.6) instead of "
+        "a fresh random crop.",
+        "[PROPOSED] sentence centroids: k-means (cosine, capped at the class count) seeded by the run's generator "
+        "(kmeans_pytorch draws its own init); without -o descriptions, template sentences (recorded); classes "
+        "missing from a descriptions file use template sentences (the official code fails on them).",
+        "[CODE] the Diff-Manner Adapter (adapter_scale 0) and the MoE are built by the official code but neither "
+        "trained nor used; they are left out (our trained versions are in capt_c).",
+        "[CODE] kept from the official code: random fill draws classes 1..C−1 (never class 0), repeated labels "
+        "stay InfoNCE negatives, the centroid mix is not re-normalised.",
+        "[PROPOSED] fp32 training (the official PREC fp16); the epoch is selected on the few-shot val.",
+        "[PROPOSED] base2novel: novel classes use the frozen zero-shot text (templates option) on the cached "
+        "embedding, the code's frozen teacher-format path without the teacher.",
     )
-    paper_protocol = (
-        "Same as coop: CAPT-C has no official code to reproduce; its own setting is --protocol base2novel."
-    )
+    paper_protocol = "Same as coop: CAPT's own setting is --protocol base2novel."
     min_views = {"coop": 2}
     needs_backbone = True
     base2novel = True
 
-    quick = {"epochs": 2}
-    needed = Needs(train_views=(ViewNeed("coop", 51, ("pooled",)),))
+    quick = {"epochs": 1, "batch_size": 8}
+    needed = Needs(train_views=(ViewNeed("coop", 21, ("pooled",)),))
 
     @classmethod
-    def rebuild_head(cls, bundle, state, backbone) -> CaptHead:
-        """Every CAPT-C tensor is saved (bank included); the config gives the sizes the buffers do not."""
-        cfg, text = bundle.meta["config"], state["text"]
-        grid = None
-        if "dense_embed" in bundle.inputs:
-            length = bundle.meta["tap_shapes"]["dense_embed"][0]
-            grid = round(length**0.5)
-        bank = None
-        if "bank_keys" in state:  # the sample expert ran: a bank of the saved size (its values load next)
-            entries = len(state["bank_true"])
-            empty = torch.zeros(entries, dtype=torch.long)
-            bank = ConfusionBank(
-                state["counts"], torch.zeros(text.shape[0], text.shape[0]), empty, empty, empty, empty
-            )
-        return CaptHead(
-            text,
-            state["e_dif"],
-            state["e_com"],
-            state["pairs"],
-            bank,
-            state.get("bank_keys"),
-            state.get("class_mean"),
+    def rebuild_head(cls, bundle, state, backbone) -> CaptPromptHead:
+        cfg, bb = bundle.meta["config"], backbone()
+        return CaptPromptHead(
+            bb.model,
+            bb.tokenizer,
+            bundle.classnames,
+            n_ctx=int(cfg["n_ctx"]),
+            ctx_init="",  # the saved context replaces it
+            text_depth=int(cfg["text_depth"]),
+            dpc_weight=float(cfg["dpc_weight"]) if cfg["dpc"] else None,
             scale=float(state["scale"]),
-            pairs_per_image=int(cfg["pairs_per_image"]),
-            retrieve_k=int(cfg["retrieve"]),
-            tau=float(cfg["tau"]),
-            hidden=max(1, text.shape[1] // int(cfg["hidden_ratio"])),
-            grid=grid,
-            centroids=state["centroids"] if len(state["centroids"]) else None,
-            random_scale=float(cfg["random_scale"]) if cfg["random_vectors"] else 0.0,
+            truncate=bool(cfg["truncate"]),
         )
-
-    def resolve(self, info: TaskInfo) -> CaptConfig:
-        return self.config
 
     def train_settings(self, task: FitTask) -> TrainSettings:
         return self.config.train_settings(policy="coop")
 
+    def build_head(self, task: FitTask, *, generator: torch.Generator) -> CaptPromptHead:
+        cfg, backbone = self.config, task.backbone()
+        with seeded_init(generator):
+            return CaptPromptHead(
+                backbone.model,
+                backbone.tokenizer,
+                list(task.info.classnames),
+                n_ctx=cfg.n_ctx,
+                ctx_init=cfg.ctx_init,
+                text_depth=cfg.text_depth,
+                dpc_weight=cfg.dpc_weight if cfg.dpc else None,
+                scale=task.info.zs_scale,
+                truncate=cfg.truncate,
+            )
+
     # ------------------------------------------------------------------ fit
 
     def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
-        settings = self.train_settings(task)
-        self.task, self.notes = task, {"design": DESIGN}
-        taps = self._taps(task)
-        self.source = task.views(task.train, policy="coop", taps=taps)
-        warn_view_reuse(task, policy="coop", views=self.source.num_views, epochs=settings.epochs)
+        cfg, settings = self.config, self.train_settings(task)
+        source = task.views(task.train, policy="coop", taps=("pooled",))
+        warn_view_reuse(task, policy="coop", views=source.num_views, epochs=settings.epochs)
         head = self.build_head(task, generator=generator)
-        self.head, self.refreshes = head, []
+        self.head = head
         self.noise = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        head.generator = self.noise
+        self.bank, self.bank_labels, bank_note = self._bank(task)
+        self.zs_text = task.text(cfg.templates)
+        self.teacher, teacher_note = self._teacher(task)
+        self.centroid_vectors, sentences_note = self._centroids(task, generator=generator)
+        self.widths: list[int] = []
         result = train(
             head,
-            TrainData(IndexedViews(self.source), task.train.labels),
+            TrainData(IndexedViews(source), task.train.labels),
             settings=settings,
             generator=generator,
             selector=self.selector(task, head),
             loss_fn=self.loss,
             device=task.device,
-            on_epoch=self._refresh,
         )
         selection = {
             "epoch": result.best_epoch,
             "val_acc": result.best_score,
-            **self.notes,
-            "bank_refreshes": self.refreshes,
+            "mode": MODE,
+            "teacher": teacher_note,
+            "bank": bank_note,
+            "sentences": sentences_note,
+            "text_depth": head.text_depth,
+            "dpc": f"loop+converse, weight {cfg.dpc_weight}" if cfg.dpc else "off",
+            "text_length": head.length,
+            "mean_widened_batch": float(np.mean(self.widths)) if self.widths else None,
         }
         return FitResult(result.head, selection=selection, history=result.history)
 
-    def _taps(self, task: FitTask) -> tuple[str, ...]:
-        """``pooled``, plus ``dense_embed`` when the local branch can run on every pool the fit reads."""
-        pools = {(task.train.pool, "coop"), (task.val.pool, "center"), ("test", "center")}
-        has = all(task.store.has(f"images/{p}/views/{v}/dense_embed") for p, v in pools)
-        self.grid = None
-        if self.config.local and has:
-            length = task.store.arrays[f"images/{task.train.pool}/views/coop/dense_embed"]["shape"][2]
-            side = int(round(length**0.5))
-            self.grid = side if side * side == length else None
-        why = (
-            "enabled"
-            if self.grid
-            else "disabled: option local=false"
-            if not self.config.local
-            else "disabled: the store caches no dense_embed"
-            if not has
-            else "disabled: tokens are not a square grid"
-        )
-        self.local_note = why
-        return ("pooled", "dense_embed") if self.grid else ("pooled",)
-
-    def build_head(self, task: FitTask, *, generator: torch.Generator) -> CaptHead:
-        cfg = self.config
-        text = task.text(cfg.templates)  # W [C, D]
-        views = min(cfg.bank_views, self.source.num_views)
-        feats = task.train_views("coop", views=range(views))  # [N, Vb, D]
-        f_hat = F.normalize(feats, dim=-1)
-        labels = task.train.labels
-        bank = build_bank(task.info.zs_scale * f_hat @ text.T, labels)  # epoch 0: zero-shot predictions
-        pairs = confusable_classes(bank.counts, bank.soft, text, k=cfg.pairs_per_class)
-        e_dif, e_com = self._pair_embeddings(task, pairs)
-        class_mean = torch.zeros_like(text).index_add_(0, labels, f_hat[:, 0])
-        centroids = (
-            spherical_kmeans(e_com.mean(dim=1), cfg.kmeans, generator=generator)
-            if cfg.random_vectors
-            else None
-        )
-        self.bank_views = views
-        self.notes |= {
-            "local_branch": self.local_note,
-            "bank_views": views,
-            "bank_initial": bank.to_json(task.info.classnames),
-            "pairs": {
-                task.info.classnames[c]: [task.info.classnames[o] for o in row]
-                for c, row in enumerate(pairs.tolist())
-            },
-        }
-        with seeded_init(generator):
-            head = CaptHead(
-                text,
-                e_dif,
-                e_com,
-                pairs,
-                bank,
-                feats.reshape(-1, feats.shape[-1]),
-                class_mean,
-                scale=task.info.zs_scale,
-                pairs_per_image=cfg.pairs_per_image,
-                retrieve_k=cfg.retrieve,
-                tau=cfg.tau,
-                hidden=max(1, text.shape[1] // cfg.hidden_ratio),
-                grid=self.grid,
-                centroids=centroids,
-                random_scale=cfg.random_scale if cfg.random_vectors else 0.0,
+    def _bank(self, task: FitTask) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Center-view cached embeddings of the train split (the whole one when the store has it) and labels."""
+        if task.store.has("images/train_full/views/center/pooled"):
+            ref = whole_pool(task.store, "train", "train_full")
+            if task.classes is not None:
+                ref = subset_classes(ref, task.classes)
+            note = f"whole train split (train_full, {len(ref)} images)"
+        else:
+            ref = task.train
+            note = (
+                f"few-shot train split ({len(ref)} images): the store has no train_full arrays "
+                "(extract with --full-train for the code's whole-train bank)"
             )
-        self._index_bank(bank)
-        return head
+        bank = F.normalize(task.center(ref), dim=-1).to(task.device)
+        return bank, ref.labels.to(task.device), note
 
-    def _pair_embeddings(self, task: FitTask, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """SEM: ``E^dif``, ``E^com`` ``[C, K_p, D]`` through the frozen text encoder (encoded once)."""
-        cfg, names = self.config, list(task.info.classnames)
-        backbone = task.backbone()  # refuses a backbone that differs from the store's
-        encode = lambda texts: backbone.text_classifier(texts, ["{}"])  # noqa: E731  one sentence per "class"
-        given = {}
-        for key, path, template in (
-            ("dif", cfg.descriptions, DIFFERENCE_TEMPLATE),
-            ("com", cfg.commonalities, COMMONALITY_TEMPLATE),
-        ):
-            found = load_descriptions(path, names) if path else None
-            sentences = pair_sentences(pairs, names, given=found, template=template)
-            given[key] = encode_pair_texts(encode, sentences, tuple(pairs.shape))
-            used = sum((c, o) in (found or {}) for c, row in enumerate(pairs.tolist()) for o in row)
-            self.notes.setdefault("pair_texts", {})[key] = {
-                "llm_pairs": used,
-                "template_pairs": pairs.numel() - used,
-            }
-        return given["dif"], given["com"]
+    def _teacher(self, task: FitTask) -> tuple[torch.Tensor | None, str]:
+        """``[N_train, C]`` teacher logits of a teacher store, or ``None``: the batch's own zero-shot logits."""
+        if self.config.teacher is None:
+            return (
+                None,
+                f"the student's own zero-shot logits ({self.config.templates} templates) of each cached view",
+            )
+        raise UsageError(
+            "capt -o teacher is not available yet; leave it unset (the student's zero-shot logits)"
+        )
 
-    # ------------------------------------------------------------------ the closed loop
+    def _centroids(self, task: FitTask, *, generator: torch.Generator) -> tuple[torch.Tensor | None, dict]:
+        """k-means (cosine) centroids ``[K, D]`` of the per-class sentence embeddings ([CODE] ``topk``)."""
+        cfg = self.config
+        if cfg.centroid_scale == 0:
+            return None, {"source": "off (centroid_scale=0)"}
+        names = [n.replace("_", " ") for n in task.info.classnames]
+        given = load_common_sentences(cfg.descriptions, names) if cfg.descriptions else {}
+        text = self.zs_text
+        sentences, from_file = [], 0
+        for c, name in enumerate(names):
+            if name.lower() in given:
+                sentences.append(given[name.lower()])
+                from_file += 1
+            else:
+                sentences.append(template_sentences(c, names, text))
+        backbone = task.backbone()
+        per_class = torch.stack(
+            [F.normalize(backbone.encode_texts(s).mean(dim=0), dim=-1) for s in sentences]
+        )  # [C, D]  [CODE] encode_text, mean over the class's sentences, normalise
+        centroids = spherical_kmeans(per_class, cfg.centroids, generator=generator).to(task.device)
+        note = {
+            "source": "descriptions" if cfg.descriptions else "templates",
+            "path": cfg.descriptions,
+            "classes_from_file": from_file,
+            "classes_from_templates": len(names) - from_file,
+            "centroids": len(centroids),
+            "scale": cfg.centroid_scale,
+        }
+        return centroids, note
 
-    def _index_bank(self, bank: ConfusionBank) -> None:
-        order = torch.argsort(bank.true, stable=True)
-        counts = torch.bincount(bank.true, minlength=self.task.info.num_classes)
-        self._by_class = (order, torch.cumsum(counts, 0) - counts, counts)
-
-    @torch.no_grad()
-    def _refresh(self, epoch: int, head: CaptHead) -> None:
-        """Every ``refresh_every`` epochs: re-predict the bank views with the current model and rebuild the bank."""
-        every = self.config.refresh_every
-        if not every or epoch == 0 or epoch % every:
-            return
-        head.eval()
-        n, device = len(self.source), self.task.device
-        logits = torch.empty(n, self.bank_views, self.task.info.num_classes)
-        for v in range(self.bank_views):
-            for start in range(0, n, 1024):
-                pos = np.arange(start, min(start + 1024, n))
-                x = {
-                    k: t.to(device)
-                    for k, t in IndexedViews(self.source).batch(pos, np.full(len(pos), v)).items()
-                }
-                logits[pos, v] = head(x)["capt"].float().cpu()
-        head.train()
-        bank = build_bank(logits, self.task.train.labels)
-        head.set_bank(bank)
-        self.refreshes.append({"epoch": epoch, **bank.to_json(self.task.info.classnames)})
-
-    # ------------------------------------------------------------------ losses
+    # ------------------------------------------------------------------ the loss
 
     def loss(
         self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, inputs: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """``CE(capt) + w_e·Σ CE(expert) + λ_hn·L_hn + λ_lb·L_lb`` (METHODS §2.9.3 step 5)."""
+        """Symmetric InfoNCE between the widened batch's image features and their labels' (mixed) text features."""
         cfg, head = self.config, self.head
-        loss = F.cross_entropy(outputs["capt"], labels)
-        experts = ("semantic", "sample") if head.sample_expert else ("semantic",)
-        loss = loss + cfg.expert_weight * sum(F.cross_entropy(outputs[e], labels) for e in experts)
-        if cfg.hn_weight > 0 and head.sample_expert:
-            loss = loss + cfg.hn_weight * self._hard_negative_loss(labels)
-        return loss + cfg.lb_weight * load_balance(head.aux["router"])
-
-    def _hard_negative_loss(self, labels: torch.Tensor) -> torch.Tensor:
-        """InfoNCE over the batch plus one bank view from each of the top-2 confusable classes of each label."""
-        head, device = self.head, labels.device
-        negative = head.pairs[labels][:, :2].reshape(-1)  # [2B]
-        order, starts, counts = self._by_class
-        neg_cpu = negative.cpu()
-        pick = starts[neg_cpu] + (torch.rand(len(neg_cpu), generator=self.noise) * counts[neg_cpu]).long()
-        entry = order[pick.clamp(max=len(order) - 1)]
-        img, view = entry // self.bank_views, entry % self.bank_views
-        x = {k: t.to(device) for k, t in self.source.batch(img.numpy(), view.numpy()).items()}
-        f_hat = F.normalize(x["pooled"], dim=-1)
-        anchor, _, confusers, omega = head.confusion_pairs(head.scale * f_hat @ head.text.T)
-        z = head.sample_embedding(
-            f_hat, anchor, confusers, omega, image_id=img.to(device), tokens=x.get("dense_embed")
+        f = F.normalize(inputs["pooled"], dim=-1)  # [B, D]
+        if self.teacher is None:
+            teacher = head.scale * f @ self.zs_text.to(f).T  # [B, C] the cached view's zero-shot logits
+        else:
+            teacher = self.teacher[inputs["image_id"].cpu()]
+        negatives = mine_negatives(
+            teacher.detach().cpu(), labels.cpu(), topk=cfg.topk, fill=cfg.fill, generator=self.noise
         )
-        features = torch.cat([head.aux["z_sample"], z])
-        return symmetric_infonce(
-            features, torch.cat([labels, negative]), head.aux["w_tilde"], scale=float(head.scale)
-        )
+        image, widened = widen_batch(f, labels, negatives, self.bank, self.bank_labels, generator=self.noise)
+        self.widths.append(len(image))
+        text = F.normalize(head.aux["text"][widened], dim=-1)  # [N, D]
+        if self.centroid_vectors is not None:
+            text = mix_centroids(text, self.centroid_vectors, scale=cfg.centroid_scale, generator=self.noise)
+        return capt_infonce(image, text, scale=float(head.scale))
 
     # ------------------------------------------------------------------ base-to-novel
 
-    def novel_head(self, fitted: FitResult, task: FitTask) -> CaptHead:
-        """§2.9.3 step 7: novel rows of the bank are empty, N_K from W Wᵀ, E^dif/E^com from text, sample expert off."""
-        cfg, base = self.config, fitted.head
-        text = task.text(cfg.templates)
-        c = text.shape[0]
-        pairs = confusable_classes(
-            torch.zeros(c, c, dtype=torch.long), torch.zeros(c, c), text, k=cfg.pairs_per_class
-        )
-        self.notes = {}
-        e_dif, e_com = self._pair_embeddings(task, pairs)
-        head = CaptHead(
-            text,
-            e_dif,
-            e_com,
-            pairs,
-            None,
-            None,
-            None,
-            scale=task.info.zs_scale,
-            pairs_per_image=cfg.pairs_per_image,
-            retrieve_k=cfg.retrieve,
-            tau=cfg.tau,
-            hidden=max(1, text.shape[1] // cfg.hidden_ratio),
-        )
-        head.gamma.data.copy_(base.gamma.data)  # class-agnostic parts transfer
-        head.semantic_mlp.load_state_dict(base.semantic_mlp.state_dict())
-        head.router.data.copy_(base.router.data)
-        return head.eval()
+    def novel_head(self, fitted: FitResult, task: FitTask) -> ZeroShotHead:
+        """Novel classes: the frozen zero-shot text on the cached embedding (visual_depth=0)."""
+        return ZeroShotHead(task.text(self.config.templates), scale=task.info.zs_scale)
+
+
+def template_sentences(c: int, names: list[str], text: torch.Tensor, *, pairs: int = 5) -> list[str]:
+    """Commonality sentences for class ``c`` without an LLM file: the class alone, and with each of its
+    ``pairs`` text-nearest classes."""
+    sim = text @ text[c]
+    sim[c] = -float("inf")
+    others = sim.argsort(descending=True)[: min(pairs, len(names) - 1)].tolist()
+    return [f"a photo of a {names[c]}."] + [
+        COMMONALITY_TEMPLATE.format(c=names[c], o=names[o]) for o in others
+    ]
+
+
+def load_common_sentences(path: str, names: list[str]) -> dict[str, list[str]]:
+    """``{lower-case class name: sentences}`` from CAPT's ``<ds>_prompt_common.json`` (or the folder holding one)."""
+    target = Path(path)
+    if target.is_dir():
+        found = sorted(target.glob("*_prompt_common.json"))
+        if len(found) != 1:
+            raise UsageError(
+                f"{target} holds {len(found)} *_prompt_common.json files; pass the file itself with -o descriptions"
+            )
+        target = found[0]
+    try:
+        data = json.loads(target.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"cannot read CAPT descriptions {target}: {err}") from None
+    out = {}
+    for name, sentences in data.items():
+        items = sentences if isinstance(sentences, list) else [sentences]
+        items = [s for s in items if isinstance(s, str) and s.strip()]
+        if items:
+            out[name.replace("_", " ").lower()] = items
+    if not any(n.lower() in out for n in names):
+        raise UsageError(f"{target} names none of the dataset's classes")
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runs.locate import canonical_dataset
-from ..runs.record import RECORD
+from ..runs.record import RECORD, method_of
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def row_from_record(record: dict, path: Path) -> RunRow:
     options = tuple(sorted((str(k), _text(v)) for k, v in (record.get("options") or {}).items()))
     store = record.get("store", {})
     return RunRow(
-        record["method"],
+        method_of(record),
         options,
         record["dataset"],
         int(record["shots"]),

@@ -26,6 +26,15 @@ FIT_VERSION = 1
 """Bump when stage two changes what a run computes for the same inputs (invalidates old records)."""
 RECORD, HEAD = "record.json", "head.safetensors"
 RECORD_SCHEMA = 1
+RENAMED = {("capt", "CaptHead"): "capt_c"}
+"""(recorded method, head class) → today's name: runs recorded as ``capt`` before issue 13 trained what is
+now ``capt_c`` (its head class ``CaptHead`` tells them from the prompt-tuning ``capt``)."""
+
+
+def method_of(record: dict) -> str:
+    """The registered name of the method of a run record or bundle meta (renamed methods included)."""
+    head = record.get("head") or {}
+    return RENAMED.get((record.get("method"), head.get("class")), record.get("method"))
 
 
 def default_runs_dir() -> Path:
@@ -137,7 +146,7 @@ class RunResult:
         m = record["metrics"]
         heads = {name: {"val": m["val"][name]["top1"], "test": m["test"][name]["top1"]} for name in m["test"]}
         return cls(
-            method=record["method"],
+            method=method_of(record),
             dataset=record["dataset"],
             shots=record["shots"],
             seed=record["seed"],

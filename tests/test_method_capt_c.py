@@ -1,4 +1,4 @@
-"""CAPT-C (METHODS §2.9.3 [PROPOSED]): the bank, retrieval, zero-shot-reproducing init, learning a confused
+"""capt_c, CAPT-C (METHODS §2.9.3 [PROPOSED]): the bank, retrieval, zero-shot-reproducing init, learning a confused
 pair, the base-to-novel protocol, and analytics in real run records."""
 
 import json
@@ -226,7 +226,7 @@ def test_capt_reduces_the_confused_pair_versus_zero_shot():
     zs_pred = (F.normalize(test_x, dim=-1) @ text.T).argmax(-1)
     zs_pair = int(((test_y == 1) & (zs_pred == 2)).sum())
     assert zs_pair == 25  # zero-shot confuses the whole class
-    method = get_method("capt").create({"epochs": 10, "batch_size": 8, "lr": 5e-3, "refresh_every": 4})
+    method = get_method("capt_c").create({"epochs": 10, "batch_size": 8, "lr": 5e-3, "refresh_every": 4})
     fitted = method.fit(task, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         pred = fitted.head.eval()({"pooled": test_x})["capt"].argmax(-1)
@@ -265,7 +265,7 @@ def tiny(tmp_path_factory):
         f"imagefolder:{data}",
         model="fsl-tiny-rn",
         pretrained="none",
-        for_methods=["capt", "linear_probe"],
+        for_methods=["capt_c", "linear_probe"],
         cache_dir=root / "cache",
         shots=(2,),
         seeds=(1,),
@@ -287,9 +287,9 @@ def record_of(result) -> dict:
     return json.loads((result.run_dir / "record.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["zero_shot", "linear_probe", "capt"])
+@pytest.mark.parametrize("method", ["zero_shot", "linear_probe", "capt_c"])
 def test_every_run_record_carries_confusion_analytics(method, tiny, tmp_path):
-    options = {"epochs": 2} if method == "capt" else {}
+    options = {"epochs": 2} if method == "capt_c" else {}
     (result,) = api.fit(method, runs_dir=tmp_path, options=options, **tiny)
     record = record_of(result)
     analytics, n = record["metrics"]["analytics"], record["splits"]["test"]["n"]
@@ -299,9 +299,9 @@ def test_every_run_record_carries_confusion_analytics(method, tiny, tmp_path):
         assert analytics["resolved"]["resolved"] == 0 and analytics["resolved"]["introduced"] == 0
 
 
-@pytest.mark.parametrize("method", ["zero_shot", "capt"])
+@pytest.mark.parametrize("method", ["zero_shot", "capt_c"])
 def test_base2novel_reports_base_novel_and_hm(method, tiny, tmp_path):
-    options = {"epochs": 2} if method == "capt" else {}
+    options = {"epochs": 2} if method == "capt_c" else {}
     (result,) = api.fit(method, runs_dir=tmp_path, options=options, protocol="base2novel", **tiny)
     record = record_of(result)
     m = record["metrics"]
@@ -315,7 +315,7 @@ def test_base2novel_reports_base_novel_and_hm(method, tiny, tmp_path):
         harmonic_mean(m["base_acc"], m["novel_acc"])
     ) and result.test_acc == pytest.approx(m["hm"])
     assert "analytics_novel" in m and record["protocol"] == "base2novel"
-    if method == "capt":
+    if method == "capt_c":
         assert record["deviations"][0].startswith("[PROPOSED] CAPT-C [PROPOSED]")
 
 
