@@ -14,8 +14,10 @@ from fsl_cache import api
 from fsl_cache.backbones import load_backbone
 from fsl_cache.cli import main
 from fsl_cache.datasets import make_demo_dataset
+from fsl_cache.errors import UsageError
 from fsl_cache.inference import Predictor
-from fsl_cache.methods import ConfigError, get_method
+from fsl_cache.methods import ConfigError, FitTask, get_method
+from fsl_cache.methods.capt import Capt, teacher_logits
 from fsl_cache.methods.capt_prompts import (
     CaptPromptHead,
     capt_infonce,
@@ -26,6 +28,10 @@ from fsl_cache.methods.capt_prompts import (
 from fsl_cache.methods.coop import CoOpHead
 from fsl_cache.reports.rows import load_rows
 from fsl_cache.runs.record import method_of
+from fsl_cache.runs.request import task_info
+from fsl_cache.splits.protocol import build_splits, split_ref
+from fsl_cache.store.reads import read_rows
+from fsl_cache.store.store import FeatureStore
 
 NAMES = ["red circle", "blue square", "green triangle"]
 
@@ -301,3 +307,52 @@ def test_old_capt_records_load_report_and_predict_as_capt_c(demo, tmp_path):
     assert predictor.bundle.method == "capt_c"
     image = next((data / "test").glob("*/*.png"))
     assert np.isfinite(predictor.logits([image])[record["metrics"]["headline"]].numpy()).all()
+
+
+def test_teacher_logits_come_from_another_store_of_the_dataset(demo, tmp_path):
+    root, data = demo
+    fit = dict(
+        dataset=f"imagefolder:{data}",
+        model="fsl-tiny-vit",
+        pretrained="none",
+        shots=4,
+        seeds=[1],
+        cache_dir=root / "cache",
+        runs_dir=tmp_path,
+        progress=False,
+    )
+    with pytest.raises(
+        UsageError, match="No fsl-tiny-rn/none store of .*fsl-cache extract --dataset .* --model fsl-tiny-rn"
+    ):
+        api.fit("capt", options={"epochs": 1, "teacher": "fsl-tiny-rn/none"}, **fit)
+    api.extract(
+        f"imagefolder:{data}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        for_methods=["zero_shot"],
+        cache_dir=root / "cache",
+        shots=(4,),
+        seeds=(1,),
+        workers=0,
+        progress=False,
+    )
+    (run,) = api.fit("capt", options={"epochs": 1, "teacher": "fsl-tiny-rn/none"}, **fit)
+    record = json.loads((run.run_dir / "record.json").read_text())
+    assert record["selection"]["teacher"].startswith("fsl-tiny-rn/none zero-shot logits")
+    (zs,) = api.fit("zero_shot", **{**fit, "model": "fsl-tiny-rn"})
+    store = FeatureStore.open(json.loads((zs.run_dir / "record.json").read_text())["store"]["path"])
+    try:
+        student = FeatureStore.open(record["store"]["path"])
+        splits = build_splits(student, Capt, shots=4, seed=1, protocol="coop")
+        info = task_info(student, shots=4, seed=1, protocol="coop")
+        task = FitTask(student, info, train=splits.train, val=splits.val)
+        logits = teacher_logits(store, task, templates="tip")
+        ref = split_ref(store, "train", "train_pool", splits.train.split_index)
+        cached = torch.from_numpy(
+            read_rows(store, "images/train_pool/views/center/pooled", ref.rows)
+        ).float()[:, 0]
+        text = torch.from_numpy(read_rows(store, "text/tip", None)).float()
+        torch.testing.assert_close(logits, 100 * F.normalize(cached, dim=-1) @ text.T, rtol=1e-4, atol=1e-3)
+        student.close()
+    finally:
+        store.close()

@@ -10,6 +10,7 @@ the store's cached embeddings (``visual_depth=0``); the text encoder runs every 
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from ..splits.protocol import subset_classes, whole_pool
-from ..training import FitTask, TrainData, TrainSettings, seeded_init, train
+from ..splits.protocol import pool_for, split_ref, subset_classes, whole_pool
+from ..store.reads import read_rows
+from ..store.store import MANIFEST, FeatureStore
+from ..training import FitTask, TrainData, TrainSettings, open_views, seeded_init, train
 from ..training.settings import Optimizer, Schedule
 from .base import FitResult, Method, warn_view_reuse
 from .capt_c import IndexedViews
@@ -235,14 +238,16 @@ class Capt(Method):
 
     def _teacher(self, task: FitTask) -> tuple[torch.Tensor | None, str]:
         """``[N_train, C]`` teacher logits of a teacher store, or ``None``: the batch's own zero-shot logits."""
-        if self.config.teacher is None:
-            return (
-                None,
-                f"the student's own zero-shot logits ({self.config.templates} templates) of each cached view",
-            )
-        raise UsageError(
-            "capt -o teacher is not available yet; leave it unset (the student's zero-shot logits)"
-        )
+        cfg = self.config
+        if cfg.teacher is None:
+            return None, f"the student's own zero-shot logits ({cfg.templates} templates) of each cached view"
+        store = open_teacher_store(task.store, cfg.teacher)
+        try:
+            logits = teacher_logits(store, task, templates=cfg.templates)
+        finally:
+            store.close()
+        note = f"{cfg.teacher} zero-shot logits ({cfg.templates} templates, center view) from store {store.root.name}"
+        return logits, note
 
     def _centroids(self, task: FitTask, *, generator: torch.Generator) -> tuple[torch.Tensor | None, dict]:
         """k-means (cosine) centroids ``[K, D]`` of the per-class sentence embeddings ([CODE] ``topk``)."""
@@ -301,6 +306,52 @@ class Capt(Method):
     def novel_head(self, fitted: FitResult, task: FitTask) -> ZeroShotHead:
         """Novel classes: the frozen zero-shot text on the cached embedding (visual_depth=0)."""
         return ZeroShotHead(task.text(self.config.templates), scale=task.info.zs_scale)
+
+
+def open_teacher_store(student: FeatureStore, teacher: str) -> FeatureStore:
+    """The finished store of ``teacher`` (``ARCH/PRETRAINED``) on the student's dataset, beside the student's store."""
+    dataset = student.manifest["dataset"]["name"]
+    arch, _, pretrained = teacher.partition("/")
+    found = []
+    for path in sorted(student.root.parent.glob(f"*/{MANIFEST}")):
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        bb = m.get("backbone", {})
+        if m.get("dataset", {}).get("name") == dataset and (bb.get("arch"), bb.get("pretrained")) == (
+            arch,
+            pretrained,
+        ):
+            found.append(path.parent)
+    if not found:
+        cache_dir = student.root.parent.parent
+        raise UsageError(
+            f"No {teacher} store of {dataset} for the capt teacher; extract it first: fsl-cache extract "
+            f"--dataset {shlex.quote(dataset)} --model {arch} --pretrained {shlex.quote(pretrained)} "
+            f"--cache-dir {shlex.quote(str(cache_dir))} (with the student store's --shots/--seeds)"
+        )
+    if len(found) > 1:
+        raise UsageError(
+            f"Several {teacher} stores of {dataset}: {', '.join(p.name for p in found)}; keep one"
+        )
+    return FeatureStore.open(found[0])
+
+
+def teacher_logits(store: FeatureStore, task: FitTask, *, templates: str) -> torch.Tensor:
+    """``scale · f̂ Wᵀ`` ``[N_train, C]`` of the task's train images (matched by split index) in the teacher store."""
+    if list(store.manifest["dataset"]["classnames"]) != list(task.store.manifest["dataset"]["classnames"]):
+        raise UsageError(f"teacher store {store.root.name} lists other classes than the student's")
+    pool = pool_for(store, "train")
+    if pool is None:
+        raise UsageError(f"teacher store {store.root.name} has no train images")
+    ref = split_ref(store, "train", pool, task.train.split_index)  # raises when an image is missing
+    f = open_views(store, ref, policy="center", taps=("pooled",)).batch(np.arange(len(ref)))["pooled"]
+    text = torch.from_numpy(read_rows(store, f"text/{templates}", None)).float()
+    if task.classes is not None:
+        text = text[torch.from_numpy(task.classes)]
+    scale = float(store.manifest.get("zs_scale", 100.0))
+    return scale * F.normalize(f.float().cpu(), dim=-1) @ F.normalize(text, dim=-1).T
 
 
 def template_sentences(c: int, names: list[str], text: torch.Tensor, *, pairs: int = 5) -> list[str]:
