@@ -26,8 +26,9 @@ from fsl_cache.methods.capt_prompts import (
     widen_batch,
 )
 from fsl_cache.methods.coop import CoOpHead
+from fsl_cache.methods.promptkd import kd_loss
 from fsl_cache.reports.rows import load_rows
-from fsl_cache.runs.record import method_of
+from fsl_cache.runs.record import load_head_tensors, method_of
 from fsl_cache.runs.request import task_info
 from fsl_cache.splits.protocol import build_splits, split_ref
 from fsl_cache.store.reads import read_rows
@@ -356,3 +357,41 @@ def test_teacher_logits_come_from_another_store_of_the_dataset(demo, tmp_path):
         student.close()
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------------------- promptkd and capt -o init
+
+
+def test_kd_loss_is_the_codes_summed_kl_over_numel():
+    g = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(4, 6, generator=g), 3 * torch.randn(4, 6, generator=g)
+    for t in (1.0, 2.0):
+        p_t, p_s = (teacher / t).softmax(1), (student / t).softmax(1)
+        expected = 1000 * t * t * (p_t * (p_t.log() - p_s.log())).sum() / student.numel()
+        torch.testing.assert_close(kd_loss(student, teacher, temperature=t, weight=1000), expected)
+
+
+def test_capt_starts_from_a_promptkd_runs_prompts(demo, tmp_path):
+    root, data = demo
+    fit = dict(
+        dataset=f"imagefolder:{data}",
+        model="fsl-tiny-vit",
+        pretrained="none",
+        shots=4,
+        seeds=[1],
+        cache_dir=root / "cache",
+        runs_dir=tmp_path,
+        progress=False,
+    )
+    (kd,) = api.fit("promptkd", options={"epochs": 1}, **fit)
+    kd_state = load_head_tensors(kd.run_dir)
+    (capt,) = api.fit("capt", options={"epochs": 0, "init": str(kd.run_dir)}, **fit)  # the start, untrained
+    state = load_head_tensors(capt.run_dir)
+    torch.testing.assert_close(state["prompt_learner.ctx"], kd_state["prompt_learner.ctx"])
+    torch.testing.assert_close(state["pre_ctx"], kd_state["prompt_learner.ctx"])  # DPC reads the start first
+    torch.testing.assert_close(state["deep"], kd_state["deep"])
+    record = json.loads((capt.run_dir / "record.json").read_text())
+    assert record["selection"]["init"] == str(kd.run_dir)
+    (zs,) = api.fit("zero_shot", **fit)
+    with pytest.raises(UsageError, match="takes a promptkd, coop or capt run"):
+        api.fit("capt", options={"epochs": 0, "init": str(zs.run_dir)}, **fit)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from ..errors import UsageError
 from ..splits.protocol import pool_for, split_ref, subset_classes, whole_pool
@@ -70,6 +71,9 @@ class CaptConfig(TrainOptions):
     """[CODE] SPLE.INFER_TOPK 8: teacher classes mined per sample (minus the label and in-batch classes)."""
     fill: int = 2
     """[CODE] random classes added when fewer than this many negatives remain."""
+    init: str | None = None
+    """A promptkd, coop or capt run folder (or export) whose prompts start training ([CODE] the official setting
+    starts from PromptKD prompts, SPLE_INIT); none = ctx_init and N(0, 0.02) deep prompts."""
     teacher: str | None = None
     """ARCH/PRETRAINED of another store of the same dataset whose zero-shot logits rank the negatives;
     none = the student's own zero-shot logits."""
@@ -121,8 +125,9 @@ class Capt(Method):
         "projection is trained.",
         "[PROPOSED] visual_depth=0 only: no visual prompts, the image features are the cached pooled embeddings "
         "(the official code tunes 4 visual prompts in 9 blocks); visual_depth > 0 is not implemented yet.",
-        "[PROPOSED] the context starts at ctx_init ('a photo of a') and the deep text prompts at N(0, 0.02); the "
-        "official setting starts from PromptKD/PromptSRC prompts (SPLE_INIT); DPC's pre_ctx is that start.",
+        "[PROPOSED] without -o init=RUN the context starts at ctx_init ('a photo of a') and the deep text prompts "
+        "at N(0, 0.02); the official setting starts from PromptKD/PromptSRC prompts (SPLE_INIT), which -o "
+        "init=RUN of a promptkd run reproduces on the cache; DPC's pre_ctx is that start.",
         "[PROPOSED] the teacher's ranking is the store's zero-shot logits of the batch's cached view (or of the "
         "teacher store's center view with -o teacher); the official teacher is the PromptSRC-tuned ViT-L/14 run "
         "on the augmented image, its text features also mixed with random centroids.",
@@ -171,7 +176,7 @@ class Capt(Method):
     def build_head(self, task: FitTask, *, generator: torch.Generator) -> CaptPromptHead:
         cfg, backbone = self.config, task.backbone()
         with seeded_init(generator):
-            return CaptPromptHead(
+            head = CaptPromptHead(
                 backbone.model,
                 backbone.tokenizer,
                 list(task.info.classnames),
@@ -182,6 +187,10 @@ class Capt(Method):
                 scale=task.info.zs_scale,
                 truncate=cfg.truncate,
             )
+        if cfg.init is not None:
+            ctx, deep = prompts_of_run(cfg.init)
+            head.start_from(ctx, deep)
+        return head
 
     # ------------------------------------------------------------------ fit
 
@@ -214,6 +223,7 @@ class Capt(Method):
             "bank": bank_note,
             "sentences": sentences_note,
             "text_depth": head.text_depth,
+            "init": cfg.init or f"ctx_init {cfg.ctx_init!r}, deep prompts N(0, 0.02)",
             "dpc": f"loop+converse, weight {cfg.dpc_weight}" if cfg.dpc else "off",
             "text_length": head.length,
             "mean_widened_batch": float(np.mean(self.widths)) if self.widths else None,
@@ -306,6 +316,32 @@ class Capt(Method):
     def novel_head(self, fitted: FitResult, task: FitTask) -> ZeroShotHead:
         """Novel classes: the frozen zero-shot text on the cached embedding (visual_depth=0)."""
         return ZeroShotHead(task.text(self.config.templates), scale=task.info.zs_scale)
+
+
+def prompts_of_run(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The context CAPT's encoder read (``[M, W]``) and the deep prompts (``[J, M, W]`` or ``None``) of a
+    ``promptkd``, ``coop`` or ``capt`` run folder or export."""
+    folder = Path(path)
+    meta = next((folder / n for n in ("record.json", "bundle.json") if (folder / n).is_file()), None)
+    if meta is None or not (folder / "head.safetensors").is_file():
+        raise UsageError(
+            f"capt -o init: {folder} is not a run folder or export (record.json + head.safetensors)"
+        )
+    info = json.loads(meta.read_text())
+    if info.get("method") not in ("promptkd", "coop", "capt"):
+        raise UsageError(
+            f"capt -o init takes a promptkd, coop or capt run; {folder} is a {info.get('method')} run"
+        )
+    state = load_file(str(folder / "head.safetensors"))
+    ctx = state["prompt_learner.ctx"].float()
+    if ctx.dim() != 2:
+        raise UsageError(
+            f"capt -o init: {folder} learned class-specific contexts (csc); capt needs one context"
+        )
+    if "pre_ctx" in state:  # a capt run with DPC: what its encoder read
+        w = float(info["config"]["dpc_weight"])
+        ctx = (ctx - (1.0 - w) * state["pre_ctx"].float()) / w
+    return ctx, state["deep"].float() if "deep" in state else None
 
 
 def open_teacher_store(student: FeatureStore, teacher: str) -> FeatureStore:

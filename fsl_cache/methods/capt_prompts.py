@@ -114,6 +114,27 @@ class CaptPromptHead(CoOpHead):
             self.register_buffer("pre_ctx", ctx.detach().clone())  # [n_ctx, W]
         self.aux: dict[str, torch.Tensor] = {}
 
+    def start_from(self, ctx: torch.Tensor, deep: torch.Tensor | None) -> None:
+        """Start from another run's prompts: the encoder reads ``ctx`` first (DPC's ``pre_ctx`` is ``ctx``);
+        ``deep`` replaces the first deep prompts (the rest keep their init)."""
+        param = self.prompt_learner.ctx
+        if ctx.shape != param.shape:
+            raise UsageError(
+                f"the initial context is {tuple(ctx.shape)}, this head's {tuple(param.shape)} (set n_ctx)"
+            )
+        with torch.no_grad():
+            param.copy_(ctx)
+            if self.dpc_weight is not None:
+                self.pre_ctx.copy_(ctx)
+            if deep is not None and len(deep) and len(self.deep):
+                if deep.shape[1:] != self.deep.shape[1:]:
+                    raise UsageError(
+                        f"the initial deep prompts are {tuple(deep.shape)}, this head's {tuple(self.deep.shape)}"
+                    )
+                n = min(len(deep), len(self.deep))
+                self.deep[:n].copy_(deep[:n])
+        self._cache = None
+
     @property
     def text_depth(self) -> int:
         """Blocks that read learned context: block 0 (``ctx``) plus one per deep prompt."""
