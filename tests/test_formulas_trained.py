@@ -28,6 +28,7 @@ from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock
 from fsl_cache.backbones import load_backbone
 from fsl_cache.methods import get_method, list_methods
 from fsl_cache.methods.capt_modules import CaptHead
+from fsl_cache.methods.capt_prompts import CaptPromptHead
 from fsl_cache.methods.clip_adapter import ClipAdapterHead
 from fsl_cache.methods.confusion_bank import build_bank, confusable_classes
 from fsl_cache.methods.coop import CoOpHead
@@ -662,10 +663,10 @@ def test_capt_head_retrieval_finds_candidates_for_some_images_and_falls_back_for
 def test_capt_head_loss_weights_are_distinct_in_the_formula_test():
     """CAPT's loss: ``CE(capt) + w_e·ΣCE(expert) + λ_hn·L_hn + λ_lb·L_lb``; with w_e = λ_hn = 0.5 by default a swap of
     the two weights is invisible, so the loss is checked with distinct weights."""
-    from fsl_cache.methods.capt import Capt, CaptConfig
+    from fsl_cache.methods.capt_c import CaptC, CaptCConfig
 
     head, parts, x = capt_case()
-    method = Capt(CaptConfig(expert_weight=0.3, hn_weight=0.0, lb_weight=0.7))
+    method = CaptC(CaptCConfig(expert_weight=0.3, hn_weight=0.0, lb_weight=0.7))
     method.head = head
     head.eval()
     out = head(x)
@@ -681,6 +682,40 @@ def test_capt_head_loss_weights_are_distinct_in_the_formula_test():
     torch.testing.assert_close(method.loss(out, y, x), expected, rtol=1e-5, atol=1e-5)
 
 
+def capt_prompt_reference(model, tokenizer, ctx: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+    """IVLP text features written out: ``a photo of a name.`` embedded, ctx rows at 1..M, ``deep[i-1]`` written
+    over them before block i, all 77 positions, EOT row through ln_final and the projection."""
+    tokens = tokenizer([f"a photo of a {n}." for n in NAMES])
+    m = ctx.shape[0]
+    x = model.token_embedding(tokens).float().clone()
+    x[:, 1 : 1 + m] = ctx
+    x = x + model.positional_embedding
+    for i, block in enumerate(model.transformer.resblocks):
+        if 1 <= i <= len(deep):
+            x = x.clone()
+            x[:, 1 : 1 + m] = deep[i - 1]
+        x = block(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)[torch.arange(len(NAMES)), tokens.argmax(dim=-1)]
+    return x @ model.text_projection
+
+
+@pytest.mark.parametrize("dpc", [0.2, None])
+def test_capt_prompt_head_equals_the_formula_with_moved_prompts(tiny_rn, dpc):
+    """capt / promptkd: moved context and deep prompts; with DPC the encoder reads (ctx − 0.8·pre) / 0.2."""
+    model, tok = tiny_rn.model, tiny_rn.tokenizer
+    head = CaptPromptHead(model, tok, list(NAMES), dpc_weight=dpc, scale=SCALE).eval()
+    g = gen(12)
+    with torch.no_grad():
+        head.prompt_learner.ctx.add_(0.3 * torch.randn(head.prompt_learner.ctx.shape, generator=g))
+        head.deep.add_(0.3 * torch.randn(head.deep.shape, generator=g))
+    ctx, deep = head.prompt_learner.ctx.detach().clone(), head.deep.detach().clone()
+    read = ctx if dpc is None else (ctx - 0.8 * head.pre_ctx) / 0.2
+    f = torch.randn(3, model.text_projection.shape[1], generator=g)
+    with torch.no_grad():
+        expected = SCALE * unit(f) @ unit(capt_prompt_reference(model, tok, read, deep)).T
+        torch.testing.assert_close(head({"pooled": f}), expected, rtol=1e-4, atol=1e-4)
+
+
 FORMULA_TESTS = {
     "zero_shot": test_zero_shot_head_is_scale_times_cosine,
     "linear_probe": test_linear_probe_head_is_sklearn_decision_function,
@@ -692,6 +727,8 @@ FORMULA_TESTS = {
     "ldc_lite": test_ldc_head_and_ldc_lite_head_equal_the_formulas_with_moved_weights,
     "safe": test_safe_head_blends_beta_frozen_plus_tuned,
     "safe_a": test_safe_a_head_is_tip_on_the_blended_embedding,
-    "capt": test_capt_head_equals_the_formula_with_moved_experts,
+    "capt_c": test_capt_head_equals_the_formula_with_moved_experts,
+    "capt": test_capt_prompt_head_equals_the_formula_with_moved_prompts,
+    "promptkd": test_capt_prompt_head_equals_the_formula_with_moved_prompts,
 }
 """Each registered method's trained-head formula test (a new method adds its line)."""

@@ -46,7 +46,9 @@ SELECTING = {
     "ldc_lite",
     "safe",
     "safe_a",
+    "capt_c",
     "capt",
+    "promptkd",
 }
 """Methods with a selection step (a search over alpha/beta, C, rho, lr x wd, or a selected epoch)."""
 
@@ -332,20 +334,33 @@ def test_coop_keeps_the_recorded_epoch(tiny, tmp_path):
         assert acc == pytest.approx(record["selection"]["val_acc"])
 
 
-def test_capt_keeps_the_recorded_epoch(tiny, tmp_path):
+def test_capt_c_keeps_the_recorded_epoch(tiny, tmp_path):
     """CAPT-C selects an epoch on val: a refit selects the same epoch, and the fitted, the re-loaded and the
     exported heads all score the recorded val accuracy."""
     from fsl_cache.testing import fit_method
 
     opts = {"epochs": 3, "lr": 0.02, "batch_size": 4, "bank_views": 2}
-    record, run_dir = fit(tiny, "capt", opts)
+    record, run_dir = fit(tiny, "capt_c", opts)
     check_epoch(record)
-    task = task_of(tiny, "capt")
-    fitted = fit_method("capt", task, opts)
+    task = task_of(tiny, "capt_c")
+    fitted = fit_method("capt_c", task, opts)
     assert fitted.selection["epoch"] == record["selection"]["epoch"]
     for head in [fitted.head.eval(), *heads(run_dir, tmp_path)]:
         with torch.no_grad():
             acc = accuracy(head({"pooled": task.center(task.val)})["capt"], task.val.labels)
+        assert acc == pytest.approx(record["selection"]["val_acc"])
+
+
+@pytest.mark.parametrize("method", ["capt", "promptkd"])
+def test_prompt_tuning_methods_keep_the_recorded_epoch(tiny, tmp_path, method):
+    """capt and promptkd select an epoch on val: the re-loaded and exported heads score the recorded val accuracy."""
+    record, run_dir = fit(tiny, method, {"epochs": 3, "lr": 0.05, "batch_size": 4})
+    check_epoch(record)
+    task = task_of(tiny, method)
+    for head in heads(run_dir, tmp_path):
+        assert head.length == record["selection"]["text_length"]
+        with torch.no_grad():
+            acc = accuracy(head({"pooled": task.center(task.val)}), task.val.labels)
         assert acc == pytest.approx(record["selection"]["val_acc"])
 
 
