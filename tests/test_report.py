@@ -134,3 +134,36 @@ def test_cli_report_formats(runs):
     assert lines and {line["method"] for line in lines} == {"tip_adapter"}
     empty = CliRunner().invoke(main, ["report", "--runs-dir", str(runs / "nowhere")])
     assert empty.exit_code == 2 and "No finished runs" in empty.output
+
+
+def test_base2novel_shows_base_novel_and_hm_and_the_average_hm_is_of_the_averaged_accuracies():
+    from fsl_cache.reports.rows import RunRow
+    from fsl_cache.reports.table import build_table
+
+    def row(dataset, seed, base, novel):
+        hm = 2 * base * novel / (base + novel)
+        return RunRow("capt", (), dataset, 16, seed, "base2novel", "ViT-B-16/openai", 0.0, hm, hm, "", Path("."),
+                      base_acc=base, novel_acc=novel)  # fmt: skip
+
+    rows = [
+        row("a", 1, 90.0, 50.0),
+        row("a", 2, 80.0, 60.0),
+        row("b", 1, 70.0, 30.0),
+        row("b", 2, 60.0, 40.0),
+    ]
+    table = build_table(rows)
+    assert table.base2novel
+    a, avg = table.get("capt", "a", 16), table.get("capt", AVERAGE, 16)
+    assert (a.base, a.novel) == (85.0, 55.0) and a.mean == pytest.approx(2 * 85 * 55 / 140)
+    assert (avg.base, avg.novel) == (75.0, 45.0) and avg.mean == pytest.approx(2 * 75 * 45 / 120)  # 56.25
+    b = table.get("capt", "b", 16)
+    assert avg.mean != pytest.approx((a.mean + b.mean) / 2)  # not the mean of the per-dataset HMs
+    text = format_report(table, "markdown")
+    assert (
+        "| method | 16-shot base | 16-shot novel | 16-shot HM |" in text
+        and "| capt | 75.00 | 45.00 | 56.25" in text
+    )
+    first = next(csv.DictReader(io.StringIO(format_report(table, "csv"))))
+    assert (first["base"], first["novel"], first["mean"]) == ("75.0000", "45.0000", "56.2500")
+    assert json.loads(format_report(table, "json").splitlines()[0])["base"] == 75.0
+    assert "16-shot HM" in format_report(table, "latex") and "16-shot novel" in format_report(table, "table")

@@ -1,7 +1,8 @@
 """The report table as text: a terminal table, Markdown, CSV, LaTeX (booktabs) or JSON lines.
 
 Every format shows one block per dataset (the average over datasets first): a row per method, a
-column per shot count, ``mean ± std`` over seeds, the best mean of each column in bold.
+column per shot count, ``mean ± std`` over seeds, the best mean of each column in bold. Base-to-novel
+tables show three columns per shot count: base, novel and their harmonic mean (HM, the headline).
 """
 
 from __future__ import annotations
@@ -50,7 +51,25 @@ def _is_best(table: ReportTable, cell: Cell | None) -> bool:
 
 
 def _shots_header(table: ReportTable) -> list[str]:
+    if table.base2novel:
+        return [f"{k}-shot {part}" for k in table.shots for part in ("base", "novel", "HM")]
     return [f"{k}-shot" for k in table.shots]
+
+
+def _row_texts(table: ReportTable, method: str, block: str, *, pm: str = "±", bold=None) -> list[str]:
+    """The row's entries in header order; ``bold(text)`` marks the best mean (HM) of each column."""
+    texts = []
+    for k in table.shots:
+        cell = table.get(method, block, k)
+        text = cell_text(cell, pm=pm)
+        if bold is not None and _is_best(table, cell):
+            text = bold(text)
+        if table.base2novel:
+            parts = ("-", "-") if cell is None else (f"{cell.base:.2f}", f"{cell.novel:.2f}")
+            texts += [*parts, text]
+        else:
+            texts.append(text)
+    return texts
 
 
 def as_text(table: ReportTable) -> str:
@@ -64,11 +83,7 @@ def as_text(table: ReportTable) -> str:
         for head in _shots_header(table):
             t.add_column(head, justify="right")
         for method in table.methods:
-            cells = [table.get(method, block, k) for k in table.shots]
-            t.add_row(
-                escape(method),
-                *[f"[bold]{cell_text(c)}[/]" if _is_best(table, c) else cell_text(c) for c in cells],
-            )
+            t.add_row(escape(method), *_row_texts(table, method, block, bold=lambda t: f"[bold]{t}[/]"))
         console.print(t)
         console.print()
     for note in table.notes:
@@ -83,11 +98,10 @@ def as_markdown(table: ReportTable) -> str:
             f"### {block_title(table, block)}",
             "",
             "| method | " + " | ".join(_shots_header(table)) + " |",
-            "|---|" + "---:|" * len(table.shots),
+            "|---|" + "---:|" * len(_shots_header(table)),
         ]
         for method in table.methods:
-            cells = [table.get(method, block, k) for k in table.shots]
-            texts = [f"**{cell_text(c)}**" if _is_best(table, c) else cell_text(c) for c in cells]
+            texts = _row_texts(table, method, block, bold=lambda t: f"**{t}**")
             lines.append(f"| {method} | " + " | ".join(texts) + " |")
         lines.append("")
     lines += [f"_{note}_" for note in table.notes]
@@ -97,13 +111,18 @@ def as_markdown(table: ReportTable) -> str:
 def as_csv(table: ReportTable) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["method", "dataset", "shots", "mean", "std", "n", "seeds", "partial"])
+    b2n = table.base2novel
+    writer.writerow(
+        ["method", "dataset", "shots"] + ["base", "novel"] * b2n + ["mean", "std", "n", "seeds", "partial"]
+    )
     for cell in _cells(table):
+        parts = [f"{cell.base:.4f}", f"{cell.novel:.4f}"] if b2n else []
         writer.writerow(
             [
                 cell.method,
                 cell.dataset,
                 cell.shots,
+                *parts,
                 f"{cell.mean:.4f}",
                 "" if cell.std is None else f"{cell.std:.4f}",
                 len(cell.values),
@@ -133,19 +152,18 @@ def as_latex(table: ReportTable) -> str:
         "% fsl-cache report: mean $\\pm$ std over seeds (test top-1, %); best per column in bold",
         "% needs \\usepackage{booktabs}",
     ]
+    columns = len(_shots_header(table))
     for block in table.blocks():
         lines += [
             f"% {block_title(table, block)}",
-            "\\begin{tabular}{l" + "c" * len(table.shots) + "}",
+            "\\begin{tabular}{l" + "c" * columns + "}",
             "\\toprule",
-            f"\\multicolumn{{{1 + len(table.shots)}}}{{l}}{{{_tex(block_title(table, block))}}} \\\\",
+            f"\\multicolumn{{{1 + columns}}}{{l}}{{{_tex(block_title(table, block))}}} \\\\",
             "Method & " + " & ".join(_shots_header(table)) + " \\\\",
             "\\midrule",
         ]
         for method in table.methods:
-            cells = [table.get(method, block, k) for k in table.shots]
-            texts = [cell_text(c, pm="$\\pm$") for c in cells]
-            texts = [f"\\textbf{{{t}}}" if _is_best(table, c) else t for t, c in zip(texts, cells)]
+            texts = _row_texts(table, method, block, pm="$\\pm$", bold=lambda t: f"\\textbf{{{t}}}")
             lines.append(f"{_tex(method)} & " + " & ".join(texts) + " \\\\")
         lines += ["\\bottomrule", "\\end{tabular}", ""]
     lines += [f"% {note}" for note in table.notes]

@@ -34,6 +34,10 @@ class RunRow:
     """Test confusion matrix of the headline head, ``[true][predicted]``."""
     store_path: str = ""
     random_init: bool = False
+    base_acc: float | None = None
+    """``--protocol base2novel``: test top-1 on the base classes (``test_acc`` is the harmonic mean)."""
+    novel_acc: float | None = None
+    """``--protocol base2novel``: test top-1 on the novel classes."""
 
     @property
     def variant(self) -> str:
@@ -75,6 +79,8 @@ def row_from_record(record: dict, path: Path) -> RunRow:
         test.get("confusion"),
         str(store.get("path", "")),
         bool(store.get("random_init")),
+        None if m.get("base_acc") is None else float(m["base_acc"]),
+        None if m.get("novel_acc") is None else float(m["novel_acc"]),
     )
 
 

@@ -5,16 +5,21 @@ when a report mixes several. The std is numpy's default (population, ``ddof=0``)
 datasets is the mean of the per-dataset means; its std is the spread over seeds of the per-seed
 dataset averages (only when every dataset has that seed). An average missing some datasets is
 marked partial rather than silently compared with complete ones.
+
+Base-to-novel runs (CoCoOp's protocol) also carry base and novel accuracy: a cell's base and novel are
+their means (over seeds, then over datasets for the average) and its headline is the harmonic mean
+of those two means, so the average's HM is the HM of the averaged base and novel, not a mean of HMs.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..splits.protocol import harmonic_mean
 from .rows import RunRow
 
 AVERAGE = "Average"
@@ -36,9 +41,14 @@ class Cell:
     """Average cells only: some datasets of the table lack this (method, shots)."""
     datasets: int = 1
     """Datasets averaged (1 for a dataset cell)."""
+    base: float | None = None
+    """Base-to-novel: mean base-class accuracy (``mean`` is then the HM of ``base`` and ``novel``)."""
+    novel: float | None = None
+    """Base-to-novel: mean novel-class accuracy."""
 
     def to_json(self) -> dict:
-        return {
+        b2n = {} if self.base is None else {"base": round(self.base, 4), "novel": round(self.novel, 4)}
+        return b2n | {
             "method": self.method,
             "dataset": self.dataset,
             "shots": self.shots,
@@ -65,6 +75,11 @@ class ReportTable:
     def get(self, method: str, dataset: str, shots: int) -> Cell | None:
         return self.cells.get((method, dataset, shots))
 
+    @property
+    def base2novel(self) -> bool:
+        """Every cell carries base and novel accuracy (the report shows base, novel and HM columns)."""
+        return bool(self.cells) and all(c.base is not None for c in self.cells.values())
+
     def blocks(self) -> list[str]:
         """Datasets to show, the average first when there are several datasets."""
         return ([AVERAGE] if len(self.datasets) > 1 else []) + self.datasets
@@ -87,20 +102,19 @@ def build_table(rows: Sequence[RunRow]) -> ReportTable:
     """Aggregate ``rows`` (one per seed) into the report table."""
     several_bb = len({r.backbone for r in rows}) > 1
     several_proto = len({r.protocol for r in rows}) > 1
-    groups: dict[tuple[str, str, int], dict[int, float]] = defaultdict(dict)
+    groups: dict[tuple[str, str, int], dict[int, RunRow]] = defaultdict(dict)
     order: dict[str, None] = {}
     for r in rows:
         label = row_label(r, backbones=several_bb, protocols=several_proto)
         order.setdefault(label)
-        groups[label, r.dataset, r.shots][r.seed] = r.test_acc
+        groups[label, r.dataset, r.shots][r.seed] = r
     datasets = sorted({r.dataset for r in rows})
     table = ReportTable(list(order), datasets, sorted({r.shots for r in rows}))
     for (label, dataset, shots), by_seed in groups.items():
         seeds = tuple(sorted(by_seed))
-        values = tuple(by_seed[s] for s in seeds)
-        table.cells[label, dataset, shots] = Cell(
-            label, dataset, shots, float(np.mean(values)), float(np.std(values)), seeds, values
-        )
+        values = tuple(by_seed[s].test_acc for s in seeds)
+        cell = Cell(label, dataset, shots, float(np.mean(values)), float(np.std(values)), seeds, values)
+        table.cells[label, dataset, shots] = _with_base_novel(cell, [by_seed[s] for s in seeds])
     if len(datasets) > 1:
         _add_averages(table)
     if any(r.random_init for r in rows):
@@ -119,7 +133,7 @@ def _add_averages(table: ReportTable) -> None:
             common = sorted(set.intersection(*(set(c.seeds) for c in cells)))
             per_seed = tuple(float(np.mean([c.values[c.seeds.index(s)] for c in cells])) for s in common)
             partial = len(cells) < len(table.datasets)
-            table.cells[method, AVERAGE, shots] = Cell(
+            average = Cell(
                 method,
                 AVERAGE,
                 shots,
@@ -130,7 +144,18 @@ def _add_averages(table: ReportTable) -> None:
                 partial,
                 len(cells),
             )
+            table.cells[method, AVERAGE, shots] = _with_base_novel(average, cells)
     if any(c.partial for c in table.cells.values()):
         table.notes.append(
             f"* average over fewer than the {len(table.datasets)} datasets (some runs are missing)"
         )
+
+
+def _with_base_novel(cell: Cell, parts: Sequence) -> Cell:
+    """``cell`` with base/novel means of ``parts`` (rows or cells) and HM of the two as its mean, when all have them."""
+    base = [getattr(p, "base_acc", getattr(p, "base", None)) for p in parts]
+    novel = [getattr(p, "novel_acc", getattr(p, "novel", None)) for p in parts]
+    if not parts or any(v is None for v in base + novel):
+        return cell
+    b, n = float(np.mean(base)), float(np.mean(novel))
+    return replace(cell, mean=harmonic_mean(b, n), base=b, novel=n)
