@@ -395,3 +395,46 @@ def test_capt_starts_from_a_promptkd_runs_prompts(demo, tmp_path):
     (zs,) = api.fit("zero_shot", **fit)
     with pytest.raises(UsageError, match="takes a promptkd, coop or capt run"):
         api.fit("capt", options={"epochs": 0, "init": str(zs.run_dir)}, **fit)
+
+
+def test_descriptions_in_capts_common_format_feed_the_centroids(demo, tmp_path):
+    root, data = demo
+    folder = tmp_path / "descriptions"
+    folder.mkdir()
+    sentences = {
+        "red_circle": ["The commonality between red circle and blue square is that both are flat shapes."],
+        "Blue Square": ["The commonality between blue square and red circle is their sharp colour."],
+        "unicorn": ["not a class of this dataset"],
+    }
+    (folder / "demo_prompt_common.json").write_text(json.dumps(sentences))
+    (run,) = api.fit(
+        "capt",
+        dataset=f"imagefolder:{data}",
+        model="fsl-tiny-vit",
+        pretrained="none",
+        shots=4,
+        seeds=[1],
+        options={"epochs": 1, "descriptions": str(folder)},
+        cache_dir=root / "cache",
+        runs_dir=tmp_path / "runs",
+        progress=False,
+    )
+    note = json.loads((run.run_dir / "record.json").read_text())["selection"]["sentences"]
+    assert note["source"] == "descriptions" and (
+        note["classes_from_file"],
+        note["classes_from_templates"],
+    ) == (2, 3)
+    (folder / "other_prompt_common.json").write_text("{}")
+    with pytest.raises(UsageError, match="holds 2 \\*_prompt_common.json files"):
+        api.fit(
+            "capt",
+            dataset=f"imagefolder:{data}",
+            model="fsl-tiny-vit",
+            pretrained="none",
+            shots=4,
+            seeds=[1],
+            options={"epochs": 1, "descriptions": str(folder)},
+            cache_dir=root / "cache",
+            runs_dir=tmp_path / "runs2",
+            progress=False,
+        )
