@@ -353,7 +353,7 @@ DEMO_METHODS = (
     "ldc",
     "safe",
     "safe_a",
-    "capt",
+    "capt_c",
 )
 """The demo's grid (pipelines/demo.yaml describes the same one)."""
 DEMO_SHOTS = (1, 2, 4, 8)
@@ -364,7 +364,7 @@ DEMO_OPTIONS: dict[str, tuple] = {
     "coop.epochs": (50,),
     "ldc.epochs": (50,),
     "ldc.lr": (1e-3,),
-    "capt.epochs": (20,),
+    "capt_c.epochs": (20,),
     "safe.iterations": (400,),
     "safe.lrs": ((1e-3, 1e-4),),
     "safe.wds": ((0.0,),),

@@ -29,7 +29,7 @@ METHODS = (
     "ldc",
     "safe",
     "safe_a",
-    "capt",
+    "capt_c",
 )
 MARGINS = {
     "linear_probe": 10.0,
@@ -40,7 +40,7 @@ MARGINS = {
     "ldc": 8.0,
     "safe": 15.0,
     "safe_a": 15.0,
-    "capt": 3.0,
+    "capt_c": 3.0,
 }
 """Test top-1 points above zero-shot each method must reach (README: "What the shapes weights show")."""
 FAST = {
