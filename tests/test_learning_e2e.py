@@ -30,6 +30,7 @@ METHODS = (
     "safe",
     "safe_a",
     "capt_c",
+    "capt",
 )
 MARGINS = {
     "linear_probe": 10.0,
@@ -41,6 +42,7 @@ MARGINS = {
     "safe": 15.0,
     "safe_a": 15.0,
     "capt_c": 3.0,
+    "capt": 8.0,
 }
 """Test top-1 points above zero-shot each method must reach (README: "What the shapes weights show")."""
 FAST = {
