@@ -14,6 +14,8 @@ def build_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
         return torch.optim.SGD(
             params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
         )
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay)
     return torch.optim.AdamW(params, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay)
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from ..errors import UsageError
 
-Optimizer = Literal["adamw", "sgd"]
+Optimizer = Literal["adamw", "sgd", "adam"]
 Schedule = Literal["cosine_iter", "cosine_epoch", "constant"]
 WarmupMode = Literal["constant", "linear"]
 Select = Literal["best", "last"]
@@ -27,11 +27,11 @@ class Optimisation:
     lr: float = 1e-3
     """Base learning rate."""
     optimizer: Optimizer = "adamw"
-    """adamw (torch AdamW) or sgd (with momentum)."""
+    """adamw (torch AdamW), sgd (with momentum) or adam (torch Adam, L2 weight decay as Dassl's adam)."""
     weight_decay: float = 0.01
-    """Decoupled (AdamW) or L2 (SGD) weight decay; 0.01 is torch AdamW's default."""
+    """Decoupled (AdamW) or L2 (SGD, Adam) weight decay; 0.01 is torch AdamW's default."""
     eps: float = 1e-8
-    """AdamW epsilon."""
+    """AdamW / Adam epsilon."""
     momentum: float = 0.9
     """SGD momentum."""
     schedule: Schedule = "cosine_iter"
