@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import test_method_zs_lp as zs_lp_tests
 import torch
 from method_helpers import SYNTH, fit_accuracy, learning_store
 
@@ -83,6 +84,35 @@ def test_outer_step_is_the_official_phr_update():
     torch.testing.assert_close(new_lam, torch.where(x >= 0, x, torch.zeros_like(h)))
     torch.testing.assert_close(new_rho, h)
     assert new_lam[1] == 0
+
+
+def test_trained_probe_is_the_official_loop_with_the_penalty():
+    labels, logits, w0, t = _tensors(4, m=40)
+    features = torch.randn(40, 8, generator=torch.Generator().manual_seed(6))
+    lam = class_multipliers(logits, labels)
+    cfg = ClapTrainConfig(epochs=5, batch_size=16)
+    head = CosineProbeHead(t, scale=100.0)
+    penalty = lambda w: constraint(w, t, lam)  # noqa: E731
+    train_probe(
+        head,
+        features,
+        labels,
+        config=cfg,
+        batches=2,
+        generator=torch.Generator().manual_seed(2),
+        penalty=penalty,
+    )
+    replay = torch.Generator().manual_seed(2)
+    perms = [torch.randperm(40, generator=replay) for _ in range(5)]
+    official = lambda w: torch.mean(lam * (w - t.clone()).pow(2).sum(-1))  # noqa: E731
+    expected = zs_lp_tests._official_loop(
+        t, features, labels, perms=perms, lr=0.1, epochs=5, batch=16, batches=2, penalty=official
+    )
+    torch.testing.assert_close(head.prototypes.detach(), expected)
+    unpenalised = zs_lp_tests._official_loop(
+        t, features, labels, perms=perms, lr=0.1, epochs=5, batch=16, batches=2
+    )
+    assert not torch.allclose(expected, unpenalised)  # the penalty changed the trained probe
 
 
 def test_the_penalty_holds_the_probe_nearer_the_text_weights():

@@ -4,6 +4,7 @@ image features, half of the pool redrawn each epoch), re-typed on the same draws
 from __future__ import annotations
 
 import pytest
+import test_method_zs_lp as zs_lp_tests
 import torch
 import torch.nn.functional as F
 from method_helpers import fit_accuracy, learning_store
@@ -31,6 +32,32 @@ def test_each_epoch_trains_on_half_the_pool_drawn_with_replacement():
     x, y = half_sample(torch.Generator().manual_seed(1))(features, labels)
     idx = torch.randint(0, 40, (20,), generator=torch.Generator().manual_seed(1))
     assert torch.equal(x, features[idx]) and torch.equal(y, labels[idx])
+
+
+def test_trained_probe_is_the_official_cross_modal_loop_on_the_same_draws():
+    """Pool = image views + resampled text samples; each epoch a half sample with replacement, then a shuffle."""
+    g = torch.Generator().manual_seed(5)
+    features, labels = torch.randn(30, 6, generator=g), torch.arange(30) % 3
+    text = F.normalize(torch.randn(3, 2, 6, generator=g), dim=-1)
+    init = torch.randn(3, 6, generator=g)
+    run = torch.Generator().manual_seed(8)
+    words, word_labels = text_samples(text, 30, generator=run)
+    pool = torch.cat([features, words]), torch.cat([labels, word_labels])
+    head = CosineProbeHead(init, scale=100.0)
+    cfg = ClapTrainConfig(epochs=4, batch_size=8)
+    train_probe(head, *pool, config=cfg, batches=2, generator=run, resample=half_sample(run))
+    replay = torch.Generator().manual_seed(8)
+    idx = torch.randint(0, 6, (30,), generator=replay)
+    flat = text.reshape(6, 6)
+    assert torch.equal(words, flat[idx]) and torch.equal(word_labels, idx // 2)
+    draws, perms = [], []
+    for _ in range(4):
+        draws.append(torch.randint(0, 60, (30,), generator=replay))
+        perms.append(torch.randperm(30, generator=replay))
+    expected = zs_lp_tests._official_loop(
+        init, *pool, perms=perms, lr=0.1, epochs=4, batch=8, batches=2, draws=draws
+    )
+    torch.testing.assert_close(head.prototypes.detach(), expected)
 
 
 def test_text_samples_alone_teach_the_probe_the_text_directions():

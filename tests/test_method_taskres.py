@@ -33,9 +33,9 @@ def test_head_is_the_official_residual_and_starts_as_zero_shot():
         torch.randn(3, 5, generator=g),
         torch.randn(4, 5, generator=g),
     )
-    torch.testing.assert_close(residual_weights(base, residual, 0.5), base + 0.5 * residual)
-    head = TaskResHead(base, alpha=0.5, scale=100.0, residual=residual)
-    torch.testing.assert_close(head({"pooled": f}), _official_logits(f, base, residual, 0.5))
+    torch.testing.assert_close(residual_weights(base, residual, 0.7), base + 0.7 * residual)
+    head = TaskResHead(base, alpha=0.7, scale=37.0, residual=residual)
+    torch.testing.assert_close(head({"pooled": f}), 37.0 / 100.0 * _official_logits(f, base, residual, 0.7))
     fresh = TaskResHead(base, alpha=0.5, scale=100.0)
     torch.testing.assert_close(
         fresh({"pooled": f}), 100 * F.normalize(f, dim=-1) @ F.normalize(base, dim=-1).T
@@ -49,7 +49,7 @@ def test_steps_are_dassl_adam_with_l2_weight_decay():
         torch.randn(8, 5, generator=g),
         torch.tensor([0, 1, 2, 0, 1, 2, 2, 1]),
     )
-    head = TaskResHead(base, alpha=0.5, scale=100.0)
+    head = TaskResHead(base, alpha=0.7, scale=100.0)
     settings = TrainSettings(optimizer="adam", lr=2e-3, weight_decay=5e-4)
     opt = build_optimizer([head.residual], settings)
     x = torch.nn.Parameter(torch.zeros(3, 5))
@@ -57,7 +57,7 @@ def test_steps_are_dassl_adam_with_l2_weight_decay():
     for _ in range(5):
         for o, logits in (
             (opt, lambda: head({"pooled": f})),
-            (ref, lambda: _official_logits(f, base, x, 0.5)),
+            (ref, lambda: _official_logits(f, base, x, 0.7)),
         ):
             loss = F.cross_entropy(logits(), y)
             o.zero_grad()

@@ -41,7 +41,9 @@ def test_view_pool_concatenates_passes():
     assert pool.flatten().tolist() == [0, 3, 1, 4, 2, 5] and labels.tolist() == [7, 9, 7, 9, 7, 9]
 
 
-def _official_loop(prototypes, features, labels, *, perms, lr, epochs, batch, batches, penalty=None):
+def _official_loop(
+    prototypes, features, labels, *, perms, lr, epochs, batch, batches, penalty=None, draws=None
+):
     """run_epoch + forward_backward + Dassl SGD/ConstantWarmup(cosine), re-typed with the given shuffles."""
     w = torch.nn.Parameter(prototypes.clone())
     optim = torch.optim.SGD([w], lr=lr, momentum=0.9, weight_decay=0.0)
@@ -50,8 +52,9 @@ def _official_loop(prototypes, features, labels, *, perms, lr, epochs, batch, ba
         lr_now = 1e-5 if epoch == 0 else 0.5 * lr * (1 + np.cos(np.pi * (epoch - 1) / epochs))
         for g in optim.param_groups:
             g["lr"] = lr_now
+        x, y = (features, labels) if draws is None else (features[draws[epoch]], labels[draws[epoch]])
         idx = perms[epoch]
-        x, y = features[idx], labels[idx]
+        x, y = x[idx], y[idx]
         for b in range(batches):
             xb, yb = x[b * batch : (b + 1) * batch], y[b * batch : (b + 1) * batch]
             xn = xb / xb.norm(dim=-1, keepdim=True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..training import FitTask, Head, TaskInfo, TrainResult, TrainSettings
+from ..training import FitTask, Head, Selector, TaskInfo, TrainResult, TrainSettings
 from ..training.settings import Optimizer, Schedule, Select
 from .base import FitResult, Method
 from .needs import Needs, ViewNeed
@@ -136,6 +136,10 @@ class TaskRes(Method):
         cfg = self.config.resolved(task.info)
         # [CODE] Dassl drops the last incomplete batch when the support set holds a whole one
         return cfg.train_settings(policy="coop", drop_last=len(task.train) >= cfg.batch_size)
+
+    def selector(self, task: FitTask, head: Head) -> Selector | None:
+        """No selection split under the official last-epoch rule (nothing of val is read)."""
+        return super().selector(task, head) if self.config.select == "best" else None
 
     def finalize(self, result: TrainResult, task: FitTask) -> FitResult:
         cfg = self.config.resolved(task.info)
