@@ -20,6 +20,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import test_method_ape
+import test_method_ape_t
+import test_method_clap
+import test_method_cross_modal
+import test_method_gda
+import test_method_lp_pp
+import test_method_taskres
+import test_method_zs_lp
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d
@@ -730,5 +738,14 @@ FORMULA_TESTS = {
     "capt_c": test_capt_head_equals_the_formula_with_moved_experts,
     "capt": test_capt_prompt_head_equals_the_formula_with_moved_prompts,
     "promptkd": test_capt_prompt_head_equals_the_formula_with_moved_prompts,
+    # the cached-feature baselines (METHODS §2.10): their trained-head tests live in their own files
+    "zs_lp": test_method_zs_lp.test_train_probe_is_the_official_loop_on_the_same_shuffles,
+    "clap": test_method_clap.test_trained_probe_is_the_official_loop_with_the_penalty,
+    "cross_modal": test_method_cross_modal.test_trained_probe_is_the_official_cross_modal_loop_on_the_same_draws,
+    "lp_pp": test_method_lp_pp.test_the_loop_is_the_official_one_including_the_accumulated_alpha_gradient,
+    "taskres": test_method_taskres.test_head_is_the_official_residual_and_starts_as_zero_shot,
+    "gda": test_method_gda.test_precision_weights_and_bias_match_the_official_code,
+    "ape": test_method_ape.test_shot_weights_and_logits_match_the_official_code,
+    "ape_t": test_method_ape_t.test_refined_head_matches_the_official_forward_on_trained_parameters,
 }
 """Each registered method's trained-head formula test (a new method adds its line)."""

@@ -49,13 +49,19 @@ SELECTING = {
     "capt_c",
     "capt",
     "promptkd",
+    "lp_pp",
+    "gda",
+    "ape",
+    "ape_t",
 }
 """Methods with a selection step (a search over alpha/beta, C, rho, lr x wd, or a selected epoch)."""
+LAST_EPOCH = {"zs_lp", "clap", "cross_modal", "taskres"}
+"""Methods whose official code selects nothing (one configuration, the last epoch): they read no val."""
 
 
 def test_every_method_with_a_selection_step_is_covered_here():
     """zero_shot selects nothing; every other registered method must be in SELECTING (tests/README.md)."""
-    assert set(list_methods()) - SELECTING == {"zero_shot"}
+    assert set(list_methods()) - SELECTING - LAST_EPOCH == {"zero_shot"}
 
 
 @pytest.fixture(scope="module")
@@ -397,3 +403,119 @@ def test_ldc_uses_the_recorded_beta(tiny, tmp_path, method):
         assert float(head.beta) == pytest.approx(sel["beta"])
         assert sel["beta"] == pytest.approx(ldc_search(out["maf"], out["icd"], task.val.labels, steps=37))
         torch.testing.assert_close(out["main"], sel["beta"] * out["maf"] + (1 - sel["beta"]) * out["icd"])
+
+
+# ---------------------------------------------------------------------------- the cached-feature baselines (§2.10)
+
+
+@pytest.mark.parametrize("method", sorted(LAST_EPOCH))
+def test_validation_free_methods_keep_the_last_epoch_and_read_no_val(synth, tmp_path, method, monkeypatch):
+    from fsl_cache.runs import fitting
+
+    log: list[str] = []
+    original_array, original_final = FeatureStore.array, fitting.final_evaluation
+    monkeypatch.setattr(FeatureStore, "array", lambda self, n: (log.append(n), original_array(self, n))[1])
+    monkeypatch.setattr(
+        fitting, "final_evaluation", lambda *a, **k: (log.append("FINAL"), original_final(*a, **k))[1]
+    )
+    record, run_dir = fit(synth, method, {"epochs": 3}, runs=f"runs_{method}")
+    # the engine builds the val split (indices, labels); its features are the fit's to read or not
+    early = log[: log.index("FINAL")]
+    assert not [n for n in early if n.startswith("images/val") and "/views/" in n], (
+        "val features read by the fit"
+    )
+    assert record["selection"]["epoch"] == 2 and record["selection"]["select"] == "last"
+    saved = load_head_tensors(run_dir)
+    for head in heads(run_dir, tmp_path):
+        for k, v in head.state_dict().items():
+            torch.testing.assert_close(v, saved[k].to(v.dtype), msg=k)
+
+
+def test_lp_pp_keeps_the_last_best_epoch_and_its_weights(synth, tmp_path):
+    record, run_dir = fit(synth, "lp_pp", {"epochs": 60})
+    sel, task = record["selection"], task_of(synth, "lp_pp")
+    scores = [h["select_acc"] for h in record["history"]]
+    best = max(scores)
+    assert (
+        sel["epoch"] == len(scores) - 1 - scores[::-1].index(best) and sel["val_acc"] == best
+    )  # acc >= best
+    assert sel["epoch"] != len(scores) - 1, "best epoch = last epoch: keeping the wrong state would go unseen"
+    val = torch.nn.functional.normalize(task.center(task.val), dim=-1)
+    for head in heads(run_dir, tmp_path):
+        w, b, a, t = head.linear.weight, head.linear.bias, head.alpha, head.text
+        logits = val @ w.T + b + a[None] * (val @ t.T)  # LP++'s logits, written out
+        assert accuracy(logits, task.val.labels) == pytest.approx(sel["val_acc"])
+
+
+def test_gda_uses_the_recorded_alpha(synth, tmp_path):
+    import test_method_gda
+
+    grid = (100.0, 0.03, 3.0, 30.0, 0.3)
+    record, run_dir = fit(synth, "gda", {"alpha_grid": ",".join(map(str, grid))})
+    sel, task = record["selection"], task_of(synth, "gda")
+    vecs = torch.nn.functional.normalize(task.train_views("tip", views=range(1, 11)), dim=-1)
+    vecs, labels = vecs.transpose(0, 1).reshape(-1, vecs.shape[-1]), task.train.labels.long().repeat(10)
+    text = task.text("tip")
+    _, _, W, b = test_method_gda._official(vecs, labels, text.T)
+    val = torch.nn.functional.normalize(task.center(task.val), dim=-1)
+    best_val_acc, best_alpha = 0, 0.1
+    for alpha in grid:  # main_few_shots.py::run's search, re-typed
+        acc = accuracy(100.0 * val @ text.T + alpha * (val @ W + b), task.val.labels)
+        if acc > best_val_acc:
+            best_val_acc, best_alpha = acc, alpha
+    assert best_alpha != grid[0], "the search kept its first point"
+    assert sel["alpha"] == best_alpha and sel["search_acc"] == pytest.approx(best_val_acc)
+    for head in heads(run_dir, tmp_path):
+        assert float(head.alpha) == pytest.approx(best_alpha)
+
+
+def test_ape_uses_the_recorded_beta_alpha_gamma(synth, tmp_path):
+    import test_method_ape
+
+    record, run_dir = fit(synth, "ape", {"search_scale": "9,4,1.3", "search_steps": "11,6,5"})
+    sel, task = record["selection"], task_of(synth, "ape")
+    order = torch.argsort(task.train.labels, stable=True)  # the code's keys are class-major
+    keys = torch.nn.functional.normalize(task.train_views("tip", views=range(1, 11)).mean(dim=1), dim=-1)[
+        order
+    ]
+    labels = task.train.labels.long()[order]
+    values = torch.nn.functional.one_hot(labels, task.info.num_classes).float()
+    text = task.text("tip")
+    _, indices = test_method_ape._official_criterion(text.T, keys, 4, (0.5, 0.5), sel["channels"])
+    val = torch.nn.functional.normalize(task.center(task.val), dim=-1)
+    betas = [i * (9 - 0.1) / 11 + 0.1 for i in range(11)]
+    alphas = [i * (4 - 0.1) / 6 + 0.1 for i in range(6)]
+    gammas = [i * 1.3 / 5 for i in range(5)]
+    best = (0, 0, 0, 0)
+    for beta in betas:  # main.py::APE's triple loop, re-typed
+        for alpha in alphas:
+            for gamma in gammas:
+                logits = test_method_ape._official_ape_logits(
+                    val, text.T, keys, values, indices, beta, alpha, gamma
+                )
+                acc = accuracy(logits, task.val.labels)
+                if acc > best[0]:
+                    best = (acc, beta, alpha, gamma)
+    assert best[1] != best[2] and (best[1], best[2]) != (betas[0], alphas[0]), best
+    assert (sel["beta"], sel["alpha"], sel["gamma"]) == pytest.approx(best[1:])
+    for head in heads(run_dir, tmp_path):
+        got = (float(head.beta), float(head.alpha), float(head.gamma))
+        assert got == pytest.approx(best[1:])
+        assert sorted(head.channels.tolist()) == sorted(indices.tolist())
+
+
+def test_ape_t_keeps_the_recorded_epoch_and_beta_alpha(synth, tmp_path):
+    record, run_dir = fit(synth, "ape_t", {"epochs": 8, "lr": 0.05, "search_steps": "23,9"})
+    sel, task = record["selection"], task_of(synth, "ape_t")
+    scores = [h["select_acc"] for h in record["history"] if h.get("select_acc") is not None]
+    assert sel["epoch"] == int(np.argmax(scores)) and sel["val_acc"] == max(scores)
+    val = torch.nn.functional.normalize(task.center(task.val), dim=-1)
+    for head in heads(run_dir, tmp_path):
+        assert (float(head.alpha), float(head.beta)) == pytest.approx((sel["alpha"], sel["beta"]))
+        with torch.no_grad():
+            keys, text, values = head.refined()
+        beta, alpha, betas, alphas = tip_search(
+            val, keys, values, text, task.val.labels, scale=(7, 7), steps=(23, 9)
+        )
+        check_tip_landing(sel, betas, alphas)
+        assert (sel["beta"], sel["alpha"]) == pytest.approx((beta, alpha))
