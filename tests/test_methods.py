@@ -256,7 +256,7 @@ def test_options_parse_typed_values_and_reject_unknown_keys():
     with pytest.raises(UsageError, match="Did you mean lr"):
         info.create({"lrr": "1"})
     with pytest.raises(UsageError, match="Did you mean adamw"):
-        info.create({"optimizer": "adamx"})
+        info.create({"optimizer": "adamww"})  # (adamx is as close to adam, the Dassl/TaskRes optimiser)
     with pytest.raises(ConfigError, match="epochs takes int"):
         info.create({"epochs": "ten"})
     with pytest.raises(ConfigError, match="batch_size must be >= 1"):
