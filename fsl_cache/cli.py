@@ -7,6 +7,7 @@ Results go to stdout (``--json`` gives JSON lines); progress, tables and errors 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import sys
@@ -90,6 +91,9 @@ class FslGroup(click.Group):
                 highlight=False,
                 soft_wrap=True,
             )
+            # zarr reads the stop abandoned are garbage-collected at exit; asyncio would log each one
+            # after the line above, which must stay the last thing a preempted job's log says
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             sys.exit(143 if isinstance(err, Terminated) else 130)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
