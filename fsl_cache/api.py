@@ -19,14 +19,16 @@ from .extraction import extract as _extract
 from .inference import Predictor, export_bundle, find_run
 from .methods import get_method, list_methods
 from .methods.needs import DEFAULT_FOR
-from .render import show_fit_progress
+from .render import show_extract_plan, show_extract_result, show_fit_progress
 from .reports import Filters, build_table, load_rows
 from .reports.plots import write_plots
 from .runs import default_runs_dir, fit_runs
-from .runs.request import FitRequest
+from .runs.request import FitRequest, shift_targets
+from .splits import check_protocol
 from .store import StoreEntry, VerifyProblem, find_store, list_stores, remove_store, verify_store
 from .store.catalog import default_cache_dir
 from .store.store import FeatureStore
+from .store_extension import Extension, complete_stores
 from .sweeps import GridSpec, SweepContext, load_recipe, run_sweep
 from .sweeps.claims import STALE_AFTER
 from .sweeps.optuna_engine import OptunaSettings
@@ -120,10 +122,15 @@ def fit(
     shots: int,
     seeds: Sequence[int] = DEFAULT_SEEDS,
     protocol: str = DEFAULT_PROTOCOL,
+    targets: Sequence[str] = (),
     model: str = DEFAULT_MODEL,
     pretrained: str = DEFAULT_PRETRAINED,
     store: str | None = None,
     options: dict | None = None,
+    root: str | Path | None = None,
+    extract: bool = True,
+    yes: bool = False,
+    confirm: Callable[[str], bool] | None = None,
     cache_dir: str | Path | None = None,
     runs_dir: str | Path | None = None,
     force: bool = False,
@@ -135,7 +142,11 @@ def fit(
     """Stage two: fit ``method`` on the cached features of ``dataset`` once per seed.
 
     The store is the one ``extract`` made for ``dataset`` with ``model``/``pretrained`` (or the one
-    ``store``, a key prefix or folder, names). ``options`` are the method's ``-o key=value`` settings.
+    ``store``, a key prefix or folder, names). What the method reads and the store lacks is extracted
+    first (from ``root`` for built-in datasets; a store is created if there is none), as ``extract``
+    would; heavy feature maps over the threshold only with ``yes`` or a true ``confirm(question)``;
+    ``extract=False`` refuses instead. ``options`` are the method's ``-o key=value`` settings.
+    ``protocol="domain_shift"`` (or ``paper`` with ``targets``) also tests each head on the ``targets``.
     A run whose fingerprint already has a record under ``runs_dir`` is returned without recomputing
     (``force=True`` redoes it). Returns one :class:`fsl_cache.runs.RunResult` per seed.
     """
@@ -153,6 +164,7 @@ def fit(
         seeds=seeds,
         options=dict(options or {}),
         protocol=protocol,
+        targets=tuple(targets),
         model=model,
         pretrained=pretrained,
         store=store,
@@ -161,8 +173,30 @@ def fit(
         force=force,
         device=device,
         memory_budget=memory_budget,
+    ).checked()  # bad options fail before anything is extracted
+    complete_stores(
+        request.cache,
+        datasets=[dataset],
+        targets=request.targets,
+        model=model,
+        pretrained=pretrained,
+        store=store,
+        methods=[request.method],
+        extension=_extension(root, extract=extract, yes=yes, confirm=confirm, progress=progress),
     )
     return fit_runs(request, on_run=report)
+
+
+def _extension(root, *, extract: bool, yes: bool, confirm, progress: bool) -> Extension:
+    return Extension(
+        enabled=extract,
+        root=root,
+        yes=yes,
+        confirm=confirm,
+        on_plan=show_extract_plan if progress else None,
+        on_done=show_extract_result if progress else None,
+        progress=progress,
+    )
 
 
 def methods() -> list:
@@ -179,9 +213,14 @@ def grid(
     options: dict[str, Sequence] | None = None,
     recipe: str | Path | None = None,
     protocol: str = DEFAULT_PROTOCOL,
+    targets: Sequence[str] = (),
     model: str = DEFAULT_MODEL,
     pretrained: str = DEFAULT_PRETRAINED,
     store: str | None = None,
+    root: str | Path | None = None,
+    extract: bool = True,
+    yes: bool = False,
+    confirm: Callable[[str], bool] | None = None,
     workers: int = 1,
     group_size: int = 8,
     engine: str = "local",
@@ -204,8 +243,9 @@ def grid(
     results equal to separate runs). ``engine``: ``local`` (``workers`` processes),
     ``optuna`` (studies in the journal file ``study_storage``, ``sampler`` grid or tpe, selection on
     val) or ``ray``. A run's claim whose owner stopped refreshing it for ``claim_stale_after`` seconds
-    (default :data:`fsl_cache.sweeps.claims.STALE_AFTER`) is taken over, from any host.
-    Returns a :class:`fsl_cache.sweeps.SweepResult`.
+    (default :data:`fsl_cache.sweeps.claims.STALE_AFTER`) is taken over, from any host. Before any
+    worker starts, each store is extended once with what the grid's methods lack (as :func:`fit` does;
+    ``root`` defaults to the recipe's). Returns a :class:`fsl_cache.sweeps.SweepResult`.
     """
     if recipe is not None:
         spec = load_recipe(recipe)
@@ -217,16 +257,30 @@ def grid(
             seeds=tuple(seeds),
             options={k: tuple(v) for k, v in (options or {}).items()},
             protocol=protocol,
+            targets=tuple(targets),
             model=model,
             pretrained=pretrained,
         )
     else:
         raise UsageError("grid needs METHOD[,METHOD] and --dataset, or --recipe pipelines/NAME.yaml")
     runs = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    check_protocol(spec.protocol)
+    targets = shift_targets(spec.protocol, spec.targets)
+    complete_stores(
+        _cache_dir(cache_dir),
+        datasets=spec.datasets,
+        targets=targets,
+        model=spec.model,
+        pretrained=spec.pretrained,
+        store=store,
+        methods=[get_method(m).name for m in spec.methods],
+        extension=_extension(root or spec.root, extract=extract, yes=yes, confirm=confirm, progress=True),
+    )
     context = SweepContext(
         cache_dir=_cache_dir(cache_dir),
         runs_dir=runs,
         protocol=spec.protocol,
+        targets=targets,
         model=spec.model,
         pretrained=spec.pretrained,
         store=store,

@@ -60,6 +60,33 @@ KEPT = {
 """What an interrupted command leaves behind, for the line that says how to resume it."""
 
 
+ROOT_OPTION = click.option(
+    "--root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Dataset root to extract missing arrays from [default: $FSL_DATA].",
+)
+TARGETS_OPTION = click.option(
+    "--targets",
+    callback=lambda ctx, param, value: _name_list(ctx, param, value) or (),
+    help="Domain-shift targets tested with the same head [default under domain_shift: "
+    "imagenet_v2,imagenet_sketch,imagenet_a,imagenet_r].",
+)
+NO_EXTRACT_OPTION = click.option(
+    "--no-extract",
+    is_flag=True,
+    help="Refuse a store that lacks what the method reads, instead of extracting it first.",
+)
+YES_OPTION = click.option(
+    "--yes", "-y", is_flag=True, help="Extract heavy feature maps (RN layers, ViT blocks) without asking."
+)
+
+
+def _confirm():
+    """Ask on the terminal; without one (a pipe, CI) heavy extractions need --yes."""
+    return (lambda question: click.confirm(question, err=True)) if sys.stdin.isatty() else None
+
+
 class FslGroup(click.Group):
     """Turns user errors into one line on stderr with the right exit code, not a traceback.
 
@@ -486,12 +513,14 @@ def _key_values(ctx, param, value: tuple[str, ...]) -> dict:
 )
 @click.option(
     "--protocol",
-    type=click.Choice(["coop", "paper", "base2novel"]),
+    type=click.Choice(["coop", "paper", "base2novel", "domain_shift"]),
     default="coop",
     show_default=True,
     help="coop: few-shot val for every choice, test once; paper: each paper's own quirks; "
-    "base2novel: train on base classes, report base, novel and their harmonic mean.",
+    "base2novel: train on base classes, report base, novel and their harmonic mean; "
+    "domain_shift: coop on the source, then test the same head on each --targets dataset.",
 )
+@TARGETS_OPTION
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Backbone architecture of the store.")
 @click.option(
     "--pretrained", default=DEFAULT_PRETRAINED, show_default=True, help="Backbone weights of the store."
@@ -507,6 +536,9 @@ def _key_values(ctx, param, value: tuple[str, ...]) -> dict:
     callback=_key_values,
     help="Method option key=value (repeatable).",
 )
+@ROOT_OPTION
+@NO_EXTRACT_OPTION
+@YES_OPTION
 @CACHE_DIR_OPTION
 @click.option(
     "--runs-dir",
@@ -523,17 +555,23 @@ def fit(
     shots,
     seeds,
     protocol,
+    targets,
     model,
     pretrained,
     store,
     options,
+    root,
+    no_extract,
+    yes,
     cache_dir,
     runs_dir,
     device,
     force,
     as_json,
 ) -> None:
-    """Stage two: fit METHOD on cached features, once per seed (`fsl-cache methods` lists them)."""
+    """Stage two: fit METHOD on cached features, once per seed (`fsl-cache methods` lists them).
+
+    What METHOD reads and the store lacks is extracted first, as `fsl-cache extract --for METHOD` would."""
     from . import api
     from .render import show_fit_results
 
@@ -543,10 +581,15 @@ def fit(
         shots=shots,
         seeds=seeds,
         protocol=protocol,
+        targets=targets,
         model=model,
         pretrained=pretrained,
         store=store,
         options=options,
+        root=root,
+        extract=not no_extract,
+        yes=yes,
+        confirm=_confirm(),
         cache_dir=cache_dir,
         runs_dir=runs_dir,
         force=force,
@@ -621,7 +664,10 @@ def _grid_options(ctx, param, value: tuple[str, ...]) -> dict:
     default=None,
     help="A pipelines/*.yaml recipe instead of METHODS/--dataset/--shots/--seeds/-o.",
 )
-@click.option("--protocol", type=click.Choice(["coop", "paper"]), default="coop", show_default=True)
+@click.option(
+    "--protocol", type=click.Choice(["coop", "paper", "domain_shift"]), default="coop", show_default=True
+)
+@TARGETS_OPTION
 @click.option(
     "--model", default=DEFAULT_MODEL, show_default=True, help="Backbone architecture of the stores."
 )
@@ -629,6 +675,9 @@ def _grid_options(ctx, param, value: tuple[str, ...]) -> dict:
     "--pretrained", default=DEFAULT_PRETRAINED, show_default=True, help="Backbone weights of the stores."
 )
 @click.option("--store", default=None, help="Store key or folder (single-dataset grids).")
+@ROOT_OPTION
+@NO_EXTRACT_OPTION
+@YES_OPTION
 @click.option(
     "--workers", type=int, default=1, show_default=True, help="Worker processes (or concurrent trials)."
 )
@@ -677,9 +726,13 @@ def grid(
     options,
     recipe,
     protocol,
+    targets,
     model,
     pretrained,
     store,
+    root,
+    no_extract,
+    yes,
     workers,
     group_size,
     engine,
@@ -705,9 +758,14 @@ def grid(
             options=options,
             recipe=recipe,
             protocol=protocol,
+            targets=targets,
             model=model,
             pretrained=pretrained,
             store=store,
+            root=root,
+            extract=not no_extract,
+            yes=yes,
+            confirm=_confirm(),
             workers=workers,
             group_size=group_size,
             engine=engine,
@@ -737,7 +795,7 @@ def grid(
 )
 @click.option("--dataset", "datasets", callback=_name_list, help="Datasets, comma-separated.")
 @click.option("--shots", callback=_int_list, default=None, help="Shot counts, comma-separated.")
-@click.option("--protocol", "protocols", callback=_name_list, help="coop and/or paper.")
+@click.option("--protocol", "protocols", callback=_name_list, help="coop, paper, base2novel, domain_shift.")
 @click.option("--model", "backbones", callback=_name_list, help="Backbones: arch or arch/pretrained.")
 @click.option(
     "--format",

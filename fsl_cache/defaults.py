@@ -13,3 +13,7 @@ DEFAULT_PROTOCOL = "coop"
 """CoOp/Dassl split, selection on the few-shot val, test read once (METHODS §1.5)."""
 DEFAULT_VIT_BLOCKS = (6, 8, 10, 12)
 """ViT blocks tapped for multi-level maps unless ``--vit-blocks`` says otherwise (LDC's choice for 12 blocks)."""
+CONFIRM_EXTRACT_BYTES = 2 * 2**30
+"""Feature maps (RN layer1..4, ViT blocks, dense maps) ``fit``/``grid`` add to a store without asking."""
+DEFAULT_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+"""``--protocol domain_shift`` targets unless ``--targets`` says otherwise (the papers' ImageNet shifts)."""

@@ -34,6 +34,10 @@ class StoreError(FslError):
     """A feature store that is missing, foreign, incomplete or corrupted."""
 
 
+class NoStoreError(UsageError):
+    """No finished store holds the dataset with the backbone asked for (``fit`` and ``grid`` can create it)."""
+
+
 class DiskFullError(StoreError):
     """Not enough free space for what an extraction would write."""
 

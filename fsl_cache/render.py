@@ -222,15 +222,16 @@ class GridProgress:
         self.enabled = enabled
 
     def __enter__(self) -> GridProgress:
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+        self.progress.stop()
 
     def start(self, pending: int, reused: int) -> None:
+        """Shows the bar: only now, as stores being extended before the grid show their own."""
         if self.enabled:
             err_console.print(f"grid: {pending} run(s) to compute, {reused} already recorded (skipped)")
+        self.progress.start()
         self.task = self.progress.add_task("grid", total=pending)
 
     def advance(self, outcome) -> None:

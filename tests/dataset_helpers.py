@@ -1,7 +1,8 @@
-"""Helpers for the dataset tests: where the shared reference data lives, fake CoOp layouts on disk.
+"""Helpers for the dataset tests: where the shared reference data lives, fake CoOp layouts on disk,
+small generated image folders.
 
-Imported by ``tests/test_datasets*.py`` and ``tests/test_shots.py`` (pytest puts ``tests/`` on
-``sys.path`` because it has no ``__init__.py``).
+Imported by ``tests/test_datasets*.py``, ``tests/test_shots.py`` and the fit tests that extract real
+images (pytest puts ``tests/`` on ``sys.path`` because it has no ``__init__.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,3 +175,16 @@ def write_split_json(folder: Path, stem: str, names: list[str], per_split: int =
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(split))
     return path
+
+
+def write_images(root: Path, *, classes: int = 3, counts=(5, 2, 2)) -> Path:
+    """A small imagefolder dataset (``train/ val/ test/``, 64 px PNGs, one tint per class)."""
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val", "test"), counts):
+        for c in range(classes):
+            for i in range(n):
+                path = root / split / f"class{c}" / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pixels = rng.random((64, 64, 3)) * 80 + np.array([70 * c, 100, 200 - 70 * c])
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
+    return root

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import QuickGELU, VisionTransformer
 
+from fsl_cache.backbones.encoder import ZS_SCALE
 from fsl_cache.backbones.weights import WeightsSource
 from fsl_cache.errors import BackboneError, UsageError, did_you_mean
 
@@ -87,6 +88,15 @@ class Backbone:
                 parts["model_cfg"] = copy.deepcopy(self.model_cfg)
             self._fingerprint = parts
         return copy.deepcopy(self._fingerprint)
+
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's zero-shot logit scale: ``logit_scale.exp()`` of the loaded weights (100 for random ones)."""
+        if self.random_init:
+            # an untrained logit_scale is open_clip's init exp(log(1/0.07)) ≈ 14.3, which no released CLIP
+            # uses; 100 keeps random-weight stores and runs as they were
+            return ZS_SCALE
+        return float(self.model.logit_scale.detach().float().exp())
 
     # --- taps -------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import torch
 from .taps import POOL7, derive, derived_tap
 
 ZS_SCALE = 100.0
-"""[CODE] Tip-Adapter / LDC: zero-shot logits are 100 · f̂ Wᵀ (the released CLIP logit scale)."""
+"""The released CLIP logit scale ([CODE] Tip-Adapter / LDC hard-code 100 · f̂ Wᵀ); random weights use it."""
 
 
 @dataclass
@@ -24,6 +24,8 @@ class Encoder:
     backbone: object
     text: dict[str, torch.Tensor]
     store_dtype: np.dtype
+    scale: float
+    """The store's zero-shot logit scale (its manifest's ``zs_scale``)."""
 
     def __call__(self, images: torch.Tensor, taps: tuple[str, ...]) -> dict[str, np.ndarray]:
         bb = self.backbone
@@ -40,7 +42,7 @@ class Encoder:
         if "pooled" in out:
             f = torch.nn.functional.normalize(out["pooled"].float(), dim=-1)
             for name, weights in self.text.items():
-                arrays[f"zs_logits/{name}"] = self._store(ZS_SCALE * f @ weights.to(f.device).T)
+                arrays[f"zs_logits/{name}"] = self._store(self.scale * f @ weights.to(f.device).T)
         return arrays
 
     def _store(self, t: torch.Tensor) -> np.ndarray:

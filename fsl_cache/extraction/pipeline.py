@@ -19,7 +19,7 @@ import torch
 
 from .. import __version__
 from ..backbones import load_backbone
-from ..backbones.encoder import ZS_SCALE, Encoder
+from ..backbones.encoder import Encoder
 from ..backbones.taps import derived_shape, derived_tap
 from ..backbones.views import POLICIES, ViewRenderer
 from ..console import progress_bar
@@ -239,7 +239,9 @@ class PreparedExtraction:
         ranks.barrier()
         stats = RunStats()
         opts = self.options
-        encoder = Encoder(self.backbone, text, np.dtype(PRECISIONS[opts.precision]))
+        encoder = Encoder(
+            self.backbone, text, np.dtype(PRECISIONS[opts.precision]), scale=float(self.manifest["zs_scale"])
+        )
         renderer = ViewRenderer(self.backbone.preprocess_cfg)
         total = sum(job.images for job in self.plan.jobs)
         error = None
@@ -475,7 +477,8 @@ def _load_or_new_manifest(
             "notes": list(backbone.notes),
             "compute_dtype": str(backbone.dtype).replace("torch.", ""),
         },
-        "zs_scale": ZS_SCALE,
+        "zs_scale": backbone.logit_scale,
+        "zs_scale_from": "100 (random weights)" if backbone.random_init else "checkpoint logit_scale.exp()",
         "aug_seed": options.aug_seed,
         "policies": {name: (p.__dict__ if p else None) for name, p in POLICIES.items()},
         "few_shot": parts["few_shot"],

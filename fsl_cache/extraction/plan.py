@@ -155,8 +155,8 @@ def plan_extraction(
     eval_taps = tuple(dict.fromkeys(t for n in needs for t in n.eval_taps))
     for pool in pools:
         want(pool, "center", 1, eval_taps)
-    train = next(p for p in pools if p.startswith("train"))
-    for need in needs:
+    train = next((p for p in pools if p.startswith("train")), None)
+    for need in needs if train is not None else ():  # test-only sets (ImageNet-A ...) have no train views
         for view in need.train_views:
             want(train, view.policy, views_override or view.views, view.taps)
 

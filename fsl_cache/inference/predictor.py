@@ -78,7 +78,8 @@ class Predictor:
         renderer = ViewRenderer(self.bundle.meta["backbone"]["preprocess_cfg"] or bb.preprocess_cfg)
         taps = tuple(t for t in self.bundle.inputs if not t.startswith("zs_logits/"))
         text = {k: v for k, v in self.bundle.text.items() if f"zs_logits/{k}" in self.bundle.inputs}
-        encoder = Encoder(bb, text, np.dtype(STORE_DTYPES[self.bundle.meta.get("precision", "fp16")]))
+        dtype = np.dtype(STORE_DTYPES[self.bundle.meta.get("precision", "fp16")])
+        encoder = Encoder(bb, text, dtype, scale=float(self.bundle.meta["zs_scale"]))
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(images), self.batch_size):
             batch = torch.stack([renderer.center(_open(p)) for p in images[start : start + self.batch_size]])

@@ -3,6 +3,7 @@
 Every format shows one block per dataset (the average over datasets first): a row per method, a
 column per shot count, ``mean ± std`` over seeds, the best mean of each column in bold. Base-to-novel
 tables show three columns per shot count: base, novel and their harmonic mean (HM, the headline).
+Domain-shift runs add a block per (source, shots) whose columns are the source and each target.
 """
 
 from __future__ import annotations
@@ -72,18 +73,46 @@ def _row_texts(table: ReportTable, method: str, block: str, *, pm: str = "±", b
     return texts
 
 
+def _views(
+    table: ReportTable, *, pm: str = "±", bold
+) -> list[tuple[str, list[str], list[tuple[str, list[str]]]]]:
+    """(title, headers, [(method, entries)]) of every block: each dataset's, then each domain shift's."""
+    views = [
+        (
+            block_title(table, block),
+            _shots_header(table),
+            [(m, _row_texts(table, m, block, pm=pm, bold=bold)) for m in table.methods],
+        )
+        for block in table.blocks()
+    ]
+    for shift in table.shifts:
+        rows = []
+        for method in shift.methods:
+            texts = []
+            for column in shift.columns:
+                cell, best = shift.cells.get((method, column)), shift.best(column)
+                text = cell_text(cell, pm=pm)
+                top = cell is not None and len(shift.methods) > 1 and cell.mean >= best - 1e-9
+                texts.append(bold(text) if top else text)
+            rows.append((method, texts))
+        source = dataset_label(shift.source)
+        headers = [f"{source} (source)"] + [dataset_label(c) for c in shift.columns[1:]]
+        views.append((f"Domain shift from {source}, {shift.shots}-shot", headers, rows))
+    return views
+
+
 def as_text(table: ReportTable) -> str:
     out = io.StringIO()
-    console = Console(
-        file=out, width=max(100, 24 + 18 * len(table.shots)), force_terminal=False, color_system=None
-    )
-    for block in table.blocks():
-        t = Table(title=escape(block_title(table, block)), title_justify="left", show_edge=False)
+    views = _views(table, bold=lambda t: f"[bold]{t}[/]")
+    columns = max(len(headers) for _, headers, _ in views)
+    console = Console(file=out, width=max(100, 24 + 18 * columns), force_terminal=False, color_system=None)
+    for title, headers, rows in views:
+        t = Table(title=escape(title), title_justify="left", show_edge=False)
         t.add_column("method")
-        for head in _shots_header(table):
-            t.add_column(head, justify="right")
-        for method in table.methods:
-            t.add_row(escape(method), *_row_texts(table, method, block, bold=lambda t: f"[bold]{t}[/]"))
+        for head in headers:
+            t.add_column(escape(head), justify="right")
+        for method, texts in rows:
+            t.add_row(escape(method), *texts)
         console.print(t)
         console.print()
     for note in table.notes:
@@ -93,16 +122,14 @@ def as_text(table: ReportTable) -> str:
 
 def as_markdown(table: ReportTable) -> str:
     lines = []
-    for block in table.blocks():
+    for title, headers, rows in _views(table, bold=lambda t: f"**{t}**"):
         lines += [
-            f"### {block_title(table, block)}",
+            f"### {title}",
             "",
-            "| method | " + " | ".join(_shots_header(table)) + " |",
-            "|---|" + "---:|" * len(_shots_header(table)),
+            "| method | " + " | ".join(headers) + " |",
+            "|---|" + "---:|" * len(headers),
         ]
-        for method in table.methods:
-            texts = _row_texts(table, method, block, bold=lambda t: f"**{t}**")
-            lines.append(f"| {method} | " + " | ".join(texts) + " |")
+        lines += [f"| {method} | " + " | ".join(texts) + " |" for method, texts in rows]
         lines.append("")
     lines += [f"_{note}_" for note in table.notes]
     return "\n".join(lines).rstrip() + "\n"
@@ -120,7 +147,7 @@ def as_csv(table: ReportTable) -> str:
         writer.writerow(
             [
                 cell.method,
-                cell.dataset,
+                f"{cell.source}->{cell.dataset}" if cell.source else cell.dataset,
                 cell.shots,
                 *parts,
                 f"{cell.mean:.4f}",
@@ -138,13 +165,14 @@ def as_json(table: ReportTable) -> str:
 
 
 def _cells(table: ReportTable) -> list[Cell]:
-    return [
+    cells = [
         c
         for block in table.blocks()
         for m in table.methods
         for k in table.shots
         if (c := table.get(m, block, k)) is not None
     ]
+    return cells + [c for shift in table.shifts for c in shift.cells.values()]
 
 
 def as_latex(table: ReportTable) -> str:
@@ -152,19 +180,16 @@ def as_latex(table: ReportTable) -> str:
         "% fsl-cache report: mean $\\pm$ std over seeds (test top-1, %); best per column in bold",
         "% needs \\usepackage{booktabs}",
     ]
-    columns = len(_shots_header(table))
-    for block in table.blocks():
+    for title, headers, rows in _views(table, pm="$\\pm$", bold=lambda t: f"\\textbf{{{t}}}"):
         lines += [
-            f"% {block_title(table, block)}",
-            "\\begin{tabular}{l" + "c" * columns + "}",
+            f"% {title}",
+            "\\begin{tabular}{l" + "c" * len(headers) + "}",
             "\\toprule",
-            f"\\multicolumn{{{1 + columns}}}{{l}}{{{_tex(block_title(table, block))}}} \\\\",
-            "Method & " + " & ".join(_shots_header(table)) + " \\\\",
+            f"\\multicolumn{{{1 + len(headers)}}}{{l}}{{{_tex(title)}}} \\\\",
+            "Method & " + " & ".join(_tex(h) for h in headers) + " \\\\",
             "\\midrule",
         ]
-        for method in table.methods:
-            texts = _row_texts(table, method, block, pm="$\\pm$", bold=lambda t: f"\\textbf{{{t}}}")
-            lines.append(f"{_tex(method)} & " + " & ".join(texts) + " \\\\")
+        lines += [f"{_tex(method)} & " + " & ".join(texts) + " \\\\" for method, texts in rows]
         lines += ["\\bottomrule", "\\end{tabular}", ""]
     lines += [f"% {note}" for note in table.notes]
     return "\n".join(lines).rstrip() + "\n"

@@ -38,6 +38,8 @@ class RunRow:
     """``--protocol base2novel``: test top-1 on the base classes (``test_acc`` is the harmonic mean)."""
     novel_acc: float | None = None
     """``--protocol base2novel``: test top-1 on the novel classes."""
+    targets: tuple[tuple[str, float], ...] = ()
+    """Domain shift: (target dataset, test accuracy) of the same head, in the run's target order."""
 
     @property
     def variant(self) -> str:
@@ -81,6 +83,8 @@ def row_from_record(record: dict, path: Path) -> RunRow:
         bool(store.get("random_init")),
         None if m.get("base_acc") is None else float(m["base_acc"]),
         None if m.get("novel_acc") is None else float(m["novel_acc"]),
+        # the run's target order (records sort their keys)
+        tuple((name, float(m["targets"][name]["test_acc"])) for name in record.get("targets", [])),
     )
 
 
@@ -131,7 +135,8 @@ def load_rows(runs_dir: str | Path, filters: Filters = Filters()) -> list[RunRow
             continue  # a foreign or older-schema file is not a run of this report
         if not filters.keep(row):
             continue
-        key = (row.variant, row.backbone, row.protocol, row.dataset, row.shots, row.seed)
+        targets = tuple(name for name, _ in row.targets)
+        key = (row.variant, row.backbone, row.protocol, targets, row.dataset, row.shots, row.seed)
         if key not in newest or row.created > newest[key].created:
             newest[key] = row
     return sorted(newest.values(), key=lambda r: (r.dataset, r.variant, r.shots, r.seed))

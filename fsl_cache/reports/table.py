@@ -9,6 +9,8 @@ marked partial rather than silently compared with complete ones.
 Base-to-novel runs (CoCoOp's protocol) also carry base and novel accuracy: a cell's base and novel are
 their means (over seeds, then over datasets for the average) and its headline is the harmonic mean
 of those two means, so the average's HM is the HM of the averaged base and novel, not a mean of HMs.
+Domain-shift runs also fill a block per (source, shots) with the source and each target as
+columns (:class:`ShiftBlock`).
 """
 
 from __future__ import annotations
@@ -46,20 +48,44 @@ class Cell:
     novel: float | None = None
     """Base-to-novel: mean novel-class accuracy."""
 
+    source: str = ""
+    """Domain-shift cells only: the dataset the head was trained on (``dataset`` is it or a target)."""
+
     def to_json(self) -> dict:
         b2n = {} if self.base is None else {"base": round(self.base, 4), "novel": round(self.novel, 4)}
-        return b2n | {
-            "method": self.method,
-            "dataset": self.dataset,
-            "shots": self.shots,
-            "mean": round(self.mean, 4),
-            "std": None if self.std is None else round(self.std, 4),
-            "n": len(self.values),
-            "seeds": list(self.seeds),
-            "values": [round(v, 4) for v in self.values],
-            "partial": self.partial,
-            "datasets": self.datasets,
-        }
+        source = {"source": self.source} if self.source else {}
+        return (
+            b2n
+            | source
+            | {
+                "method": self.method,
+                "dataset": self.dataset,
+                "shots": self.shots,
+                "mean": round(self.mean, 4),
+                "std": None if self.std is None else round(self.std, 4),
+                "n": len(self.values),
+                "seeds": list(self.seeds),
+                "values": [round(v, 4) for v in self.values],
+                "partial": self.partial,
+                "datasets": self.datasets,
+            }
+        )
+
+
+@dataclass
+class ShiftBlock:
+    """Domain shift from ``source`` at ``shots``: a row per method, the source then each target as columns."""
+
+    source: str
+    shots: int
+    columns: list[str]
+    methods: list[str]
+    cells: dict[tuple[str, str], Cell]
+    """By (method row, column dataset)."""
+
+    def best(self, column: str) -> float | None:
+        values = [c.mean for m in self.methods if (c := self.cells.get((m, column))) is not None]
+        return max(values) if values else None
 
 
 @dataclass
@@ -71,6 +97,7 @@ class ReportTable:
     shots: list[int]
     cells: dict[tuple[str, str, int], Cell] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    shifts: list[ShiftBlock] = field(default_factory=list)
 
     def get(self, method: str, dataset: str, shots: int) -> Cell | None:
         return self.cells.get((method, dataset, shots))
@@ -104,8 +131,8 @@ def build_table(rows: Sequence[RunRow]) -> ReportTable:
     several_proto = len({r.protocol for r in rows}) > 1
     groups: dict[tuple[str, str, int], dict[int, RunRow]] = defaultdict(dict)
     order: dict[str, None] = {}
-    for r in rows:
-        label = row_label(r, backbones=several_bb, protocols=several_proto)
+    labels = [row_label(r, backbones=several_bb, protocols=several_proto) for r in rows]
+    for r, label in zip(rows, labels):
         order.setdefault(label)
         groups[label, r.dataset, r.shots][r.seed] = r
     datasets = sorted({r.dataset for r in rows})
@@ -115,6 +142,7 @@ def build_table(rows: Sequence[RunRow]) -> ReportTable:
         values = tuple(by_seed[s].test_acc for s in seeds)
         cell = Cell(label, dataset, shots, float(np.mean(values)), float(np.std(values)), seeds, values)
         table.cells[label, dataset, shots] = _with_base_novel(cell, [by_seed[s] for s in seeds])
+    table.shifts = _shift_blocks(rows, labels)
     if len(datasets) > 1:
         _add_averages(table)
     if any(r.random_init for r in rows):
@@ -122,6 +150,44 @@ def build_table(rows: Sequence[RunRow]) -> ReportTable:
             "some runs use a RANDOM-weight backbone: their numbers measure the pipeline, not CLIP"
         )
     return table
+
+
+def _cell(label: str, dataset: str, shots: int, by_seed: dict[int, float], *, source: str = "") -> Cell:
+    seeds = tuple(sorted(by_seed))
+    values = tuple(by_seed[s] for s in seeds)
+    return Cell(
+        label, dataset, shots, float(np.mean(values)), float(np.std(values)), seeds, values, source=source
+    )
+
+
+def _shift_blocks(rows: Sequence[RunRow], labels: Sequence[str]) -> list[ShiftBlock]:
+    """One block per (source, shots) of the domain-shift rows: the source column, then the targets'."""
+    by_block: dict[tuple[str, int], dict[tuple[str, str], dict[int, float]]] = defaultdict(
+        lambda: defaultdict(dict)
+    )
+    columns: dict[tuple[str, int], dict[str, None]] = defaultdict(dict)
+    methods: dict[tuple[str, int], dict[str, None]] = defaultdict(dict)
+    for r, label in zip(rows, labels):
+        if not r.targets:
+            continue
+        block = (r.dataset, r.shots)
+        methods[block].setdefault(label)
+        for column, acc in ((r.dataset, r.test_acc), *r.targets):
+            columns[block].setdefault(column)
+            by_block[block][label, column][r.seed] = acc
+    return [
+        ShiftBlock(
+            source,
+            shots,
+            list(columns[source, shots]),
+            list(methods[source, shots]),
+            {
+                (label, column): _cell(label, column, shots, by_seed, source=source)
+                for (label, column), by_seed in by_block[source, shots].items()
+            },
+        )
+        for source, shots in sorted(by_block)
+    ]
 
 
 def _add_averages(table: ReportTable) -> None:

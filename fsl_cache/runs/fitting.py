@@ -25,10 +25,16 @@ from ..store.store import FeatureStore
 from .locate import check_needs, locate_store
 from .record import HEAD, RECORD_SCHEMA, RunResult, load_record, now, versions, write_run
 from .request import FitRequest, ResolvedRun, resolve_run, task_info
+from .shift import Target, open_targets, target_evaluation
 
 COOP_NOTE = (
     "CoOp/Dassl split from the store; few-shot val (min(k,4)/class) for every choice; "
     "test read once, at the end"
+)
+OLD_SCALE_NOTE = "100 (the constant stores used before they read the checkpoint's logit_scale)"
+SHIFT_NOTE = (
+    "domain shift: the same head is then tested on each target's test split, its logits restricted to the "
+    "target's classes (ImageNet-A/-R: their 200-class subsets, as in CoOp)"
 )
 B2N_NOTE = (
     "base-to-novel (METHODS §1.5): the CoOp split restricted to the base classes (first ceil(C/2) sorted labels) "
@@ -48,6 +54,7 @@ def fit_runs(request: FitRequest, *, on_run: Callable[[RunResult], None] | None 
         method=request.method,
     )
     fs = FeatureStore.open(entry.path)
+    targets: list[Target] = []
     try:
         caveats = check_needs(
             fs,
@@ -55,23 +62,32 @@ def fit_runs(request: FitRequest, *, on_run: Callable[[RunResult], None] | None 
             dataset=fs.manifest["dataset"]["name"],
             cache_dir=request.cache_dir,
         )
+        targets = open_targets(request, fs)
         results = []
         for seed in request.seeds:
-            results.append(fit_group(fs, [resolve_run(request, fs, seed=seed)], caveats=caveats)[0])
+            run = resolve_run(request, fs, seed=seed, targets=targets)
+            results.append(fit_group(fs, [run], caveats=caveats, targets=targets)[0])
             if on_run is not None:
                 on_run(results[-1])
         return results
     finally:
+        for target in targets:
+            target.store.close()
         fs.close()
 
 
 def fit_group(
-    fs: FeatureStore, runs: Sequence[ResolvedRun], *, caveats: Sequence[str] = ()
+    fs: FeatureStore,
+    runs: Sequence[ResolvedRun],
+    *,
+    caveats: Sequence[str] = (),
+    targets: Sequence[Target] = (),
 ) -> list[RunResult]:
     """Runs of one method that differ only in options, on one (shots, seed, protocol): one task, one pass.
 
     Finished runs are reused; the others are fitted together (:func:`~fsl_cache.methods.base.fit_together`:
-    lockstep training that reads each cached batch once) and each gets its own record.
+    lockstep training that reads each cached batch once) and each gets its own record. ``targets``: the
+    domain-shift targets each finished head is also tested on.
     """
     first = runs[0]
     shared = ("method", "shots", "protocol", "device", "budget")
@@ -116,7 +132,7 @@ def fit_group(
     fit_s = time.perf_counter() - started - splits_s
     for (index, run), fitted in zip(pending, fitted_all):
         evaluated = time.perf_counter()
-        metrics, test = final_evaluation(fitted, task, method=run.method)
+        metrics, test = final_evaluation(fitted, task, method=run.method, targets=targets)
         timings = {
             "splits_s": splits_s,
             "fit_s": fit_s,
@@ -132,11 +148,14 @@ def fit_group(
     return results
 
 
-def final_evaluation(fitted: FitResult, task: FitTask, method=None) -> tuple[dict, Any]:
+def final_evaluation(
+    fitted: FitResult, task: FitTask, method=None, targets: Sequence[Target] = ()
+) -> tuple[dict, Any]:
     """Score the finished head on val, then on test (the only test read of a ``coop`` run).
 
-    Every run also gets confusion analytics (top confused pairs, zero-shot pairs resolved) and, under
-    ``base2novel``, the novel-class evaluation through ``method.novel_head``.
+    Every run also gets confusion analytics (top confused pairs, zero-shot pairs resolved), under
+    ``base2novel`` the novel-class evaluation through ``method.novel_head``, and with domain-shift
+    ``targets`` the head's accuracy on each target's test split (``metrics["targets"]``).
     """
     head, c, device = fitted.head.to(task.device), task.info.num_classes, task.device
     val = evaluate(
@@ -163,6 +182,8 @@ def final_evaluation(fitted: FitResult, task: FitTask, method=None) -> tuple[dic
     }
     if task.classes is not None:
         metrics |= novel_evaluation(method, fitted, task, whole_test, base_acc=test[headline].top1)
+    if targets:
+        metrics["targets"] = target_evaluation(head, targets, device=device, memory_budget=task.memory_budget)
     return metrics, test_ref
 
 
@@ -231,7 +252,9 @@ def build_record(
             "protocol": request.protocol,
             "protocol_notes": {"paper": info.paper_protocol, "base2novel": B2N_NOTE}.get(
                 request.protocol, COOP_NOTE
-            ),
+            )
+            + (f"; {SHIFT_NOTE}" if request.targets else ""),
+            "targets": list(request.targets),
             "store": {
                 "fingerprint": fs.fingerprint,
                 "path": str(fs.root.resolve()),
@@ -246,6 +269,8 @@ def build_record(
                 "val": _split_json(task.val),
                 "test": {"pool": test.pool, "n": len(test)},
             },
+            # every scaled CLIP logit of the run (zero-shot, Tip's and LDC's ZS branch, CoOp) uses it
+            "logit_scale": {"value": task.info.zs_scale, "from": m.get("zs_scale_from", OLD_SCALE_NOTE)},
             "selection": fitted.selection,
             "history": fitted.history,
             "metrics": metrics,

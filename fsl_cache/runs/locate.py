@@ -11,7 +11,7 @@ from ..backbones.taps import resolve_taps
 from ..datasets import catalog  # noqa: F401  (registers the built-in loaders)
 from ..datasets.base import builtin_loaders
 from ..defaults import DEFAULT_SEEDS, DEFAULT_SHOTS, DEFAULT_VIT_BLOCKS
-from ..errors import StoreError, UsageError, did_you_mean
+from ..errors import NoStoreError, StoreError, UsageError, did_you_mean
 from ..store.catalog import StoreEntry, find_store
 from ..store.fingerprint import slug
 from ..store.store import MANIFEST
@@ -73,7 +73,7 @@ def _no_store(cache_dir: Path, name: str, *, dataset, model, pretrained, method,
         f"fsl-cache extract --dataset {shlex.quote(dataset)} --model {model} "
         f"--pretrained {pretrained} --for {method}"
     )
-    return UsageError(
+    return NoStoreError(
         f"No feature store for {name} with {model}/{pretrained} under {cache_dir}{hint}. "
         f"Create it first: {command}"
     )
@@ -105,37 +105,80 @@ def finished_stores(cache_dir: Path) -> list[StoreEntry]:
 # ---------------------------------------------------------------------------- needs
 
 
+def extract_settings(manifest: dict) -> dict:
+    """The ``extract`` settings that made this store (its key): extending it with them writes into it."""
+    fs, pools = manifest.get("few_shot", {}), manifest.get("pools", {})
+    return {
+        "dataset": manifest["dataset"]["name"],
+        "model": manifest["backbone"]["arch"],
+        "pretrained": str(manifest["backbone"]["pretrained"]),
+        "precision": manifest.get("precision", "fp16"),
+        "format": manifest.get("format", "zarr"),
+        "shots": tuple(fs.get("shots", DEFAULT_SHOTS)),
+        "seeds": tuple(fs.get("seeds", DEFAULT_SEEDS)),
+        "full_train": "train_full" in pools,
+        "full_val": "val_full" in pools,
+        "vit_blocks": _tapped_blocks(manifest.get("arrays", {})) or DEFAULT_VIT_BLOCKS,
+        "aug_seed": int(manifest.get("aug_seed", 0)),
+    }
+
+
 def extract_command(manifest: dict, method: str, *, cache_dir: Path | None) -> str:
     """The ``fsl-cache extract`` command that adds ``method``'s arrays to this very store."""
-    bb, fs = manifest["backbone"], manifest.get("few_shot", {})
+    s = extract_settings(manifest)
     words = [
         "fsl-cache extract",
         "--dataset",
-        shlex.quote(manifest["dataset"]["name"]),
+        shlex.quote(s["dataset"]),
         "--model",
-        bb["arch"],
+        s["model"],
         "--pretrained",
-        shlex.quote(str(bb["pretrained"])),
+        shlex.quote(s["pretrained"]),
         "--for",
         method,
     ]
-    if manifest.get("precision", "fp16") != "fp16":
-        words += ["--precision", manifest["precision"]]
-    if manifest.get("format", "zarr") != "zarr":
-        words += ["--format", manifest["format"]]
-    if fs.get("shots", list(DEFAULT_SHOTS)) != list(DEFAULT_SHOTS):
-        words += ["--shots", ",".join(map(str, fs["shots"]))]
-    if fs.get("seeds", list(DEFAULT_SEEDS)) != list(DEFAULT_SEEDS):
-        words += ["--seeds", ",".join(map(str, fs["seeds"]))]
-    pools = manifest.get("pools", {})
-    words += ["--full-train"] * ("train_full" in pools) + ["--full-val"] * ("val_full" in pools)
+    if s["precision"] != "fp16":
+        words += ["--precision", s["precision"]]
+    if s["format"] != "zarr":
+        words += ["--format", s["format"]]
+    if s["shots"] != DEFAULT_SHOTS:
+        words += ["--shots", ",".join(map(str, s["shots"]))]
+    if s["seeds"] != DEFAULT_SEEDS:
+        words += ["--seeds", ",".join(map(str, s["seeds"]))]
+    words += ["--full-train"] * s["full_train"] + ["--full-val"] * s["full_val"]
+    if s["vit_blocks"] != DEFAULT_VIT_BLOCKS:
+        words += ["--vit-blocks", ",".join(map(str, s["vit_blocks"]))]
     if cache_dir is not None:
         words += ["--cache-dir", shlex.quote(str(cache_dir))]
     return " ".join(words)
 
 
-def check_needs(store, method_info, *, dataset: str, cache_dir: Path | None) -> list[str]:
+def missing_arrays(store, method_info, *, dataset: str, eval_only: bool = False) -> list[str]:
+    """The arrays ``method_info`` reads that ``store`` lacks (``eval_only``: the center views it is scored on)."""
+    return _needs_report(store, method_info, dataset=dataset, eval_only=eval_only)[0]
+
+
+def check_needs(
+    store, method_info, *, dataset: str, cache_dir: Path | None, eval_only: bool = False
+) -> list[str]:
     """Refuse a store that lacks an array the method reads; return caveats (fewer views than wanted)."""
+    missing, caveats = _needs_report(store, method_info, dataset=dataset, eval_only=eval_only)
+    if missing:
+        raise lacks_error(store, method_info.name, missing, cache_dir=cache_dir)
+    return caveats
+
+
+def lacks_error(store, methods: str, missing: list[str], *, cache_dir: Path | None) -> StoreError:
+    """ "Store … lacks …, which METHODS need(s). Add it with: fsl-cache extract …" """
+    more = f" and {len(missing) - 2} more" if len(missing) > 2 else ""
+    verb = "need" if "," in methods else "needs"
+    return StoreError(
+        f"Store {store.root.name} lacks {', '.join(missing[:2])}{more}, which {methods} {verb}. "
+        f"Add it with: {extract_command(store.manifest, methods, cache_dir=cache_dir)}"
+    )
+
+
+def _needs_report(store, method_info, *, dataset: str, eval_only: bool) -> tuple[list[str], list[str]]:
     manifest = store.manifest
     needs = method_info.needs(dataset)
     bb = manifest["backbone"]
@@ -145,6 +188,8 @@ def check_needs(store, method_info, *, dataset: str, cache_dir: Path | None) -> 
         return resolve_taps(generic, kind=kind, dense_tap=dense, vit_blocks=vit_blocks(store))
 
     pools = [p for p in manifest.get("pools", {}) if store.has(f"images/{p}/labels")]
+    if eval_only:
+        pools = [p for p in pools if p == "test"]
     train_pool = next((p for p in ("train_pool", "train_full") if p in pools), None)
     missing = [
         f"images/{p}/views/center/{t}"
@@ -153,7 +198,7 @@ def check_needs(store, method_info, *, dataset: str, cache_dir: Path | None) -> 
         if not store.has(f"images/{p}/views/center/{t}")
     ]
     caveats = []
-    for view in needs.train_views:
+    for view in () if eval_only else needs.train_views:
         prefix = f"images/{train_pool}/views/{view.policy}"
         missing += [f"{prefix}/{t}" for t in taps(view.taps) if not store.has(f"{prefix}/{t}")]
         have = int(manifest.get("views", {}).get(f"{train_pool}/{view.policy}", 0))
@@ -169,17 +214,14 @@ def check_needs(store, method_info, *, dataset: str, cache_dir: Path | None) -> 
                 f"store holds {have} '{view.policy}' views per train image; {method_info.name} wants "
                 f"{view.views} (1 + epochs) for fresh augmentation every epoch"
             )
-    if missing:
-        more = f" and {len(missing) - 2} more" if len(missing) > 2 else ""
-        raise StoreError(
-            f"Store {store.root.name} lacks {', '.join(missing[:2])}{more}, which {method_info.name} "
-            f"needs. Add it with: {extract_command(manifest, method_info.name, cache_dir=cache_dir)}"
-        )
-    return caveats
+    return missing, caveats
 
 
 def vit_blocks(store) -> tuple[int, ...]:
     """ViT blocks the store tapped (from its array names), or the extraction default."""
+    return _tapped_blocks(store.arrays) or DEFAULT_VIT_BLOCKS
+
+
+def _tapped_blocks(names) -> tuple[int, ...]:
     # split("_"): derived taps such as vit/block06_mean (ldc_lite) name the block they come from
-    blocks = sorted({int(n.rsplit("block", 1)[1].split("_")[0]) for n in store.arrays if "/vit/block" in n})
-    return tuple(blocks) or DEFAULT_VIT_BLOCKS
+    return tuple(sorted({int(n.rsplit("block", 1)[1].split("_")[0]) for n in names if "/vit/block" in n}))

@@ -42,19 +42,28 @@ def default_runs_dir() -> Path:
 
 
 def run_fingerprint(
-    *, store_fingerprint: str, method: str, config: dict, shots: int, seed: int, protocol: str
+    *,
+    store_fingerprint: str,
+    method: str,
+    config: dict,
+    shots: int,
+    seed: int,
+    protocol: str,
+    targets: dict[str, str] | None = None,
 ) -> str:
-    return fingerprint(
-        {
-            "store": store_fingerprint,
-            "method": method,
-            "config": config,
-            "shots": shots,
-            "seed": seed,
-            "protocol": protocol,
-            "code": {"fsl_cache": __version__, "fit_version": FIT_VERSION},
-        }
-    )
+    """The run's key; ``targets`` (domain-shift target → store fingerprint) count only when given."""
+    parts = {
+        "store": store_fingerprint,
+        "method": method,
+        "config": config,
+        "shots": shots,
+        "seed": seed,
+        "protocol": protocol,
+        "code": {"fsl_cache": __version__, "fit_version": FIT_VERSION},
+    }
+    if targets:  # runs without targets keep the keys they always had
+        parts["targets"] = targets
+    return fingerprint(parts)
 
 
 def run_dir(

@@ -7,17 +7,18 @@ either is computed, so ``fit`` and ``grid`` always agree on which runs exist.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_PROTOCOL, DEFAULT_SEEDS
+from ..defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_PROTOCOL, DEFAULT_SEEDS, DEFAULT_TARGETS
 from ..errors import UsageError
 from ..methods import Method, MethodInfo, TaskInfo, get_method, list_methods
 from ..splits import base_novel_classes, check_protocol
+from ..splits.protocol import TARGET_PROTOCOLS
 from ..store.catalog import default_cache_dir
 from ..store.store import FeatureStore
 from ..training.data import DEFAULT_MEMORY_BUDGET
@@ -35,6 +36,8 @@ class FitRequest:
     options: Mapping[str, Any] = field(default_factory=dict)
     """The method's ``-o key=value`` settings (strings or typed values)."""
     protocol: str = DEFAULT_PROTOCOL
+    targets: tuple[str, ...] = ()
+    """Domain-shift target datasets the fitted head is also tested on (``domain_shift`` default: ImageNet's)."""
     model: str = DEFAULT_MODEL
     pretrained: str = DEFAULT_PRETRAINED
     store: str | None = None
@@ -75,13 +78,23 @@ class FitRequest:
                 f"Method {info.name} cannot run --protocol base2novel: its head has no way to score classes "
                 f"it never trained on. Methods that can: {', '.join(able)}"
             )
+        targets = shift_targets(self.protocol, self.targets)
         seeds = [self.seeds] if isinstance(self.seeds, (int, np.integer)) else self.seeds
         return replace(
             self,
+            targets=targets,
             options=dict(self.options),
             shots=_positive(self.shots, "--shots"),
             seeds=tuple(_positive(s, "--seed") for s in seeds),
         )
+
+
+def shift_targets(protocol: str, targets: Sequence[str]) -> tuple[str, ...]:
+    """The domain-shift targets of a run: as given, or ImageNet's shifts under ``domain_shift``."""
+    targets = tuple(targets) or (DEFAULT_TARGETS if protocol == "domain_shift" else ())
+    if targets and protocol not in TARGET_PROTOCOLS:
+        raise UsageError(f"--targets needs --protocol domain_shift (or paper), not {protocol}")
+    return targets
 
 
 def _positive(value, what: str) -> int:
@@ -122,8 +135,12 @@ class ResolvedRun:
     path: Path
 
 
-def resolve_run(request: FitRequest, fs: FeatureStore, *, seed: int) -> ResolvedRun:
-    """The run ``request`` makes on ``fs`` for ``seed`` (nothing is read but the manifest)."""
+def resolve_run(request: FitRequest, fs: FeatureStore, *, seed: int, targets: Sequence = ()) -> ResolvedRun:
+    """The run ``request`` makes on ``fs`` for ``seed`` (nothing is read but the manifest).
+
+    ``targets``: the opened domain-shift targets (:class:`~fsl_cache.runs.shift.Target`), whose stores
+    the run's fingerprint includes.
+    """
     info = get_method(request.method)
     tinfo = task_info(fs, shots=request.shots, seed=seed, protocol=request.protocol)
     method = info.cls(info.create(request.options).resolve(tinfo))
@@ -134,6 +151,7 @@ def resolve_run(request: FitRequest, fs: FeatureStore, *, seed: int) -> Resolved
         shots=request.shots,
         seed=seed,
         protocol=request.protocol,
+        targets={t.dataset: t.store.fingerprint for t in targets},
     )
     path = run_dir(
         request.runs,

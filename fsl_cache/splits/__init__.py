@@ -7,6 +7,7 @@ from .protocol import (
     build_splits,
     check_protocol,
     harmonic_mean,
+    shift_classes,
     subset_classes,
     test_split,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "harmonic_mean",
     "few_shot_pools",
     "sample_few_shot",
+    "shift_classes",
     "subset_classes",
     "test_split",
 ]

@@ -5,11 +5,15 @@
 official quirks (full val split, lpclip's own sampling, test-set selection), flagged in the record.
 ``base2novel``: the ``coop`` draw restricted to the base classes (CoCoOp / CAPT setting); the
 finished method is tested on base classes and, through :meth:`Method.novel_head`, on novel ones.
+``domain_shift``: the ``coop`` rules on the source dataset, then the finished head is tested on each
+target's test split too, through the source's classes (:func:`shift_classes`); ``paper`` with targets
+keeps the paper's quirks on the source (e.g. LDC's β searched on ImageNet test).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +24,9 @@ from ..store.reads import read_rows
 from .refs import SplitRef
 from .sampling import VAL_SHOTS_CAP, sample_few_shot
 
-PROTOCOLS = ("coop", "paper", "base2novel")
+PROTOCOLS = ("coop", "paper", "base2novel", "domain_shift")
+TARGET_PROTOCOLS = ("domain_shift", "paper")
+"""Protocols that evaluate domain-shift targets (``paper`` only when targets are given)."""
 
 
 @dataclass
@@ -233,3 +239,26 @@ def subset_classes(split: SplitRef, classes: np.ndarray) -> SplitRef:
 def harmonic_mean(base: float, novel: float) -> float:
     """``2·b·n / (b + n)`` (0 when both are 0), the base-to-novel headline."""
     return 2.0 * base * novel / (base + novel) if base + novel > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------- domain shift
+
+
+def shift_classes(source: Sequence[str], target: Sequence[str], *, target_name: str) -> np.ndarray:
+    """The source class each target class is scored as (``[C_target]`` source indices), matched by name.
+
+    [CODE] CoOp imagenet_a.py / imagenet_r.py label the 200 wnid folders present with ImageNet's
+    classnames.txt, so their names are ImageNet's: the source head's logits of those 200 classes,
+    in target label order, classify them. -V2 and -Sketch map one to one.
+    """
+    index: dict[str, list[int]] = {}
+    for i, name in enumerate(source):
+        index.setdefault(name, []).append(i)
+    classes = []
+    for name in target:
+        found = index.get(name, [])
+        if len(found) != 1:
+            how = "is not among" if not found else "names several of"
+            raise UsageError(f"Target {target_name}: class '{name}' {how} the source dataset's classes")
+        classes.append(found[0])
+    return np.asarray(classes, dtype=np.int64)

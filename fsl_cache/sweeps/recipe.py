@@ -10,7 +10,7 @@
     methods: [zero_shot, tip_adapter, linear_probe]
     shots: [1, 2, 4]
     seeds: [1, 2, 3]
-    protocol: coop
+    protocol: coop           # or domain_shift (with targets: [imagenet_v2, ...])
     options:                 # option grids: a value or a list of values
       tip_adapter_f.epochs: [5, 10]
     extract_for: [zero_shot, tip_adapter, linear_probe]
@@ -37,6 +37,7 @@ KEYS = {
     "shots",
     "seeds",
     "protocol",
+    "targets",
     "options",
     "root",
     "extract_for",
@@ -65,6 +66,7 @@ def load_recipe(path: str | Path) -> GridSpec:
         seeds=_ints(data, "seeds", path, DEFAULT_SEEDS),
         options={str(k): _as_tuple(v) for k, v in (data.get("options") or {}).items()},
         protocol=str(data.get("protocol", "coop")),
+        targets=_names(data, "targets", path) if "targets" in data else (),
         model=str(data.get("model", DEFAULT_MODEL)),
         pretrained=str(data.get("pretrained", DEFAULT_PRETRAINED)),
         name=str(data.get("name", path.stem)),

@@ -48,13 +48,15 @@ class GridSpec:
     options: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     """Option grids, see :data:`OptionGrid`."""
     protocol: str = "coop"
+    targets: tuple[str, ...] = ()
+    """Domain-shift targets every run is also tested on (``domain_shift`` default: ImageNet's shifts)."""
     model: str = DEFAULT_MODEL
     """Backbone architecture of the stores (every dataset uses the same backbone)."""
     pretrained: str = DEFAULT_PRETRAINED
     name: str = ""
     """Recipe name (for messages only)."""
     root: str | None = None
-    """Dataset root the recipe's stores were extracted from (documentation; ``grid`` reads only stores)."""
+    """Root of the built-in datasets, from which ``grid`` extends the stores (``--root`` overrides it)."""
     extract_for: tuple[str, ...] = ()
     """Methods the stores must serve, i.e. the ``--for`` of the ``extract`` commands a recipe documents."""
 

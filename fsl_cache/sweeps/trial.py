@@ -22,6 +22,7 @@ from ..runs.fitting import fit_group
 from ..runs.locate import check_needs, locate_store
 from ..runs.record import load_record
 from ..runs.request import FitRequest, ResolvedRun, resolve_run
+from ..runs.shift import Target, open_targets
 from ..store.store import FeatureStore
 from ..training.data import DEFAULT_MEMORY_BUDGET
 from .claims import STALE_AFTER, try_claim
@@ -35,6 +36,8 @@ class SweepContext:
     cache_dir: Path
     runs_dir: Path
     protocol: str = DEFAULT_PROTOCOL
+    targets: tuple[str, ...] = ()
+    """Domain-shift targets every trial's head is also tested on."""
     model: str = DEFAULT_MODEL
     pretrained: str = DEFAULT_PRETRAINED
     store: str | None = None
@@ -54,6 +57,7 @@ class SweepContext:
             seeds=(trial.seed,),
             options=dict(trial.options),
             protocol=self.protocol,
+            targets=self.targets,
             model=self.model,
             pretrained=self.pretrained,
             store=self.store,
@@ -129,6 +133,7 @@ class StoreCache:
     context: SweepContext
     stores: dict[str, CachedStore] = field(default_factory=dict)
     caveats: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    shifts: dict[tuple[str, str], list[Target]] = field(default_factory=dict)
 
     def get(self, dataset: str, method: str) -> tuple[CachedStore, tuple[str, ...]]:
         ctx = self.context
@@ -153,10 +158,22 @@ class StoreCache:
             )
         return store, self.caveats[dataset, method]
 
+    def targets(self, request: FitRequest, source: CachedStore) -> list[Target]:
+        """The request's domain-shift targets, opened once per (dataset, method)."""
+        if not request.targets:
+            return []
+        key = (request.dataset, request.method)
+        if key not in self.shifts:
+            self.shifts[key] = open_targets(request, source, opener=CachedStore.open)
+        return self.shifts[key]
+
     def close(self) -> None:
         for store in self.stores.values():
             store.close()
+        for target in (t for targets in self.shifts.values() for t in targets):
+            target.store.close()
         self.stores.clear()
+        self.shifts.clear()
 
 
 @dataclass(frozen=True)
@@ -167,13 +184,16 @@ class Prepared:
     store: CachedStore
     run: ResolvedRun
     caveats: tuple[str, ...]
+    targets: tuple[Target, ...] = ()
 
 
 def prepare(trial: Trial, stores: StoreCache) -> Prepared:
     """Resolve ``trial``'s config on its store and compute its run fingerprint (nothing is fitted)."""
     request = stores.context.request(trial).checked()
     store, caveats = stores.get(trial.dataset, trial.method)
-    return Prepared(trial, store, resolve_run(request, store, seed=trial.seed), caveats)
+    targets = tuple(stores.targets(request, store))
+    run = resolve_run(request, store, seed=trial.seed, targets=targets)
+    return Prepared(trial, store, run, caveats, targets)
 
 
 def existing(prepared: Prepared) -> Outcome | None:
@@ -234,7 +254,7 @@ def _fit_claimed(claimed: list, outcomes: list, started: float) -> None:
     if not todo:
         return
     first = todo[0][1]
-    results = fit_group(first.store, [p.run for _, p in todo], caveats=first.caveats)
+    results = fit_group(first.store, [p.run for _, p in todo], caveats=first.caveats, targets=first.targets)
     share = (time.perf_counter() - started) / len(todo)
     for (i, p), result in zip(todo, results):
         outcomes[i] = Outcome(p.trial, "done", result.run_dir, result.val_acc, result.test_acc, share)
