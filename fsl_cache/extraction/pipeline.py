@@ -478,7 +478,9 @@ def _load_or_new_manifest(
             "compute_dtype": str(backbone.dtype).replace("torch.", ""),
         },
         "zs_scale": backbone.logit_scale,
-        "zs_scale_from": "100 (random weights)" if backbone.random_init else "checkpoint logit_scale.exp()",
+        "zs_scale_from": "100 (random weights or a tiny test model)"
+        if backbone.fixed_logit_scale
+        else "checkpoint logit_scale.exp()",
         "aug_seed": options.aug_seed,
         "policies": {name: (p.__dict__ if p else None) for name, p in POLICIES.items()},
         "few_shot": parts["few_shot"],

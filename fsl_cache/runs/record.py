@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from ..backbones.encoder import ZS_SCALE
 from ..store.fingerprint import dataset_dirname, fingerprint
 from ..store.store import write_json_atomic
 
@@ -50,8 +51,10 @@ def run_fingerprint(
     seed: int,
     protocol: str,
     targets: dict[str, str] | None = None,
+    logit_scale: float = ZS_SCALE,
 ) -> str:
-    """The run's key; ``targets`` (domain-shift target → store fingerprint) count only when given."""
+    """The run's key; ``targets`` (domain-shift target → store fingerprint) count only when given, the
+    store's zero-shot ``logit_scale`` only when it is not 100 (the store key does not hold it)."""
     parts = {
         "store": store_fingerprint,
         "method": method,
@@ -63,6 +66,8 @@ def run_fingerprint(
     }
     if targets:  # runs without targets keep the keys they always had
         parts["targets"] = targets
+    if logit_scale != ZS_SCALE:  # likewise runs on stores at the scale every store had before
+        parts["logit_scale"] = logit_scale
     return fingerprint(parts)
 
 

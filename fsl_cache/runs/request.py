@@ -152,6 +152,7 @@ def resolve_run(request: FitRequest, fs: FeatureStore, *, seed: int, targets: Se
         seed=seed,
         protocol=request.protocol,
         targets={t.dataset: t.store.fingerprint for t in targets},
+        logit_scale=tinfo.zs_scale,
     )
     path = run_dir(
         request.runs,
