@@ -85,11 +85,9 @@ def try_claim(runs_dir: Path, key: str, *, stale_after: float = STALE_AFTER) -> 
 
 
 def _create(path: Path) -> str | None:
+    """Write the owner to a private file, then link it in place: the link is the exclusive create, and a
+    claim is never seen empty (a process stopped mid-claim leaves either nothing or a whole claim)."""
     token = uuid.uuid4().hex
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return None
     owner = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -97,8 +95,14 @@ def _create(path: Path) -> str | None:
         "started": time.time(),
         "token": token,
     }
-    with os.fdopen(fd, "w") as fh:
-        json.dump(owner, fh)
+    private = path.with_name(f"{path.name}.new-{token}")
+    try:
+        private.write_text(json.dumps(owner))
+        os.link(private, path)
+    except FileExistsError:
+        return None
+    finally:
+        private.unlink(missing_ok=True)
     return token
 
 
