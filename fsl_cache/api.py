@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .console import training_progress
 from .defaults import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -184,7 +185,8 @@ def fit(
         methods=[request.method],
         extension=_extension(root, extract=extract, yes=yes, confirm=confirm, progress=progress),
     )
-    return fit_runs(request, on_run=report)
+    with training_progress(progress):  # step counts, estimates and progress of each run's training
+        return fit_runs(request, on_run=report)
 
 
 def _extension(root, *, extract: bool, yes: bool, confirm, progress: bool) -> Extension:

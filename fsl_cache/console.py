@@ -1,9 +1,12 @@
-"""One stderr console for chatter, progress bars and tables; stdout is kept for results."""
+"""Two consoles: stdout for results and tables a user may pipe, stderr for progress and notices."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from rich.console import Console
 from rich.progress import (
@@ -18,6 +21,11 @@ from rich.progress import (
 from rich.text import Text
 
 err_console = Console(stderr=True)
+out_console = Console(soft_wrap=False)
+"""Results: tables and listings (``cache ls``, ``methods``, ``report``), so ``| grep`` sees them."""
+PLAIN_EVERY_S = 30.0
+"""Seconds between plain progress lines when stderr is not a terminal (a log file, CI, ``nohup``)."""
+_TRAINING_PROGRESS: ContextVar[bool] = ContextVar("training_progress", default=False)
 
 
 class RateColumn(ProgressColumn):
@@ -38,7 +46,11 @@ class RateColumn(ProgressColumn):
 def progress_bar(
     total: int, description: str, *, unit: str = "img", enabled: bool = True
 ) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields ``advance(n)``. Silent when stderr is not a terminal."""
+    """Progress on stderr; yields ``advance(n)``: a rich bar on a terminal, else a plain line every
+    :data:`PLAIN_EVERY_S` seconds (and at the end), so a log shows that a long job is alive."""
+    if enabled and not err_console.is_terminal:
+        yield PlainProgress(total, description, unit=unit).advance
+        return
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -47,9 +59,66 @@ def progress_bar(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,
-        disable=not (enabled and err_console.is_terminal),
+        disable=not enabled,
         transient=False,
     )
     with progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
+
+
+class PlainProgress:
+    """Progress as plain stderr lines with rate and ETA, at most one per ``every`` seconds."""
+
+    def __init__(self, total: int, description: str, *, unit: str, every: float = PLAIN_EVERY_S) -> None:
+        self.total, self.description, self.unit, self.every = total, description, unit, every
+        self.done, self.start = 0, time.monotonic()
+        self.shown = self.start
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.shown >= self.every or self.done >= self.total:
+            self.shown = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            err_console.print(
+                f"{self.description}: {self.done:,}/{self.total:,} {self.unit} "
+                f"({100 * self.done / max(self.total, 1):.0f}%), {rate:,.1f} {self.unit}/s, "
+                f"elapsed {duration(now - self.start)}, ETA {duration(eta)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+@contextmanager
+def training_progress(enabled: bool) -> Iterator[None]:
+    """Turn training's step counts, estimates and progress on or off for the code run inside."""
+    token = _TRAINING_PROGRESS.set(enabled)
+    try:
+        yield
+    finally:
+        _TRAINING_PROGRESS.reset(token)
+
+
+def training_notice(message: str) -> None:
+    """A line about training (step count, estimate) on stderr, when :func:`training_progress` is on."""
+    if _TRAINING_PROGRESS.get():
+        err_console.print(message, highlight=False, soft_wrap=True)
+
+
+def training_steps(total: int, description: str) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+    """A progress bar over ``total`` optimiser steps, when :func:`training_progress` is on."""
+    return progress_bar(total, description, unit="step", enabled=_TRAINING_PROGRESS.get())

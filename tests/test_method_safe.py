@@ -15,6 +15,7 @@ from open_clip.modified_resnet import AttentionPool2d
 from fsl_cache import api
 from fsl_cache.backbones import load_backbone
 from fsl_cache.cli import main
+from fsl_cache.console import training_progress
 from fsl_cache.datasets import make_demo_dataset
 from fsl_cache.methods import get_method
 from fsl_cache.methods.pooling import PoolingTail, _rn_tail
@@ -181,13 +182,13 @@ def test_stacked_adamw_is_torch_adamw_per_member():
     start = torch.randn(3, 4, 5)
     stacked = start.clone().requires_grad_(True)
     alone = [start[g].clone().requires_grad_(True) for g in range(3)]
-    ours = StackedAdamW([stacked], weight_decay=torch.tensor(wds), eps=1e-8)
+    ours = StackedAdamW([stacked], weight_decays=wds, eps=1e-8)
     theirs = [torch.optim.AdamW([p], lr=lr, weight_decay=wd) for p, lr, wd in zip(alone, lrs, wds)]
     for step in range(5):
         grad = torch.randn(3, 4, 5)
         stacked.grad = grad.clone()
         factor = 1.0 / (step + 1)  # a changing schedule
-        ours.step(torch.tensor(lrs) * factor)
+        ours.step([lr * factor for lr in lrs])
         for g, (p, opt) in enumerate(zip(alone, theirs)):
             p.grad = grad[g].clone()
             opt.param_groups[0]["lr"] = lrs[g] * factor
@@ -249,7 +250,7 @@ def test_training_beats_zero_shot_on_a_separable_synthetic_task():
 
 
 def test_grid_chunks_give_the_same_fit(stores, tmp_path):
-    whole, a = fit(stores, "safe", "fsl-tiny-rn", tmp_path / "a", **FAST)
+    whole, a = fit(stores, "safe", "fsl-tiny-rn", tmp_path / "a", **FAST, grid_chunk=4)
     chunked, b = fit(stores, "safe", "fsl-tiny-rn", tmp_path / "b", **FAST, grid_chunk=1)
     assert a["selection"]["grid"] == b["selection"]["grid"] and whole.test_acc == chunked.test_acc
 
@@ -322,3 +323,15 @@ def test_cli_fits_safe(stores, tmp_path):
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.splitlines()[-1])["method"] == "safe"
+
+
+def test_the_grid_announces_its_steps_and_estimate_and_logs_progress_off_a_terminal(capsys):
+    frozen, data, _ = grid_data(torch.Generator().manual_seed(0))
+    config = SafeConfig(iterations=12, eval_every=4, warmup=2, lrs=(1e-2, 1e-3), wds=(0.0,))
+    with training_progress(True):
+        train_grid(frozen, data, config, config.grid(), generator=torch.Generator().manual_seed(7))
+    err = capsys.readouterr().err
+    assert "safe: 2 grid points x 12 steps" in err and "estimate" in err and "ms per step, timed" in err
+    assert "12/12 step (100%)" in err and "step/s" in err and "ETA" in err  # plain lines: not a terminal
+    train_grid(frozen, data, config, config.grid(), generator=torch.Generator().manual_seed(7))
+    assert capsys.readouterr().err == ""  # library calls stay quiet unless asked

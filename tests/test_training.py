@@ -8,11 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fsl_cache.console import training_progress
 from fsl_cache.methods.tip_adapter import TipHead, build_keys, build_values
 from fsl_cache.splits import SplitRef
 from fsl_cache.store import FeatureStore
 from fsl_cache.testing import make_synthetic_store
 from fsl_cache.training import MemoryViews, Selector, TrainData, TrainSettings, ViewSampler, open_views, train
+from fsl_cache.training.head import Head
 from fsl_cache.training.sampler import batches_per_epoch, epoch_batches
 from fsl_cache.training.schedule import build_optimizer, build_scheduler, lr_factor
 
@@ -245,3 +247,21 @@ def test_optimizers_follow_settings():
         and adamw.defaults["eps"] == 1e-4
         and adamw.defaults["weight_decay"] == 0.01
     )
+
+
+def test_training_announces_its_steps_and_an_estimate_when_asked(capsys):
+    class Linear(Head):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inputs, self.layer = ("pooled",), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.layer(x["pooled"])
+
+    data = TrainData(MemoryViews({"pooled": torch.randn(8, 1, 4)}), torch.arange(2).repeat(4))
+    settings = TrainSettings(epochs=3, batch_size=2, lr=0.1)
+    with training_progress(True):
+        train(Linear(), data, settings=settings, generator=torch.Generator().manual_seed(0))
+    err = capsys.readouterr().err
+    assert "training: 12 steps (3 epochs of 4)" in err and "ms per step, timed" in err
+    assert "12/12 step (100%)" in err

@@ -6,25 +6,26 @@
 ``AttnPool_O`` (frozen) and ``AttnPool_F`` (trainable, initialised from it) read the store's ``dense`` tap:
 RN ``layer4`` or the input of the ViT's last block. Training logits ``τ·normalize(AttnPool_F(F))·Wᵀ``
 against the frozen zero-shot text classifier; inference ``τ·normalize(β·AttnPool_O(F) + AttnPool_F(F))·Wᵀ``.
-On a GPU the whole lr × wd grid trains in one pass over the data: every batch is read once and feeds
-every grid member (stacked parameters, :mod:`.pooling`), which gives the numbers of separate runs. On
-the CPU the points train one after another on the same batches (``grid_chunk``): stacking 24 RN50
-attention pools (1.4 GB of weights) ran 1.4–1.6× slower per point there, memory-bound.
+The whole lr × wd grid trains in one pass over the data: every batch is read once and feeds every
+grid member, which gives the numbers of separate runs. Members train stacked (one batched pass,
+:mod:`.pooling`) or chunk by chunk, whichever a few timed steps find faster (``grid_chunk``): stacking
+wins on small heads, where per-op costs dominate, and on GPUs; 24 RN50 attention pools (1.4 GB of
+weights) stacked on a CPU are memory-bound.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..evaluation.metrics import correct_count
+from ..console import duration, training_notice, training_steps
 from ..training import FitTask, Head, ViewSource
 from ..training.sampler import epoch_batches
 from ..training.schedule import lr_factor
@@ -69,8 +70,8 @@ class SafeConfig(MethodConfig):
     templates: str = "tip"
     """Template set of the frozen text classifier W_c."""
     grid_chunk: int = 0
-    """Grid points trained together per pass over the data; 0: the whole grid on a GPU, one point at a time on
-    the CPU (faster there); lower it to save GPU memory."""
+    """Grid points trained stacked per step; 0: whichever of the whole grid and one point at a time a few timed
+    steps find faster; lower it to save memory."""
 
     def __post_init__(self) -> None:
         for name in ("iterations", "epochs", "warmup", "eval_every", "warmup_lr", "beta", "grid_chunk"):
@@ -107,7 +108,7 @@ SAFE_DEVIATIONS = (
     "(inference) head; its first strict maximum is kept; the grid point with the best val accuracy wins "
     "(ties: first in lr-major order).",
     "[PROPOSED] the lr x wd grid trains on shared batches: every grid point sees the batch order of a separate run "
-    "with the same seed (on a GPU in one pass of stacked weights; on the CPU one point after another).",
+    "with the same seed (stacked or point by point, whichever a few timed steps find faster).",
     "[PROPOSED] AttnPool_O is recomputed from the cached dense map (not read from the cached pooled embedding) so "
     "both branches see the same input; only query 0 / the CLS token is computed (exact).",
     "[PROPOSED] fp32 heads on fp16 caches (cross_modal trains in fp32).",
@@ -155,38 +156,49 @@ class SafeHead(Head):
 
 
 class StackedAdamW:
-    """torch's AdamW update on parameters stacked ``[G, ...]``, with a learning rate and weight decay per member."""
+    """torch's AdamW on parameters stacked ``[G, ...]``, with a learning rate and weight decay per member.
+
+    One fused kernel per member and step (torch's ``AdamW(fused=True)`` kernel over all of the member's
+    tensors): on small heads the dozen elementwise ops per parameter this replaces were most of a step.
+    """
 
     def __init__(
         self,
         params: list[torch.Tensor],
         *,
-        weight_decay: torch.Tensor,
+        weight_decays: Sequence[float],
         eps: float,
         betas: tuple[float, float] = (0.9, 0.999),
     ) -> None:
-        self.params, self.weight_decay, self.eps, self.betas = params, weight_decay, eps, betas
-        self.state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
-        self.steps = 0
+        self.params, self.weight_decays, self.eps, self.betas = params, list(weight_decays), eps, betas
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.steps = torch.zeros((), device=params[0].device)
 
     @torch.no_grad()
-    def step(self, lr: torch.Tensor) -> None:
-        """One update with per-member learning rates ``lr [G]`` (the formula of torch.optim.AdamW)."""
+    def step(self, lrs: Sequence[float]) -> None:
+        """One update of every member ``g`` with learning rate ``lrs[g]``; clears the gradients."""
         self.steps += 1
-        b1, b2 = self.betas
-        bias1, bias2_sqrt = 1 - b1**self.steps, math.sqrt(1 - b2**self.steps)
-        for p, (m, v) in zip(self.params, self.state):
-            shape = (-1,) + (1,) * (p.ndim - 1)
-            rate, decay = lr.reshape(shape), self.weight_decay.reshape(shape)
-            p.mul_(1 - rate * decay)
+        for p in self.params:
             if p.grad is None:  # the attention key bias: softmax ignores it, so its gradient is exactly zero
-                m.mul_(b1)
-                v.mul_(b2)
-            else:
-                m.lerp_(p.grad, 1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            update = v.sqrt().div_(bias2_sqrt).add_(self.eps).reciprocal_().mul_(m).mul_(rate / bias1)
-            p.sub_(update)  # one temporary per tensor: the stacked grid can be large
+                p.grad = torch.zeros_like(p)
+        for g, (lr, wd) in enumerate(zip(lrs, self.weight_decays)):
+            torch._fused_adamw_(
+                [p[g] for p in self.params],
+                [p.grad[g] for p in self.params],
+                [m[g] for m in self.m],
+                [v[g] for v in self.v],
+                [],
+                [self.steps] * len(self.params),
+                lr=lr,
+                beta1=self.betas[0],
+                beta2=self.betas[1],
+                weight_decay=wd,
+                eps=self.eps,
+                amsgrad=False,
+                maximize=False,
+            )
+        for p in self.params:
             p.grad = None
 
 
@@ -239,10 +251,20 @@ def train_grid(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
 ) -> GridResult:
-    """Train one stacked copy of ``frozen`` per (lr, wd) point on the same batches (one pass over the data)."""
+    """Train one copy of ``frozen`` per (lr, wd) point on the same batches, in chunks of stacked points.
+
+    Every point sees the batches and takes the steps of a lone run with the same generator; the chunk
+    size (``grid_chunk``, or the fastest measured) changes only the speed.
+    """
     device = torch.device(device)
     with flush_denormals(device):
-        return _train_grid(frozen, data, config, points, generator=generator, device=device)
+        total = total_iterations(config, len(data.train) * data.train.num_views)
+        chunk, per_step = choose_chunk(frozen, data, config, points, generator=generator, device=device)
+        training_notice(
+            f"safe: {len(points)} grid points x {total:,} steps, {_chunking(chunk, len(points))}; "
+            f"estimate {duration(per_step * total)} ({1e3 * per_step:.1f} ms per step, timed)"
+        )
+        return _train_grid(frozen, data, config, points, generator=generator, device=device, chunk=chunk)
 
 
 @contextlib.contextmanager
@@ -261,6 +283,40 @@ def flush_denormals(device: torch.device) -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
+class _Chunk:
+    """Grid points trained stacked: their flat parameters, optimiser and learning-rate schedules."""
+
+    def __init__(
+        self, frozen: PoolingTail, points: list[tuple[float, float]], config: SafeConfig, total: int
+    ) -> None:
+        self.tail = frozen.stacked(len(points)).requires_grad_(True)
+        self.optimizer = StackedAdamW(
+            list(self.tail.params.values()), weight_decays=[wd for _, wd in points], eps=config.eps
+        )
+        self.tau, self.size = config.tau, len(points)
+        schedules = [
+            TrainSettings(
+                epochs=1,
+                batch_size=config.batch_size,
+                lr=lr,
+                warmup=config.warmup,
+                warmup_mode="linear",
+                warmup_lr=config.warmup_lr,
+            )
+            for lr, _ in points
+        ]
+        self.lrs = [[rate(step, total, s) for s in schedules] for step in range(total)]
+
+    def step(self, step: int, x: torch.Tensor, y: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """One optimiser step of every member on batch ``x``; returns the summed loss (not synchronised)."""
+        logits = self.tau * F.normalize(self.tail(x), dim=-1) @ text.T  # [G, B, C]
+        # summed over members: each member's gradient is that of its own mean cross-entropy
+        loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(self.size), reduction="sum") / len(y)
+        loss.backward()
+        self.optimizer.step(self.lrs[step])
+        return loss.detach()
+
+
 def _train_grid(
     frozen: PoolingTail,
     data: GridData,
@@ -269,38 +325,73 @@ def _train_grid(
     *,
     generator: torch.Generator,
     device: torch.device,
+    chunk: int,
 ) -> GridResult:
     frozen = frozen.to(device)
-    tuned = frozen.stacked(len(points)).requires_grad_(True)
-    params = list(tuned.params.values())
-    optimizer = StackedAdamW(
-        params, weight_decay=torch.tensor([p[1] for p in points], device=device), eps=config.eps
-    )
-    schedules = [
-        TrainSettings(
-            epochs=1,
-            batch_size=config.batch_size,
-            lr=base,
-            warmup=config.warmup,
-            warmup_mode="linear",
-            warmup_lr=config.warmup_lr,
-        )
-        for base, _ in points
-    ]
     total = total_iterations(config, len(data.train) * data.train.num_views)
-    selection = _Selection(tuned, frozen, data, config, device)
+    chunks = [_Chunk(frozen, points[s : s + chunk], config, total) for s in range(0, len(points), chunk)]
+    selection = _Selection(chunks, frozen, data, config, device)
     text = data.text.to(device)
-    for step, (positions, views) in enumerate(train_batches(data.train, config, total, generator)):
-        x = data.train.batch(positions, views)[data.tap].to(device)
-        y = data.labels[torch.as_tensor(positions)].to(device)
-        logits = config.tau * F.normalize(tuned(x), dim=-1) @ text.T  # [G, B, C]
-        # summed over members: each member's gradient is that of its own mean cross-entropy
-        loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(points)), reduction="sum") / len(y)
-        loss.backward()
-        optimizer.step(torch.tensor([rate(step, total, sched) for sched in schedules], device=device))
-        if (config.eval_every and (step + 1) % config.eval_every == 0) or step + 1 == total:
-            selection.score(step + 1, loss=float(loss.detach()) / len(points))
+    with training_steps(total, f"safe ({len(points)} points)") as advance:
+        for step, (positions, views) in enumerate(train_batches(data.train, config, total, generator)):
+            x = data.train.batch(positions, views)[data.tap].to(device)
+            y = data.labels[torch.as_tensor(positions)].to(device)
+            losses = [c.step(step, x, y, text) for c in chunks]
+            if (config.eval_every and (step + 1) % config.eval_every == 0) or step + 1 == total:
+                selection.score(step + 1, loss=float(sum(losses)) / len(points))
+            advance(1)
     return selection.result(total)
+
+
+def choose_chunk(
+    frozen: PoolingTail,
+    data: GridData,
+    config: SafeConfig,
+    points: list[tuple[float, float]],
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[int, float]:
+    """Points per stacked chunk and the seconds per grid step: ``grid_chunk``, or whichever of the whole
+    grid stacked and one point at a time measures faster on a few steps here (stacking wins on small
+    heads and GPUs; large heads on a CPU are memory-bound stacked)."""
+    candidates = [min(config.grid_chunk, len(points))] if config.grid_chunk else sorted({len(points), 1})
+    timed = {
+        c: _time_steps(frozen, data, config, points, c, generator=generator, device=device)
+        for c in candidates
+    }
+    best = min(timed, key=timed.get)
+    return best, timed[best]
+
+
+PROBE_SECONDS = 1.0
+"""Time spent measuring one chunking (after one warm-up step, at least 2 and at most 10 steps)."""
+
+
+def _time_steps(frozen, data, config, points, chunk, *, generator, device) -> float:
+    """Seconds per grid step with chunks of ``chunk`` points, from a throwaway copy on the real first batches."""
+    probe = torch.Generator(device=generator.device)
+    probe.set_state(generator.get_state())  # the real run still draws its own batches
+    steps = min(10, total_iterations(config, len(data.train) * data.train.num_views))
+    trial = _Chunk(frozen.to(device), points[:chunk], config, steps + 1)
+    text = data.text.to(device)
+    batches = train_batches(data.train, dataclasses.replace(config, iterations=steps + 1), steps + 1, probe)
+    times = []
+    for step, (positions, views) in enumerate(batches):
+        start = time.perf_counter()
+        x = data.train.batch(positions, views)[data.tap].to(device)
+        float(trial.step(step, x, data.labels[torch.as_tensor(positions)].to(device), text))  # synchronised
+        times.append(time.perf_counter() - start)
+        if len(times) > 2 and sum(times[1:]) >= PROBE_SECONDS:
+            break
+    per_chunk = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
+    return per_chunk * -(-len(points) // chunk)
+
+
+def _chunking(chunk: int, points: int) -> str:
+    if chunk >= points:
+        return "all stacked"
+    return "one point at a time" if chunk == 1 else f"{chunk} points stacked at a time"
 
 
 def rate(step: int, total: int, settings: TrainSettings) -> float:
@@ -329,20 +420,22 @@ def train_batches(
 
 
 class _Selection:
-    """Scores every member on val with the blended head; keeps each member's first strict maximum."""
+    """Scores every member of every chunk on val at once with the blended head; keeps each member's first
+    strict maximum."""
 
     def __init__(
         self,
-        tuned: PoolingTail,
+        chunks: list[_Chunk],
         frozen: PoolingTail,
         data: GridData,
         config: SafeConfig,
         device: torch.device,
     ) -> None:
-        self.tuned, self.data, self.config, self.device = tuned, data, config, device
-        self.best = {k: p.detach().clone() for k, p in tuned.params.items()}
-        self.scores: list[float | None] = [None] * tuned.copies
-        self.iters = [0] * tuned.copies
+        self.chunks, self.data, self.config, self.device = chunks, data, config, device
+        self.best = [_copy(c.tail) for c in chunks]
+        points = sum(c.size for c in chunks)
+        self.scores: list[float | None] = [None] * points
+        self.iters = [0] * points
         self.history: list[dict] = []
         self.frozen_val = None if data.val is None else _embed_all(frozen, data.val, data.tap, device)[0]
 
@@ -350,25 +443,34 @@ class _Selection:
     def score(self, iteration: int, *, loss: float) -> None:
         entry = {"iteration": iteration, "loss": loss}
         if self.data.val is not None:
-            tuned = _embed_all(self.tuned, self.data.val, self.data.tap, self.device)  # [G, N, D]
-            blend = F.normalize(self.config.beta * self.frozen_val[None] + tuned, dim=-1)
+            tuned = torch.cat(
+                [_embed_all(c.tail, self.data.val, self.data.tap, self.device) for c in self.chunks]
+            )
+            blend = F.normalize(self.config.beta * self.frozen_val[None] + tuned, dim=-1)  # [G, N, D]
             logits = blend @ self.data.text.to(self.device).T  # [G, N, C]; tau does not change the arg-max
             labels = self.data.val_labels.to(self.device)
-            accs = [100.0 * correct_count(member, labels) / max(len(labels), 1) for member in logits]
-            for g, acc in enumerate(accs):
-                if self.scores[g] is None or acc > self.scores[g]:
-                    self.scores[g], self.iters[g] = acc, iteration
-                    for k, p in self.tuned.params.items():
-                        self.best[k][g].copy_(p[g])
+            correct = (logits.argmax(dim=-1) == labels).sum(dim=-1).tolist()  # one sync for the whole grid
+            accs = [100.0 * right / max(len(labels), 1) for right in correct]
+            members = [(c, best, g) for c, best in zip(self.chunks, self.best) for g in range(c.size)]
+            for i, (acc, (chunk, best, g)) in enumerate(zip(accs, members)):
+                if self.scores[i] is None or acc > self.scores[i]:
+                    self.scores[i], self.iters[i] = acc, iteration
+                    for k, p in chunk.tail.params.items():
+                        best[k][g].copy_(p[g])
             entry["val_acc"] = accs
         self.history.append(entry)
 
     def result(self, total: int) -> GridResult:
         if self.data.val is None:  # nothing to select on: keep the last state
-            self.best = {k: p.detach().clone() for k, p in self.tuned.params.items()}
-            self.iters = [total] * self.tuned.copies
-        tuned = self.tuned._like(self.best).requires_grad_(False)
+            self.best = [_copy(c.tail) for c in self.chunks]
+            self.iters = [total] * len(self.iters)
+        params = {k: torch.cat([best[k] for best in self.best]) for k in self.best[0]}
+        tuned = self.chunks[0].tail._like(params).requires_grad_(False)
         return GridResult(tuned, self.scores, self.iters, self.history)
+
+
+def _copy(tail: PoolingTail) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in tail.params.items()}
 
 
 @torch.no_grad()
@@ -397,7 +499,7 @@ def frozen_tail(task: FitTask) -> PoolingTail:
 def fit_safe(
     task: FitTask, config: SafeConfig, *, generator: torch.Generator
 ) -> tuple[SafeHead, dict, list[dict]]:
-    """Train the grid (in chunks of ``grid_chunk`` points, each on the same batches) and build the winner's head."""
+    """Train the grid (all points on the same batches) and build the winner's head."""
     tap, points = dense_tap(task), config.grid()
     frozen = frozen_tail(task)
     text = F.normalize(task.text(config.templates).float(), dim=-1)
@@ -409,21 +511,9 @@ def fit_safe(
         text,
         tap,
     )
-    chunk = config.grid_chunk or (len(points) if task.device.type == "cuda" else 1)
-    state = generator.get_state()
-    results = []
-    for start in range(0, len(points), chunk):
-        generator.set_state(state)  # every chunk sees the batches a lone run would
-        results.append(
-            train_grid(
-                frozen, data, config, points[start : start + chunk], generator=generator, device=task.device
-            )
-        )
-    members = [(r, g) for r in results for g in range(r.tuned.copies)]
-    scores, iters = [r.scores[g] for r, g in members], [r.best_iters[g] for r, g in members]
-    win = first_best(scores)
-    result, index = members[win]
-    head = SafeHead(frozen, result.tuned.member(index), text, tap=tap, beta=config.beta, tau=config.tau)
+    result = train_grid(frozen, data, config, points, generator=generator, device=task.device)
+    scores, iters, win = result.scores, result.best_iters, result.winner
+    head = SafeHead(frozen, result.tuned.member(win), text, tap=tap, beta=config.beta, tau=config.tau)
     grid = [
         {"lr": lr, "wd": wd, "val_acc": scores[i], "iteration": iters[i]} for i, (lr, wd) in enumerate(points)
     ]
@@ -435,8 +525,7 @@ def fit_safe(
         "on": task.val.name,
         "grid": grid,
     }
-    history = [{**entry, "grid_offset": i * chunk} for i, r in enumerate(results) for entry in r.history]
-    return head, selection, history
+    return head, selection, result.history
 
 
 @register_method

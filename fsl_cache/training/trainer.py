@@ -8,6 +8,7 @@ and model selection on a selection split (few-shot val, or the test oracle only 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..console import duration, training_notice, training_steps
 from ..evaluation.metrics import correct_count
 from ..evaluation.scoring import predict
 from .data import ViewSource
@@ -121,9 +123,43 @@ def train_many(members: list[Member], *, device: str | torch.device = "cpu") -> 
         m.head.to(device)
         loops.append(_Loop(m.head, m.data, m.settings, m.generator, m.selector, m.loss_fn, device))
     running = [loop.steps(m.on_epoch) for loop, m in zip(loops, members) if m.settings.trains]
-    while running:
-        running = [steps for steps in running if next(steps, _DONE) is not _DONE]
+    total = sum(loop.total for loop, m in zip(loops, members) if m.settings.trains)
+    if total:
+        heads = f"{len(running)} heads in lockstep, " if len(running) > 1 else ""
+        training_notice(
+            f"training: {total:,} steps ({heads}{loops[0].epochs} epochs of {loops[0].per_epoch})"
+        )
+    with training_steps(total, "training") as advance:
+        clock = _StepClock(total)
+        while running:
+            running = [steps for steps in running if next(steps, _DONE) is not _DONE]
+            clock.tick(len(running))
+            advance(len(running))
     return [loop.finish() for loop in loops]
+
+
+class _StepClock:
+    """Announces the whole run's estimate once a few steps after the first (a warm-up) are timed."""
+
+    TIMED = 3
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+        self.start: tuple[float, int] | None = None
+        self.announced = False
+
+    def tick(self, steps: int) -> None:
+        self.done += steps
+        if self.announced:
+            return
+        if self.start is None:
+            self.start = (time.perf_counter(), self.done)
+        elif self.done - self.start[1] >= self.TIMED:
+            per_step = (time.perf_counter() - self.start[0]) / (self.done - self.start[1])
+            training_notice(
+                f"estimate {duration(per_step * self.total)} ({1e3 * per_step:.1f} ms per step, timed)"
+            )
+            self.announced = True
 
 
 _DONE = object()
