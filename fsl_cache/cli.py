@@ -1,7 +1,7 @@
 """The ``fsl-cache`` command line: parse, call :mod:`fsl_cache.api`, render with rich.
 
 Heavy imports (torch, open_clip) happen inside the commands so that ``--help`` answers at once.
-Results go to stdout (``--json`` gives JSON lines); progress, tables and errors go to stderr.
+Results, tables and listings go to stdout (``--json`` gives JSON lines); progress, notices and errors go to stderr.
 """
 
 from __future__ import annotations

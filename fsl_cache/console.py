@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,8 +23,10 @@ from rich.progress import (
 from rich.text import Text
 
 err_console = Console(stderr=True)
-out_console = Console(soft_wrap=False)
-"""Results: tables and listings (``cache ls``, ``methods``, ``report``), so ``| grep`` sees them."""
+PIPE_WIDTH = 200
+"""Table width when stdout is a pipe or a file (and ``COLUMNS`` is unset): a row stays on one line for grep."""
+out_console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else PIPE_WIDTH)
+"""Results: tables and listings (``cache ls``, ``methods``, ``datasets``...), so ``| grep`` sees them."""
 PLAIN_EVERY_S = 30.0
 """Seconds between plain progress lines when stderr is not a terminal (a log file, CI, ``nohup``)."""
 _TRAINING_PROGRESS: ContextVar[bool] = ContextVar("training_progress", default=False)

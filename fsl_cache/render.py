@@ -1,8 +1,8 @@
-"""Rich rendering of results for people (stderr); machines get ``--json`` on stdout instead."""
+"""Rich rendering for people: results, tables and listings on stdout (pipeable), notices on stderr;
+machines get ``--json`` on stdout instead."""
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.panel import Panel
 from rich.progress import (
     BarColumn,
@@ -14,7 +14,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .console import err_console
+from .console import err_console, out_console
 from .extraction.plan import human_bytes
 
 
@@ -79,20 +79,20 @@ def show_store_list(entries) -> None:
     for e in entries:
         state = "[green]finished[/]" if e.finished else "[yellow]incomplete[/]"
         table.add_row(e.key[:16], e.dataset, e.backbone, e.precision, e.format, human_bytes(e.bytes), state)
-    err_console.print(table)
+    out_console.print(table)
 
 
 def show_store_info(info: dict) -> None:
     bb = info["backbone"]
-    err_console.print(f"[bold]{info['path']}[/]")
-    err_console.print(
+    out_console.print(f"[bold]{info['path']}[/]")
+    out_console.print(
         f"fingerprint {info['fingerprint']}  format {info['format']}  precision {info['precision']}"
     )
-    err_console.print(
+    out_console.print(
         f"dataset {info['dataset']['name']} ({len(info['dataset']['classnames'])} classes)  "
         f"backbone {bb['arch']}/{bb['pretrained']}{' [yellow](random init)[/]' if bb['random_init'] else ''}"
     )
-    err_console.print(f"versions {info.get('versions', {})}")
+    out_console.print(f"versions {info.get('versions', {})}")
     table = Table(show_edge=False)
     for col in ("array", "shape", "dtype", "codec", "bytes", "stored"):
         table.add_column(col, justify="right" if col in ("bytes", "stored") else "left")
@@ -106,7 +106,7 @@ def show_store_info(info: dict) -> None:
             human_bytes(a["bytes"]),
             stored,
         )
-    err_console.print(table)
+    out_console.print(table)
     for pool, skipped in info.get("skipped", {}).items():
         err_console.print(f"[yellow]skipped in {pool}:[/] {len(skipped)} image(s)")
 
@@ -118,7 +118,7 @@ def show_datasets(infos) -> None:
     table.add_column("expected layout under --root")
     for info in infos:
         table.add_row(info.name, str(getattr(info, "num_classes", "") or ""), getattr(info, "layout", ""))
-    err_console.print(table)
+    out_console.print(table)
 
 
 def show_models(infos) -> None:
@@ -127,7 +127,7 @@ def show_models(infos) -> None:
     table.add_column("pretrained tags")
     for info in infos:
         table.add_row(info.name, ", ".join(info.tags))
-    err_console.print(table)
+    out_console.print(table)
 
 
 def show_fit_progress(result) -> None:
@@ -179,7 +179,7 @@ def show_fit_results(results) -> None:
             "",
             "",
         )
-    err_console.print(table)
+    out_console.print(table)
     for warning in dict.fromkeys(w for r in results for w in r.warnings):
         err_console.print(f"[yellow]note:[/] {warning}", highlight=False)
 
@@ -187,20 +187,21 @@ def show_fit_results(results) -> None:
 def show_methods(infos) -> None:
     """``fsl-cache methods``: name, what it is, what it reads from the store, its options and defaults."""
     table = Table(show_edge=False, show_lines=True)
-    for col in ("method", "description", "needs", "options (defaults)"):
+    for col in ("method", "description", "needs"):
         table.add_column(col, overflow="fold")
+    table.add_column("options (defaults)", no_wrap=True)  # one per line, never cut inside a value
     for info in infos:
         needs = info.needs()
         reads = [f"center: {', '.join(needs.eval_taps)}"]
         reads += [f"{v.policy} ×{v.views}: {', '.join(v.taps)}" for v in needs.train_views]
-        options = ", ".join(f"{o.name}={o.default}" for o in info.options()) or "-"
+        options = "\n".join(f"{o.name}={o.default}" for o in info.options()) or "-"
         table.add_row(
             f"[bold]{info.name}[/]" + (" [dim](trains)[/]" if info.trains else ""),
             info.description,
             "\n".join(reads),
             options,
         )
-    err_console.print(table)
+    out_console.print(table)
 
 
 class GridProgress:
@@ -266,9 +267,8 @@ def show_grid_summary(result) -> None:
 
 def show_predictions(predictions) -> None:
     """``predict``'s results for people: one block per image, classes with probability bars (stdout)."""
-    out = Console()
     for p in predictions:
-        out.print(f"[bold]{p.image}[/]", highlight=False)
+        out_console.print(f"[bold]{p.image}[/]", highlight=False)
         for name, prob in p.top:
             bar = "█" * max(1, round(prob * 30))
-            out.print(f"  {prob * 100:6.2f}%  {bar:<30}  {name}", highlight=False)
+            out_console.print(f"  {prob * 100:6.2f}%  {bar:<30}  {name}", highlight=False)

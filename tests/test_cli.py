@@ -173,3 +173,32 @@ def test_user_mistakes_get_one_line_and_no_traceback(args, code, message, tmp_pa
     assert result.exit_code == code, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_tables_and_listings_go_to_stdout_for_pipes(cli_store):
+    cache, record = cli_store
+    for args in (["cache", "ls"], ["cache", "info", record["fingerprint"][:8]]):
+        result = CliRunner().invoke(main, [*args, "--cache-dir", str(cache)])
+        assert result.exit_code == 0 and record["fingerprint"][:16] in result.stdout, result.output
+    listings = {("methods",): "safe_a", ("datasets",): "imagefolder", ("models",): "fsl-tiny-rn"}
+    for args, expected in listings.items():
+        result = CliRunner().invoke(main, list(args))
+        assert result.exit_code == 0 and expected in result.stdout and result.stderr == "", result.output
+
+
+def test_methods_at_80_columns_keeps_every_option_value_whole(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from fsl_cache import api, render
+
+    out = io.StringIO()
+    monkeypatch.setattr(render, "out_console", Console(file=out, width=80, color_system=None))
+    infos = api.methods()
+    render.show_methods(infos)
+    lines = out.getvalue().splitlines()
+    for info in infos:
+        for option in info.options():
+            text = f"{option.name}={option.default}"
+            assert any(text in line for line in lines), f"{text} is split across lines"
