@@ -7,7 +7,10 @@ line and exits with its ``exit_code`` (2 for usage mistakes, 1 otherwise), never
 from __future__ import annotations
 
 import difflib
+import os
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class FslError(Exception):
@@ -52,3 +55,22 @@ def did_you_mean(name: str, choices: Iterable[str], *, what: str) -> UsageError:
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]}?" if close else ""
     return UsageError(f"Unknown {what} '{name}'.{hint} Available: {', '.join(choices)}")
+
+
+def check_writable_folder(path: Path, *, what: str) -> None:
+    """Raise :class:`StoreError` naming ``what`` (e.g. ``--cache-dir``) unless ``path`` is or can become a
+    folder this process can write in. Runs before any disk-space arithmetic, whose "0 B free" on a
+    read-only or non-folder path would point the user at the wrong problem."""
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise StoreError(f"{what} {path}: {probe} is a file, not a folder. Pick a folder for {what}.")
+    try:  # permissions bits do not tell (root, read-only mounts): try to create a folder there
+        os.rmdir(tempfile.mkdtemp(prefix=".fsl-write-test-", dir=probe))
+    except OSError as err:
+        raise StoreError(
+            f"{what} {path} is not writable: cannot create anything in {probe} ({err.strerror or err}). "
+            f"Pick a folder you can write to for {what}."
+        ) from None

@@ -1,12 +1,14 @@
 """The command line as a user meets it: help, JSON on stdout, one-line errors, cache management."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from click.testing import CliRunner
 
+from fsl_cache import api
 from fsl_cache.cli import main
 from fsl_cache.datasets import make_demo_dataset
 
@@ -202,3 +204,34 @@ def test_methods_at_80_columns_keeps_every_option_value_whole(monkeypatch):
         for option in info.options():
             text = f"{option.name}={option.default}"
             assert any(text in line for line in lines), f"{text} is split across lines"
+
+
+def test_an_unwritable_or_non_folder_cache_or_runs_folder_says_so(cli_store, tmp_path):
+    demo = make_demo_dataset(tmp_path / "demo")
+    (tmp_path / "file").write_text("not a folder")
+    extract = [
+        "extract",
+        "--dataset",
+        f"imagefolder:{demo}",
+        "--model",
+        "fsl-tiny-rn",
+        "--pretrained",
+        "none",
+    ]
+    cases = [(str(tmp_path / "file" / "cache"), "is a file, not a folder")]
+    if not os.access("/sys", os.W_OK) or sys.platform == "linux":  # /sys refuses new folders, even to root
+        cases.append(("/sys/fslcache", "is not writable"))
+    for cache_dir, message in cases:
+        result = CliRunner().invoke(main, [*extract, "--workers", "0", "--cache-dir", cache_dir])
+        assert result.exit_code == 1 and message in result.output and "disk space" not in result.output
+        assert "--cache-dir" in result.output and "Traceback" not in result.output
+    cache, record = cli_store
+    dataset = api.cache_info(record["fingerprint"][:12], cache_dir=cache)["dataset"]["name"]
+    fit = ["fit", "zero_shot", "--dataset", dataset, "--store", record["fingerprint"][:12]]
+    fit += ["--shots", "1", "--seed", "1"]
+    result = CliRunner().invoke(
+        main, [*fit, "--cache-dir", str(cache), "--runs-dir", str(tmp_path / "file" / "r")]
+    )
+    assert (
+        result.exit_code == 1 and "is a file, not a folder" in result.output and "--runs-dir" in result.output
+    )

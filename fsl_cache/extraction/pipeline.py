@@ -25,7 +25,7 @@ from ..backbones.views import POLICIES, ViewRenderer
 from ..console import progress_bar
 from ..datasets import DatasetSpec, load_dataset
 from ..defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_SEEDS, DEFAULT_SHOTS, DEFAULT_VIT_BLOCKS
-from ..errors import DiskFullError, FslError, StoreError, UsageError
+from ..errors import DiskFullError, FslError, StoreError, UsageError, check_writable_folder
 from ..methods.needs import DEFAULT_FOR
 from ..methods.registry import get_method
 from ..splits.sampling import few_shot_pools
@@ -129,6 +129,10 @@ def extract(
     """
     ranks = ranks_from_env()
     options = replace(options, device=rank_device(options.device, ranks))
+    check_writable_folder(
+        Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+        what="the cache folder (--cache-dir / $FSL_CACHE_DIR)",
+    )
     prepared = prepare_extraction(
         dataset, root=root, model=model, pretrained=pretrained, cache_dir=cache_dir, options=options
     )

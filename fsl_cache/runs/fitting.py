@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import check_writable_folder
 from ..evaluation.confusion import confusion_analytics, zero_shot_predictions
 from ..evaluation.metrics import score
 from ..evaluation.scoring import evaluate, predict
@@ -62,6 +63,7 @@ def fit_runs(request: FitRequest, *, on_run: Callable[[RunResult], None] | None 
             dataset=fs.manifest["dataset"]["name"],
             cache_dir=request.cache_dir,
         )
+        check_writable_folder(request.runs, what="the runs folder (--runs-dir)")
         targets = open_targets(request, fs)
         results = []
         for seed in request.seeds:
