@@ -109,6 +109,18 @@ def test_imagefolder_without_val_folder_holds_val_out_of_train(tmp_path):
         (lambda d: None, "no class folders in {d}"),
         (
             lambda d: (
+                make_folder(d / "train", {"a": 2, "b": 2}),
+                make_folder(d / "test", {"a": 1, "b": 1}),
+                make_folder(d / "bogus", {"a": 1}),
+            ),
+            "every sub-folder must be train/, val/ or test/; found bogus/",
+        ),
+        (
+            lambda d: make_folder(d, {"a": 6}),
+            "has only one class \\('a'\\); few-shot classification needs at least 2",
+        ),
+        (
+            lambda d: (
                 make_folder(d, {"a": 3, "b": 3}),
                 (d / "classnames.txt").write_text("only one\n"),
             ),
@@ -202,6 +214,7 @@ def test_csv_without_split_column_is_stratified(tmp_path):
         ("path,label\na.jpg,0\na.jpg,5\n", "labels are integers, so .*classnames.txt must list"),
         ("path,label\n", "no rows after the header"),
         ("path,label\nmissing.jpg,x\n", "missing: .*missing.jpg"),
+        ("path,label\na.jpg,x\nb.jpg,x\n", "has only one class"),
     ],
 )
 def test_csv_bad_rows_name_the_line(tmp_path, text, message):

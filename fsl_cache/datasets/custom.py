@@ -126,16 +126,24 @@ def load_imagefolder(folder: Path | str) -> DatasetSpec:
         keys, splits, notes = _from_split_folders(folder)
     else:
         keys, splits, notes = _from_class_folders(folder)
-    classnames = read_classnames(folder, keys)
+    classnames, templates = read_classnames(folder, keys), read_templates(folder)
+    check_classes(classnames, f"imagefolder:{folder}")
     return DatasetSpec(
         name=f"imagefolder:{folder}",
         image_root=folder,
         classnames=tuple(classnames),
-        templates=read_templates(folder),
+        templates=templates,
         splits={s: tuple(splits[s]) for s in SPLITS},
         source_hash=hash_items(splits, classnames),
         notes=tuple(notes),
     )
+
+
+def check_classes(classnames: Sequence[str], name: str) -> None:
+    """Refuse a dataset with fewer than two classes: there is nothing to classify (or to sample shots against)."""
+    if len(classnames) < 2:
+        found = f"only one class ('{classnames[0]}')" if classnames else "no class"
+        raise DatasetError(f"{name} has {found}; few-shot classification needs at least 2 classes")
 
 
 def _class_images(class_dir: Path) -> list[str]:
@@ -165,6 +173,12 @@ def _from_split_folders(folder: Path):
                 f"imagefolder with split folders expects DIR/train/<class>/ and DIR/test/<class>/ "
                 f"(DIR/val/ optional); missing: {folder / required}"
             )
+    unknown = [d for d in sorted_subdirs(folder) if d not in SPLITS]
+    if unknown:  # a mistyped split or a stray class folder would otherwise be ignored without a word
+        raise DatasetError(
+            f"imagefolder {folder} has split folders, so every sub-folder must be train/, val/ or test/; "
+            f"found {', '.join(f'{d}/' for d in unknown)}. Rename it to a split, or move it out of {folder}."
+        )
     keys = _class_dirs(folder / "train")
     label_of = {key: label for label, key in enumerate(keys)}
     test = _scan_split(folder, "test", label_of)
@@ -219,6 +233,7 @@ def load_csv(file: Path | str) -> DatasetSpec:
     splits, notes = _csv_splits(rows, labels, classnames)
     expects = f"csv:{file} expects {CSV_LAYOUT}"
     check_files_exist(file.parent, [row.path for row in rows], expects=expects)
+    check_classes(classnames, f"csv:{file}")
     return DatasetSpec(
         name=f"csv:{file}",
         image_root=file.parent,
