@@ -63,9 +63,12 @@ def show_extract_result(result) -> None:
         f"[green]done:[/] {result.images:,} views encoded in {result.seconds:.1f} s ({rate}) on {result.device}; "
         f"store key [bold]{result.fingerprint[:16]}[/]"
     )
-    for pool, indices in result.skipped.items():
+    for pool, paths in result.skipped_paths.items():
         err_console.print(
-            f"[yellow]skipped[/] {len(indices)} unreadable image(s) in {pool} (listed in the manifest)"
+            f"[yellow]skipped[/] {len(paths)} unreadable image(s) in {pool} (listed in the manifest): "
+            + ", ".join(paths[:5])
+            + (", ..." if len(paths) > 5 else ""),
+            highlight=False,
         )
 
 
@@ -108,7 +111,10 @@ def show_store_info(info: dict) -> None:
         )
     out_console.print(table)
     for pool, skipped in info.get("skipped", {}).items():
-        err_console.print(f"[yellow]skipped in {pool}:[/] {len(skipped)} image(s)")
+        paths = info.get("skipped_paths", {}).get(pool, [])
+        out_console.print(
+            f"[yellow]skipped in {pool}:[/] {len(skipped)} image(s) {' '.join(paths)}", highlight=False
+        )
 
 
 def show_datasets(infos) -> None:

@@ -202,6 +202,7 @@ def test_bad_image_stops_with_its_path_or_is_skipped_and_recorded(tmp_path):
     store = FeatureStore.open(result.store)
     paths = list(store.read("images/test/paths"))
     assert [paths[i] for i in manifest["skipped"]["test"]] == ["test/dog/broken.png"]
+    assert manifest["skipped_paths"] == {"test": ["test/dog/broken.png"]} == result.skipped_paths
 
 
 def test_conflicting_view_count_is_a_usage_error(rn_store, demo_root):

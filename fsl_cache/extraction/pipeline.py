@@ -93,6 +93,9 @@ class ExtractResult:
     random_init: bool
     new_arrays: list[str] = field(default_factory=list)
     skipped: dict[str, list[int]] = field(default_factory=dict)
+    """Rows of each pool whose image could not be read (``--skip-bad``)."""
+    skipped_paths: dict[str, list[str]] = field(default_factory=dict)
+    """The same images by path (relative to the dataset root), in the same order."""
 
     def to_json(self) -> dict:
         arrays = {
@@ -109,6 +112,7 @@ class ExtractResult:
             "random_init": self.random_init,
             "new_arrays": self.new_arrays,
             "skipped": self.skipped,
+            "skipped_paths": self.skipped_paths,
         }
 
 
@@ -200,6 +204,7 @@ class PreparedExtraction:
             random_init=self.backbone.random_init,
             new_arrays=[a.name for a in self.plan.new_arrays],
             skipped=stats.skipped,
+            skipped_paths={pool: self.item_paths(pool, rows) for pool, rows in stats.skipped.items()},
         )
 
     @cached_property
@@ -213,6 +218,12 @@ class PreparedExtraction:
     def disk_bytes(self) -> int:
         """What this extraction takes on disk at most: arrays, block rounding, folders, markers, manifest."""
         return sum(self.footprint.values())
+
+    def item_paths(self, pool: str, rows: list[int]) -> list[str]:
+        """Image paths (relative to the dataset root) of ``rows`` of ``pool``."""
+        p = self.plan.pools[pool]
+        items = self.spec.splits[p.split]
+        return [str(items[int(p.indices[row])][0]) for row in rows]
 
     def _disk_full(self, err: OSError, writer: StoreWriter) -> DiskFullError:
         done = {marker.part for marker in writer.markers()}
@@ -288,6 +299,10 @@ class PreparedExtraction:
             for marker in writer.markers():  # shards an interrupted run finished skipped images too
                 if marker.skipped and marker.job in pools:
                     _merge_skipped(writer.manifest, {pools[marker.job]: marker.skipped})
+            skipped = writer.manifest.get("skipped", {})
+            writer.manifest["skipped_paths"] = {
+                pool: self.item_paths(pool, rows) for pool, rows in skipped.items()
+            }
             writer.manifest["views"] = self.plan.view_counts
             writer.finalize(self.plan.all_arrays)
         return stats
