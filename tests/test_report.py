@@ -15,7 +15,7 @@ from fsl_cache import api
 from fsl_cache.cli import main
 from fsl_cache.errors import UsageError
 from fsl_cache.reports import AVERAGE, format_report
-from fsl_cache.reports.plots import confusable_pairs
+from fsl_cache.reports.plots import confusable_pairs, method_styles
 from fsl_cache.testing import make_synthetic_store
 
 SYNTH = dict(model="synthetic", pretrained="none")
@@ -167,3 +167,14 @@ def test_base2novel_shows_base_novel_and_hm_and_the_average_hm_is_of_the_average
     assert (first["base"], first["novel"], first["mean"]) == ("75.0000", "45.0000", "56.2500")
     assert json.loads(format_report(table, "json").splitlines()[0])["base"] == 75.0
     assert "16-shot HM" in format_report(table, "latex") and "16-shot novel" in format_report(table, "table")
+
+
+def test_every_method_gets_its_own_look_and_keeps_it_across_figures():
+    methods = ["capt", "clip_adapter", "coop", "ldc", "linear_probe", "safe", "safe_a", "tip_adapter"]
+    methods += ["tip_adapter_f", "zero_shot", "my_a", "my_b"]
+    styles = method_styles(methods)
+    assert len({s["color"] for s in styles.values()}) == len(methods)  # capt and zero_shot too (was tab10)
+    assert styles["capt"] != styles["zero_shot"]
+    assert method_styles(list(reversed(methods))) == styles  # fixed by the label, not the order met
+    many = method_styles([f"m{i:02d}" for i in range(60)])
+    assert len({tuple(s.values()) for s in many.values()}) == 60

@@ -17,8 +17,16 @@ from ..store.fingerprint import slug
 from .rows import RunRow, classnames_for, dataset_label
 from .table import AVERAGE, ReportTable, row_label
 
+PALETTE = (
+    *("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"),
+    *("#17becf", "#000000", "#f3c300", "#8db600", "#882d17", "#a1caf1", "#2b3d26", "#f99379", "#604e97"),
+    *("#00a087", "#b3446c"),
+)
+"""20 distinguishable colours: matplotlib's tab10, then ten from Kelly's contrast set (not tab20's pale twins)."""
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 STYLES = ("-", "--", ":")
+DODGE = 0.025
+"""Horizontal offset between methods at one shot count, in octaves: coinciding points stay visible."""
 MAX_HEATMAPS = 24
 """Confusion heatmaps written at most (one per method row × dataset, largest shots)."""
 TOP_PAIRS = 10
@@ -39,8 +47,9 @@ def write_plots(table: ReportTable, rows: Sequence[RunRow], out_dir: str | Path)
     """Write every figure of the report under ``out_dir``; returns the files written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [plot_accuracy(table, out / "accuracy_vs_shots.png")]
     matrices = confusion_by_group(rows)
+    styles = method_styles([*table.methods, *(label for label, _ in matrices)])  # one look across figures
+    written = [plot_accuracy(table, out / "accuracy_vs_shots.png", styles=styles)]
     for (label, dataset), (shots, matrix, names) in list(matrices.items())[:MAX_HEATMAPS]:
         name = f"confusion_{slug(label)}_{slug(dataset_label(dataset))}_k{shots}.png"
         written.append(
@@ -51,7 +60,9 @@ def write_plots(table: ReportTable, rows: Sequence[RunRow], out_dir: str | Path)
     for dataset in sorted({d for _, d in matrices}):
         groups = {label: (m, names) for (label, d), (_, m, names) in matrices.items() if d == dataset}
         path = out / f"confusable_pairs_{slug(dataset_label(dataset))}.png"
-        if (done := plot_confusable_pairs(groups, path, title=dataset_label(dataset))) is not None:
+        if (
+            done := plot_confusable_pairs(groups, path, title=dataset_label(dataset), styles=styles)
+        ) is not None:
             written.append(done)
     return written
 
@@ -59,14 +70,29 @@ def write_plots(table: ReportTable, rows: Sequence[RunRow], out_dir: str | Path)
 # ---------------------------------------------------------------------------- accuracy vs shots
 
 
-def plot_accuracy(table: ReportTable, path: Path) -> Path:
+def method_styles(labels: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Colour, marker and line style per method label (by its rank among the sorted labels); computed once per
+    report so a method looks the same in every figure. No two of up to 20 labels share a colour, and no two
+    of up to 60 share all three."""
+    ordered = sorted(set(labels))
+    return {
+        label: {
+            "color": PALETTE[i % len(PALETTE)],
+            "marker": MARKERS[i % len(MARKERS)],
+            "ls": STYLES[(i // len(PALETTE)) % len(STYLES)],
+        }
+        for i, label in enumerate(ordered)
+    }
+
+
+def plot_accuracy(table: ReportTable, path: Path, *, styles: dict | None = None) -> Path:
     """One panel per dataset (the average first): test accuracy vs shots per method, band = ±1 std over seeds."""
     plt = _pyplot()
     blocks = table.blocks()
     cols = min(4, len(blocks))
     rows = -(-len(blocks) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    colours = plt.get_cmap("tab10" if len(table.methods) <= 10 else "tab20")
+    styles = styles or method_styles(table.methods)
     for ax, block in zip(axes.flat, blocks):
         for i, method in enumerate(table.methods):
             cells = [c for k in table.shots if (c := table.get(method, block, k)) is not None]
@@ -75,18 +101,9 @@ def plot_accuracy(table: ReportTable, path: Path) -> Path:
             x = np.array([c.shots for c in cells])
             y = np.array([c.mean for c in cells])
             s = np.array([c.std or 0.0 for c in cells])
-            ax.plot(
-                x,
-                y,
-                marker=MARKERS[i % len(MARKERS)],
-                ms=5,
-                lw=1.8,
-                ls=STYLES[(i // 10) % len(STYLES)],
-                color=colours(i % colours.N),
-                label=method,
-                alpha=0.9,
-            )
-            ax.fill_between(x, y - s, y + s, color=colours(i % colours.N), alpha=0.18, lw=0)
+            x = x * 2.0 ** (DODGE * (i - (len(table.methods) - 1) / 2))
+            ax.plot(x, y, ms=6, lw=1.6, mfc="none", mew=1.4, label=method, alpha=0.9, **styles[method])
+            ax.fill_between(x, y - s, y + s, color=styles[method]["color"], alpha=0.12, lw=0)
         ax.set_xscale("log", base=2)
         ax.set_xticks(table.shots, [str(k) for k in table.shots])
         ax.minorticks_off()
@@ -193,7 +210,7 @@ def confusable_pairs(
 
 
 def plot_confusable_pairs(
-    groups: dict[str, tuple[np.ndarray, list[str]]], path: Path, *, title: str
+    groups: dict[str, tuple[np.ndarray, list[str]]], path: Path, *, title: str, styles: dict | None = None
 ) -> Path | None:
     """Horizontal bars: the most-confused pairs (ranked by the mean over methods), one bar per method."""
     plt = _pyplot()
@@ -207,11 +224,15 @@ def plot_confusable_pairs(
     labels = list(groups)
     height = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(8.5, min(12.0, 0.12 * len(ranked) * (len(labels) + 1) + 1.4)))
-    colours = plt.get_cmap("tab10")
+    styles = styles or method_styles(labels)
     for i, label in enumerate(labels):
         y = np.arange(len(ranked)) + i * height
         ax.barh(
-            y, [scores[p].get(label, 0.0) for p in ranked], height=height, color=colours(i % 10), label=label
+            y,
+            [scores[p].get(label, 0.0) for p in ranked],
+            height=height,
+            color=styles[label]["color"],
+            label=label,
         )
     ax.set_yticks(np.arange(len(ranked)) + 0.4 - height / 2, ranked)
     ax.invert_yaxis()
