@@ -246,3 +246,10 @@ def test_lite_taps_are_pooled_maps_and_token_means(demo_root, tmp_path):
     tokens = torch.from_numpy(store.read("images/test/views/center/vit/block06")).float()[:, 0]
     means = torch.from_numpy(store.read("images/test/views/center/vit/block06_mean")).float()[:, 0]
     torch.testing.assert_close(means, tokens.mean(dim=1), atol=2e-3, rtol=2e-3)
+
+
+def test_string_arrays_have_their_size(rn_store):
+    manifest = json.loads((rn_store.store / "manifest.json").read_text())
+    paths = manifest["arrays"]["images/test/paths"]
+    values = _read_all(rn_store.store)["images/test/paths"]
+    assert paths["bytes"] == sum(len(str(v).encode()) for v in values) > 0  # was 0 B

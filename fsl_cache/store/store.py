@@ -168,9 +168,12 @@ class StoreWriter:
                 )
         self.backend.finalize(specs, parts)
         arrays = self.manifest.setdefault("arrays", {})
+        text = _text_bytes(
+            type(self.backend)(self.root, mode="r"), [s.name for s in specs if s.dtype == "str"]
+        )
         for spec in specs:
             entry = spec.to_json()
-            entry["bytes"] = spec.nbytes
+            entry["bytes"] = text.get(spec.name, spec.nbytes)
             entry["stored_bytes"] = self.backend.stored_bytes(spec.name)
             entry["blocks"] = sorted(digests[spec.name])
             arrays[spec.name] = entry
@@ -178,6 +181,21 @@ class StoreWriter:
         write_json_atomic(self.root / MANIFEST, self.manifest)
         _remove_leftovers(self.root)
         return self.manifest
+
+
+def _text_bytes(reader, names: list[str]) -> dict[str, int]:
+    """UTF-8 bytes of the values of each string array ``names`` (no fixed item size to multiply), read
+    back through ``reader``, which this closes."""
+    try:
+        return {
+            name: sum(
+                len(v) if isinstance(v, bytes) else len(str(v).encode())
+                for v in reader.open(name)[:].reshape(-1)
+            )
+            for name in names
+        }
+    finally:
+        reader.close()
 
 
 class ShardBlocks:
