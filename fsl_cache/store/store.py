@@ -168,9 +168,8 @@ class StoreWriter:
                 )
         self.backend.finalize(specs, parts)
         arrays = self.manifest.setdefault("arrays", {})
-        text = _text_bytes(
-            type(self.backend)(self.root, mode="r"), [s.name for s in specs if s.dtype == "str"]
-        )
+        strings = [s.name for s in specs if s.dtype == "str"]
+        text = _text_bytes(type(self.backend)(self.root, mode="r"), strings) if strings else {}
         for spec in specs:
             entry = spec.to_json()
             entry["bytes"] = text.get(spec.name, spec.nbytes)
