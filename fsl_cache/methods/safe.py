@@ -369,23 +369,27 @@ PROBE_SECONDS = 1.0
 
 
 def _time_steps(frozen, data, config, points, chunk, *, generator, device) -> float:
-    """Seconds per grid step with chunks of ``chunk`` points, from a throwaway copy on the real first batches."""
+    """Seconds per grid step with chunks of ``chunk`` points: every chunk of a throwaway copy of the grid
+    steps on the real first batches, as in training (lockstep chunks share the caches, so one chunk
+    alone would look faster than it is)."""
     probe = torch.Generator(device=generator.device)
     probe.set_state(generator.get_state())  # the real run still draws its own batches
     steps = min(10, total_iterations(config, len(data.train) * data.train.num_views))
-    trial = _Chunk(frozen.to(device), points[:chunk], config, steps + 1)
+    frozen = frozen.to(device)
+    trial = [_Chunk(frozen, points[s : s + chunk], config, steps + 1) for s in range(0, len(points), chunk)]
     text = data.text.to(device)
     batches = train_batches(data.train, dataclasses.replace(config, iterations=steps + 1), steps + 1, probe)
     times = []
     for step, (positions, views) in enumerate(batches):
         start = time.perf_counter()
         x = data.train.batch(positions, views)[data.tap].to(device)
-        float(trial.step(step, x, data.labels[torch.as_tensor(positions)].to(device), text))  # synchronised
+        y = data.labels[torch.as_tensor(positions)].to(device)
+        float(sum(c.step(step, x, y, text) for c in trial))  # synchronised
         times.append(time.perf_counter() - start)
         if len(times) > 2 and sum(times[1:]) >= PROBE_SECONDS:
             break
-    per_chunk = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
-    return per_chunk * -(-len(points) // chunk)
+    timed = sorted(times[1:]) or times
+    return timed[len(timed) // 2]
 
 
 def _chunking(chunk: int, points: int) -> str:
