@@ -14,7 +14,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .console import err_console, out_console
+from .console import PlainProgress, err_console, out_console
 from .extraction.plan import human_bytes
 
 
@@ -227,6 +227,8 @@ class GridProgress:
         )
         self.task = None
         self.enabled = enabled
+        self.plain: PlainProgress | None = None
+        """Off a terminal (a log, CI): plain lines with rate and ETA instead of the bar."""
 
     def __enter__(self) -> GridProgress:
         return self
@@ -240,10 +242,14 @@ class GridProgress:
             err_console.print(f"grid: {pending} run(s) to compute, {reused} already recorded (skipped)")
         self.progress.start()
         self.task = self.progress.add_task("grid", total=pending)
+        if self.enabled and not err_console.is_terminal:
+            self.plain = PlainProgress(pending, "grid", unit="run")
 
     def advance(self, outcome) -> None:
         if self.task is not None and outcome.status != "reused":
             self.progress.advance(self.task)
+            if self.plain is not None:
+                self.plain.advance(1)
         if outcome.status == "failed":
             first = outcome.error.splitlines()[0] if outcome.error else ""
             err_console.print(f"[red]failed:[/] {outcome.trial.label}: {first}", highlight=False)
