@@ -596,10 +596,11 @@ def fit(
         device=device,
         progress=not as_json,
     )
-    show_fit_results(results)
     if as_json:
         for result in results:
             click.echo(json.dumps(result.to_json()))
+    else:
+        show_fit_results(results)
 
 
 @main.command("methods")
