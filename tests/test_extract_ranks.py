@@ -47,10 +47,10 @@ def test_two_ranks_write_the_same_store_as_one(tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        # a free port of its own: another suite (or an xdist worker) may run a torchrun test at once
+        "--standalone",
         "--nproc-per-node",
         "2",
-        "--master-port",
-        "29517",
         "-m",
         "fsl_cache",
     ]
