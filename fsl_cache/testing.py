@@ -61,6 +61,9 @@ class SyntheticSpec:
     """Template sets written as text/<set> (all share the same synthetic class weights)."""
     extra_taps: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     """Further per-view taps (e.g. ``{"rn/layer4": (8, 2, 2)}``) filled with noise, for methods that need them."""
+    preproj: bool = False
+    """Also write ``preproj`` for every view and a projection ``proj/weight`` (I + noise), ``proj/bias`` with
+    ``pooled = preproj W0ᵀ + b`` (ProLIP's inputs)."""
     precision: str = "fp16"
     format: str = "zarr"
     seed: int = 0
@@ -109,8 +112,11 @@ def _generate(s: SyntheticSpec, rng: np.random.Generator) -> tuple[dict[str, np.
         "test": ("test", np.arange(len(splits["test"]))),
     }
     out: dict[str, np.ndarray] = {f"text/{t}": text for t in s.templates}
+    proj = _projection(s) if s.preproj else None
+    if proj is not None:
+        out |= {"proj/weight": proj[0], "proj/bias": proj[1]}
     for pool, (split, index) in chosen.items():
-        out |= _pool_arrays(pool, split, index, feats[split][index], splits[split][index], text, s, rng)
+        out |= _pool_arrays(pool, split, index, feats[split][index], splits[split][index], text, s, rng, proj)
     for (k, seed), subset in pools.subsets.items():
         out[f"splits/k{k}_s{seed}/train"] = np.asarray(subset.train, np.int32)
         out[f"splits/k{k}_s{seed}/val"] = np.asarray(subset.val, np.int32)
@@ -133,7 +139,13 @@ def _text_weights(s: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
     return (w / np.linalg.norm(w, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _pool_arrays(pool, split, index, x, labels, text, s: SyntheticSpec, rng) -> dict[str, np.ndarray]:
+def _projection(s: SyntheticSpec) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([s.seed, 1])  # its own stream: the other arrays stay as without preproj
+    weight = np.eye(s.dim) + 0.1 * rng.standard_normal((s.dim, s.dim))
+    return weight.astype(np.float32), (0.1 * rng.standard_normal(s.dim)).astype(np.float32)
+
+
+def _pool_arrays(pool, split, index, x, labels, text, s: SyntheticSpec, rng, proj) -> dict[str, np.ndarray]:
     dtype = np.float16 if s.precision == "fp16" else np.float32
     out = {
         f"images/{pool}/split_index": index.astype(np.int32),
@@ -150,6 +162,10 @@ def _pool_arrays(pool, split, index, x, labels, text, s: SyntheticSpec, rng) -> 
         prefix = f"images/{pool}/views/{policy}"
         f_hat = views / np.linalg.norm(views, axis=-1, keepdims=True)
         out[f"{prefix}/pooled"] = views.astype(dtype)
+        if proj is not None:  # the pre-projection feature that the projection maps onto these views
+            out[f"{prefix}/preproj"] = np.linalg.solve(proj[0], (views - proj[1])[..., None])[..., 0].astype(
+                dtype
+            )
         for t in s.templates:
             out[f"{prefix}/zs_logits/{t}"] = (ZS_SCALE * f_hat @ text.T).astype(dtype)
         out[f"{prefix}/aug_params"] = np.zeros((len(x), v, 5), np.int32)
@@ -173,6 +189,8 @@ def _fingerprint_parts(s: SyntheticSpec) -> dict:
     spec = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(s).items()}
     spec["extra_taps"] = {k: list(v) for k, v in spec["extra_taps"].items()}
     spec["templates"] = list(s.templates)
+    if not s.preproj:  # stores made before the option keep their fingerprint
+        del spec["preproj"]
     return {
         "dataset": {"name": s.name, "classnames": list(_classnames(s))},
         "backbone": _backbone(s),

@@ -280,6 +280,13 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
         "tests/test_method_taskres.py::test_head_is_the_official_residual_and_starts_as_zero_shot",
     ),
     (
+        "s210 prolip: the penalty pulls W to zero instead of to W0",
+        "fsl_cache/methods/prolip.py",
+        "lam * (weight - weight0).pow(2).sum(dim=(1, 2))",
+        "lam * weight.pow(2).sum(dim=(1, 2))",
+        "tests/test_method_prolip.py::test_loss_and_gradient_are_the_official_ones",
+    ),
+    (
         "s210 gda: bias adds half the Mahalanobis term instead of subtracting it",
         "fsl_cache/methods/gda.py",
         'math.log(1.0 / len(means)) - torch.einsum("nd,dc,nc->n", means, precision, means) / 2',

@@ -26,6 +26,7 @@ import test_method_clap
 import test_method_cross_modal
 import test_method_gda
 import test_method_lp_pp
+import test_method_prolip
 import test_method_taskres
 import test_method_zs_lp
 import torch
@@ -744,6 +745,7 @@ FORMULA_TESTS = {
     "cross_modal": test_method_cross_modal.test_trained_probe_is_the_official_cross_modal_loop_on_the_same_draws,
     "lp_pp": test_method_lp_pp.test_the_loop_is_the_official_one_including_the_accumulated_alpha_gradient,
     "taskres": test_method_taskres.test_head_is_the_official_residual_and_starts_as_zero_shot,
+    "prolip": test_method_prolip.test_loss_and_gradient_are_the_official_ones,
     "gda": test_method_gda.test_precision_weights_and_bias_match_the_official_code,
     "ape": test_method_ape.test_shot_weights_and_logits_match_the_official_code,
     "ape_t": test_method_ape_t.test_refined_head_matches_the_official_forward_on_trained_parameters,

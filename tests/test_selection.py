@@ -55,7 +55,7 @@ SELECTING = {
     "ape_t",
 }
 """Methods with a selection step (a search over alpha/beta, C, rho, lr x wd, or a selected epoch)."""
-LAST_EPOCH = {"zs_lp", "clap", "cross_modal", "taskres"}
+LAST_EPOCH = {"zs_lp", "clap", "cross_modal", "taskres", "prolip"}
 """Methods whose official code selects nothing (one configuration, the last epoch): they read no val."""
 
 
@@ -99,6 +99,7 @@ def synth(tmp_path_factory):
         separation=1.0,
         noise=1.5,
         view_noise=0.6,
+        preproj=True,
     )
     return root, None, store
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,9 @@ from fsl_cache.backbones.weights import WeightsSource
 from fsl_cache.errors import BackboneError, UsageError, did_you_mean
 
 POOLED = "pooled"
+PREPROJ = "preproj"
+"""The pooled feature before the image tower's last projection (ProLIP, METHODS §2.10): RN the attention
+pool's output before ``c_proj``, ViT ``ln_post`` of the class token before ``proj``."""
 RN_LAYERS = (1, 2, 3, 4)
 
 
@@ -26,7 +30,8 @@ class Backbone:
 
     Tap names: ``pooled`` (the un-normalised ``encode_image`` output), ``rn/layer1``…``rn/layer4``
     for ResNets, ``vit/block01``…``vit/blockNN`` for ViTs (1-based: ``vit/block06`` is the output
-    of ``transformer.resblocks[5]``, CLS token first, e.g. ``[197, 768]`` for ViT-B/16).
+    of ``transformer.resblocks[5]``, CLS token first, e.g. ``[197, 768]`` for ViT-B/16), and
+    ``preproj`` (``pooled`` before the last projection, :meth:`projection`).
     """
 
     model: torch.nn.Module
@@ -108,10 +113,10 @@ class Backbone:
     # --- taps -------------------------------------------------------------------------------------
 
     def taps(self) -> list[str]:
-        """Every tap this backbone can produce, ``pooled`` first."""
+        """Every tap this backbone can produce, ``pooled`` first (``preproj`` last: positions index blocks)."""
         if self.kind == "rn":
-            return [POOLED] + [f"rn/layer{k}" for k in RN_LAYERS]
-        return [POOLED] + [self._vit_tap(i) for i in range(self.num_blocks)]
+            return [POOLED] + [f"rn/layer{k}" for k in RN_LAYERS] + [PREPROJ]
+        return [POOLED] + [self._vit_tap(i) for i in range(self.num_blocks)] + [PREPROJ]
 
     @property
     def dense_tap(self) -> str:
@@ -122,12 +127,71 @@ class Backbone:
             raise BackboneError(f"{self.arch} has a single block: no block output enters the last one")
         return self._vit_tap(self.num_blocks - 2)
 
+    def projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last projection ``(W0 [D, D_pre], bias [D] or None)``, fp32 on CPU: ``pooled = preproj W0ᵀ + bias``.
+
+        RN: the attention pool's ``c_proj`` (with its bias); ViT: ``proj`` transposed (no bias).
+        """
+        visual = self.model.visual
+        if self.kind == "rn":
+            c_proj = visual.attnpool.c_proj
+            return c_proj.weight.detach().float().cpu().clone(), c_proj.bias.detach().float().cpu().clone()
+        self._check_token_pool()
+        return visual.proj.detach().float().cpu().T.contiguous(), None
+
+    def _check_token_pool(self) -> None:
+        visual = self.model.visual
+        if visual.attn_pool is not None or visual.pool_type != "tok" or visual.proj is None:
+            raise BackboneError(
+                f"{self.arch} pools its ViT tokens another way than CLIP's class token + proj: no 'preproj' tap"
+            )
+
+    @contextmanager
+    def _grabbing_preproj(self, wanted: bool) -> Iterator[dict]:
+        """Inside the block, forwards leave in the yielded dict what ``preproj`` is computed from.
+
+        RN: the map entering the attention pool (:meth:`_preproj` pools it again without ``c_proj``);
+        ViT: the class token after ``ln_post``.
+        """
+        grabbed: dict[str, torch.Tensor] = {}
+        if not wanted:
+            yield grabbed
+            return
+        visual = self.model.visual
+        if self.kind == "rn":
+
+            def pool_input(module, args):
+                grabbed[PREPROJ] = args[0]
+
+            hook = visual.attnpool.register_forward_pre_hook(pool_input)
+        else:
+            self._check_token_pool()
+
+            def class_token(module, args, output):  # ln_post runs on all tokens, or on the pooled one
+                grabbed[PREPROJ] = output[:, 0] if output.dim() == 3 else output
+
+            hook = visual.ln_post.register_forward_hook(class_token)
+        try:
+            yield grabbed
+        finally:
+            hook.remove()
+
+    def _preproj(self, grabbed: torch.Tensor) -> torch.Tensor:
+        if self.kind == "vit":
+            return grabbed
+        attnpool = self.model.visual.attnpool
+        eye = torch.eye(attnpool.c_proj.in_features, device=grabbed.device, dtype=grabbed.dtype)
+        identity = {"c_proj.weight": eye, "c_proj.bias": torch.zeros_like(eye[0])}
+        return torch.func.functional_call(attnpool, identity, (grabbed,))
+
     def tap_shape(self, tap: str) -> tuple[int, ...]:
         """Per-image shape of ``tap`` (no batch axis), from the architecture without a forward."""
         index = self._tap_indices([tap])[tap]
         if tap == POOLED:
             return (self.embed_dim,)
         visual = self.model.visual
+        if tap == PREPROJ:
+            return (visual.attnpool.c_proj.in_features if self.kind == "rn" else visual.proj.shape[0],)
         if self.kind == "rn":
             channels = getattr(visual, f"layer{index}")[-1].bn3.num_features
             side = _rn_stem_side(self.image_size) // 2 ** (index - 1)  # layer2..4 halve (avg-pool)
@@ -143,15 +207,17 @@ class Backbone:
         """
         indices = self._tap_indices(taps)
         x = images.to(self.device, self.dtype)
-        with torch.no_grad():
-            blocks = sorted({i for t, i in indices.items() if t != POOLED})
-            want_pooled = POOLED in indices
+        with torch.no_grad(), self._grabbing_preproj(PREPROJ in indices) as grabbed:
+            blocks = sorted({i for t, i in indices.items() if t not in (POOLED, PREPROJ)})
+            want_pooled = POOLED in indices or PREPROJ in indices  # preproj is grabbed on the way
             if not blocks:
                 out = {POOLED: self.model.encode_image(x, normalize=False)}
             elif self.kind == "rn":
                 out = self._rn_taps(x, blocks, want_pooled)
             else:
                 out = self._vit_taps(x, blocks, want_pooled)
+            if PREPROJ in indices:
+                out[PREPROJ] = self._preproj(grabbed[PREPROJ])
         return {t: out[t].to(self.dtype) for t in indices}
 
     def _rn_taps(self, x: torch.Tensor, layers: list[int], want_pooled: bool) -> dict:

@@ -19,6 +19,7 @@ import torch
 
 from .. import __version__
 from ..backbones import load_backbone
+from ..backbones.backbone import PREPROJ
 from ..backbones.encoder import Encoder
 from ..backbones.taps import derived_shape, derived_tap
 from ..backbones.views import POLICIES, ViewRenderer
@@ -388,7 +389,7 @@ def prepare_extraction(
         existing=existing,
         existing_views=manifest.get("views", {}),
     )
-    plan.whole = whole
+    plan.whole = whole + _projection_arrays(backbone, plan, existing)
     for job in plan.jobs:
         if job.custom_policy is not None:
             manifest["policies"].setdefault(job.policy, job.custom_policy.__dict__)
@@ -397,6 +398,17 @@ def prepare_extraction(
         ArraySpec(f"text/{t}", shape, "float32", shape) for t in spec.templates if f"text/{t}" not in existing
     ]
     return PreparedExtraction(spec, backbone, options, store_dir, key, manifest, plan, planned_on)
+
+
+def _projection_arrays(backbone, plan: ExtractionPlan, existing: dict) -> list:
+    """The image tower's last projection, once per store, when a job taps ``preproj`` (``pooled = preproj W0ᵀ + b``)."""
+    if not any(PREPROJ in job.taps for job in plan.jobs) or "proj/weight" in existing:
+        return []
+    weight, bias = backbone.projection()
+    arrays = [(array_layout("proj/weight", tuple(weight.shape), "float32"), weight.numpy())]
+    if bias is not None:
+        arrays.append((array_layout("proj/bias", tuple(bias.shape), "float32"), bias.numpy()))
+    return arrays
 
 
 class _TapShapes(dict):
