@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .console import training_progress
+from .datasets.catalog import DATA_ENV
 from .defaults import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -17,6 +19,7 @@ from .defaults import (
 from .errors import UsageError
 from .extraction import ExtractOptions, ExtractResult, PreparedExtraction
 from .extraction import extract as _extract
+from .extraction.sizing import StoreSize, size_stores
 from .inference import Predictor, export_bundle, find_run
 from .methods import get_method, list_methods
 from .methods.needs import DEFAULT_FOR
@@ -42,7 +45,7 @@ def extract(
     model: str = DEFAULT_MODEL,
     pretrained: str = DEFAULT_PRETRAINED,
     for_methods: Sequence[str] | None = None,
-    views: int | None = None,
+    views: int | dict[str, int] | None = None,
     precision: str = "fp16",
     format: str = "zarr",
     batch_size: int = 64,
@@ -84,6 +87,37 @@ def extract(
         on_plan=on_plan,
         progress=progress,
     )
+
+
+def plan(
+    datasets: Sequence[str],
+    *,
+    root: str | Path | None = None,
+    splits_dir: str | Path | None = None,
+    model: str = DEFAULT_MODEL,
+    for_methods: Sequence[str] | None = None,
+    views: int | dict[str, int] | None = None,
+    precision: str = "fp16",
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    full_train: bool = False,
+    full_val: bool = False,
+    vit_blocks: Sequence[int] = DEFAULT_VIT_BLOCKS,
+) -> list[StoreSize]:
+    """What ``extract`` with these settings would store per dataset (``all``: the 11 CoOp datasets),
+    counted from split files (``splits_dir`` or the CoOp layout under ``root``) without an image."""
+    options = ExtractOptions(
+        for_methods=tuple(for_methods or DEFAULT_FOR),
+        views=views,
+        precision=precision,
+        shots=tuple(shots),
+        seeds=tuple(seeds),
+        full_train=full_train,
+        full_val=full_val,
+        vit_blocks=tuple(vit_blocks),
+    )
+    root = root if root is not None else os.environ.get(DATA_ENV)
+    return size_stores(datasets, model=model, options=options, root=root, splits_dir=splits_dir)
 
 
 def _cache_dir(cache_dir: str | Path | None) -> Path:

@@ -52,6 +52,28 @@ def _name_list(ctx, param, value: str | None):
     return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _views(ctx, param, value: str | None):
+    """``--views 10`` (every policy) or ``--views ldc=5,tip=11`` (those policies)."""
+    if value is None:
+        return None
+    try:
+        if "=" not in value:
+            return int(value)
+        pairs = [item.split("=") for item in value.split(",") if item.strip()]
+        return {policy.strip(): int(n) for policy, n in pairs}
+    except ValueError:
+        raise click.BadParameter(f"expected N or POLICY=N[,POLICY=N], got '{value}'") from None
+
+
+VIEWS_OPTION = click.option(
+    "--views",
+    callback=_views,
+    default=None,
+    help="Augmented views per train image: N for every policy, or POLICY=N[,...] (ldc=5) for some "
+    "(default: what the methods need).",
+)
+
+
 KEPT = {
     "extract": "finished shards are kept",
     "fit": "finished runs are kept",
@@ -168,12 +190,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     callback=_name_list,
     help="Extract only what these methods need (comma-separated).",
 )
-@click.option(
-    "--views",
-    type=int,
-    default=None,
-    help="Augmented views per train image (default: what the methods need).",
-)
+@VIEWS_OPTION
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -256,6 +273,83 @@ def extract(
     show_extract_result(result)
     if as_json:
         click.echo(json.dumps(result.to_json()))
+
+
+@main.command()
+@click.option(
+    "--dataset",
+    "datasets",
+    required=True,
+    callback=_name_list,
+    help="Comma-separated: built-in names, 'all' (the 11 CoOp datasets), imagefolder:DIR or csv:FILE.",
+)
+@click.option(
+    "--root", type=click.Path(path_type=Path), default=None, help="Dataset root [default: $FSL_DATA]."
+)
+@click.option(
+    "--splits",
+    "splits_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A folder of CoOp split_zhou_*.json files to count from (no images needed).",
+)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="open_clip architecture.")
+@click.option(
+    "--pretrained",
+    default=DEFAULT_PRETRAINED,
+    show_default=True,
+    help="Accepted for symmetry with extract: sizes depend on the architecture alone.",
+)
+@click.option("--for", "for_methods", callback=_name_list, help="Methods the stores serve (comma-separated).")
+@VIEWS_OPTION
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True)
+@click.option("--shots", callback=_int_list, default=_joined(DEFAULT_SHOTS), show_default=True)
+@click.option("--seeds", callback=_int_list, default=_joined(DEFAULT_SEEDS), show_default=True)
+@click.option("--full-train", is_flag=True, help="Size the whole train split instead of the few-shot union.")
+@click.option("--full-val", is_flag=True, help="Size the whole val split.")
+@click.option("--vit-blocks", callback=_int_list, default="6,8,10,12", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per dataset, then the total.")
+def plan(
+    datasets,
+    root,
+    splits_dir,
+    model,
+    pretrained,
+    for_methods,
+    views,
+    precision,
+    shots,
+    seeds,
+    full_train,
+    full_val,
+    vit_blocks,
+    as_json,
+) -> None:
+    """Size the stores extract would write: arrays, images and bytes per dataset, without reading images."""
+    from . import api
+    from .methods.needs import DEFAULT_FOR
+    from .render import plan_total, show_plan
+
+    sizes = api.plan(
+        datasets,
+        root=root,
+        splits_dir=splits_dir,
+        model=model,
+        for_methods=for_methods,
+        views=views,
+        precision=precision,
+        shots=shots,
+        seeds=seeds,
+        full_train=full_train,
+        full_val=full_val,
+        vit_blocks=vit_blocks,
+    )
+    if as_json:
+        for size in sizes:
+            click.echo(json.dumps(size.to_json()))
+        click.echo(json.dumps(plan_total(sizes)))
+    else:
+        show_plan(sizes, title=f"{model}/{pretrained}, for {','.join(for_methods or DEFAULT_FOR)}")
 
 
 @main.group()

@@ -57,6 +57,54 @@ def show_extract_plan(prepared) -> None:
     err_console.print(table)
 
 
+def plan_total(sizes) -> dict:
+    """The sum of ``fsl-cache plan``'s rows over the datasets it could count."""
+    counted = [s for s in sizes if not s.missing]
+    return {
+        "dataset": "total",
+        "datasets": len(counted),
+        "missing": [s.dataset for s in sizes if s.missing],
+        "images": sum(sum(s.pools.values()) for s in counted),
+        "encoded": sum(s.encoded for s in counted),
+        "arrays": sum(s.arrays for s in counted),
+        "raw_bytes": sum(s.raw_bytes for s in counted),
+        "expected_bytes": sum(s.expected_bytes for s in counted),
+    }
+
+
+def show_plan(sizes, *, title: str) -> None:
+    table = Table(title=title, title_justify="left", show_edge=False)
+    for col in ("dataset", "classes", "test", "train", "val", "encoded", "arrays", "raw", "expected"):
+        table.add_column(col, justify="left" if col == "dataset" else "right")
+    for s in sizes:
+        if s.missing:
+            table.add_row(s.dataset, f"[yellow]{s.source.split(';')[0]}[/]", *[""] * 7)
+            continue
+        pools = {name.split("_")[0]: n for name, n in s.pools.items()}
+        table.add_row(
+            s.dataset,
+            str(s.classes),
+            *(f"{pools[p]:,}" if p in pools else "-" for p in ("test", "train", "val")),
+            f"{s.encoded:,}",
+            str(s.arrays),
+            human_bytes(s.raw_bytes),
+            human_bytes(s.expected_bytes),
+        )
+    total = plan_total(sizes)
+    table.add_row(
+        "[bold]total[/]",
+        "",
+        "",
+        "",
+        "",
+        f"{total['encoded']:,}",
+        str(total["arrays"]),
+        f"[bold]{human_bytes(total['raw_bytes'])}[/]",
+        f"[bold]{human_bytes(total['expected_bytes'])}[/]",
+    )
+    out_console.print(table)
+
+
 def show_extract_result(result) -> None:
     rate = f"{result.images_per_s:,.1f} img/s" if result.images else "no new images"
     err_console.print(

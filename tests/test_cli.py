@@ -22,6 +22,7 @@ COMMANDS = [
     ["cache", "rm"],
     ["datasets"],
     ["models"],
+    ["plan"],
     ["demo"],
 ]
 

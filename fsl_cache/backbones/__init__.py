@@ -2,7 +2,7 @@
 
 from fsl_cache.backbones.backbone import POOLED, Backbone
 from fsl_cache.backbones.catalog import ModelInfo, list_models
-from fsl_cache.backbones.loading import PRECISIONS, load_backbone
+from fsl_cache.backbones.loading import PRECISIONS, load_architecture, load_backbone
 from fsl_cache.backbones.tiny import TINY_MODELS, register_tiny_models
 from fsl_cache.backbones.weights import WeightsSource
 
@@ -14,6 +14,7 @@ __all__ = [
     "ModelInfo",
     "WeightsSource",
     "list_models",
+    "load_architecture",
     "load_backbone",
     "register_tiny_models",
 ]

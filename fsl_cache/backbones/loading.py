@@ -96,6 +96,29 @@ def load_backbone(
     )
 
 
+def load_architecture(model: str = DEFAULT_MODEL) -> Backbone:
+    """The Backbone of architecture ``model`` on the meta device: taps and their shapes, no weights.
+
+    Nothing is read, downloaded or initialised, so sizing a store (``fsl-cache plan``) costs no memory
+    and no network. The tokenizer is left out: nothing can be encoded with it.
+    """
+    arch = _known_arch(model)
+    with torch.device("meta"), _announced([]):
+        clip = open_clip.create_model(arch, device="meta", load_weights=False, pretrained_text=False)
+    return Backbone(
+        model=clip,
+        arch=arch,
+        pretrained="none",
+        random_init=True,
+        tokenizer=None,
+        device=torch.device("meta"),
+        dtype=torch.float32,
+        notes=(),
+        weights=WeightsSource("none"),
+        **describe_model(clip, arch),
+    )
+
+
 def _target(device: str, precision: str) -> tuple[torch.device, torch.dtype]:
     if precision not in PRECISIONS:
         raise did_you_mean(precision, PRECISIONS, what="precision")

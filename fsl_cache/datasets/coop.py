@@ -203,6 +203,17 @@ def _load_split_json(name: str, root: Path) -> DatasetSpec:
     return _spec(name, image_root.resolve(), classnames, splits, sha256_file(split_path), [note])
 
 
+def split_file_spec(name: str, split_path: Path) -> DatasetSpec:
+    """``name`` as its CoOp split file alone describes it: items, labels, class names; no image is checked.
+
+    Enough to count pools and size a store (``fsl-cache plan``) where the images are not at hand.
+    """
+    layout = LAYOUTS[name]
+    splits, classnames = read_split_json(Path(split_path), num_classes=layout.num_classes)
+    note = f"splits: CoOp {layout.split_file} (images not checked)"
+    return _spec(name, Path(split_path).parent, classnames, splits, sha256_file(split_path), [note])
+
+
 for _name, _layout in LAYOUTS.items():
     if _layout.split_file:
         register_dataset(_name)(functools.partial(_load_split_json, _name))

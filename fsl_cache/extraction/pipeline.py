@@ -54,8 +54,9 @@ class ExtractOptions:
     """Everything ``fsl-cache extract`` accepts besides the dataset and backbone."""
 
     for_methods: tuple[str, ...] = DEFAULT_FOR
-    views: int | None = None
-    """Override the view count of every augmented view group (default: what the methods need)."""
+    views: int | dict[str, int] | None = None
+    """Override the view count of every augmented view group (an int) or of some policies
+    (``{"ldc": 5}``); default: what the methods need. Recorded in the store key when given."""
     precision: str = "fp16"
     """Storage dtype; compute runs in fp16 on CUDA and fp32 on CPU."""
     format: str = "zarr"
@@ -78,7 +79,8 @@ class ExtractOptions:
             raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got '{self.format}'")
         if self.batch_size < 1 or self.workers < 0:
             raise UsageError("--batch-size must be >= 1 and --workers >= 0")
-        if self.views is not None and self.views < 1:
+        counts = self.views.values() if isinstance(self.views, dict) else [self.views]
+        if any(n is not None and n < 1 for n in counts):
             raise UsageError(f"--views must be >= 1, got {self.views}")
 
 
@@ -353,6 +355,8 @@ def prepare_extraction(
         "aug_seed": options.aug_seed,
         "extraction_version": EXTRACTION_VERSION,
     }
+    if options.views is not None:  # keys of stores extracted without --views stay what they were
+        parts["views"] = options.views
     key = fingerprint(parts)
     weights = Path(pretrained).stem if os.sep in pretrained or "." in pretrained else pretrained
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -368,13 +372,13 @@ def prepare_extraction(
         store_dir, key=key, parts=parts, spec=spec, backbone=backbone, options=options
     )
     existing = {n: ArraySpec.from_json(n, a) for n, a in manifest.get("arrays", {}).items()}
-    pools, whole = _pools_and_metadata(spec, options, existing)
+    pools, whole = pools_and_metadata(spec, options, existing)
     manifest["pools"] = {
         **manifest.get("pools", {}),
         **{p.name: {"split": p.split, "size": p.size} for p in pools.values()},
     }
     base_shapes = {t: tuple(backbone.tap_shape(t)) for t in backbone.taps()}
-    tap_shapes = _TapShapes(base_shapes)
+    tap_shapes = TapShapes(base_shapes)
     plan = plan_extraction(
         pools=pools,
         needs=needs,
@@ -411,7 +415,7 @@ def _projection_arrays(backbone, plan: ExtractionPlan, existing: dict) -> list:
     return arrays
 
 
-class _TapShapes(dict):
+class TapShapes(dict):
     """Per-image shapes of backbone taps and of taps derived from them (``rn/layer1_pool7``)."""
 
     def __missing__(self, tap: str) -> tuple[int, ...]:
@@ -423,7 +427,7 @@ class _TapShapes(dict):
         return derived_shape(tap, self)
 
 
-def _pools_and_metadata(
+def pools_and_metadata(
     spec: DatasetSpec, options: ExtractOptions, existing: dict
 ) -> tuple[dict[str, Pool], list]:
     """The pools to hold and the small arrays that describe them (labels, paths, few-shot splits)."""

@@ -92,6 +92,19 @@ class ExtractionPlan:
         return list(self.existing.values()) + self.new_arrays
 
 
+EXPECTED_RATIO = {"zstd1": 1.78, "none": 1.0}
+"""Raw ÷ stored bytes of each codec on what it is given. zstd-1 on RN feature maps (the arrays it is
+used for): 1.78 measured on the ``fsl-tiny-rn`` ``shapes`` store of the 12-class shapes set (RN maps
+of every pool and view, 36 MB, 50-63 % zeros after ReLU; per-layer 1.62-2.11, layer4 highest).
+RN50 with random weights gave 2.02-2.10 (PERFORMANCE.md, finding 7), so 1.78 errs large; ratio ≈ 1 /
+(fraction of non-zeros), and pretrained RN50's sparsity is not yet measured."""
+
+
+def expected_bytes(spec: ArraySpec) -> int:
+    """What ``spec`` is expected to take stored: its raw bytes over its codec's expected ratio."""
+    return int(spec.nbytes / EXPECTED_RATIO.get(spec.codec, 1.0))
+
+
 def array_layout(name: str, shape: tuple[int, ...], dtype: str) -> ArraySpec:
     """Chunking and codec by measurement: zstd-1 for post-ReLU maps, none for Gaussian-like tensors."""
     codec = "zstd1" if "/rn/" in name else "none"
@@ -138,7 +151,7 @@ def plan_extraction(
     num_classes: int,
     template_sets: tuple[str, ...],
     dtype: str,
-    views_override: int | None,
+    views_override: int | dict[str, int] | None,
     existing: dict[str, ArraySpec],
     existing_views: dict[str, int],
 ) -> ExtractionPlan:
@@ -156,9 +169,10 @@ def plan_extraction(
     for pool in pools:
         want(pool, "center", 1, eval_taps)
     train = next((p for p in pools if p.startswith("train")), None)
+    _check_view_policies(views_override, needs)
     for need in needs if train is not None else ():  # test-only sets (ImageNet-A ...) have no train views
         for view in need.train_views:
-            want(train, view.policy, views_override or view.views, view.taps)
+            want(train, view.policy, view_count(views_override, view.policy, view.views), view.taps)
 
     for (pool_name, policy), (views, taps) in groups.items():
         plan.jobs += _group_job(
@@ -174,6 +188,25 @@ def plan_extraction(
             custom_policy=custom.get(policy),
         )
     return plan
+
+
+def view_count(override: int | dict[str, int] | None, policy: str, wanted: int) -> int:
+    """Views to extract under ``policy``: ``--views N`` for every policy, ``--views POLICY=N`` for one."""
+    if isinstance(override, dict):
+        return override.get(policy, wanted)
+    return override or wanted
+
+
+def _check_view_policies(override, needs: list[Needs]) -> None:
+    if not isinstance(override, dict):
+        return
+    used = sorted({v.policy for n in needs for v in n.train_views})
+    unknown = [p for p in override if p not in used]
+    if unknown:
+        raise UsageError(
+            f"--views {unknown[0]}={override[unknown[0]]}: no method asked for (--for) trains on "
+            f"'{unknown[0]}' views; their policies: {', '.join(used) or 'none'}"
+        )
 
 
 def _group_job(
@@ -211,7 +244,7 @@ def disk_footprint(plan: ExtractionPlan, *, fmt: str, block: int, manifest_bytes
     file) and the store's own folders. ``manifest_bytes`` is the size of the manifest before this plan.
     """
     sizes = {job.id: _job_disk(job, fmt=fmt, block=block) for job in plan.jobs}
-    small = [(spec, _string_bytes(data)) for spec, data in plan.whole] + [(spec, 0) for spec in plan.text]
+    small = [(spec, string_bytes(data)) for spec, data in plan.whole] + [(spec, 0) for spec in plan.text]
     meta = sum(_whole_disk(spec, fmt=fmt, block=block, string_bytes=n) for spec, n in small)
     meta += 2 * file_bytes(manifest_bytes + _manifest_growth(plan), block)
     names = [a.name for a in plan.new_arrays]
@@ -250,7 +283,7 @@ def _manifest_growth(plan: ExtractionPlan) -> int:
     return sum(512 + len(a.name) + 160 * -(-a.shape[0] // SHARD_SAMPLES) for a in plan.new_arrays)
 
 
-def _string_bytes(data: np.ndarray) -> int:
+def string_bytes(data: np.ndarray) -> int:
     """Bytes per item of a string array: the longest, plus zarr's 4-byte length."""
     if data.dtype.kind not in "OUS":
         return 0

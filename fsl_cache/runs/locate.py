@@ -120,6 +120,7 @@ def extract_settings(manifest: dict) -> dict:
         "full_val": "val_full" in pools,
         "vit_blocks": _tapped_blocks(manifest.get("arrays", {})) or DEFAULT_VIT_BLOCKS,
         "aug_seed": int(manifest.get("aug_seed", 0)),
+        "views": manifest.get("fingerprint_parts", {}).get("views"),
     }
 
 
@@ -146,11 +147,20 @@ def extract_command(manifest: dict, method: str, *, cache_dir: Path | None) -> s
     if s["seeds"] != DEFAULT_SEEDS:
         words += ["--seeds", ",".join(map(str, s["seeds"]))]
     words += ["--full-train"] * s["full_train"] + ["--full-val"] * s["full_val"]
+    if s["views"] is not None:
+        words += ["--views", format_views(s["views"])]
     if s["vit_blocks"] != DEFAULT_VIT_BLOCKS:
         words += ["--vit-blocks", ",".join(map(str, s["vit_blocks"]))]
     if cache_dir is not None:
         words += ["--cache-dir", shlex.quote(str(cache_dir))]
     return " ".join(words)
+
+
+def format_views(views: int | dict[str, int]) -> str:
+    """``--views`` as typed: ``10`` or ``ldc=5,tip=11``."""
+    if isinstance(views, dict):
+        return ",".join(f"{policy}={n}" for policy, n in sorted(views.items()))
+    return str(views)
 
 
 def missing_arrays(store, method_info, *, dataset: str, eval_only: bool = False) -> list[str]:

@@ -1,0 +1,148 @@
+"""Sizing stores before anything is extracted (``fsl-cache plan``): counts from split files alone.
+
+A CoOp dataset's split file gives every item and label, which is all the few-shot pools and the
+store's array shapes depend on; the backbone's tap shapes come from its architecture built on the
+meta device. So a store of any size is planned without an image, a weight file or a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..backbones import load_architecture
+from ..datasets import DatasetSpec, load_dataset
+from ..datasets.base import builtin_loaders
+from ..datasets.coop import LAYOUTS, split_file_spec
+from ..errors import FslError
+from ..methods.registry import get_method
+from ..store.backend import ArraySpec
+from .pipeline import PRECISIONS, ExtractOptions, TapShapes, pools_and_metadata
+from .plan import expected_bytes, plan_extraction, string_bytes
+
+ALL = "all"
+COOP_DATASETS = tuple(name for name in LAYOUTS if not name.startswith("imagenet_"))
+"""What ``--dataset all`` means: the 11 datasets of the CoOp benchmark."""
+
+
+@dataclass(frozen=True)
+class StoreSize:
+    """What one dataset's store would hold: pools, images encoded, arrays and bytes."""
+
+    dataset: str
+    source: str
+    """The split file (or dataset root) the counts come from, or why there are none."""
+    classes: int | None = None
+    pools: dict[str, int] | None = None
+    """Images per pool (``test``, ``train_pool``, ``val_pool``...)."""
+    encoded: int = 0
+    """Images the backbone encodes: every pool's center view plus the augmented train views."""
+    arrays: int = 0
+    raw_bytes: int = 0
+    expected_bytes: int = 0
+    """Stored bytes expected after compression (:data:`~fsl_cache.extraction.plan.EXPECTED_RATIO`)."""
+
+    @property
+    def missing(self) -> bool:
+        return self.pools is None
+
+    def to_json(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "source": self.source,
+            "missing": self.missing,
+            "classes": self.classes,
+            "pools": self.pools,
+            "images": sum((self.pools or {}).values()),
+            "encoded": self.encoded,
+            "arrays": self.arrays,
+            "raw_bytes": self.raw_bytes,
+            "expected_bytes": self.expected_bytes,
+        }
+
+
+def expand_datasets(datasets: Sequence[str]) -> list[str]:
+    """Dataset specs with ``all`` replaced by the 11 CoOp datasets."""
+    out = []
+    for name in datasets:
+        out += COOP_DATASETS if name == ALL else [name]
+    return list(dict.fromkeys(out))
+
+
+def size_stores(
+    datasets: Sequence[str],
+    *,
+    model: str,
+    options: ExtractOptions,
+    root: str | Path | None = None,
+    splits_dir: str | Path | None = None,
+) -> list[StoreSize]:
+    """The store each dataset would get from ``extract`` with ``options``, sized without images.
+
+    Built-in CoOp datasets are counted from ``splits_dir/split_zhou_*.json`` or, failing that, from
+    their layout under ``root``; a dataset with neither is returned as missing, with the reason.
+    """
+    backbone = load_architecture(model)
+    base_shapes = {t: tuple(backbone.tap_shape(t)) for t in backbone.taps()}
+    sizes = []
+    for name in expand_datasets(datasets):
+        try:
+            spec, source = _counted_spec(name, root=root, splits_dir=splits_dir)
+        except FslError as err:
+            sizes.append(StoreSize(name, f"missing: {err}"))
+            continue
+        sizes.append(
+            _size(spec, source, backbone=backbone, tap_shapes=TapShapes(base_shapes), options=options)
+        )
+    return sizes
+
+
+def _counted_spec(name: str, *, root, splits_dir) -> tuple[DatasetSpec, str]:
+    layout = LAYOUTS.get(name)
+    if layout is not None and layout.split_file and splits_dir is not None:
+        path = Path(splits_dir).expanduser() / layout.split_file
+        if path.is_file():
+            return split_file_spec(name, path), str(path)
+    if layout is not None and layout.split_file and root is not None:
+        path = Path(root).expanduser() / layout.folder / layout.split_file
+        if path.is_file():
+            return split_file_spec(name, path), str(path)
+    if name in builtin_loaders() and root is None:
+        where = f"no {layout.split_file} in {splits_dir}" if layout.split_file else "no split file"
+        raise FslError(f"{where}; its counts need the dataset under --root")
+    return load_dataset(name, root=root), f"{name} under {root}" if root else name
+
+
+def _size(spec: DatasetSpec, source: str, *, backbone, tap_shapes, options: ExtractOptions) -> StoreSize:
+    pools, whole = pools_and_metadata(spec, options, {})
+    plan = plan_extraction(
+        pools=pools,
+        needs=[get_method(m).needs(spec.name) for m in options.for_methods],
+        kind=backbone.kind,
+        dense_tap=backbone.dense_tap,
+        vit_blocks=options.vit_blocks,
+        tap_shapes=tap_shapes,
+        num_classes=spec.num_classes,
+        template_sets=tuple(spec.templates),
+        dtype=np.dtype(PRECISIONS[options.precision]).name,
+        views_override=options.views,
+        existing={},
+        existing_views={},
+    )
+    shape = (spec.num_classes, backbone.embed_dim)
+    text = [ArraySpec(f"text/{t}", shape, "float32", shape) for t in spec.templates]
+    strings = sum(len(data) * string_bytes(data) for _, data in whole)  # paths: not in ArraySpec.nbytes
+    arrays = [s for s, _ in whole] + text + [a for job in plan.jobs for a in job.arrays]
+    return StoreSize(
+        dataset=spec.name,
+        source=source,
+        classes=spec.num_classes,
+        pools={name: pool.size for name, pool in pools.items()},
+        encoded=sum(job.images for job in plan.jobs),
+        arrays=len(arrays),
+        raw_bytes=sum(a.nbytes for a in arrays) + strings,
+        expected_bytes=sum(expected_bytes(a) for a in arrays) + strings,
+    )

@@ -1,0 +1,71 @@
+"""``fsl-cache plan``: store sizes from CoOp split files alone (no images, no weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from dataset_helpers import shared_dir
+
+from fsl_cache.cli import main
+
+MISSING = {"imagenet", "food101", "fgvc_aircraft", "sun397"}  # no split file in shared/data/coop_splits
+EUROSAT = {"test": 8100, "train_pool": 860, "val_pool": 434}  # 10 classes; union of 5 shots × 3 seeds
+
+
+def plan(*args: str) -> list[dict]:
+    splits = shared_dir() / "data" / "coop_splits"
+    result = CliRunner().invoke(main, ["plan", "--splits", str(splits), "--json", *args])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_all_datasets_for_ldc_rn50_from_split_files_alone():
+    *rows, total = plan("--dataset", "all", "--for", "ldc", "--model", "RN50")
+    by_name = {r["dataset"]: r for r in rows}
+    assert len(rows) == 11 and {n for n, r in by_name.items() if r["missing"]} == MISSING
+    assert "split" in by_name["food101"]["source"] and by_name["food101"]["raw_bytes"] == 0
+    eurosat = by_name["eurosat"]
+    assert eurosat["pools"] == EUROSAT and eurosat["classes"] == 10
+    assert eurosat["encoded"] == sum(EUROSAT.values()) + 10 * EUROSAT["train_pool"]  # 10 ldc views
+    # METHODS §3.1: LDC-RN50 is 3,012,608 bytes per view (4 maps + pooled), + zs logits, aug params, labels
+    per_view = eurosat["raw_bytes"] / eurosat["encoded"]
+    assert 3_012_608 < per_view < 3_012_608 + 200
+    assert eurosat["expected_bytes"] < 0.6 * eurosat["raw_bytes"]  # the maps are zstd-compressed
+    counted = [r for r in rows if not r["missing"]]
+    assert total["raw_bytes"] == sum(r["raw_bytes"] for r in counted)
+    assert total["missing"] == [r["dataset"] for r in rows if r["missing"]]
+
+
+@pytest.mark.parametrize(
+    ("model", "method", "per_view"),
+    [
+        ("ViT-B-16", "ldc", 1_211_392),
+        ("RN50", "safe", 200_704 + 2_048),
+        ("ViT-B-16", "safe", 302_592 + 1_024),
+    ],
+)
+def test_bytes_per_view_match_the_methods_table(model, method, per_view):
+    """METHODS §3.1 bytes per image per view (fp16) for the heavy methods; view counts per method."""
+    (eurosat, _) = plan("--dataset", "eurosat", "--for", method, "--model", model)
+    assert per_view < eurosat["raw_bytes"] / eurosat["encoded"] < per_view + 200
+    uncompressed = model.startswith("ViT")  # dense ViT tokens are stored without a codec
+    assert (eurosat["expected_bytes"] == eurosat["raw_bytes"]) is uncompressed
+
+
+def test_views_per_policy_and_seeds_shrink_the_plan():
+    (full, _) = plan("--dataset", "eurosat", "--for", "ldc", "--model", "RN50")
+    (small, _) = plan(
+        "--dataset", "eurosat", "--for", "ldc", "--model", "RN50", "--views", "ldc=5", "--seeds", "1"
+    )
+    train = small["pools"]["train_pool"]
+    assert train < full["pools"]["train_pool"]  # one seed's picks only
+    assert small["encoded"] == small["pools"]["test"] + small["pools"]["val_pool"] + train + 5 * train
+
+
+def test_views_for_a_policy_no_method_uses_is_refused():
+    splits = shared_dir() / "data" / "coop_splits"
+    args = ["plan", "--splits", str(splits), "--dataset", "eurosat", "--for", "ldc", "--views", "tip=5"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "'tip'" in result.output and "ldc" in result.output
