@@ -80,7 +80,18 @@ def _manual_rn(model, x):
         h = getattr(v, f"layer{k}")(h)
         out[f"rn/layer{k}"] = h
     out["pooled"] = v.attnpool(h)
+    out["preproj"] = _attention_pool_before_c_proj(v.attnpool, h)
     return out
+
+
+def _attention_pool_before_c_proj(pool, h):
+    """CLIP's attention pool re-typed head by head: the mean token attends to [mean, positions]."""
+    tokens = h.flatten(2).permute(0, 2, 1)  # [B, HW, C]
+    tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1) + pool.positional_embedding
+    q, k, v = pool.q_proj(tokens[:, :1]), pool.k_proj(tokens), pool.v_proj(tokens)
+    q, k, v = (t.unflatten(-1, (pool.num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # [B, heads, T, d]
+    attention = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+    return (attention @ v).transpose(1, 2).flatten(2)[:, 0]
 
 
 def _manual_vit(model, x):
@@ -93,7 +104,8 @@ def _manual_vit(model, x):
     for i, block in enumerate(v.transformer.resblocks):
         h = block(h)
         out[f"vit/block{i + 1:02d}"] = h
-    out["pooled"] = v.ln_post(h[:, 0]) @ v.proj
+    out["preproj"] = v.ln_post(h[:, 0])
+    out["pooled"] = out["preproj"] @ v.proj
     return out
 
 
@@ -139,10 +151,18 @@ def test_tap_subsets_equal_the_full_forward(name, request):
 
 
 def test_tap_names_and_shapes(rn, vit):
-    assert rn.taps() == ["pooled", "rn/layer1", "rn/layer2", "rn/layer3", "rn/layer4"]
+    assert rn.taps() == ["pooled", "rn/layer1", "rn/layer2", "rn/layer3", "rn/layer4", "preproj"]
     assert rn.dense_tap == "rn/layer4" and rn.kind == "rn" and rn.num_blocks is None
-    assert [rn.tap_shape(t) for t in rn.taps()] == [(64,), (32, 16, 16), (64, 8, 8), (128, 4, 4), (256, 2, 2)]
-    assert vit.taps()[0] == "pooled" and vit.taps()[6] == "vit/block06" and len(vit.taps()) == 13
+    assert [rn.tap_shape(t) for t in rn.taps()] == [
+        (64,),
+        (32, 16, 16),
+        (64, 8, 8),
+        (128, 4, 4),
+        (256, 2, 2),
+        (256,),
+    ]
+    assert vit.taps()[0] == "pooled" and vit.taps()[6] == "vit/block06" and len(vit.taps()) == 14
+    assert vit.taps()[-1] == "preproj" and vit.tap_shape("preproj") == (128,)
     assert vit.dense_tap == "vit/block11" and vit.kind == "vit" and vit.num_blocks == 12
     assert vit.tap_shape("vit/block06") == (65, 128) and vit.tap_shape("pooled") == (64,)
 
@@ -156,9 +176,10 @@ def test_real_architecture_tap_shapes():
         (512, 28, 28),
         (1024, 14, 14),
         (2048, 7, 7),
+        (2048,),
     ]
     assert vit_b16.tap_shape("vit/block06") == (197, 768) and vit_b16.tap_shape("pooled") == (512,)
-    assert vit_b16.dense_tap == "vit/block11" and vit_b16.taps()[-1] == "vit/block12"
+    assert vit_b16.dense_tap == "vit/block11" and vit_b16.taps()[-2] == "vit/block12"
 
 
 def test_unknown_tap_suggests(vit):

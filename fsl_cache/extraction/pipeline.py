@@ -355,7 +355,7 @@ def prepare_extraction(
         "aug_seed": options.aug_seed,
         "extraction_version": EXTRACTION_VERSION,
     }
-    if options.views is not None:  # keys of stores extracted without --views stay what they were
+    if isinstance(options.views, dict):  # a per-policy count makes another store; plain --views N conflicts
         parts["views"] = options.views
     key = fingerprint(parts)
     weights = Path(pretrained).stem if os.sep in pretrained or "." in pretrained else pretrained
