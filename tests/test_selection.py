@@ -387,7 +387,7 @@ def ldc_search(maf, icd, labels, steps=50):
 
 LDC_OPTIONS = {
     "ldc": {"epochs": 4, "batch_size": 2, "lr": 0.03, "beta_steps": 37},
-    "ldc_lite": {"epochs": 6, "batch_size": 2, "lr": 0.03, "beta_steps": 37},
+    "ldc_lite": {"epochs": 8, "batch_size": 2, "lr": 0.03, "beta_steps": 37},
 }
 """Options under which beta lands inside (0, 1) and off 1/2 on the tiny store."""
 
