@@ -23,6 +23,9 @@ from fsl_cache.methods.safe import GridData, SafeConfig, SafeHead, StackedAdamW,
 from fsl_cache.methods.tip_adapter import build_keys
 from fsl_cache.runs.record import load_head_tensors
 from fsl_cache.store import FeatureStore
+from fsl_cache.sweeps.local import order_for_reuse
+from fsl_cache.sweeps.spec import Trial
+from fsl_cache.sweeps.trial import StoreCache, SweepContext
 from fsl_cache.training import MemoryViews
 
 ARCHS = ["fsl-tiny-rn", "fsl-tiny-vit"]
@@ -53,9 +56,10 @@ def stores(tmp_path_factory):
     return SimpleNamespace(data=data, cache=root / "cache", paths=paths)
 
 
-def fit(stores, method, arch, tmp_path, **options):
+def fit(stores, method, arch, tmp_path, force=False, **options):
     (run,) = api.fit(
         method,
+        force=force,
         dataset=f"imagefolder:{stores.data}",
         model=arch,
         pretrained="none",
@@ -335,3 +339,63 @@ def test_the_grid_announces_its_steps_and_estimate_and_logs_progress_off_a_termi
     assert "12/12 step (100%)" in err and "step/s" in err and "ETA" in err  # plain lines: not a terminal
     train_grid(frozen, data, config, config.grid(), generator=torch.Generator().manual_seed(7))
     assert capsys.readouterr().err == ""  # library calls stay quiet unless asked
+
+
+def test_safe_a_starts_from_a_finished_safe_run_with_its_stage_1_settings(stores, tmp_path):
+    """Reusing the safe run gives SAFE-A bit for bit what training stage 1 again gives; other settings,
+    a forced fit, or a run made elsewhere (another device), do not reuse it."""
+    fixed = {**FAST, "lrs": "1e-3", "wds": "0.01"}  # one grid point: no timed choice of chunking
+    safe, safe_record = fit(stores, "safe", "fsl-tiny-rn", tmp_path / "shared", **fixed)
+    reused, record = fit(stores, "safe_a", "fsl-tiny-rn", tmp_path / "shared", **fixed, tip_epochs="2")
+    alone, alone_record = fit(stores, "safe_a", "fsl-tiny-rn", tmp_path / "alone", **fixed, tip_epochs="2")
+    assert record["selection"]["safe_run"] == {
+        "run_dir": str(safe.run_dir),
+        "run_fingerprint": safe.run_fingerprint,
+    }
+    assert "safe_run" not in alone_record["selection"]
+    assert record["selection"]["safe"] == alone_record["selection"]["safe"] == safe_record["selection"]
+    assert record["selection"]["tip"] == alone_record["selection"]["tip"]
+    assert record["history"] == alone_record["history"] and reused.test_acc == alone.test_acc
+    a, b = load_head_tensors(reused.run_dir), load_head_tensors(alone.run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    other, other_record = fit(stores, "safe_a", "fsl-tiny-rn", tmp_path / "shared", **fixed, beta="0.3")
+    assert "safe_run" not in other_record["selection"]
+    _, forced = fit(stores, "safe_a", "fsl-tiny-rn", tmp_path / "shared", force=True, **fixed, tip_epochs="2")
+    assert "safe_run" not in forced["selection"]  # a forced fit trains every part again
+    elsewhere = json.loads((safe.run_dir / "record.json").read_text()) | {"device": "cuda:0"}
+    (safe.run_dir / "record.json").write_text(json.dumps(elsewhere))
+    _, again = fit(stores, "safe_a", "fsl-tiny-rn", tmp_path / "shared", **fixed, tip_epochs="3")
+    assert "safe_run" not in again["selection"]
+
+
+def test_grid_runs_a_safe_run_before_the_safe_a_runs_it_serves(stores, tmp_path):
+    """Whatever order it is given, ``grid`` puts a pending safe run ahead of the safe_a runs with its
+    stage-1 settings and makes them wait for it (not those with other settings); they then reuse it."""
+    fixed = {**FAST, "lrs": "1e-3", "wds": "0.01"}
+    dataset = f"imagefolder:{stores.data}"
+    trial = lambda method, **o: Trial(method, dataset, 2, 1, tuple(sorted({**fixed, **o}.items())))  # noqa: E731
+    safe, serves, other = trial("safe"), trial("safe_a", tip_epochs="2"), trial("safe_a", beta="0.3")
+    context = SweepContext(stores.cache, tmp_path, model="fsl-tiny-rn", pretrained="none")
+    cache = StoreCache(context)
+    try:
+        groups, after = order_for_reuse([[serves], [other], [safe]], cache)
+    finally:
+        cache.close()
+    assert groups == [[other], [safe], [serves]] and after == [set(), set(), {1}]
+
+    result = api.grid(
+        ["safe_a", "safe"],
+        datasets=[dataset],
+        shots=[2],
+        seeds=[1],
+        options={k: [v] for k, v in fixed.items()} | {"safe_a.tip_epochs": ["2"]},
+        model="fsl-tiny-rn",
+        pretrained="none",
+        extract=False,
+        cache_dir=stores.cache,
+        runs_dir=tmp_path,
+    )
+    runs = {o.trial.method: o.run_dir for o in result.outcomes}
+    record = json.loads((runs["safe_a"] / "record.json").read_text())
+    assert record["selection"]["safe_run"]["run_dir"] == str(runs["safe"])

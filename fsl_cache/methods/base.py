@@ -96,6 +96,9 @@ class Method:
     base2novel: ClassVar[bool] = False
     """The method can classify classes it never trained on (``--protocol base2novel``): it overrides
     :meth:`novel_head`."""
+    builds_on: ClassVar[str] = ""
+    """A method whose finished run (with :meth:`earlier_config`) this one starts from when one exists on
+    the same task, instead of repeating it (SAFE-A: SAFE); ``grid`` runs that method first."""
 
     needed: ClassVar[Needs] = Needs()
     """What the method reads from the store; stage one writes exactly this for ``--for NAME``."""
@@ -123,6 +126,10 @@ class Method:
     def resolve(self, info: TaskInfo) -> MethodConfig:
         """The config with per-dataset / per-shot defaults filled in (what the run fingerprint hashes)."""
         return self.config
+
+    def earlier_config(self) -> MethodConfig | None:
+        """The config of the :attr:`builds_on` run this fit can start from (``None``: it builds on none)."""
+        return None
 
     # ------------------------------------------------------------------ the default, trained path
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..console import duration, training_notice, training_steps
-from ..training import FitTask, Head, ViewSource
+from ..training import EarlierRun, FitTask, Head, ViewSource
 from ..training.sampler import epoch_batches
 from ..training.schedule import lr_factor
 from ..training.settings import TrainSettings
@@ -332,8 +332,9 @@ def _train_grid(
     chunks = [_Chunk(frozen, points[s : s + chunk], config, total) for s in range(0, len(points), chunk)]
     selection = _Selection(chunks, frozen, data, config, device)
     text = data.text.to(device)
+    batches = train_batches(len(data.train), data.train.num_views, config, total, generator)
     with training_steps(total, f"safe ({len(points)} points)") as advance:
-        for step, (positions, views) in enumerate(train_batches(data.train, config, total, generator)):
+        for step, (positions, views) in enumerate(batches):
             x = data.train.batch(positions, views)[data.tap].to(device)
             y = data.labels[torch.as_tensor(positions)].to(device)
             losses = [c.step(step, x, y, text) for c in chunks]
@@ -378,7 +379,13 @@ def _time_steps(frozen, data, config, points, chunk, *, generator, device) -> fl
     frozen = frozen.to(device)
     trial = [_Chunk(frozen, points[s : s + chunk], config, steps + 1) for s in range(0, len(points), chunk)]
     text = data.text.to(device)
-    batches = train_batches(data.train, dataclasses.replace(config, iterations=steps + 1), steps + 1, probe)
+    batches = train_batches(
+        len(data.train),
+        data.train.num_views,
+        dataclasses.replace(config, iterations=steps + 1),
+        steps + 1,
+        probe,
+    )
     times = []
     for step, (positions, views) in enumerate(batches):
         start = time.perf_counter()
@@ -410,13 +417,12 @@ def total_iterations(config: SafeConfig, pairs: int) -> int:
 
 
 def train_batches(
-    source: ViewSource, config: SafeConfig, total: int, generator: torch.Generator
+    images: int, views: int, config: SafeConfig, total: int, generator: torch.Generator
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``total`` batches of (image position, view) drawn from fresh permutations of all N × V pairs."""
-    views = source.num_views
+    """``total`` batches of (image position, view) drawn from fresh permutations of all ``images`` × ``views`` pairs."""
     done = 0
     while done < total:
-        for pairs in epoch_batches(len(source) * views, batch_size=config.batch_size, generator=generator):
+        for pairs in epoch_batches(images * views, batch_size=config.batch_size, generator=generator):
             yield pairs // views, pairs % views
             done += 1
             if done == total:
@@ -530,6 +536,27 @@ def fit_safe(
         "grid": grid,
     }
     return head, selection, result.history
+
+
+def reuse_safe(
+    task: FitTask, config: SafeConfig, earlier: EarlierRun, *, generator: torch.Generator
+) -> tuple[SafeHead, dict, list[dict]]:
+    """What :func:`fit_safe` returns, taken from ``earlier``, a finished ``safe`` run of ``config`` on ``task``:
+    its saved head, selection and history; ``generator`` is advanced past every batch that run drew, so
+    what trains next on it draws what it would have after training SAFE here."""
+    tap = dense_tap(task)
+    frozen = frozen_tail(task)
+    text = F.normalize(task.text(config.templates).float(), dim=-1)
+    head = SafeHead(frozen, frozen.member(0), text, tap=tap, beta=config.beta, tau=config.tau)
+    loaded = head.load_state_dict({k: v.to(task.device) for k, v in earlier.tensors.items()}, strict=False)
+    if loaded.unexpected_keys or set(loaded.missing_keys) != set(head.state_dict()) - set(head.saved_state()):
+        raise ValueError(f"the head of run {earlier.path} is not a SAFE head of this store")
+    head.tuned.requires_grad_(False)
+    images = len(task.train)
+    views = task.store.arrays[f"images/{task.train.pool}/views/{TRAIN_POLICY}/{tap}"]["shape"][1]
+    for _ in train_batches(images, views, config, total_iterations(config, images * views), generator):
+        pass
+    return head, earlier.record["selection"], earlier.record["history"]
 
 
 @register_method

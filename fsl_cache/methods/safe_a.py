@@ -3,7 +3,9 @@
 [PAPER] SAFE Eq. 5–10: keys ``normalize(β·AttnPool_O(G(X_K)) + AttnPool_F(G(X_K)))`` from the ``tip``
 views, test feature the same blend, Tip's logits with the frozen ``W_c``. Stage 1 is SAFE
 (:func:`.safe.fit_safe`); stage 2 runs :class:`.tip_adapter_f.TipAdapterF` unchanged on a view of the
-task in which ``pooled`` *is* the blended embedding of the cached dense map.
+task in which ``pooled`` *is* the blended embedding of the cached dense map. When a finished ``safe``
+run with the same stage-1 options exists on the same task, stage 1 is that run (the record names it):
+the same head, selection and random draws as training it again.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..console import training_notice
 from ..splits import SplitRef
 from ..training import FitTask, Head, MemoryViews, TaskInfo, ViewSource
 from .base import FitResult, Method
 from .needs import Needs
 from .options import check_range
 from .registry import register_method
-from .safe import SAFE_DEVIATIONS, TRAIN_POLICY, Safe, SafeConfig, SafeHead, dense_tap, fit_safe
+from .safe import SAFE_DEVIATIONS, TRAIN_POLICY, Safe, SafeConfig, SafeHead, dense_tap, fit_safe, reuse_safe
 from .tip_adapter import AUGMENT_VIEWS, TIP_DEVIATIONS, TipAdapterConfig, TipHead, tip_defaults, tip_views
 from .tip_adapter_f import TipAdapterF, TipAdapterFConfig
 
@@ -188,6 +191,7 @@ class SafeA(Method):
     min_views = {TRAIN_POLICY: 1, "tip": 1 + AUGMENT_VIEWS}
 
     quick = Safe.quick | {"tip_epochs": 1}
+    builds_on = Safe.name
 
     @classmethod
     def needs(cls, dataset: str = "") -> Needs:
@@ -207,13 +211,25 @@ class SafeA(Method):
     def resolve(self, info: TaskInfo) -> SafeAConfig:
         return self.config.resolved(info.dataset)
 
+    def earlier_config(self) -> SafeConfig:
+        """Stage 1: a ``safe`` run with these options trains exactly what SAFE-A's stage 1 would."""
+        return self.config.safe_options()
+
     def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
         cfg = self.config.resolved(task.info.dataset)
-        safe, safe_selection, history = fit_safe(task, cfg.safe_options(), generator=generator)
+        stage1 = self.earlier_config()
+        earlier = task.earlier_run(self.builds_on, stage1)
+        if earlier is None:
+            safe, safe_selection, history = fit_safe(task, stage1, generator=generator)
+        else:
+            training_notice(f"safe_a: stage 1 is the finished safe run {earlier.path} (same settings)")
+            safe, safe_selection, history = reuse_safe(task, stage1, earlier, generator=generator)
         tip = TipAdapterF(cfg.tip_config()).fit(
             EmbeddedTask(task, safe, stored=cfg.precompute), generator=generator
         )
         selection = {"safe": safe_selection, "tip": tip.selection, "dense_tap": dense_tap(task)}
+        if earlier is not None:
+            selection["safe_run"] = {"run_dir": str(earlier.path), "run_fingerprint": earlier.key}
         return FitResult(
             SafeAHead(safe, tip.head),
             selection=selection,

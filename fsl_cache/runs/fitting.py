@@ -23,6 +23,7 @@ from ..methods import FitResult, FitTask, get_method
 from ..methods.base import fit_together
 from ..splits import base_novel_classes, build_splits, harmonic_mean, subset_classes, test_split
 from ..store.store import FeatureStore
+from .earlier import earlier_runs
 from .locate import check_needs, locate_store
 from .record import HEAD, RECORD_SCHEMA, RunResult, load_record, now, versions, write_run
 from .request import FitRequest, ResolvedRun, resolve_run, task_info
@@ -129,6 +130,7 @@ def fit_group(
         memory_budget=request.budget,
         classes=base,
     )
+    task.find_run = earlier_runs(request, fs, seed=seed, targets=targets)
     splits_s = time.perf_counter() - started
     fitted_all = fit_together([run.method for _, run in pending], task, seed=seed)
     fit_s = time.perf_counter() - started - splits_s

@@ -4,7 +4,10 @@ The main process resolves every trial first (run fingerprints need only store ma
 that is already finished starts nothing, and a missing store fails before any work. Pending trials
 go to ``workers`` spawned processes ordered by store; each worker reads a store once and claims
 each run before fitting it (:mod:`.claims`), so two workers, or two sweeps on one runs folder,
-never compute the same run. Interrupted, the finished records stay; the same command resumes.
+never compute the same run. A run another one builds on (:attr:`Method.builds_on`: SAFE before the
+SAFE-A runs with its stage-1 settings) goes first, and those runs start only once it is finished, so
+they reuse it instead of training it again. Interrupted, the finished records stay; the same command
+resumes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from ..errors import UsageError
 from ..interrupts import Terminated, die_with_parent
+from ..runs.earlier import builds_on
 from .spec import Trial
 from .trial import Outcome, StoreCache, SweepContext, existing, prepare, run_group
 
@@ -62,13 +66,16 @@ def run_local(
             on_start(len(pending), len(outcomes))
         # groups no larger than needed to keep every worker busy
         groups = group_trials(pending, size=min(context.group_size, -(-len(pending) // workers)))
+        groups, after = order_for_reuse(groups, stores)
         if workers == 1 or len(groups) <= 1:
             for group in groups:
                 outcomes += _report(run_group(group, stores), on_outcome)
             return outcomes
     finally:
         stores.close()
-    outcomes += _in_processes(groups, context, workers=min(workers, len(groups)), on_outcome=on_outcome)
+    outcomes += _in_processes(
+        groups, after, context, workers=min(workers, len(groups)), on_outcome=on_outcome
+    )
     return outcomes
 
 
@@ -84,6 +91,29 @@ def group_trials(trials: Sequence[Trial], *, size: int) -> list[list[Trial]]:
     return [same[i : i + max(size, 1)] for _, same in ordered for i in range(0, len(same), max(size, 1))]
 
 
+def order_for_reuse(
+    groups: list[list[Trial]], stores: StoreCache
+) -> tuple[list[list[Trial]], list[set[int]]]:
+    """``groups`` reordered so that every group comes after the groups holding runs it builds on, and for
+    each group the positions of those (it waits for them). Otherwise the order stays as it was."""
+    prepared = [[prepare(t, stores) for t in group] for group in groups]
+    holder = {p.run.key: g for g, group in enumerate(prepared) for p in group}
+    needs = []
+    for g, group in enumerate(prepared):
+        earlier = (builds_on(p.run, p.store, targets=p.targets) for p in group)
+        needs.append({holder[r.key] for r in earlier if r is not None and r.key in holder} - {g})
+    depth: dict[int, int] = {}
+
+    def depth_of(g: int) -> int:
+        if g not in depth:
+            depth[g] = 1 + max((depth_of(n) for n in needs[g]), default=-1)
+        return depth[g]
+
+    order = sorted(range(len(groups)), key=depth_of)
+    position = {g: i for i, g in enumerate(order)}
+    return [groups[g] for g in order], [{position[n] for n in needs[g]} for g in order]
+
+
 def _report(outcomes: list[Outcome], on_outcome: Callable[[Outcome], None] | None) -> list[Outcome]:
     if on_outcome is not None:
         for outcome in outcomes:
@@ -93,6 +123,7 @@ def _report(outcomes: list[Outcome], on_outcome: Callable[[Outcome], None] | Non
 
 def _in_processes(
     groups: list[list[Trial]],
+    after: list[set[int]],
     context: SweepContext,
     *,
     workers: int,
@@ -107,11 +138,16 @@ def _in_processes(
         initargs=(context, threads, os.getpid()),
     )
     outcomes = []
+    waiting, done = set(range(len(groups))), set()
     try:
-        futures = {pool.submit(_work, group) for group in groups}
-        while futures:
-            finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+        futures: dict = {}
+        while waiting or futures:
+            ready = sorted(g for g in waiting if after[g] <= done)
+            futures |= {pool.submit(_work, groups[g]): g for g in ready}
+            waiting -= set(ready)
+            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
             for future in finished:
+                done.add(futures.pop(future))
                 outcomes += _report(future.result(), on_outcome)
     except BaseException:  # Ctrl-C, SIGTERM, a failing callback
         _stop_workers(pool)

@@ -4,11 +4,12 @@ from .data import DEFAULT_MEMORY_BUDGET, MemoryViews, StoreViews, ViewSource, op
 from .head import Head, seeded_init
 from .sampler import ViewSampler, epoch_batches
 from .settings import TrainSettings
-from .task import FitTask, TaskInfo
+from .task import EarlierRun, FitTask, TaskInfo
 from .trainer import Member, Selector, SharedBatches, TrainData, TrainResult, cross_entropy, train, train_many
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
+    "EarlierRun",
     "FitTask",
     "Head",
     "Member",

@@ -8,9 +8,10 @@ method whose official code selects on test (Tip-Adapter-F's epoch oracle) the te
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,19 @@ class TaskInfo:
         return len(self.classnames)
 
 
+@dataclass(frozen=True)
+class EarlierRun:
+    """A finished run of another method on this very task (same store, shots, seed, protocol, device and
+    library versions), which a method may start from instead of repeating it (SAFE-A: SAFE's run)."""
+
+    path: Path
+    key: str
+    """Its run fingerprint."""
+    record: dict
+    tensors: dict[str, torch.Tensor]
+    """Its saved head state."""
+
+
 class FitTask:
     """Train split, selection split (few-shot val, or full val under ``paper``), text weights, views."""
 
@@ -76,6 +90,8 @@ class FitTask:
         self._shared: dict[tuple, ViewSource] | None = None
         self.classes = None if classes is None else np.asarray(classes, dtype=np.int64)
         """Store class indices this task classifies (``None``: all); ``--protocol base2novel`` sets them."""
+        self.find_run: Callable[[str, Any], EarlierRun | None] | None = None
+        """Set by the run engine: the finished run of (method, config) on this task, if any."""
 
     def restricted(
         self, classes: np.ndarray, *, train: SplitRef | None = None, val: SplitRef | None = None
@@ -99,6 +115,10 @@ class FitTask:
         )
         task._backbone, task.warnings = self._backbone, self.warnings
         return task
+
+    def earlier_run(self, method: str, config) -> EarlierRun | None:
+        """The finished run of ``method`` with the resolved ``config`` on this very task (``None``: none)."""
+        return None if self.find_run is None else self.find_run(method, config)
 
     def warn(self, message: str) -> None:
         """Record a caveat in the run record (e.g. fewer cached views than epochs)."""
