@@ -1,13 +1,17 @@
-"""The Python face of every command: ``fsl-cache X`` is a thin wrapper over ``fsl_cache.api.X``."""
+"""The Python face of every command: ``fsl-cache X`` is a thin wrapper over ``fsl_cache.api.X``.
+
+Each function imports the stages it runs when called: ``predict`` then loads only the backbone and
+the head (not extraction, sweeps, reports or plotting), which is most of its start-up time.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .console import training_progress
-from .datasets.catalog import DATA_ENV
 from .defaults import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -17,25 +21,12 @@ from .defaults import (
     DEFAULT_VIT_BLOCKS,
 )
 from .errors import UsageError
-from .extraction import ExtractOptions, ExtractResult, PreparedExtraction
-from .extraction import extract as _extract
-from .extraction.sizing import StoreSize, size_stores
-from .inference import Predictor, export_bundle, find_run
-from .methods import get_method, list_methods
-from .methods.needs import DEFAULT_FOR
-from .render import show_extract_plan, show_extract_result, show_fit_progress
-from .reports import Filters, build_table, load_rows
-from .reports.plots import write_plots
-from .runs import default_runs_dir, fit_runs
-from .runs.request import FitRequest, shift_targets
-from .splits import check_protocol
-from .store import StoreEntry, VerifyProblem, find_store, list_stores, remove_store, verify_store
-from .store.catalog import default_cache_dir
-from .store.store import FeatureStore
-from .store_extension import Extension, complete_stores
-from .sweeps import GridSpec, SweepContext, load_recipe, run_sweep
-from .sweeps.claims import STALE_AFTER
-from .sweeps.optuna_engine import OptunaSettings
+
+if TYPE_CHECKING:
+    from .extraction import ExtractResult, PreparedExtraction
+    from .extraction.sizing import StoreSize
+    from .store import StoreEntry, VerifyProblem
+    from .store_extension import Extension
 
 
 def extract(
@@ -62,6 +53,10 @@ def extract(
     progress: bool = True,
 ) -> ExtractResult:
     """Run the frozen backbone once over ``dataset`` and store what ``for_methods`` need."""
+    from .extraction import ExtractOptions
+    from .extraction import extract as _extract
+    from .methods.needs import DEFAULT_FOR
+
     options = ExtractOptions(
         for_methods=tuple(for_methods or DEFAULT_FOR),
         views=views,
@@ -106,6 +101,11 @@ def plan(
 ) -> list[StoreSize]:
     """What ``extract`` with these settings would store per dataset (``all``: the 11 CoOp datasets),
     counted from split files (``splits_dir`` or the CoOp layout under ``root``) without an image."""
+    from .datasets.catalog import DATA_ENV
+    from .extraction import ExtractOptions
+    from .extraction.sizing import size_stores
+    from .methods.needs import DEFAULT_FOR
+
     options = ExtractOptions(
         for_methods=tuple(for_methods or DEFAULT_FOR),
         views=views,
@@ -121,16 +121,23 @@ def plan(
 
 
 def _cache_dir(cache_dir: str | Path | None) -> Path:
+    from .store.catalog import default_cache_dir
+
     return Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
 
 def cache_ls(*, cache_dir: str | Path | None = None) -> list[StoreEntry]:
     """The stores under ``cache_dir``, finished or not."""
+    from .store import list_stores
+
     return list_stores(_cache_dir(cache_dir))
 
 
 def cache_info(key: str, *, cache_dir: str | Path | None = None) -> dict:
     """The manifest of the store whose fingerprint starts with ``key``."""
+    from .store import find_store
+    from .store.store import FeatureStore
+
     entry = find_store(_cache_dir(cache_dir), key)
     store = FeatureStore.open(entry.path)
     try:
@@ -141,10 +148,14 @@ def cache_info(key: str, *, cache_dir: str | Path | None = None) -> dict:
 
 def cache_verify(key: str, *, cache_dir: str | Path | None = None, on_array=None) -> list[VerifyProblem]:
     """Re-check every block of the store against its digests; an empty list means intact."""
+    from .store import find_store, verify_store
+
     return verify_store(find_store(_cache_dir(cache_dir), key).path, on_array=on_array)
 
 
 def cache_rm(key: str, *, cache_dir: str | Path | None = None) -> Path:
+    from .store import find_store, remove_store
+
     entry = find_store(_cache_dir(cache_dir), key)
     remove_store(entry)
     return entry.path
@@ -186,6 +197,11 @@ def fit(
     (``force=True`` redoes it). Returns one :class:`fsl_cache.runs.RunResult` per seed.
     """
 
+    from .render import show_fit_progress
+    from .runs import fit_runs
+    from .runs.request import FitRequest
+    from .store_extension import complete_stores
+
     def report(result) -> None:
         if progress:
             show_fit_progress(result)
@@ -224,6 +240,9 @@ def fit(
 
 
 def _extension(root, *, extract: bool, yes: bool, confirm, progress: bool) -> Extension:
+    from .render import show_extract_plan, show_extract_result
+    from .store_extension import Extension
+
     return Extension(
         enabled=extract,
         root=root,
@@ -237,6 +256,8 @@ def _extension(root, *, extract: bool, yes: bool, confirm, progress: bool) -> Ex
 
 def methods() -> list:
     """Every registered method (:class:`fsl_cache.methods.MethodInfo`), sorted by name."""
+    from .methods import get_method, list_methods
+
     return [get_method(name) for name in list_methods()]
 
 
@@ -283,6 +304,15 @@ def grid(
     worker starts, each store is extended once with what the grid's methods lack (as :func:`fit` does;
     ``root`` defaults to the recipe's). Returns a :class:`fsl_cache.sweeps.SweepResult`.
     """
+    from .methods import get_method
+    from .runs import default_runs_dir
+    from .runs.request import shift_targets
+    from .splits import check_protocol
+    from .store_extension import complete_stores
+    from .sweeps import GridSpec, SweepContext, load_recipe, run_sweep
+    from .sweeps.claims import STALE_AFTER
+    from .sweeps.optuna_engine import OptunaSettings
+
     if recipe is not None:
         spec = load_recipe(recipe)
     elif methods and datasets:
@@ -357,6 +387,10 @@ def report(
 
     Returns ``(table, rows, plots)``: a :class:`fsl_cache.reports.ReportTable`, the records used, the PNGs written.
     """
+    from .reports import Filters, build_table, load_rows
+    from .reports.plots import write_plots
+    from .runs import default_runs_dir
+
     root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     filters = Filters(tuple(methods), tuple(datasets), tuple(shots), tuple(protocols), tuple(backbones))
     rows = load_rows(root, filters)
@@ -387,10 +421,14 @@ def predict(
     encodes the center view as stage one did, applies the trained head. Returns
     :class:`fsl_cache.inference.Prediction` per image.
     """
+    from .inference import Predictor, find_run
+
     return Predictor.load(find_run(run, runs_dir=runs_dir), device=device).predict(list(images), top_k=top_k)
 
 
 def export(run: str | Path, out_dir: str | Path, *, runs_dir: str | Path | None = None) -> Path:
     """Write a run's head, config, class names, templates, text weights and backbone spec to ``out_dir``,
     loadable by ``predict`` (and :class:`fsl_cache.inference.Predictor`) without the feature cache."""
+    from .inference import export_bundle, find_run
+
     return export_bundle(find_run(run, runs_dir=runs_dir), out_dir)

@@ -107,6 +107,15 @@ def duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
+def human_bytes(n: float) -> str:
+    """``512 B``, ``1.5 KiB``, ``3.2 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
 @contextmanager
 def training_progress(enabled: bool) -> Iterator[None]:
     """Turn training's step counts, estimates and progress on or off for the code run inside."""

@@ -14,8 +14,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .console import PlainProgress, err_console, out_console
-from .extraction.plan import human_bytes
+from .console import PlainProgress, err_console, human_bytes, out_console
 
 
 def show_backbone_notice(arch: str, pretrained: str, random_init: bool, notes=()) -> None:

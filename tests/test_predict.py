@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,29 @@ def test_a_run_whose_store_is_gone_points_to_export(demo, tmp_path):
     (moved / "record.json").write_text(json.dumps(record))
     with pytest.raises(StoreError, match="fsl-cache export"):
         Predictor.load(moved)
+
+
+def test_predict_imports_only_what_the_head_needs(demo):
+    """Start-up time: the CLI and ``api`` import no torch; ``predict`` on an image loads the backbone and the
+    head's own method, never extraction, sweeps, reports, other methods, plotting or scikit-learn."""
+    run = fit(demo, "tip_adapter")
+    image = next((demo[1] / "test").glob("*/*.png"))
+    code = f"""
+import sys
+from fsl_cache import api
+from fsl_cache.cli import main
+print("before:", sorted(m for m in ("torch", "open_clip", "numpy") if m in sys.modules))
+main(["predict", {str(run)!r}, {str(image)!r}], standalone_mode=False)
+stage_one = ("fsl_cache.extraction", "fsl_cache.sweeps", "fsl_cache.reports", "fsl_cache.store_extension")
+head = {{"base", "needs", "options", "registry", "tip_adapter"}}
+extra = [
+    m for m in sys.modules
+    if m.startswith(stage_one)
+    or m.split(".")[0] in ("sklearn", "matplotlib", "optuna", "ray")
+    or (m.startswith("fsl_cache.methods.") and m.split(".")[2] not in head)
+]
+print("after:", sorted(extra), "open_clip" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = [line for line in out.splitlines() if line.startswith(("before:", "after:"))]
+    assert lines == ["before: []", "after: [] True"], out

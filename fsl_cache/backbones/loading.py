@@ -79,14 +79,13 @@ def load_backbone(
     spec = resolve_spec(model, pretrained, cache_dir=cache_dir)
     with _announced(spec.notes):
         clip = _build(spec, target, precision, cache_dir)
-        tokenizer = _tokenizer(spec, cache_dir)
     clip.eval().requires_grad_(False)
     return Backbone(
         model=clip,
         arch=spec.arch,
         pretrained=spec.pretrained,
         random_init=spec.weights.kind == "none",
-        tokenizer=tokenizer,
+        tokenizer=LazyTokenizer(spec, cache_dir),
         device=target,
         dtype=dtype,
         notes=tuple(spec.notes),
@@ -358,11 +357,22 @@ def _meta_shapes(name: str, *, cache_dir: str | None = None) -> dict[str, tuple[
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _tokenizer(spec: _Spec, cache_dir: str | None):
-    try:
-        return open_clip.get_tokenizer(spec.name, cache_dir=cache_dir)
-    except Exception as exc:
-        raise BackboneError(f"Cannot build the tokenizer for {spec.arch}: {first_line(exc)}") from exc
+class LazyTokenizer:
+    """open_clip's tokenizer for ``spec``, built on its first call: reading the BPE vocabulary takes a
+    tenth of a second that encoding images (``predict``, most of stage one) never needs."""
+
+    def __init__(self, spec: _Spec, cache_dir: str | None) -> None:
+        self.spec, self.cache_dir, self._built = spec, cache_dir, None
+
+    def __call__(self, texts, *args, **kwargs) -> torch.Tensor:
+        if self._built is None:
+            try:
+                self._built = open_clip.get_tokenizer(self.spec.name, cache_dir=self.cache_dir)
+            except Exception as exc:
+                raise BackboneError(
+                    f"Cannot build the tokenizer for {self.spec.arch}: {first_line(exc)}"
+                ) from exc
+        return self._built(texts, *args, **kwargs)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..backbones.taps import resolve_taps
 from ..backbones.views import Policy
+from ..console import human_bytes
 from ..errors import DiskFullError, UsageError
 from ..methods.needs import Needs
 from ..store.backend import ArraySpec
@@ -298,11 +299,3 @@ def check_fits(need: int, *, free_bytes: int) -> None:
             f"but only {human_bytes(free_bytes)} is free. Free space, pick another --cache-dir, "
             f"or extract fewer views/methods (--for, --views)."
         )
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

@@ -1,7 +1,7 @@
 """The method registry: name → frozen :class:`MethodInfo`, filled by ``@register_method``.
 
-Every module of this package is imported on first lookup, so adding a method is adding one file
-(plus its test); nothing else lists methods.
+Every module of this package is imported on first listing (a lookup by name imports the module of
+that name first), so adding a method is adding one file (plus its test); nothing else lists methods.
 """
 
 from __future__ import annotations
@@ -80,8 +80,16 @@ def list_methods(pattern: str = "*") -> list[str]:
 
 
 def get_method(name: str) -> MethodInfo:
-    """The method ``name``; an unknown name raises a usage error suggesting the closest one."""
-    _discover()
+    """The method ``name``; an unknown name raises a usage error suggesting the closest one.
+
+    A method's file bears its name, so that file alone is imported first (``predict`` needs one
+    method, not all of them and what they import); every other module only if it is not there.
+    """
+    if name not in _REGISTRY and name not in _INFRASTRUCTURE and name.isidentifier():
+        if (Path(__file__).parent / f"{name}.py").is_file():
+            importlib.import_module(f"{__name__.rpartition('.')[0]}.{name}")
+    if name not in _REGISTRY:
+        _discover()
     if name not in _REGISTRY:
         raise did_you_mean(name, _REGISTRY, what="method")
     return _REGISTRY[name]
