@@ -12,6 +12,7 @@ from ..datasets import catalog  # noqa: F401  (registers the built-in loaders)
 from ..datasets.base import builtin_loaders
 from ..defaults import DEFAULT_SEEDS, DEFAULT_SHOTS, DEFAULT_VIT_BLOCKS
 from ..errors import NoStoreError, StoreError, UsageError, did_you_mean
+from ..splits.protocol import MissingDraw, few_shot_indices
 from ..store.catalog import StoreEntry, find_store
 from ..store.fingerprint import slug
 from ..store.store import MANIFEST
@@ -124,9 +125,10 @@ def extract_settings(manifest: dict) -> dict:
     }
 
 
-def extract_command(manifest: dict, method: str, *, cache_dir: Path | None) -> str:
-    """The ``fsl-cache extract`` command that adds ``method``'s arrays to this very store."""
-    s = extract_settings(manifest)
+def extract_command(manifest: dict, method: str, *, cache_dir: Path | None, **changes) -> str:
+    """The ``fsl-cache extract`` command that adds ``method``'s arrays to this very store
+    (with ``changes`` to its settings, e.g. ``seeds``: to another store, which those settings key)."""
+    s = {**extract_settings(manifest), **changes}
     words = [
         "fsl-cache extract",
         "--dataset",
@@ -186,6 +188,28 @@ def lacks_error(store, methods: str, missing: list[str], *, cache_dir: Path | No
         f"Store {store.root.name} lacks {', '.join(missing[:2])}{more}, which {methods} {verb}. "
         f"Add it with: {extract_command(store.manifest, methods, cache_dir=cache_dir)}"
     )
+
+
+def check_draws(store, method: str, *, shots: int, seeds, cache_dir: Path | None) -> None:
+    """Refuse, before any run, a (shots, seed) draw the store cannot give, naming the extract command that can."""
+    for seed in seeds:
+        try:
+            few_shot_indices(store, shots=shots, seed=seed)
+        except MissingDraw:
+            held = store.manifest.get("few_shot", {})
+            want = {
+                "shots": tuple(sorted({*held.get("shots", ()), shots})),
+                "seeds": tuple(sorted({*held.get("seeds", ()), *seeds})),
+            }
+            raise UsageError(
+                f"Store {store.root.name} holds the few-shot picks of seeds {_ints(held.get('seeds'))} "
+                f"at shots {_ints(held.get('shots'))}, not shots={shots} seed={seed}; extract a store "
+                f"that has them: {extract_command(store.manifest, method, cache_dir=cache_dir, **want)}"
+            ) from None
+
+
+def _ints(values) -> str:
+    return ",".join(map(str, values or ())) or "none"
 
 
 def _needs_report(store, method_info, *, dataset: str, eval_only: bool) -> tuple[list[str], list[str]]:
