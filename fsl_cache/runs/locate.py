@@ -122,6 +122,7 @@ def extract_settings(manifest: dict) -> dict:
         "vit_blocks": _tapped_blocks(manifest.get("arrays", {})) or DEFAULT_VIT_BLOCKS,
         "aug_seed": int(manifest.get("aug_seed", 0)),
         "views": manifest.get("fingerprint_parts", {}).get("views"),
+        "dense_precision": manifest.get("fingerprint_parts", {}).get("dense_precision", "same"),
     }
 
 
@@ -151,6 +152,8 @@ def extract_command(manifest: dict, method: str, *, cache_dir: Path | None, **ch
     words += ["--full-train"] * s["full_train"] + ["--full-val"] * s["full_val"]
     if s["views"] is not None:
         words += ["--views", format_views(s["views"])]
+    if s["dense_precision"] != "same":
+        words += ["--dense-precision", s["dense_precision"]]
     if s["vit_blocks"] != DEFAULT_VIT_BLOCKS:
         words += ["--vit-blocks", ",".join(map(str, s["vit_blocks"]))]
     if cache_dir is not None:
@@ -231,9 +234,11 @@ def _needs_report(store, method_info, *, dataset: str, eval_only: bool) -> tuple
         for t in taps(needs.eval_taps)
         if not store.has(f"images/{p}/views/center/{t}")
     ]
+    read = [f"images/{p}/views/center/{t}" for p in pools for t in taps(needs.eval_taps)]
     caveats = []
     for view in () if eval_only else needs.train_views:
         prefix = f"images/{train_pool}/views/{view.policy}"
+        read += [f"{prefix}/{t}" for t in taps(view.taps)]
         missing += [f"{prefix}/{t}" for t in taps(view.taps) if not store.has(f"{prefix}/{t}")]
         have = int(manifest.get("views", {}).get(f"{train_pool}/{view.policy}", 0))
         least = method_info.cls.min_views.get(view.policy, 2)
@@ -248,6 +253,12 @@ def _needs_report(store, method_info, *, dataset: str, eval_only: bool) -> tuple
                 f"store holds {have} '{view.policy}' views per train image; {method_info.name} wants "
                 f"{view.views} (1 + epochs) for fresh augmentation every epoch"
             )
+    lossy = [n for n in read if n in store.quantised]
+    if lossy:
+        caveats.append(
+            f"store holds dense maps in int8 (--dense-precision int8, per-channel scales): {method_info.name} "
+            f"reads {len(lossy)} of them dequantised, a lossy copy of the {manifest.get('precision', 'fp16')} maps"
+        )
     return missing, caveats
 
 
