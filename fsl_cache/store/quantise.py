@@ -68,8 +68,8 @@ class Dequantised:
     def _leading(self, key) -> tuple:
         """The part of ``key`` on rows and views; the channel-holding axes must be taken whole."""
         key = key if isinstance(key, tuple) else (key,)
-        if Ellipsis in key:
-            at = key.index(Ellipsis)
+        at = next((i for i, k in enumerate(key) if k is Ellipsis), None)  # keys may hold index arrays
+        if at is not None:
             key = key[:at] + (slice(None),) * (self.ndim - len(key) + 1) + key[at + 1 :]
         if not all(isinstance(k, slice) and k == slice(None) for k in key[2:]):
             raise NotImplementedError("an int8 dense map is read by rows and views, its maps whole")
