@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from fsl_cache import api
 from fsl_cache.cli import main
 from fsl_cache.datasets.shapes import make_shapes_dataset
+from fsl_cache.errors import UsageError
 from fsl_cache.store.catalog import verify_store
 from fsl_cache.store.quantise import scale_name
 from fsl_cache.store.reads import read_rows_of_view
@@ -87,3 +88,20 @@ def test_int8_dense_maps_read_back_within_half_a_step_per_channel_and_fit(small)
         record["store"]["dense_precision"] == "int8" and record["store"]["fingerprint"] == lossy.fingerprint
     )
     assert any("int8" in w and "dequantised" in w for w in record["warnings"])
+
+
+def test_grid_refuses_a_missing_seed_before_any_run(small):
+    runs = small["cache_dir"].parent / "grid-runs"
+    with pytest.raises(UsageError, match="seed=2; .*--seeds 1,2 --views ldc=5"):
+        api.grid(
+            ["ldc"],
+            datasets=[small["dataset"]],
+            shots=(SHOTS,),
+            seeds=(1, 2),
+            options={"epochs": [1]},
+            model=small["model"],
+            pretrained=small["pretrained"],
+            cache_dir=small["cache_dir"],
+            runs_dir=runs,
+        )
+    assert not list(runs.glob("**/record.json"))  # seed 1 was not fitted either
