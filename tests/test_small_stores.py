@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
+import zarr
 from click.testing import CliRunner
 
 from fsl_cache import api
@@ -14,7 +16,7 @@ from fsl_cache.cli import main
 from fsl_cache.datasets.shapes import make_shapes_dataset
 from fsl_cache.errors import UsageError
 from fsl_cache.store.catalog import verify_store
-from fsl_cache.store.quantise import scale_name
+from fsl_cache.store.quantise import Dequantised, quantise, scale_name, scale_shape
 from fsl_cache.store.reads import read_rows_of_view
 from fsl_cache.store.store import FeatureStore
 
@@ -105,3 +107,22 @@ def test_grid_refuses_a_missing_seed_before_any_run(small):
             runs_dir=runs,
         )
     assert not list(runs.glob("**/record.json"))  # seed 1 was not fitted either
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_int8_vit_tokens_read_like_their_codes_in_both_formats(tmp_path, fmt):
+    """ViT token maps keep one scale per channel (the last axis); zarr and h5py readers index them as usual."""
+    x = np.random.default_rng(0).standard_normal((10, 3, 5, 8)).astype(np.float16)  # rows, views, tokens, C
+    codes, scales = quantise(x, scale_shape("vit/block06", (5, 8)))
+    assert scales.shape == (10, 3, 1, 8)
+    if fmt == "zarr":
+        stored = zarr.array(codes), zarr.array(scales)
+    else:
+        fh = h5py.File(tmp_path / "q.h5", "w")
+        stored = fh.create_dataset("codes", data=codes), fh.create_dataset("scales", data=scales)
+    arr = Dequantised(*stored, "float16")
+    y = arr[...]
+    assert y.dtype == np.float16 and (np.abs(y - x) <= scales / 2 + np.abs(x) * 2**-11 + 1e-7).all()
+    rows = np.array([7, 2, 7])
+    np.testing.assert_array_equal(read_rows_of_view(arr, rows, 1, name="codes"), y[rows, 1])
+    np.testing.assert_array_equal(arr[2:4], y[2:4])

@@ -47,8 +47,8 @@ def quantise(data: np.ndarray, scale_rows_shape: tuple[int, ...]) -> tuple[np.nd
 
 
 class Dequantised:
-    """A lazy int8 array and its scales read as one array of ``dtype`` (zarr- and h5py-style indexing
-    on the leading axes: rows, views)."""
+    """A lazy int8 array and its scales read as one array of ``dtype``, indexed as the codes are (zarr or
+    h5py) on the leading axes: rows, views."""
 
     def __init__(self, codes, scales, dtype: str) -> None:
         self.codes, self.scales, self.dtype = codes, scales, np.dtype(dtype)
@@ -57,8 +57,12 @@ class Dequantised:
     def __getitem__(self, key):
         return self._apply(key, lambda arr, k: arr[k])
 
-    def get_orthogonal_selection(self, selection):
-        return self._apply(selection, lambda arr, k: arr.get_orthogonal_selection(k))
+    def __getattr__(self, name: str):
+        # readers pick zarr's orthogonal selection by hasattr: offer it only where the codes are zarr's
+        codes = self.__dict__.get("codes")
+        if name == "get_orthogonal_selection" and hasattr(codes, name):
+            return lambda selection: self._apply(selection, lambda arr, k: arr.get_orthogonal_selection(k))
+        raise AttributeError(name)
 
     def _apply(self, key, read):
         lead = self._leading(key)
