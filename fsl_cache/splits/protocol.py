@@ -32,10 +32,6 @@ TARGET_PROTOCOLS = ("domain_shift", "paper")
 class MissingDraw(UsageError):
     """The store holds neither the (shots, seed) draw nor the full pools it could be re-drawn from."""
 
-    def __init__(self, message: str, *, shots: int, seed: int) -> None:
-        super().__init__(message)
-        self.shots, self.seed = shots, seed
-
 
 @dataclass
 class Splits:
@@ -121,9 +117,7 @@ def few_shot_indices(store, *, shots: int, seed: int) -> tuple[np.ndarray, np.nd
         f"not shots={shots} seed={seed}. Extract a store that covers them (fsl-cache extract ... --shots "
         f"{_join(sorted(set(fs.get('shots', [])) | {shots}))} "
         f"--seeds {_join(sorted(set(fs.get('seeds', [])) | {seed}))}) "
-        "or one with --full-train --full-val",
-        shots=shots,
-        seed=seed,
+        "or one with --full-train --full-val"
     )
 
 
