@@ -72,6 +72,14 @@ VIEWS_OPTION = click.option(
     help="Augmented views per train image: N for every policy, or POLICY=N[,...] (ldc=5) for some "
     "(default: what the methods need).",
 )
+DENSE_PRECISION_OPTION = click.option(
+    "--dense-precision",
+    type=click.Choice(["same", "int8"]),
+    default="same",
+    show_default=True,
+    help="Dense maps (RN layers, ViT blocks) in --precision, or lossy int8 with per-channel scales "
+    "(about half the bytes; recorded in the store key and every run record).",
+)
 
 
 KEPT = {
@@ -192,6 +200,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 )
 @VIEWS_OPTION
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True)
+@DENSE_PRECISION_OPTION
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Image decoding processes.")
@@ -232,6 +241,7 @@ def extract(
     for_methods,
     views,
     precision,
+    dense_precision,
     fmt,
     batch_size,
     workers,
@@ -257,6 +267,7 @@ def extract(
         for_methods=for_methods,
         views=views,
         precision=precision,
+        dense_precision=dense_precision,
         format=fmt,
         batch_size=batch_size,
         workers=workers,
@@ -303,6 +314,7 @@ def extract(
 @click.option("--for", "for_methods", callback=_name_list, help="Methods the stores serve (comma-separated).")
 @VIEWS_OPTION
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True)
+@DENSE_PRECISION_OPTION
 @click.option("--shots", callback=_int_list, default=_joined(DEFAULT_SHOTS), show_default=True)
 @click.option("--seeds", callback=_int_list, default=_joined(DEFAULT_SEEDS), show_default=True)
 @click.option("--full-train", is_flag=True, help="Size the whole train split instead of the few-shot union.")
@@ -318,6 +330,7 @@ def plan(
     for_methods,
     views,
     precision,
+    dense_precision,
     shots,
     seeds,
     full_train,
@@ -338,6 +351,7 @@ def plan(
         for_methods=for_methods,
         views=views,
         precision=precision,
+        dense_precision=dense_precision,
         shots=shots,
         seeds=seeds,
         full_train=full_train,

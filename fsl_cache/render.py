@@ -151,7 +151,7 @@ def show_store_info(info: dict) -> None:
         table.add_row(
             name,
             "×".join(map(str, a["shape"])),
-            a["dtype"],
+            f"{a['stored_dtype']} → {a['dtype']}" if "stored_dtype" in a else a["dtype"],  # int8 dense maps
             a.get("codec", ""),
             human_bytes(a["bytes"]),
             stored,

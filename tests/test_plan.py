@@ -54,7 +54,7 @@ def test_bytes_per_view_match_the_methods_table(model, method, per_view):
     assert (eurosat["expected_bytes"] == eurosat["raw_bytes"]) is uncompressed
 
 
-def test_views_per_policy_and_seeds_shrink_the_plan():
+def test_views_per_policy_seeds_and_int8_maps_shrink_the_plan():
     (full, _) = plan("--dataset", "eurosat", "--for", "ldc", "--model", "RN50")
     (small, _) = plan(
         "--dataset", "eurosat", "--for", "ldc", "--model", "RN50", "--views", "ldc=5", "--seeds", "1"
@@ -62,6 +62,9 @@ def test_views_per_policy_and_seeds_shrink_the_plan():
     train = small["pools"]["train_pool"]
     assert train < full["pools"]["train_pool"]  # one seed's picks only
     assert small["encoded"] == small["pools"]["test"] + small["pools"]["val_pool"] + train + 5 * train
+    (int8, _) = plan("--dataset", "eurosat", "--for", "ldc", "--model", "RN50", "--dense-precision", "int8")
+    # one byte per map value instead of two, plus a float32 scale per channel: LDC-RN50 is almost all maps
+    assert int8["encoded"] == full["encoded"] and 0.5 < int8["raw_bytes"] / full["raw_bytes"] < 0.51
 
 
 def test_views_for_a_policy_no_method_uses_is_refused():

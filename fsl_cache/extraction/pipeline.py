@@ -33,7 +33,16 @@ from ..splits.sampling import few_shot_pools
 from ..store.backend import FORMATS, ArraySpec
 from ..store.catalog import default_cache_dir
 from ..store.fingerprint import EXTRACTION_VERSION, dataset_dirname, fingerprint, store_dirname
-from ..store.store import MANIFEST, SCHEMA, FeatureStore, StoreWriter, check_manifest, read_manifest
+from ..store.quantise import DENSE_PRECISIONS
+from ..store.store import (
+    MANIFEST,
+    PRECISIONS,
+    SCHEMA,
+    FeatureStore,
+    StoreWriter,
+    check_manifest,
+    read_manifest,
+)
 from .plan import (
     ExtractionPlan,
     Pool,
@@ -46,8 +55,6 @@ from .plan import (
 from .ranks import SINGLE_PROCESS, Ranks, rank_device, ranks_from_env
 from .runner import RunStats, run_job
 
-PRECISIONS = {"fp16": np.float16, "fp32": np.float32}
-
 
 @dataclass(frozen=True)
 class ExtractOptions:
@@ -59,6 +66,8 @@ class ExtractOptions:
     (``{"ldc": 5}``); default: what the methods need. Recorded in the store key when given."""
     precision: str = "fp16"
     """Storage dtype; compute runs in fp16 on CUDA and fp32 on CPU."""
+    dense_precision: str = "same"
+    """``int8``: dense maps quantised per channel (lossy, :mod:`fsl_cache.store.quantise`); in the store key."""
     format: str = "zarr"
     batch_size: int = 64
     """Images per forward pass (all views of a sample stay in one batch)."""
@@ -75,6 +84,10 @@ class ExtractOptions:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        if self.dense_precision not in DENSE_PRECISIONS:
+            raise UsageError(
+                f"--dense-precision must be one of {', '.join(DENSE_PRECISIONS)}, got '{self.dense_precision}'"
+            )
         if self.format not in FORMATS:
             raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got '{self.format}'")
         if self.batch_size < 1 or self.workers < 0:
@@ -357,6 +370,8 @@ def prepare_extraction(
     }
     if isinstance(options.views, dict):  # a per-policy count makes another store; plain --views N conflicts
         parts["views"] = options.views
+    if options.dense_precision != "same":  # absent by default: stores extracted before it keep their keys
+        parts["dense_precision"] = options.dense_precision
     key = fingerprint(parts)
     weights = Path(pretrained).stem if os.sep in pretrained or "." in pretrained else pretrained
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -389,6 +404,7 @@ def prepare_extraction(
         num_classes=spec.num_classes,
         template_sets=tuple(spec.templates),
         dtype=np.dtype(PRECISIONS[options.precision]).name,
+        dense_dtype="int8" if options.dense_precision == "int8" else None,
         views_override=options.views,
         existing=existing,
         existing_views=manifest.get("views", {}),

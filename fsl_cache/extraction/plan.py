@@ -18,6 +18,7 @@ from ..errors import DiskFullError, UsageError
 from ..methods.needs import Needs
 from ..store.backend import ArraySpec
 from ..store.footprint import dir_bytes, file_bytes, hdf5_master, hdf5_part, zarr_array, zarr_groups
+from ..store.quantise import is_dense, scale_name, scale_shape
 
 SHARD_SAMPLES = 64
 """Samples per shard: the unit of resume, of multi-process ownership and of light-array chunks."""
@@ -131,9 +132,22 @@ def tap_arrays(
     num_classes: int,
     template_sets: tuple[str, ...],
     dtype: str,
+    dense_dtype: str | None = None,
 ) -> list[ArraySpec]:
-    """The arrays one view group produces: each tap, zero-shot logits if ``pooled`` is tapped, aug params."""
-    specs = [array_layout(f"{prefix}/{tap}", (n, views) + tuple(tap_shapes[tap]), dtype) for tap in taps]
+    """The arrays one view group produces: each tap, zero-shot logits if ``pooled`` is tapped, aug params.
+
+    ``dense_dtype="int8"``: dense maps as int8 codes with their per-channel scales beside them.
+    """
+    specs = []
+    for tap in taps:
+        name, shape = f"{prefix}/{tap}", tuple(tap_shapes[tap])
+        if dense_dtype is None or not is_dense(shape):
+            specs.append(array_layout(name, (n, views) + shape, dtype))
+            continue
+        specs += [
+            array_layout(name, (n, views) + shape, dense_dtype),
+            array_layout(scale_name(name), (n, views) + scale_shape(tap, shape), "float32"),
+        ]
     if "pooled" in taps:
         specs += [
             array_layout(f"{prefix}/zs_logits/{t}", (n, views, num_classes), dtype) for t in template_sets
@@ -152,6 +166,7 @@ def plan_extraction(
     num_classes: int,
     template_sets: tuple[str, ...],
     dtype: str,
+    dense_dtype: str | None = None,
     views_override: int | dict[str, int] | None,
     existing: dict[str, ArraySpec],
     existing_views: dict[str, int],
@@ -186,6 +201,7 @@ def plan_extraction(
             num_classes=num_classes,
             template_sets=template_sets,
             dtype=dtype,
+            dense_dtype=dense_dtype,
             custom_policy=custom.get(policy),
         )
     return plan

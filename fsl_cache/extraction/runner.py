@@ -25,6 +25,7 @@ from ..backbones.views import ViewRenderer, sample_params
 from ..datasets import BadImageError, DatasetSpec, open_image
 from ..errors import DatasetError
 from ..interrupts import die_with_parent
+from ..store.quantise import quantise
 from ..store.store import ShardBlocks, StoreWriter
 from .plan import SHARD_SAMPLES, Job
 
@@ -145,7 +146,12 @@ def run_job(
             blocks.marker.skipped += _check_errors(job, rows, errors, skip_bad=skip_bad, stats=stats)
             b, v = views.shape[:2]
             for name, data in out.items():
-                blocks.write(by_suffix[name], rows[0], data.reshape((b, v) + data.shape[1:]))
+                data, spec_ = data.reshape((b, v) + data.shape[1:]), by_suffix[name]
+                if spec_.dtype == "int8":  # --dense-precision int8: codes, and their scales beside them
+                    scales = by_suffix[f"scale/{name}"]
+                    data, per_channel = quantise(data, scales.shape[2:])
+                    blocks.write(scales, rows[0], per_channel)
+                blocks.write(spec_, rows[0], data)
             if "aug_params" in by_suffix:
                 blocks.write(by_suffix["aug_params"], rows[0], params)
             stats.images += b * v

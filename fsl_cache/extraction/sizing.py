@@ -128,6 +128,7 @@ def _size(spec: DatasetSpec, source: str, *, backbone, tap_shapes, options: Extr
         num_classes=spec.num_classes,
         template_sets=tuple(spec.templates),
         dtype=np.dtype(PRECISIONS[options.precision]).name,
+        dense_dtype="int8" if options.dense_precision == "int8" else None,
         views_override=options.views,
         existing={},
         existing_views={},

@@ -24,7 +24,7 @@ from ..methods.base import fit_together
 from ..splits import base_novel_classes, build_splits, harmonic_mean, subset_classes, test_split
 from ..store.store import FeatureStore
 from .earlier import earlier_runs
-from .locate import check_needs, locate_store
+from .locate import check_draws, check_needs, locate_store
 from .record import HEAD, RECORD_SCHEMA, RunResult, load_record, now, versions, write_run
 from .request import FitRequest, ResolvedRun, resolve_run, task_info
 from .shift import Target, open_targets, target_evaluation
@@ -64,6 +64,7 @@ def fit_runs(request: FitRequest, *, on_run: Callable[[RunResult], None] | None 
             dataset=fs.manifest["dataset"]["name"],
             cache_dir=request.cache_dir,
         )
+        check_draws(fs, request.method, shots=request.shots, seeds=request.seeds, cache_dir=request.cache_dir)
         check_writable_folder(request.runs, what="the runs folder (--runs-dir)")
         targets = open_targets(request, fs)
         results = []
@@ -267,6 +268,10 @@ def build_record(
                 "random_init": m["backbone"].get("random_init"),
                 "precision": m.get("precision"),
                 "format": m.get("format"),
+                # what the store key holds beyond the backbone: a smaller store says so in every run
+                "few_shot": m.get("few_shot"),
+                "views": m.get("fingerprint_parts", {}).get("views"),
+                "dense_precision": m.get("fingerprint_parts", {}).get("dense_precision", "same"),
             },
             "splits": {
                 "train": _split_json(task.train),

@@ -12,6 +12,7 @@ from ..datasets import catalog  # noqa: F401  (registers the built-in loaders)
 from ..datasets.base import builtin_loaders
 from ..defaults import DEFAULT_SEEDS, DEFAULT_SHOTS, DEFAULT_VIT_BLOCKS
 from ..errors import NoStoreError, StoreError, UsageError, did_you_mean
+from ..splits.protocol import MissingDraw, few_shot_indices
 from ..store.catalog import StoreEntry, find_store
 from ..store.fingerprint import slug
 from ..store.store import MANIFEST
@@ -121,12 +122,14 @@ def extract_settings(manifest: dict) -> dict:
         "vit_blocks": _tapped_blocks(manifest.get("arrays", {})) or DEFAULT_VIT_BLOCKS,
         "aug_seed": int(manifest.get("aug_seed", 0)),
         "views": manifest.get("fingerprint_parts", {}).get("views"),
+        "dense_precision": manifest.get("fingerprint_parts", {}).get("dense_precision", "same"),
     }
 
 
-def extract_command(manifest: dict, method: str, *, cache_dir: Path | None) -> str:
-    """The ``fsl-cache extract`` command that adds ``method``'s arrays to this very store."""
-    s = extract_settings(manifest)
+def extract_command(manifest: dict, method: str, *, cache_dir: Path | None, **changes) -> str:
+    """The ``fsl-cache extract`` command that adds ``method``'s arrays to this very store
+    (with ``changes`` to its settings, e.g. ``seeds``: to another store, which those settings key)."""
+    s = {**extract_settings(manifest), **changes}
     words = [
         "fsl-cache extract",
         "--dataset",
@@ -149,6 +152,8 @@ def extract_command(manifest: dict, method: str, *, cache_dir: Path | None) -> s
     words += ["--full-train"] * s["full_train"] + ["--full-val"] * s["full_val"]
     if s["views"] is not None:
         words += ["--views", format_views(s["views"])]
+    if s["dense_precision"] != "same":
+        words += ["--dense-precision", s["dense_precision"]]
     if s["vit_blocks"] != DEFAULT_VIT_BLOCKS:
         words += ["--vit-blocks", ",".join(map(str, s["vit_blocks"]))]
     if cache_dir is not None:
@@ -188,6 +193,28 @@ def lacks_error(store, methods: str, missing: list[str], *, cache_dir: Path | No
     )
 
 
+def check_draws(store, method: str, *, shots: int, seeds, cache_dir: Path | None) -> None:
+    """Refuse, before any run, a (shots, seed) draw the store cannot give, naming the extract command that can."""
+    for seed in seeds:
+        try:
+            few_shot_indices(store, shots=shots, seed=seed)
+        except MissingDraw:
+            held = store.manifest.get("few_shot", {})
+            want = {
+                "shots": tuple(sorted({*held.get("shots", ()), shots})),
+                "seeds": tuple(sorted({*held.get("seeds", ()), *seeds})),
+            }
+            raise UsageError(
+                f"Store {store.root.name} holds the few-shot picks of seeds {_ints(held.get('seeds'))} "
+                f"at shots {_ints(held.get('shots'))}, not shots={shots} seed={seed}; extract a store "
+                f"that has them: {extract_command(store.manifest, method, cache_dir=cache_dir, **want)}"
+            ) from None
+
+
+def _ints(values) -> str:
+    return ",".join(map(str, values or ())) or "none"
+
+
 def _needs_report(store, method_info, *, dataset: str, eval_only: bool) -> tuple[list[str], list[str]]:
     manifest = store.manifest
     needs = method_info.needs(dataset)
@@ -207,9 +234,11 @@ def _needs_report(store, method_info, *, dataset: str, eval_only: bool) -> tuple
         for t in taps(needs.eval_taps)
         if not store.has(f"images/{p}/views/center/{t}")
     ]
+    read = [f"images/{p}/views/center/{t}" for p in pools for t in taps(needs.eval_taps)]
     caveats = []
     for view in () if eval_only else needs.train_views:
         prefix = f"images/{train_pool}/views/{view.policy}"
+        read += [f"{prefix}/{t}" for t in taps(view.taps)]
         missing += [f"{prefix}/{t}" for t in taps(view.taps) if not store.has(f"{prefix}/{t}")]
         have = int(manifest.get("views", {}).get(f"{train_pool}/{view.policy}", 0))
         least = method_info.cls.min_views.get(view.policy, 2)
@@ -224,6 +253,12 @@ def _needs_report(store, method_info, *, dataset: str, eval_only: bool) -> tuple
                 f"store holds {have} '{view.policy}' views per train image; {method_info.name} wants "
                 f"{view.views} (1 + epochs) for fresh augmentation every epoch"
             )
+    lossy = [n for n in read if n in store.quantised]
+    if lossy:
+        caveats.append(
+            f"store holds dense maps in int8 (--dense-precision int8, per-channel scales): {method_info.name} "
+            f"reads {len(lossy)} of them dequantised, a lossy copy of the {manifest.get('precision', 'fp16')} maps"
+        )
     return missing, caveats
 
 

@@ -29,6 +29,10 @@ TARGET_PROTOCOLS = ("domain_shift", "paper")
 """Protocols that evaluate domain-shift targets (``paper`` only when targets are given)."""
 
 
+class MissingDraw(UsageError):
+    """The store holds neither the (shots, seed) draw nor the full pools it could be re-drawn from."""
+
+
 @dataclass
 class Splits:
     """Train and selection splits of one run, plus the caveats met while choosing them."""
@@ -108,7 +112,7 @@ def few_shot_indices(store, *, shots: int, seed: int) -> tuple[np.ndarray, np.nd
         subset = sample_few_shot(train_labels, val_labels, shots=shots, seed=seed)
         return np.asarray(subset.train), np.asarray(subset.val)
     fs = store.manifest.get("few_shot", {})
-    raise UsageError(
+    raise MissingDraw(
         f"The store holds few-shot splits for shots {_join(fs.get('shots'))} and seeds {_join(fs.get('seeds'))}, "
         f"not shots={shots} seed={seed}. Extract a store that covers them (fsl-cache extract ... --shots "
         f"{_join(sorted(set(fs.get('shots', [])) | {shots}))} "

@@ -31,9 +31,12 @@ import numpy as np
 from ..errors import StoreError
 from .backend import ArraySpec, open_backend
 from .fingerprint import fingerprint
+from .quantise import Dequantised, scale_name
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
+PRECISIONS = {"fp16": np.float16, "fp32": np.float32}
+"""``--precision``: the dtype features are stored (and int8 dense maps read back) in."""
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -298,6 +301,8 @@ class FeatureStore:
         self.root = root
         self.manifest = manifest
         self.backend = open_backend(root, manifest["format"], mode="r")
+        self.quantised = _present_dequantised(manifest)
+        """Int8 dense maps (name → its scales), listed in ``arrays`` with the dtype they read as."""
 
     @classmethod
     def open(cls, root: str | Path) -> FeatureStore:
@@ -324,8 +329,13 @@ class FeatureStore:
     def has(self, name: str) -> bool:
         return name in self.arrays
 
-    def array(self, name: str) -> Any:
-        """The lazy array (zarr array or h5py dataset) behind ``name``, checked against the manifest."""
+    def array(self, name: str, *, raw: bool = False) -> Any:
+        """The lazy array (zarr array or h5py dataset) behind ``name``, checked against the manifest;
+        an int8 dense map reads dequantised unless ``raw`` (its stored codes, as ``verify`` hashes them)."""
+        if name in self.quantised and not raw:
+            return Dequantised(
+                self.array(name, raw=True), self.array(self.quantised[name]), self.arrays[name]["dtype"]
+            )
         if name not in self.arrays:
             raise StoreError(f"Store {self.root.name} has no array '{name}'")
         try:
@@ -343,9 +353,10 @@ class FeatureStore:
                 f"{self._damaged(name)}: shape {tuple(arr.shape)} on disk but {tuple(entry['shape'])} "
                 f"in the manifest; {REMEDY}"
             )
-        if entry["dtype"] != "str" and str(np.dtype(arr.dtype)) != entry["dtype"]:
+        stored = entry.get("stored_dtype", entry["dtype"])
+        if stored != "str" and str(np.dtype(arr.dtype)) != stored:
             raise StoreError(
-                f"{self._damaged(name)}: dtype {arr.dtype} on disk but {entry['dtype']} in the manifest; {REMEDY}"
+                f"{self._damaged(name)}: dtype {arr.dtype} on disk but {stored} in the manifest; {REMEDY}"
             )
         return arr
 
@@ -389,6 +400,17 @@ class FeatureStore:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _present_dequantised(manifest: dict) -> dict[str, str]:
+    """Re-type the int8 dense maps (those with scales beside them) in ``manifest`` to the store's precision."""
+    arrays = manifest["arrays"]
+    quantised = {n: scale_name(n) for n in arrays if "/views/" in n and scale_name(n) in arrays}
+    for name in quantised:
+        entry = arrays[name]
+        entry.setdefault("stored_dtype", entry["dtype"])
+        entry["dtype"] = np.dtype(PRECISIONS[manifest.get("precision", "fp16")]).name
+    return quantised
 
 
 def _read_rows(arr: Any, sorted_rows: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from ..defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_PROTOCOL
 from ..errors import FslError
 from ..methods import get_method
 from ..runs.fitting import fit_group
-from ..runs.locate import check_needs, locate_store
+from ..runs.locate import check_draws, check_needs, locate_store
 from ..runs.record import load_record
 from ..runs.request import FitRequest, ResolvedRun, resolve_run
 from ..runs.shift import Target, open_targets
@@ -191,6 +191,9 @@ def prepare(trial: Trial, stores: StoreCache) -> Prepared:
     """Resolve ``trial``'s config on its store and compute its run fingerprint (nothing is fitted)."""
     request = stores.context.request(trial).checked()
     store, caveats = stores.get(trial.dataset, trial.method)
+    check_draws(
+        store, trial.method, shots=request.shots, seeds=(trial.seed,), cache_dir=stores.context.cache_dir
+    )
     targets = tuple(stores.targets(request, store))
     run = resolve_run(request, store, seed=trial.seed, targets=targets)
     return Prepared(trial, store, run, caveats, targets)
