@@ -190,7 +190,7 @@ class SafeA(Method):
     quick = Safe.quick | {"tip_epochs": 1}
 
     @classmethod
-    def needs(cls, dataset: str = "") -> Needs:
+    def needs(cls, dataset: str = "", options: dict | None = None) -> Needs:
         tip = tip_views(dataset)
         return Needs(
             eval_taps=Safe.needed.eval_taps,

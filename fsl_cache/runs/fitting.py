@@ -62,6 +62,7 @@ def fit_runs(request: FitRequest, *, on_run: Callable[[RunResult], None] | None 
             get_method(request.method),
             dataset=fs.manifest["dataset"]["name"],
             cache_dir=request.cache_dir,
+            options=request.options,
         )
         check_writable_folder(request.runs, what="the runs folder (--runs-dir)")
         targets = open_targets(request, fs)
