@@ -379,9 +379,11 @@ def test_fit_visual_depth_1_completes_the_store_records_the_mode_and_predicts(de
         )
     finally:
         store.close()
-    predictor = Predictor.load(run.run_dir)
-    image = next((data / "test").glob("*/*.png"))
-    assert np.isfinite(predictor.logits([image])[record["metrics"]["headline"]].numpy()).all()
+    images = sorted((data / "test").glob("*/*.png"))[:3]
+    logits = Predictor.load(run.run_dir).logits(images)[record["metrics"]["headline"]]
+    assert np.isfinite(logits.numpy()).all()
+    exported = Predictor.load(api.export(run.run_dir, tmp_path / "export")).logits(images)
+    torch.testing.assert_close(exported[record["metrics"]["headline"]], logits)
 
 
 def test_resnet_stores_refuse_visual_prompts_in_one_line():

@@ -148,7 +148,8 @@ class Capt(Method):
         "[PROPOSED] the teacher's ranking is the store's zero-shot logits of the batch's cached view (or of the "
         "teacher store's center view with -o teacher); the official teacher is the PromptSRC-tuned ViT-L/14 run "
         "on the augmented image, its text features also mixed with random centroids.",
-        "[PROPOSED] the bank is the train split's center-view cached embeddings (the whole train split when the "
+        "[PROPOSED] the bank is the train split's center-view cached embeddings, or with visual_depth > 0 its "
+        "cached pre-ln_pre tokens run through the prompted ViT when picked (the whole train split when the "
         "store has --full-train arrays, else the few-shot train split, recorded); the official bank reads all "
         "train images of the class from disk with the test transform.",
         "[PROPOSED] each epoch trains on one cached coop view per image (view sampler, METHODS §1.6) instead of "
@@ -162,7 +163,8 @@ class Capt(Method):
         "stay InfoNCE negatives, the centroid mix is not re-normalised.",
         "[PROPOSED] fp32 training (the official PREC fp16); the epoch is selected on the few-shot val.",
         "[PROPOSED] base2novel: novel classes use the frozen zero-shot text (templates option) on the cached "
-        "embedding, the code's frozen teacher-format path without the teacher.",
+        "embedding, the code's frozen teacher-format path without the teacher; the visual prompts are not used "
+        "for novel classes.",
     )
     paper_protocol = "Same as coop: CAPT's own setting is --protocol base2novel."
     min_views = {"coop": 2}
@@ -357,7 +359,7 @@ class Capt(Method):
     # ------------------------------------------------------------------ base-to-novel
 
     def novel_head(self, fitted: FitResult, task: FitTask) -> ZeroShotHead:
-        """Novel classes: the frozen zero-shot text on the cached embedding (visual_depth=0)."""
+        """Novel classes: the frozen zero-shot text on the cached pooled embedding (whatever visual_depth)."""
         return ZeroShotHead(task.text(self.config.templates), scale=task.info.zs_scale)
 
 
