@@ -377,6 +377,8 @@ def test_fit_visual_depth_1_completes_the_store_records_the_mode_and_predicts(de
         assert all(
             store.has(f"images/{p}/views/center/vit/tokens") for p in ("train_pool", "val_pool", "test")
         )
+        tokens = store.arrays["images/test/views/center/vit/tokens"]
+        assert tokens["dtype"] == "float16" and tuple(tokens["shape"][-2:]) == (65, 128)
     finally:
         store.close()
     images = sorted((data / "test").glob("*/*.png"))[:3]
