@@ -1,4 +1,4 @@
-"""Benchmark: one ``capt`` training step (``visual_depth=0``) on cached embeddings vs from image files.
+"""Benchmark: one ``capt`` training step on cached embeddings vs from image files, and visual_depth 9 vs 0.
 
 Both sides run the ViT-B-16 architecture (random weights, ``pretrained="none"``) and the same step
 of the official objective: context + deep text prompts (9 blocks, DPC) through the text encoder over
@@ -11,7 +11,11 @@ centroid mix and the symmetric InfoNCE, then SGD.
   (random resized crop + flip), decode and resize the mined bank images (test transform), run the
   image encoder on the widened batch and the teacher (here: the same backbone's zero-shot) on the batch.
 
-    python benchmarks/capt_step.py [--classes 50] [--batch 4] [--steps 5]
+Then, on ``--visual-model`` (default ``fsl-tiny-vit``), the same cached step with ``visual_depth=0`` (the
+pooled cache) beside ``visual_depth=9`` (4 visual prompts in 9 blocks: the frozen ViT runs from the
+cached pre-ln_pre tokens on the widened batch, gradients through it to the prompts).
+
+    python benchmarks/capt_step.py [--classes 50] [--batch 4] [--steps 5] [--part all|images|visual]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from PIL import Image
 from torchvision import transforms
 
 from fsl_cache.backbones import load_backbone
+from fsl_cache.backbones.taps import TOKENS
 from fsl_cache.methods.capt_prompts import (
     CaptPromptHead,
     capt_infonce,
@@ -35,6 +40,7 @@ from fsl_cache.methods.capt_prompts import (
     mix_centroids,
     widen_batch,
 )
+from fsl_cache.methods.capt_visual import EncodedBank
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -45,13 +51,11 @@ def png_bytes(rng: np.random.Generator, size: int = 256) -> bytes:
     return out.getvalue()
 
 
-def step(head, optimizer, f, labels, teacher, bank, bank_labels, centroids, generator, encode=None):
+def step(head, optimizer, inputs, labels, teacher, bank, bank_labels, centroids, generator, encode=None):
     """One capt step; ``encode(indices)`` turns bank rows into embeddings when they come from images."""
-    logits = head({"pooled": f})  # text encoder runs over every class (aux keeps the features)
+    logits = head(inputs)  # text encoder runs over every class (aux keeps the text and image features)
     negatives = mine_negatives(teacher, labels, topk=8, fill=2, generator=generator)
-    image, widened = widen_batch(
-        F.normalize(f, dim=-1), labels, negatives, bank, bank_labels, generator=generator
-    )
+    image, widened = widen_batch(head.aux["image"], labels, negatives, bank, bank_labels, generator=generator)
     if encode is not None:  # the official loop encodes the widened batch's images
         image = F.normalize(encode(len(image)), dim=-1)
     text = mix_centroids(F.normalize(head.aux["text"][widened], dim=-1), centroids, generator=generator)
@@ -67,7 +71,66 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=50)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--part", choices=("all", "images", "visual"), default="all")
+    parser.add_argument("--visual-model", default="fsl-tiny-vit")
     args = parser.parse_args()
+    if args.part in ("all", "images"):
+        cached_vs_images(args)
+    if args.part in ("all", "visual"):
+        visual_depths(args)
+
+
+def timed_steps(steps: int, run) -> float:
+    """Median seconds of ``run()`` over ``steps`` calls after one warm-up call."""
+    seconds = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        run()
+        if i:
+            seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds))
+
+
+def visual_depths(args) -> None:
+    """The cached step with visual_depth 0 and 9 on the same batches, bank and mining."""
+    torch.manual_seed(0)
+    bb = load_backbone(args.visual_model, "none")
+    names = [f"class {c}" for c in range(args.classes)]
+    d, g = bb.embed_dim, torch.Generator().manual_seed(0)
+    text = F.normalize(torch.randn(args.classes, d, generator=g), dim=-1)
+    bank_labels = torch.arange(args.classes).repeat_interleave(16)
+    tokens = torch.randn(len(bank_labels), *bb.tap_shape(TOKENS), generator=g).half()
+    centroids = F.normalize(torch.randn(5, d, generator=g), dim=-1)
+    labels = torch.randperm(args.classes, generator=g)[: args.batch]
+    timings, widths = {}, {}
+    for depth in (0, 9):
+        head = CaptPromptHead(bb.model, bb.tokenizer, names, text_depth=9, visual_depth=depth).train()
+        optimizer = torch.optim.SGD([p for p in head.parameters() if p.requires_grad], lr=2e-3, momentum=0.9)
+        if depth:
+            bank = EncodedBank(
+                tokens,
+                lambda t, h=head: h.image_encoder(t, h.visual_prompts),
+                dim=d,
+                device=torch.device("cpu"),
+            )
+        else:
+            bank = F.normalize(torch.randn(len(bank_labels), d, generator=g), dim=-1)
+        sizes: list[int] = []
+
+        def run(head=head, optimizer=optimizer, bank=bank, sizes=sizes) -> None:
+            rows = torch.randint(len(tokens), (args.batch,), generator=g)
+            inputs = {"pooled": torch.randn(args.batch, d, generator=g), TOKENS: tokens[rows]}
+            teacher = 100.0 * F.normalize(inputs["pooled"], dim=-1) @ text.T
+            sizes.append(step(head, optimizer, inputs, labels, teacher, bank, bank_labels, centroids, g)[1])
+
+        timings[depth], widths[depth] = timed_steps(args.steps, run), float(np.mean(sizes))
+    print(f"{args.visual_model}, classes {args.classes}, batch {args.batch}, load {os.getloadavg()[0]:.1f}")
+    print("visual_depth=0 | visual_depth=9 | ratio")
+    print(f"{timings[0]:.3f} s/step | {timings[9]:.3f} s/step | {timings[9] / timings[0]:.1f}x")
+    print(f"widened batch {widths[0]:.1f} | {widths[9]:.1f}")
+
+
+def cached_vs_images(args) -> None:
     torch.manual_seed(0)
     bb = load_backbone("ViT-B-16", "none")
     names = [f"class {c}" for c in range(args.classes)]
@@ -116,7 +179,7 @@ def main() -> None:
             if mode == "cached":
                 f = torch.randn(args.batch, d, generator=g)
                 teacher = 100.0 * F.normalize(f, dim=-1) @ text.T
-                _, n = step(head, optimizer, f, labels, teacher, bank, bank_labels, centroids, g)
+                _, n = step(head, optimizer, {"pooled": f}, labels, teacher, bank, bank_labels, centroids, g)
                 widths.append(n)
             else:
                 with torch.no_grad():
@@ -129,7 +192,7 @@ def main() -> None:
                 step(
                     head,
                     optimizer,
-                    f,
+                    {"pooled": f},
                     labels,
                     teacher,
                     bank,

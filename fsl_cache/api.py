@@ -238,6 +238,7 @@ def fit(
         store=store,
         methods=[request.method],
         extension=_extension(root, extract=extract, yes=yes, confirm=confirm, progress=progress),
+        options=request.options,
     )
     with training_progress(progress):  # step counts, estimates and progress of each run's training
         return fit_runs(request, on_run=report)

@@ -23,7 +23,7 @@ from .methods import get_method
 from .runs.locate import extract_settings, lacks_error, locate_store, missing_arrays
 from .store.store import FeatureStore, read_manifest
 
-HEAVY_TAPS = ("rn/layer", "vit/block", "dense")
+HEAVY_TAPS = ("rn/layer", "vit/block", "vit/tokens", "dense")
 """How the per-image feature maps that make a store large are named (after ``views/<policy>/``)."""
 
 
@@ -55,9 +55,10 @@ def complete_stores(
     store: str | None,
     methods: Sequence[str],
     extension: Extension,
+    options: dict | None = None,
 ) -> None:
-    """Complete the stores of ``datasets`` for ``methods``, then the test views of the domain-shift ``targets``
-    (extracted with the backbone of the first dataset's store)."""
+    """Complete the stores of ``datasets`` for ``methods`` (run with the ``-o`` ``options``), then the test
+    views of the domain-shift ``targets`` (extracted with the backbone of the first dataset's store)."""
     if not extension.enabled:
         return
     for dataset in datasets:
@@ -69,6 +70,7 @@ def complete_stores(
             store=store,
             methods=methods,
             extension=extension,
+            options=options,
         )
     if not targets:
         return
@@ -99,6 +101,7 @@ def complete_store(
     methods: Sequence[str],
     extension: Extension,
     eval_only: bool = False,
+    options: dict | None = None,
 ) -> ExtractResult | None:
     """Add what ``methods`` read to the store of ``dataset`` (creating it if there is none).
 
@@ -111,11 +114,16 @@ def complete_store(
         )
     except NoStoreError as refusal:
         settings = {"dataset": dataset, "model": model, "pretrained": pretrained}
-        return _extend(cache_dir, settings, methods, key=None, refusal=refusal, extension=extension)
+        return _extend(
+            cache_dir, settings, methods, key=None, refusal=refusal, extension=extension, options=options
+        )
     fs = FeatureStore.open(entry.path)
     try:
         name = fs.manifest["dataset"]["name"]
-        lacking = {m: missing_arrays(fs, get_method(m), dataset=name, eval_only=eval_only) for m in methods}
+        lacking = {
+            m: missing_arrays(fs, get_method(m), dataset=name, eval_only=eval_only, options=options)
+            for m in methods
+        }
         wanting = [m for m, missing in lacking.items() if missing]
         if not wanting:
             return None
@@ -125,7 +133,15 @@ def complete_store(
     finally:
         fs.close()
     # into the store's own cache root: a --store folder may lie outside cache_dir
-    return _extend(entry.path.parents[1], settings, wanting, key=key, refusal=refusal, extension=extension)
+    return _extend(
+        entry.path.parents[1],
+        settings,
+        wanting,
+        key=key,
+        refusal=refusal,
+        extension=extension,
+        options=options,
+    )
 
 
 def _extend(
@@ -136,6 +152,7 @@ def _extend(
     key: str | None,
     refusal: FslError,
     extension: Extension,
+    options: dict | None = None,
 ) -> ExtractResult:
     settings = dict(settings)
     dataset, model, pretrained = settings.pop("dataset"), settings.pop("model"), settings.pop("pretrained")
@@ -158,7 +175,9 @@ def _extend(
             model=model,
             pretrained=pretrained,
             cache_dir=cache_dir,
-            options=ExtractOptions(for_methods=tuple(methods), **settings),
+            options=ExtractOptions(
+                for_methods=tuple(methods), method_options=dict(options or {}), **settings
+            ),
             on_plan=before_writing,
             progress=extension.progress,
         )

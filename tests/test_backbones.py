@@ -95,12 +95,12 @@ def _attention_pool_before_c_proj(pool, h):
 
 
 def _manual_vit(model, x):
-    """conv1 → patch tokens + CLS + positions → ln_pre → resblocks, then ln_post(CLS) @ proj."""
+    """conv1 → patch tokens + CLS + positions (vit/tokens) → ln_pre → resblocks, then ln_post(CLS) @ proj."""
     v = model.visual
     h = v.conv1(x).flatten(2).transpose(1, 2)  # [B, HW, W]
     cls = v.class_embedding.expand(h.shape[0], 1, -1)
-    h = v.ln_pre(torch.cat([cls, h], dim=1) + v.positional_embedding)
-    out = {}
+    out = {"vit/tokens": torch.cat([cls, h], dim=1) + v.positional_embedding}
+    h = v.ln_pre(out["vit/tokens"])
     for i, block in enumerate(v.transformer.resblocks):
         h = block(h)
         out[f"vit/block{i + 1:02d}"] = h
@@ -143,7 +143,9 @@ def test_tap_subsets_equal_the_full_forward(name, request):
     full = backbone.encode_taps(x, backbone.taps())
     first = backbone.taps()[1]
     # [first, pooled] is the case open_clip 3.3's ResNet stop_early handling gets wrong.
-    for subset in ([first], [first, "pooled"], [backbone.dense_tap], ["pooled", backbone.dense_tap]):
+    subsets = [[first], [first, "pooled"], [backbone.dense_tap], ["pooled", backbone.dense_tap]]
+    subsets += [["vit/tokens"], ["vit/tokens", first]] if name == "vit" else []
+    for subset in subsets:
         got = backbone.encode_taps(x, subset)
         assert list(got) == subset
         for tap in subset:
@@ -161,8 +163,9 @@ def test_tap_names_and_shapes(rn, vit):
         (256, 2, 2),
         (256,),
     ]
-    assert vit.taps()[0] == "pooled" and vit.taps()[6] == "vit/block06" and len(vit.taps()) == 14
-    assert vit.taps()[-1] == "preproj" and vit.tap_shape("preproj") == (128,)
+    assert vit.taps()[0] == "pooled" and vit.taps()[6] == "vit/block06" and len(vit.taps()) == 15
+    assert vit.taps()[-2:] == ["preproj", "vit/tokens"] and vit.tap_shape("preproj") == (128,)
+    assert vit.tap_shape("vit/tokens") == (65, 128)
     assert vit.dense_tap == "vit/block11" and vit.kind == "vit" and vit.num_blocks == 12
     assert vit.tap_shape("vit/block06") == (65, 128) and vit.tap_shape("pooled") == (64,)
 
@@ -179,7 +182,8 @@ def test_real_architecture_tap_shapes():
         (2048,),
     ]
     assert vit_b16.tap_shape("vit/block06") == (197, 768) and vit_b16.tap_shape("pooled") == (512,)
-    assert vit_b16.dense_tap == "vit/block11" and vit_b16.taps()[-2] == "vit/block12"
+    assert vit_b16.dense_tap == "vit/block11" and vit_b16.taps()[-3] == "vit/block12"
+    assert vit_b16.tap_shape("vit/tokens") == (197, 768)  # [CLS; 14×14 patches] entering ln_pre
 
 
 def test_unknown_tap_suggests(vit):

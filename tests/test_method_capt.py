@@ -1,7 +1,9 @@
 """capt (METHODS §2.9.2): CAPT's official objective on cached features, pinned on the same tensors with the
 formulas re-typed from greatest-gourmet/CAPT ``trainers/sple_promptkd.py``; the CLI run; old records."""
 
+import contextlib
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from torch import nn
 
 from fsl_cache import api
 from fsl_cache.backbones import load_backbone
+from fsl_cache.backbones.taps import resolve_taps
 from fsl_cache.cli import main
 from fsl_cache.datasets import make_demo_dataset
 from fsl_cache.errors import UsageError
@@ -25,6 +28,7 @@ from fsl_cache.methods.capt_prompts import (
     mix_centroids,
     widen_batch,
 )
+from fsl_cache.methods.capt_visual import PromptedImageEncoder
 from fsl_cache.methods.coop import CoOpHead
 from fsl_cache.methods.promptkd import kd_loss
 from fsl_cache.reports.rows import load_rows
@@ -33,6 +37,7 @@ from fsl_cache.runs.request import task_info
 from fsl_cache.splits.protocol import build_splits, split_ref
 from fsl_cache.store.reads import read_rows
 from fsl_cache.store.store import FeatureStore
+from fsl_cache.testing import ArrayStore, fit_method
 
 NAMES = ["red circle", "blue square", "green triangle"]
 
@@ -124,6 +129,82 @@ def test_visual_depth_0_equals_coops_text_path(backbone):
         torch.testing.assert_close(capt(x), coop(x), rtol=1e-5, atol=1e-4)
 
 
+# ---------------------------------------------------------------------------- visual side
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return load_backbone("fsl-tiny-vit", "none")
+
+
+def images(bb, n: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(seed))
+
+
+@contextlib.contextmanager
+def prompted_backbone(visual, prompts: torch.Tensor, *, at_end: bool):
+    """open_clip's own ViT forward with IVLP prompts hooked in: set 0 joins the tokens entering ``ln_pre``,
+    set i replaces them before block i; ``at_end`` is the code's layout (appended after the patches)."""
+    n = prompts.shape[1]
+
+    def put(x, p, replace):
+        p = p.expand(len(x), -1, -1)
+        if at_end:
+            return torch.cat([x[:, : len(x[0]) - n] if replace else x, p], dim=1)
+        return torch.cat([x[:, :1], p, x[:, 1 + n :] if replace else x[:, 1:]], dim=1)
+
+    hooks = [visual.ln_pre.register_forward_pre_hook(lambda m, a: (put(a[0], prompts[0], False),))]
+    for i in range(1, len(prompts)):
+        block = visual.transformer.resblocks[i]
+        hooks.append(
+            block.register_forward_pre_hook(
+                lambda m, a, kw, i=i: ((put(a[0], prompts[i], True),) + a[1:], kw), with_kwargs=True
+            )
+        )
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_cached_tokens_without_prompts_reproduce_the_pooled_embedding(vit):
+    taps = vit.encode_taps(images(vit), ["pooled", "vit/tokens"])
+    assert taps["vit/tokens"].shape[1:] == vit.tap_shape("vit/tokens") == (65, 128)
+    encoder = PromptedImageEncoder(vit.model.visual)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(taps["vit/tokens"]), taps["pooled"], rtol=1e-4, atol=1e-4)
+    assert "vit/tokens" not in load_backbone("fsl-tiny-rn", "none").taps()
+
+
+@pytest.mark.parametrize("at_end", [False, True])
+def test_visual_prompts_on_cached_tokens_equal_the_backbone_run_on_the_images(vit, at_end):
+    """Also pins the deviation note: after the class token or appended (the code) gives the same features."""
+    x = images(vit, seed=1)
+    prompts = 0.5 * torch.randn(3, 4, 128, generator=torch.Generator().manual_seed(2))
+    tokens = vit.encode_taps(x, ["vit/tokens"])["vit/tokens"]
+    encoder = PromptedImageEncoder(vit.model.visual)
+    with torch.no_grad(), prompted_backbone(vit.model.visual, prompts, at_end=at_end):
+        expected = vit.model.encode_image(x)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(tokens, prompts), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_visual_prompts_change_the_features_and_get_gradients(vit):
+    head = CaptPromptHead(vit.model, vit.tokenizer, NAMES, text_depth=1, visual_depth=9)
+    assert head.visual_depth == 9 and head.visual_prompts.shape == (9, 4, 128)
+    assert head.inputs == ("pooled", "vit/tokens")
+    assert 0.015 < float(head.visual_prompts.detach().std()) < 0.025  # [CODE] N(0, 0.02)
+    taps = vit.encode_taps(images(vit), ["pooled", "vit/tokens"])
+    f = head.image_features(taps)
+    assert not torch.allclose(f, F.normalize(taps["pooled"], dim=-1), atol=1e-3)
+    head.train()(taps).logsumexp(dim=1).sum().backward()
+    grad = head.visual_prompts.grad
+    assert grad is not None and bool((grad.flatten(1).abs().sum(1) > 0).all())  # every block's set
+    assert not any(k.startswith("image_encoder.") for k in head.saved_state())
+    assert "visual_prompts" in head.saved_state()
+
+
 # ---------------------------------------------------------------------------- mining, widening
 
 
@@ -201,7 +282,7 @@ def test_infonce_is_the_symmetric_diagonal_cross_entropy():
     torch.testing.assert_close(capt_infonce(image, text, scale=100.0), (i2t + t2i) / 2)
 
 
-def test_recipe_defaults_are_the_official_config_and_visual_prompts_are_refused():
+def test_recipe_defaults_are_the_official_config_and_visual_prompts_add_the_token_tap():
     cfg = get_method("capt").create().config
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.optimizer, cfg.schedule) == (
         20,
@@ -225,8 +306,12 @@ def test_recipe_defaults_are_the_official_config_and_visual_prompts_are_refused(
         5,
         1.0,
     )
-    with pytest.raises(ConfigError, match="visual_depth > 0 .* not implemented yet"):
-        get_method("capt").create({"visual_depth": "9"})
+    assert (cfg.visual_depth, cfg.visual_prompts) == (0, 4)
+    assert get_method("capt").create({"visual_depth": "9"}).config.visual_depth == 9
+    assert "vit/tokens" not in get_method("capt").needs("demo", {"visual_depth": "0"}).eval_taps
+    assert get_method("capt").needs("demo", {"visual_depth": "9"}).eval_taps == ("pooled", "vit/tokens")
+    with pytest.raises(ConfigError, match="visual_prompts"):
+        get_method("capt").create({"visual_prompts": "0"})
 
 
 # ---------------------------------------------------------------------------- runs
@@ -277,6 +362,39 @@ def test_cli_fit_capt_base2novel_records_mode_teacher_and_deviations(demo, tmp_p
         2 * metrics["base_acc"] * metrics["novel_acc"] / (metrics["base_acc"] + metrics["novel_acc"])
     )
     assert record["head"]["class"] == "CaptPromptHead"
+
+
+def test_fit_visual_depth_1_completes_the_store_records_the_mode_and_predicts(demo, tmp_path):
+    root, data = demo
+    fit = dict(dataset=f"imagefolder:{data}", pretrained="none", shots=4, seeds=[1], progress=False)
+    fit.update(cache_dir=root / "cache", runs_dir=tmp_path)
+    (run,) = api.fit("capt", model="fsl-tiny-vit", options={"epochs": 1, "visual_depth": 1}, **fit)
+    record = json.loads((run.run_dir / "record.json").read_text())
+    assert record["selection"]["mode"].startswith("visual_depth=1: deep visual prompts")
+    assert record["head"]["inputs"] == ["pooled", "vit/tokens"]
+    store = FeatureStore.open(record["store"]["path"])
+    try:  # fit added the tokens to the store: train (the bank), val and test center views
+        assert all(
+            store.has(f"images/{p}/views/center/vit/tokens") for p in ("train_pool", "val_pool", "test")
+        )
+        tokens = store.arrays["images/test/views/center/vit/tokens"]
+        assert tokens["dtype"] == "float16" and tuple(tokens["shape"][-2:]) == (65, 128)
+    finally:
+        store.close()
+    images = sorted((data / "test").glob("*/*.png"))[:3]
+    logits = Predictor.load(run.run_dir).logits(images)[record["metrics"]["headline"]]
+    assert np.isfinite(logits.numpy()).all()
+    exported = Predictor.load(api.export(run.run_dir, tmp_path / "export")).logits(images)
+    torch.testing.assert_close(exported[record["metrics"]["headline"]], logits)
+
+
+def test_resnet_stores_refuse_visual_prompts_in_one_line():
+    task = SimpleNamespace(info=None, store=ArrayStore({}, {"backbone": {"kind": "rn", "arch": "RN50"}}))
+    with pytest.raises(UsageError, match="visual_depth=1 prompts ViT blocks; .* of RN50: use visual_depth=0"):
+        fit_method("capt", task, {"visual_depth": "1"})
+    assert resolve_taps(("pooled", "vit/tokens"), kind="rn", dense_tap="rn/layer4", vit_blocks=()) == (
+        "pooled",
+    )
 
 
 def test_old_capt_records_load_report_and_predict_as_capt_c(demo, tmp_path):

@@ -13,6 +13,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import QuickGELU, VisionTransformer
 
 from fsl_cache.backbones.encoder import ZS_SCALE
+from fsl_cache.backbones.taps import TOKENS
 from fsl_cache.backbones.tiny import TINY_MODELS
 from fsl_cache.backbones.weights import WeightsSource
 from fsl_cache.errors import BackboneError, UsageError, did_you_mean
@@ -31,7 +32,8 @@ class Backbone:
     Tap names: ``pooled`` (the un-normalised ``encode_image`` output), ``rn/layer1``…``rn/layer4``
     for ResNets, ``vit/block01``…``vit/blockNN`` for ViTs (1-based: ``vit/block06`` is the output
     of ``transformer.resblocks[5]``, CLS token first, e.g. ``[197, 768]`` for ViT-B/16), and
-    ``preproj`` (``pooled`` before the last projection, :meth:`projection`).
+    ``preproj`` (``pooled`` before the last projection, :meth:`projection`) and, for ViTs, ``vit/tokens``
+    (the input of ``ln_pre``, same shape as a block's output).
     """
 
     model: torch.nn.Module
@@ -113,10 +115,11 @@ class Backbone:
     # --- taps -------------------------------------------------------------------------------------
 
     def taps(self) -> list[str]:
-        """Every tap this backbone can produce, ``pooled`` first (``preproj`` last: positions index blocks)."""
+        """Every tap this backbone can produce, ``pooled`` first (``preproj``, ``vit/tokens`` last: positions index
+        blocks)."""
         if self.kind == "rn":
             return [POOLED] + [f"rn/layer{k}" for k in RN_LAYERS] + [PREPROJ]
-        return [POOLED] + [self._vit_tap(i) for i in range(self.num_blocks)] + [PREPROJ]
+        return [POOLED] + [self._vit_tap(i) for i in range(self.num_blocks)] + [PREPROJ, TOKENS]
 
     @property
     def dense_tap(self) -> str:
@@ -176,6 +179,23 @@ class Backbone:
         finally:
             hook.remove()
 
+    @contextmanager
+    def _grabbing_tokens(self, wanted: bool) -> Iterator[dict]:
+        """Inside the block, forwards leave the input of a ViT's ``ln_pre`` in the yielded dict."""
+        grabbed: dict[str, torch.Tensor] = {}
+        if not wanted:
+            yield grabbed
+            return
+
+        def ln_pre_input(module, args):
+            grabbed[TOKENS] = args[0]
+
+        hook = self.model.visual.ln_pre.register_forward_pre_hook(ln_pre_input)
+        try:
+            yield grabbed
+        finally:
+            hook.remove()
+
     def _preproj(self, grabbed: torch.Tensor) -> torch.Tensor:
         if self.kind == "vit":
             return grabbed
@@ -207,8 +227,12 @@ class Backbone:
         """
         indices = self._tap_indices(taps)
         x = images.to(self.device, self.dtype)
-        with torch.no_grad(), self._grabbing_preproj(PREPROJ in indices) as grabbed:
-            blocks = sorted({i for t, i in indices.items() if t not in (POOLED, PREPROJ)})
+        with (
+            torch.no_grad(),
+            self._grabbing_preproj(PREPROJ in indices) as grabbed,
+            self._grabbing_tokens(TOKENS in indices) as tokens,
+        ):
+            blocks = sorted({i for t, i in indices.items() if t not in (POOLED, PREPROJ, TOKENS)})
             want_pooled = POOLED in indices or PREPROJ in indices  # preproj is grabbed on the way
             if not blocks:
                 out = {POOLED: self.model.encode_image(x, normalize=False)}
@@ -218,6 +242,7 @@ class Backbone:
                 out = self._vit_taps(x, blocks, want_pooled)
             if PREPROJ in indices:
                 out[PREPROJ] = self._preproj(grabbed[PREPROJ])
+            out.update(tokens)
         return {t: out[t].to(self.dtype) for t in indices}
 
     def _rn_taps(self, x: torch.Tensor, layers: list[int], want_pooled: bool) -> dict:

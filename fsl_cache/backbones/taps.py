@@ -3,7 +3,8 @@
 Generic names: ``pooled`` (the embedding), ``multilevel`` (RN ``layer1..4`` or the ViT blocks LDC
 adapts), ``multilevel_lite`` (the same maps average-pooled to layer4's 7×7 grid, or ViT block token
 means: LDC-lite's approximation), ``dense`` (the map entering the pooling layer) and any concrete
-tap (``dense_embed``, ``rn/layer4``, ...) passed through. :func:`resolve_taps` turns them into a
+tap (``dense_embed``, ``rn/layer4``, ...) passed through; ``vit/tokens`` is dropped for ResNets (the method
+refuses them itself). :func:`resolve_taps` turns them into a
 backbone's concrete taps; :func:`derive` computes a derived tap from the base tap it names.
 """
 
@@ -13,6 +14,9 @@ import torch.nn.functional as F
 
 POOL7 = "pool7"
 """Derived tap suffix: a RN map average-pooled to layer4's grid (kernel = stride = its downsampling)."""
+TOKENS = "vit/tokens"
+"""A ViT's tokens entering ``ln_pre`` (patch embedding + class token + positional embedding, CLS first): the
+deepest tensor deep visual prompts leave unchanged (CAPT ``visual_depth``, METHODS §2.9.2)."""
 MEAN = "mean"
 """Derived tap suffix: a ViT block's mean over all tokens, CLS included (as LDC's PatchMean)."""
 
@@ -62,6 +66,8 @@ def resolve_taps(
             )
         elif tap == "dense":
             out.append(dense_tap)
+        elif tap == TOKENS and kind == "rn":
+            continue
         else:
             out.append(tap)
     return tuple(dict.fromkeys(out))

@@ -61,6 +61,8 @@ class ExtractOptions:
     """Everything ``fsl-cache extract`` accepts besides the dataset and backbone."""
 
     for_methods: tuple[str, ...] = DEFAULT_FOR
+    method_options: dict = field(default_factory=dict)
+    """The ``-o`` options of the fit the store is completed for (some add a tap: capt visual_depth)."""
     views: int | dict[str, int] | None = None
     """Override the view count of every augmented view group (an int) or of some policies
     (``{"ldc": 5}``); default: what the methods need. Recorded in the store key when given."""
@@ -356,7 +358,7 @@ def prepare_extraction(
     dataset: str, *, root, model: str, pretrained: str, cache_dir, options: ExtractOptions
 ) -> PreparedExtraction:
     spec = load_dataset(dataset, root=root)
-    needs = [get_method(m).needs(spec.name) for m in options.for_methods]
+    needs = [get_method(m).needs(spec.name, options.method_options) for m in options.for_methods]
     compute = "fp16" if (options.precision == "fp16" and options.device.startswith("cuda")) else "fp32"
     backbone = load_backbone(model, pretrained, device=options.device, precision=compute)
     parts = {

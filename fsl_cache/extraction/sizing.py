@@ -120,7 +120,7 @@ def _size(spec: DatasetSpec, source: str, *, backbone, tap_shapes, options: Extr
     pools, whole = pools_and_metadata(spec, options, {})
     plan = plan_extraction(
         pools=pools,
-        needs=[get_method(m).needs(spec.name) for m in options.for_methods],
+        needs=[get_method(m).needs(spec.name, options.method_options) for m in options.for_methods],
         kind=backbone.kind,
         dense_tap=backbone.dense_tap,
         vit_blocks=options.vit_blocks,

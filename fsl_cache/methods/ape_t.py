@@ -157,7 +157,7 @@ class ApeT(Method):
     quick = {"epochs": 2, "search_steps": (10, 5)}
 
     @classmethod
-    def needs(cls, dataset: str = "") -> Needs:
+    def needs(cls, dataset: str = "", options: dict | None = None) -> Needs:
         epochs = ape_defaults(dataset).epochs
         return Needs(train_views=(ViewNeed("tip", 1 + max(APE_VIEWS, epochs), ("pooled",)),))
 

@@ -109,8 +109,9 @@ class Method:
         self.config = config if config is not None else self.Config()
 
     @classmethod
-    def needs(cls, dataset: str = "") -> Needs:
-        """Cached tensors this method reads on ``dataset`` (override when view counts follow the dataset)."""
+    def needs(cls, dataset: str = "", options: dict | None = None) -> Needs:
+        """Cached tensors this method reads on ``dataset`` with the ``-o`` ``options`` (override when view counts
+        follow the dataset or an option adds a tap)."""
         return cls.needed
 
     @classmethod

@@ -4,7 +4,8 @@
 student's text side (context + deep text prompts, DPC decoupling), batches widened by confusion-mined
 negatives (the teacher's top-8 classes, one bank image each), LLM-sentence centroids mixed into the
 text features by a fresh random linear layer, symmetric image–text InfoNCE. The image features are
-the store's cached embeddings (``visual_depth=0``); the text encoder runs every step.
+the store's cached embeddings (``visual_depth=0``) or, with deep visual prompts, the frozen ViT run from
+the cached ``vit/tokens`` (:mod:`.capt_visual`); the text encoder runs every step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from ..backbones.taps import TOKENS
 from ..errors import UsageError
 from ..splits.protocol import pool_for, split_ref, subset_classes, whole_pool
 from ..store.reads import read_rows
@@ -29,6 +31,7 @@ from .base import FitResult, Method, warn_view_reuse
 from .capt_c import IndexedViews
 from .capt_modules import COMMONALITY_TEMPLATE, spherical_kmeans
 from .capt_prompts import CaptPromptHead, capt_infonce, mine_negatives, mix_centroids, widen_batch
+from .capt_visual import EncodedBank
 from .needs import Needs, ViewNeed
 from .options import ConfigError, TrainOptions, check_range
 from .registry import register_method
@@ -62,7 +65,10 @@ class CaptConfig(TrainOptions):
     text_depth: int = 9
     """[CODE] PROMPT_DEPTH_TEXT 9: the context plus deep prompts in blocks 1..8 (capped at the encoder's depth)."""
     visual_depth: int = 0
-    """Deep visual prompts in the first N ViT blocks; 0 = image features straight from the pooled cache."""
+    """Deep visual prompts (4 tokens, N(0, 0.02)) in the first N ViT blocks, run from the cached pre-ln_pre
+    tokens ([CODE] PROMPT_DEPTH_VISION 9); 0 = image features straight from the pooled cache."""
+    visual_prompts: int = 4
+    """[CODE] N_CTX_VISION 4 visual prompt tokens per block."""
     dpc: bool = True
     """[CODE] STACK.MODE loop+converse: the encoder reads (ctx − (1 − w)·ctx_init) / w."""
     dpc_weight: float = 0.2
@@ -91,23 +97,30 @@ class CaptConfig(TrainOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("n_ctx", "text_depth", "topk", "centroids"):
+        for name in ("n_ctx", "text_depth", "topk", "centroids", "visual_prompts"):
             check_range(name, getattr(self, name), low=1)
         for name in ("fill", "centroid_scale", "visual_depth"):
             check_range(name, getattr(self, name), low=0)
         check_range("dpc_weight", self.dpc_weight, low=0, high=1, strict_low=True)
-        if self.visual_depth > 0:
-            raise ConfigError(
-                "capt visual_depth > 0 (deep visual prompts run from cached pre-ln_pre tokens) is not "
-                "implemented yet; use visual_depth=0 (text prompts on the pooled cache)"
-            )
         if self.teacher is not None and "/" not in self.teacher:
             raise ConfigError(
                 f"option teacher takes ARCH/PRETRAINED (e.g. ViT-L-14/openai), got {self.teacher!r}"
             )
 
 
-MODE = "visual_depth=0: text prompts only; image features are the store's cached pooled embeddings"
+def mode_of(visual_depth: int) -> str:
+    """The run record's ``mode``: which image side ran."""
+    if visual_depth == 0:
+        return "visual_depth=0: text prompts only; image features are the store's cached pooled embeddings"
+    return (
+        f"visual_depth={visual_depth}: deep visual prompts in the first {visual_depth} ViT blocks, run from "
+        "the store's cached pre-ln_pre tokens (center view)"
+    )
+
+
+def visual_needs(options: dict | None) -> bool:
+    """Whether ``-o`` options ask for deep visual prompts (the store then needs ``vit/tokens``)."""
+    return int((options or {}).get("visual_depth", 0) or 0) > 0
 
 
 @register_method
@@ -123,15 +136,20 @@ class Capt(Method):
         "against the ViT-L/14 teacher's text encoder with PromptSRC prompts; here the store's own backbone "
         "gives both sides (its text encoder with the learned prompts, its cached image embedding), so no "
         "projection is trained.",
-        "[PROPOSED] visual_depth=0 only: no visual prompts, the image features are the cached pooled embeddings "
-        "(the official code tunes 4 visual prompts in 9 blocks); visual_depth > 0 is not implemented yet.",
+        "[PROPOSED] visual_depth defaults to 0: no visual prompts, the image features are the cached pooled "
+        "embeddings (the official code tunes 4 visual prompts in 9 blocks: -o visual_depth=9). With "
+        "visual_depth > 0 the prompts run from the cached pre-ln_pre tokens of the center view: every epoch "
+        "trains on the same center view (no random crop), and the prompts sit after the class token (the "
+        "code appends them at the end; the same features, as attention ignores token order after the "
+        "positional embedding). ResNet stores refuse visual_depth > 0.",
         "[PROPOSED] without -o init=RUN the context starts at ctx_init ('a photo of a') and the deep text prompts "
         "at N(0, 0.02); the official setting starts from PromptKD/PromptSRC prompts (SPLE_INIT), which -o "
         "init=RUN of a promptkd run reproduces on the cache; DPC's pre_ctx is that start.",
         "[PROPOSED] the teacher's ranking is the store's zero-shot logits of the batch's cached view (or of the "
         "teacher store's center view with -o teacher); the official teacher is the PromptSRC-tuned ViT-L/14 run "
         "on the augmented image, its text features also mixed with random centroids.",
-        "[PROPOSED] the bank is the train split's center-view cached embeddings (the whole train split when the "
+        "[PROPOSED] the bank is the train split's center-view cached embeddings, or with visual_depth > 0 its "
+        "cached pre-ln_pre tokens run through the prompted ViT when picked (the whole train split when the "
         "store has --full-train arrays, else the few-shot train split, recorded); the official bank reads all "
         "train images of the class from disk with the test transform.",
         "[PROPOSED] each epoch trains on one cached coop view per image (view sampler, METHODS §1.6) instead of "
@@ -145,7 +163,8 @@ class Capt(Method):
         "stay InfoNCE negatives, the centroid mix is not re-normalised.",
         "[PROPOSED] fp32 training (the official PREC fp16); the epoch is selected on the few-shot val.",
         "[PROPOSED] base2novel: novel classes use the frozen zero-shot text (templates option) on the cached "
-        "embedding, the code's frozen teacher-format path without the teacher.",
+        "embedding, the code's frozen teacher-format path without the teacher; the visual prompts are not used "
+        "for novel classes.",
     )
     paper_protocol = "Same as coop: CAPT's own setting is --protocol base2novel."
     min_views = {"coop": 2}
@@ -154,6 +173,13 @@ class Capt(Method):
 
     quick = {"epochs": 1, "batch_size": 8}
     needed = Needs(train_views=(ViewNeed("coop", 21, ("pooled",)),))
+
+    @classmethod
+    def needs(cls, dataset: str = "", options: dict | None = None) -> Needs:
+        """With visual_depth > 0 also the pre-ln_pre tokens of the center view of every pool (bank, val, test)."""
+        if not visual_needs(options):
+            return cls.needed
+        return Needs(eval_taps=("pooled", TOKENS), train_views=cls.needed.train_views)
 
     @classmethod
     def rebuild_head(cls, bundle, state, backbone) -> CaptPromptHead:
@@ -168,10 +194,12 @@ class Capt(Method):
             dpc_weight=float(cfg["dpc_weight"]) if cfg["dpc"] else None,
             scale=float(state["scale"]),
             truncate=bool(cfg["truncate"]),
+            visual_depth=int(cfg.get("visual_depth", 0)),
+            visual_prompts=int(cfg.get("visual_prompts", 4)),
         )
 
     def train_settings(self, task: FitTask) -> TrainSettings:
-        return self.config.train_settings(policy="coop")
+        return self.config.train_settings(policy="center" if self.config.visual_depth else "coop")
 
     def build_head(self, task: FitTask, *, generator: torch.Generator) -> CaptPromptHead:
         cfg, backbone = self.config, task.backbone()
@@ -186,6 +214,8 @@ class Capt(Method):
                 dpc_weight=cfg.dpc_weight if cfg.dpc else None,
                 scale=task.info.zs_scale,
                 truncate=cfg.truncate,
+                visual_depth=cfg.visual_depth,
+                visual_prompts=cfg.visual_prompts,
             )
         if cfg.init is not None:
             ctx, deep = prompts_of_run(cfg.init)
@@ -196,9 +226,14 @@ class Capt(Method):
 
     def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
         cfg, settings = self.config, self.train_settings(task)
-        source = task.views(task.train, policy="coop", taps=("pooled",))
-        warn_view_reuse(task, policy="coop", views=source.num_views, epochs=settings.epochs)
+        if cfg.visual_depth and task.store.manifest["backbone"].get("kind") != "vit":
+            raise UsageError(
+                f"capt visual_depth={cfg.visual_depth} prompts ViT blocks; store {task.store.root.name} is of "
+                f"{task.store.manifest['backbone'].get('arch')}: use visual_depth=0 (text prompts only)"
+            )
         head = self.build_head(task, generator=generator)
+        source = task.views(task.train, policy=settings.policy, taps=head.inputs)
+        warn_view_reuse(task, policy=settings.policy, views=source.num_views, epochs=settings.epochs)
         self.head = head
         self.noise = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
         self.bank, self.bank_labels, bank_note = self._bank(task)
@@ -218,7 +253,7 @@ class Capt(Method):
         selection = {
             "epoch": result.best_epoch,
             "val_acc": result.best_score,
-            "mode": MODE,
+            "mode": mode_of(head.visual_depth),
             "teacher": teacher_note,
             "bank": bank_note,
             "sentences": sentences_note,
@@ -243,8 +278,18 @@ class Capt(Method):
                 f"few-shot train split ({len(ref)} images): the store has no train_full arrays "
                 "(extract with --full-train for the code's whole-train bank)"
             )
-        bank = F.normalize(task.center(ref), dim=-1).to(task.device)
-        return bank, ref.labels.to(task.device), note
+        labels = ref.labels.to(task.device)
+        if not self.head.visual_depth:
+            return F.normalize(task.center(ref), dim=-1).to(task.device), labels, note
+        head = self.head
+        tokens = task.center(ref, TOKENS).to(torch.float16)  # as stored: half the memory of float32
+        bank = EncodedBank(
+            tokens,
+            lambda t: head.image_encoder(t, head.visual_prompts),
+            dim=int(head.image_encoder.proj.shape[1]),
+            device=torch.device(task.device),
+        )
+        return bank, labels, note
 
     def _teacher(self, task: FitTask) -> tuple[torch.Tensor | None, str]:
         """``[N_train, C]`` teacher logits of a teacher store, or ``None``: the batch's own zero-shot logits."""
@@ -296,9 +341,9 @@ class Capt(Method):
     ) -> torch.Tensor:
         """Symmetric InfoNCE between the widened batch's image features and their labels' (mixed) text features."""
         cfg, head = self.config, self.head
-        f = F.normalize(inputs["pooled"], dim=-1)  # [B, D]
-        if self.teacher is None:
-            teacher = head.scale * f @ self.zs_text.to(f).T  # [B, C] the cached view's zero-shot logits
+        f = head.aux["image"]  # [B, D], normalised
+        if self.teacher is None:  # the cached view's zero-shot logits [B, C]
+            teacher = head.scale * F.normalize(inputs["pooled"], dim=-1) @ self.zs_text.to(f).T
         else:
             teacher = self.teacher[inputs["image_id"].cpu()]
         negatives = mine_negatives(
@@ -314,7 +359,7 @@ class Capt(Method):
     # ------------------------------------------------------------------ base-to-novel
 
     def novel_head(self, fitted: FitResult, task: FitTask) -> ZeroShotHead:
-        """Novel classes: the frozen zero-shot text on the cached embedding (visual_depth=0)."""
+        """Novel classes: the frozen zero-shot text on the cached pooled embedding (whatever visual_depth)."""
         return ZeroShotHead(task.text(self.config.templates), scale=task.info.zs_scale)
 
 

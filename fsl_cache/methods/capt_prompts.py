@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.backbone import POOLED
+from ..backbones.taps import TOKENS
 from ..errors import UsageError
+from .capt_visual import PromptedImageEncoder
 from .coop import CoOpHead, TextEncoder, assemble
 
 # ---------------------------------------------------------------------------- text side
@@ -91,6 +94,8 @@ class CaptPromptHead(CoOpHead):
         dpc_weight: float | None = 0.2,
         scale: float = 100.0,
         truncate: bool = True,
+        visual_depth: int = 0,
+        visual_prompts: int = 4,
     ) -> None:
         super().__init__(
             model,
@@ -112,6 +117,13 @@ class CaptPromptHead(CoOpHead):
         self.dpc_weight = dpc_weight
         if dpc_weight is not None:
             self.register_buffer("pre_ctx", ctx.detach().clone())  # [n_ctx, W]
+        if visual_depth > 0:
+            self.image_encoder = PromptedImageEncoder(model.visual)
+            depth = min(visual_depth, self.image_encoder.depth)
+            # [CODE] IVLP: visual prompts ~ N(0, 0.02), one set per block 0..depth-1
+            shape = (depth, visual_prompts, self.image_encoder.width)
+            self.visual_prompts = nn.Parameter(torch.empty(shape).normal_(std=0.02))
+            self.inputs = (POOLED, TOKENS)  # pooled: the default teacher's zero-shot ranking
         self.aux: dict[str, torch.Tensor] = {}
 
     def start_from(self, ctx: torch.Tensor, deep: torch.Tensor | None) -> None:
@@ -134,6 +146,27 @@ class CaptPromptHead(CoOpHead):
                 n = min(len(deep), len(self.deep))
                 self.deep[:n].copy_(deep[:n])
         self._cache = None
+
+    @property
+    def visual_depth(self) -> int:
+        """Blocks whose input holds learned visual prompts (0: the cached pooled embedding is the image feature)."""
+        return len(self.visual_prompts) if hasattr(self, "visual_prompts") else 0
+
+    def train(self, mode: bool = True) -> CaptPromptHead:
+        super().train(mode)
+        if self.visual_depth:
+            self.image_encoder.eval()  # frozen backbone: only the prompts train
+        return self
+
+    def image_features(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised image features ``[B, D]``: the prompted ViT on cached tokens, or the cached embedding."""
+        if not self.visual_depth:
+            return F.normalize(x[POOLED], dim=-1)
+        return F.normalize(self.image_encoder(x[TOKENS], self.visual_prompts).float(), dim=-1)
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """The prompts and buffers; the frozen encoders come back from the store's backbone."""
+        return {k: v for k, v in super().saved_state().items() if not k.startswith("image_encoder.")}
 
     @property
     def text_depth(self) -> int:
@@ -166,9 +199,9 @@ class CaptPromptHead(CoOpHead):
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         training = self.training and torch.is_grad_enabled()
         text = self.text_features() if training else self._eval_text()
+        f = self.image_features(x)  # [B, D]
         if training:
-            self.aux = {"text": text}  # the loss widens the batch against these class features
-        f = F.normalize(x["pooled"], dim=-1)  # [B, D]
+            self.aux = {"text": text, "image": f}  # the loss widens the batch against these class features
         return self.scale * f @ F.normalize(text, dim=-1).T  # [B, C]
 
 

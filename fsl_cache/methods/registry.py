@@ -36,8 +36,8 @@ class MethodInfo:
     paper_protocol: str
     trains: bool
 
-    def needs(self, dataset: str = "") -> Needs:
-        return self.cls.needs(dataset)
+    def needs(self, dataset: str = "", options: dict | None = None) -> Needs:
+        return self.cls.needs(dataset, options)
 
     def options(self) -> list[OptionInfo]:
         return self.config.options()

@@ -194,7 +194,7 @@ class SafeA(Method):
     builds_on = Safe.name
 
     @classmethod
-    def needs(cls, dataset: str = "") -> Needs:
+    def needs(cls, dataset: str = "", options: dict | None = None) -> Needs:
         tip = tip_views(dataset)
         return Needs(
             eval_taps=Safe.needed.eval_taps,

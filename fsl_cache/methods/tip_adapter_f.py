@@ -76,7 +76,7 @@ class TipAdapterF(Method):
     quick = {"epochs": 2}
 
     @classmethod
-    def needs(cls, dataset: str = "") -> Needs:
+    def needs(cls, dataset: str = "", options: dict | None = None) -> Needs:
         return Needs(train_views=(tip_views(dataset),))
 
     @classmethod

@@ -63,6 +63,7 @@ def fit_runs(request: FitRequest, *, on_run: Callable[[RunResult], None] | None 
             get_method(request.method),
             dataset=fs.manifest["dataset"]["name"],
             cache_dir=request.cache_dir,
+            options=request.options,
         )
         check_draws(fs, request.method, shots=request.shots, seeds=request.seeds, cache_dir=request.cache_dir)
         check_writable_folder(request.runs, what="the runs folder (--runs-dir)")

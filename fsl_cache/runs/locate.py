@@ -168,16 +168,26 @@ def format_views(views: int | dict[str, int]) -> str:
     return str(views)
 
 
-def missing_arrays(store, method_info, *, dataset: str, eval_only: bool = False) -> list[str]:
+def missing_arrays(
+    store, method_info, *, dataset: str, eval_only: bool = False, options: dict | None = None
+) -> list[str]:
     """The arrays ``method_info`` reads that ``store`` lacks (``eval_only``: the center views it is scored on)."""
-    return _needs_report(store, method_info, dataset=dataset, eval_only=eval_only)[0]
+    return _needs_report(store, method_info, dataset=dataset, eval_only=eval_only, options=options)[0]
 
 
 def check_needs(
-    store, method_info, *, dataset: str, cache_dir: Path | None, eval_only: bool = False
+    store,
+    method_info,
+    *,
+    dataset: str,
+    cache_dir: Path | None,
+    eval_only: bool = False,
+    options: dict | None = None,
 ) -> list[str]:
     """Refuse a store that lacks an array the method reads; return caveats (fewer views than wanted)."""
-    missing, caveats = _needs_report(store, method_info, dataset=dataset, eval_only=eval_only)
+    missing, caveats = _needs_report(
+        store, method_info, dataset=dataset, eval_only=eval_only, options=options
+    )
     if missing:
         raise lacks_error(store, method_info.name, missing, cache_dir=cache_dir)
     return caveats
@@ -215,9 +225,11 @@ def _ints(values) -> str:
     return ",".join(map(str, values or ())) or "none"
 
 
-def _needs_report(store, method_info, *, dataset: str, eval_only: bool) -> tuple[list[str], list[str]]:
+def _needs_report(
+    store, method_info, *, dataset: str, eval_only: bool, options: dict | None = None
+) -> tuple[list[str], list[str]]:
     manifest = store.manifest
-    needs = method_info.needs(dataset)
+    needs = method_info.needs(dataset, options)
     bb = manifest["backbone"]
 
     def taps(generic):
