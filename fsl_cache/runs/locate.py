@@ -15,6 +15,7 @@ from ..errors import NoStoreError, StoreError, UsageError, did_you_mean
 from ..store.catalog import StoreEntry, find_store
 from ..store.fingerprint import slug
 from ..store.store import MANIFEST
+from ..store.text import per_template_name, weights_name
 
 
 def canonical_dataset(spec: str) -> str:
@@ -121,6 +122,7 @@ def extract_settings(manifest: dict) -> dict:
         "vit_blocks": _tapped_blocks(manifest.get("arrays", {})) or DEFAULT_VIT_BLOCKS,
         "aug_seed": int(manifest.get("aug_seed", 0)),
         "views": manifest.get("fingerprint_parts", {}).get("views"),
+        "descriptions": manifest.get("descriptions", {}).get("file"),
     }
 
 
@@ -149,6 +151,8 @@ def extract_command(manifest: dict, method: str, *, cache_dir: Path | None) -> s
     words += ["--full-train"] * s["full_train"] + ["--full-val"] * s["full_val"]
     if s["views"] is not None:
         words += ["--views", format_views(s["views"])]
+    if s["descriptions"] is not None:
+        words += ["--descriptions", shlex.quote(s["descriptions"])]
     if s["vit_blocks"] != DEFAULT_VIT_BLOCKS:
         words += ["--vit-blocks", ",".join(map(str, s["vit_blocks"]))]
     if cache_dir is not None:
@@ -206,6 +210,12 @@ def _needs_report(store, method_info, *, dataset: str, eval_only: bool) -> tuple
         for p in pools
         for t in taps(needs.eval_taps)
         if not store.has(f"images/{p}/views/center/{t}")
+    ]
+    # a set the dataset does not have is the method's own error to give (task.text names the sets there are)
+    missing += [
+        per_template_name(t)
+        for t in needs.text_raw
+        if store.has(weights_name(t)) and not store.has(per_template_name(t))
     ]
     caveats = []
     for view in () if eval_only else needs.train_views:
