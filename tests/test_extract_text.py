@@ -93,6 +93,12 @@ def test_descriptions_pool_with_the_templates_as_apes_code_and_make_another_stor
     assert plain.fingerprint != described.fingerprint
     record = json.loads((described.store / "manifest.json").read_text())["descriptions"]
     assert record["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest() and record["sentences"] == 6
+    # fit extends the described store with its own file (same key), not a plain one
+    added = complete_store(
+        cache, dataset=f"imagefolder:{data}", model="fsl-tiny-rn", pretrained="none",
+        store=described.fingerprint[:16], methods=["zs_lp"], extension=Extension(progress=False),
+    )  # fmt: skip
+    assert added.store == described.store and "text_raw/coop" in added.new_arrays
 
     # [CODE] APE extract_text_feature: templates + sentences, each normalised, averaged together, normalised
     backbone = load_backbone("fsl-tiny-rn", "none")
