@@ -50,10 +50,12 @@ def extract(
     full_val: bool = False,
     vit_blocks: Sequence[int] = DEFAULT_VIT_BLOCKS,
     skip_bad: bool = False,
+    descriptions: str | Path | None = None,
     on_plan: Callable[[PreparedExtraction], None] | None = None,
     progress: bool = True,
 ) -> ExtractResult:
-    """Run the frozen backbone once over ``dataset`` and store what ``for_methods`` need."""
+    """Run the frozen backbone once over ``dataset`` and store what ``for_methods`` need (and, given a CuPL-format
+    ``descriptions`` file, its per-class sentence embeddings, for APE)."""
     from .extraction import ExtractOptions
     from .extraction import extract as _extract
     from .methods.needs import DEFAULT_FOR
@@ -73,6 +75,7 @@ def extract(
         full_val=full_val,
         vit_blocks=tuple(vit_blocks),
         skip_bad=skip_bad,
+        descriptions=descriptions,
     )
     return _extract(
         dataset,

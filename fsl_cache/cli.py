@@ -231,6 +231,12 @@ def main(ctx: click.Context, debug: bool) -> None:
     help="ViT blocks of the multi-level taps.",
 )
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images and record them in the manifest.")
+@click.option(
+    "--descriptions",
+    type=click.Path(path_type=Path),
+    default=None,
+    help='Class descriptions in CuPL JSON ({"class": ["sentence", ...]}) for APE; part of the store key.',
+)
 @CACHE_DIR_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def extract(
@@ -252,6 +258,7 @@ def extract(
     full_val,
     vit_blocks,
     skip_bad,
+    descriptions,
     cache_dir,
     as_json,
 ) -> None:
@@ -279,6 +286,7 @@ def extract(
         full_val=full_val,
         vit_blocks=vit_blocks,
         skip_bad=skip_bad,
+        descriptions=descriptions,
         on_plan=show_extract_plan,
     )
     show_extract_result(result)

@@ -58,7 +58,7 @@ class SyntheticSpec:
     full_train: bool = False
     full_val: bool = False
     templates: tuple[str, ...] = ("tip", "coop")
-    """Template sets written as text/<set> (all share the same synthetic class weights)."""
+    """Template sets written as text/<set> (all share the same synthetic class weights) and text_raw/<set>."""
     extra_taps: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     """Further per-view taps (e.g. ``{"rn/layer4": (8, 2, 2)}``) filled with noise, for methods that need them."""
     preproj: bool = False
@@ -112,6 +112,7 @@ def _generate(s: SyntheticSpec, rng: np.random.Generator) -> tuple[dict[str, np.
         "test": ("test", np.arange(len(splits["test"]))),
     }
     out: dict[str, np.ndarray] = {f"text/{t}": text for t in s.templates}
+    out |= {f"text_raw/{t}": text[:, None, :] for t in s.templates}  # one unit-norm template: t itself
     proj = _projection(s) if s.preproj else None
     if proj is not None:
         out |= {"proj/weight": proj[0], "proj/bias": proj[1]}

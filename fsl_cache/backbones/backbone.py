@@ -309,12 +309,16 @@ class Backbone:
         Per class: fill every template (``"a photo of a {}."`` or a callable), encode, L2-normalise
         each embedding, average, L2-normalise again. Class names are used as given.
         """
+        return class_weights(self.template_embeddings(classnames, templates, batch_size=batch_size))
+
+    def template_embeddings(
+        self, classnames: Sequence[str], templates: Sequence[str | Callable], *, batch_size: int = 512
+    ) -> torch.Tensor:
+        """Raw text embeddings ``[C, T, D]`` of every template filled with every class, un-normalised, fp32 on CPU."""
         if not classnames or not templates:
             raise UsageError("text_classifier needs at least one class name and one template")
         texts = [_fill(t, c) for c in classnames for t in templates]
-        emb = self._encode_texts(texts, batch_size)  # [C*T, D]
-        emb = F.normalize(emb, dim=-1).view(len(classnames), len(templates), -1).mean(dim=1)
-        return F.normalize(emb, dim=-1)  # [C, D]
+        return self._encode_texts(texts, batch_size).view(len(classnames), len(templates), -1)
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 512) -> torch.Tensor:
         """Text embeddings ``[T, D]`` of whole sentences, un-normalised, fp32 on CPU."""
@@ -328,6 +332,12 @@ class Backbone:
                 # Normalising in fp32 even for fp16 models; the originals do it in fp16.
                 chunks.append(self.model.encode_text(tokens, normalize=False).float().cpu())
         return torch.cat(chunks)
+
+
+def class_weights(per_template: torch.Tensor) -> torch.Tensor:
+    """Zero-shot class weights ``[C, D]`` from raw per-template embeddings ``[C, T, D]`` (METHODS §1.3):
+    L2-normalise each, average over templates, L2-normalise again."""
+    return F.normalize(F.normalize(per_template.float(), dim=-1).mean(dim=1), dim=-1)
 
 
 def _fill(template: str | Callable, classname: str) -> str:

@@ -25,6 +25,7 @@ from ..backbones.taps import derived_shape, derived_tap
 from ..backbones.views import POLICIES, ViewRenderer
 from ..console import progress_bar
 from ..datasets import DatasetSpec, load_dataset
+from ..datasets.descriptions import Descriptions, load_descriptions
 from ..defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_SEEDS, DEFAULT_SHOTS, DEFAULT_VIT_BLOCKS
 from ..errors import DiskFullError, FslError, StoreError, UsageError, check_writable_folder
 from ..methods.needs import DEFAULT_FOR
@@ -54,6 +55,7 @@ from .plan import (
 )
 from .ranks import SINGLE_PROCESS, Ranks, rank_device, ranks_from_env
 from .runner import RunStats, run_job
+from .text import encode_text, text_arrays
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class ExtractOptions:
     vit_blocks: tuple[int, ...] = DEFAULT_VIT_BLOCKS
     skip_bad: bool = False
     aug_seed: int = 0
+    descriptions: str | Path | None = None
+    """A class-description file in CuPL's JSON format (APE); its SHA-256 is part of the store key."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -183,6 +187,7 @@ class PreparedExtraction:
     plan: ExtractionPlan
     planned_on: str | None = None
     """SHA-256 of the manifest the plan was made against (``None``: there was none)."""
+    descriptions: Descriptions | None = None
 
     def run(self, *, progress: bool = True, ranks: Ranks = SINGLE_PROCESS) -> ExtractResult:
         writer, error = None, None
@@ -327,19 +332,14 @@ class PreparedExtraction:
 
     def _text_weights(self, writer: StoreWriter | None) -> dict[str, torch.Tensor]:
         """Class text weights per template set: read back if stored, else encoded (and written by ``writer``)."""
-        weights = {}
-        to_encode = {s.name: s for s in self.plan.text}
-        for name, templates in self.spec.templates.items():
-            spec = to_encode.get(f"text/{name}")
-            if spec is None:
-                weights[name] = torch.from_numpy(FeatureStore.open(self.store_dir).read(f"text/{name}"))
-                continue
-            with torch.no_grad():
-                w = self.backbone.text_classifier(list(self.spec.classnames), list(templates)).float().cpu()
-            if writer is not None:
-                writer.write_whole(spec, w.numpy())
-            weights[name] = w
-        return weights
+        return encode_text(
+            self.backbone,
+            self.spec,
+            self.plan.text,
+            descriptions=self.descriptions,
+            read=lambda name: FeatureStore.open(self.store_dir).read(name),
+            write=writer.write_whole if writer is not None else None,
+        )
 
     def summary_rows(self) -> list[tuple[str, str, str, int]]:
         """(pool/policy, views, arrays, bytes on disk) per job, for the pre-flight table."""
@@ -359,6 +359,9 @@ def prepare_extraction(
 ) -> PreparedExtraction:
     spec = load_dataset(dataset, root=root)
     needs = [get_method(m).needs(spec.name, options.method_options) for m in options.for_methods]
+    descriptions = (
+        load_descriptions(options.descriptions, spec.classnames) if options.descriptions is not None else None
+    )
     compute = "fp16" if (options.precision == "fp16" and options.device.startswith("cuda")) else "fp32"
     backbone = load_backbone(model, pretrained, device=options.device, precision=compute)
     parts = {
@@ -374,6 +377,8 @@ def prepare_extraction(
         parts["views"] = options.views
     if options.dense_precision != "same":  # absent by default: stores extracted before it keep their keys
         parts["dense_precision"] = options.dense_precision
+    if descriptions is not None:  # other sentences make other class weights: another store
+        parts["descriptions"] = descriptions.sha256
     key = fingerprint(parts)
     weights = Path(pretrained).stem if os.sep in pretrained or "." in pretrained else pretrained
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -388,6 +393,8 @@ def prepare_extraction(
     manifest = _load_or_new_manifest(
         store_dir, key=key, parts=parts, spec=spec, backbone=backbone, options=options
     )
+    if descriptions is not None:
+        manifest["descriptions"] = descriptions.record()
     existing = {n: ArraySpec.from_json(n, a) for n, a in manifest.get("arrays", {}).items()}
     pools, whole = pools_and_metadata(spec, options, existing)
     manifest["pools"] = {
@@ -415,11 +422,12 @@ def prepare_extraction(
     for job in plan.jobs:
         if job.custom_policy is not None:
             manifest["policies"].setdefault(job.policy, job.custom_policy.__dict__)
-    shape = (spec.num_classes, backbone.embed_dim)
-    plan.text = [
-        ArraySpec(f"text/{t}", shape, "float32", shape) for t in spec.templates if f"text/{t}" not in existing
-    ]
-    return PreparedExtraction(spec, backbone, options, store_dir, key, manifest, plan, planned_on)
+    plan.text = text_arrays(
+        spec, needs, embed_dim=backbone.embed_dim, descriptions=descriptions, existing=existing
+    )
+    return PreparedExtraction(
+        spec, backbone, options, store_dir, key, manifest, plan, planned_on, descriptions
+    )
 
 
 def _projection_arrays(backbone, plan: ExtractionPlan, existing: dict) -> list:

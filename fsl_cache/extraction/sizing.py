@@ -19,9 +19,9 @@ from ..datasets.base import builtin_loaders
 from ..datasets.coop import LAYOUTS, split_file_spec
 from ..errors import FslError
 from ..methods.registry import get_method
-from ..store.backend import ArraySpec
 from .pipeline import PRECISIONS, ExtractOptions, TapShapes, pools_and_metadata
 from .plan import expected_bytes, plan_extraction, string_bytes
+from .text import text_arrays
 
 ALL = "all"
 COOP_DATASETS = tuple(name for name in LAYOUTS if not name.startswith("imagenet_"))
@@ -118,9 +118,10 @@ def _counted_spec(name: str, *, root, splits_dir) -> tuple[DatasetSpec, str]:
 
 def _size(spec: DatasetSpec, source: str, *, backbone, tap_shapes, options: ExtractOptions) -> StoreSize:
     pools, whole = pools_and_metadata(spec, options, {})
+    needs = [get_method(m).needs(spec.name, options.method_options) for m in options.for_methods]
     plan = plan_extraction(
         pools=pools,
-        needs=[get_method(m).needs(spec.name, options.method_options) for m in options.for_methods],
+        needs=needs,
         kind=backbone.kind,
         dense_tap=backbone.dense_tap,
         vit_blocks=options.vit_blocks,
@@ -133,8 +134,7 @@ def _size(spec: DatasetSpec, source: str, *, backbone, tap_shapes, options: Extr
         existing={},
         existing_views={},
     )
-    shape = (spec.num_classes, backbone.embed_dim)
-    text = [ArraySpec(f"text/{t}", shape, "float32", shape) for t in spec.templates]
+    text = text_arrays(spec, needs, embed_dim=backbone.embed_dim, descriptions=None)
     strings = sum(len(data) * string_bytes(data) for _, data in whole)  # paths: not in ArraySpec.nbytes
     arrays = [s for s, _ in whole] + text + [a for job in plan.jobs for a in job.arrays]
     return StoreSize(

@@ -187,7 +187,7 @@ class ApeConfig(MethodConfig):
     views: int = APE_VIEWS
     """Cached tip views (1..N) averaged into each key ([CODE] augment_epoch 10)."""
     templates: str = "tip"
-    """Template set of the text weights (the code adds CuPL prompts: not in the store, see deviations)."""
+    """Template set of the text weights (pooled with the store's --descriptions sentences when it has them)."""
 
     def __post_init__(self) -> None:
         check_range("views", self.views, low=1)
@@ -208,9 +208,13 @@ class ApeConfig(MethodConfig):
         return dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
 
 
-APE_DEVIATIONS = (
-    "[PROPOSED] text weights are the store's Tip-template weights only; the code averages the templates with "
-    "CuPL GPT-3 descriptions (text_weights_cupl_t.pt); stage one has no --descriptions file yet.",
+APE_TEXT = (
+    "[CODE] text weights pool the Tip templates with the CuPL sentences of the store's --descriptions file "
+    "(extract_features.py::extract_text_feature); a store extracted without one gives the Tip-template "
+    "weights alone (record: text_source).",
+)
+
+APE_DEVIATIONS = APE_TEXT + (
     "[PROPOSED] coop protocol: the search runs on the few-shot val (min(k,4) per class); the code searches the "
     "full val split, and on ImageNet the test set (kept under --protocol paper).",
     "[PROPOSED] Q for widths other than 1024 is the config's value scaled by D/1024 (the configs are for RN50).",
@@ -219,6 +223,32 @@ APE_DEVIATIONS = (
     "[CODE] the criterion's cross-class mean is computed in closed form (Σ_x Σ_y − Σ_c within-class), equal to "
     "the code's loops; unequal per-class shot counts are allowed.",
 )
+
+
+def described_weights(
+    per_template: torch.Tensor, description_mean: torch.Tensor, description_count: torch.Tensor
+) -> torch.Tensor:
+    """[CODE] extract_text_feature: per class, the templates' and the description sentences' normalised
+    embeddings averaged together (``T + n_c`` of them, so longer lists weigh more), normalised."""
+    count = description_count.double().unsqueeze(1)
+    total = F.normalize(per_template.double(), dim=-1).sum(1) + count * description_mean.double()
+    return F.normalize(total / (per_template.shape[1] + count), dim=-1).float()
+
+
+def ape_text(task: FitTask, template_set: str) -> torch.Tensor:
+    """APE's class text weights ``[C, D]``: with the store's descriptions when it has them."""
+    described = task.descriptions()
+    if described is None:
+        return task.text(template_set)
+    return described_weights(task.text_raw(template_set), *described)
+
+
+def text_source(task: FitTask, template_set: str) -> dict:
+    """Where :func:`ape_text` took the weights from, for the run record."""
+    record = task.store.manifest.get("descriptions")
+    if record is None:
+        return {"text_source": f"templates:{template_set}"}
+    return {"text_source": f"templates:{template_set}+descriptions", "descriptions_sha256": record["sha256"]}
 
 
 def ape_cache(task: FitTask, views: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +276,7 @@ class Ape(Method):
     trains = False
     min_views = {"tip": 2}
 
-    needed = Needs(train_views=(ViewNeed("tip", 1 + APE_VIEWS, ("pooled",)),))
+    needed = Needs(train_views=(ViewNeed("tip", 1 + APE_VIEWS, ("pooled",)),), text_raw=("tip",))
     quick = {"search_steps": (10, 5, 5)}
 
     @classmethod
@@ -262,7 +292,7 @@ class Ape(Method):
     def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
         cfg = self.config.resolved(task.info)
         keys, values = ape_cache(task, cfg.views)
-        text = task.text(cfg.templates)
+        text = ape_text(task, cfg.templates)
         labels = task.train.labels.long()
         groups = [
             torch.cat([text[c : c + 1], keys[labels == c]]).double() for c in range(task.info.num_classes)
@@ -276,7 +306,7 @@ class Ape(Method):
             text, keys_sel, values, divergence, channels,
             alpha=cfg.init_alpha, beta=1.0, gamma=0.1, scale=task.info.zs_scale,
         )  # fmt: skip
-        selection = {"channels": len(channels), "w": list(cfg.w)}
+        selection = {"channels": len(channels), "w": list(cfg.w)} | text_source(task, cfg.templates)
         if not cfg.search:
             return FitResult(head, selection=selection | {"alpha": cfg.init_alpha, "beta": 1.0, "gamma": 0.1})
         split = search_split(task)

@@ -19,13 +19,16 @@ from torch import nn
 from ..training import FitTask, Head, Selector, TaskInfo, TrainResult, TrainSettings
 from ..training.settings import Optimizer, Schedule
 from .ape import (
+    APE_TEXT,
     APE_VIEWS,
     TRAIN_W,
     ape_cache,
     ape_defaults,
+    ape_text,
     channel_criterion,
     scaled_channels,
     select_channels,
+    text_source,
 )
 from .base import FitResult, Method
 from .needs import Needs, ViewNeed
@@ -109,7 +112,7 @@ class ApeTConfig(TrainOptions):
     views: int = APE_VIEWS
     """Cached tip views averaged into each key."""
     templates: str = "tip"
-    """Template set of the text weights (the code adds CuPL prompts: not in the store)."""
+    """Template set of the text weights (pooled with the store's --descriptions sentences when it has them)."""
 
     def __post_init__(self) -> None:
         if self.eps is not None:
@@ -142,7 +145,7 @@ class ApeT(Method):
     deviations = (
         "[CODE] the released main() comments APE-T out and sizes it inconsistently (residual width "
         "training_feat_num, channels training_free_feat_num); here both are training_feat_num.",
-        "[PROPOSED] text weights are the store's Tip-template weights only (the code adds CuPL descriptions).",
+        *APE_TEXT,
         "[PROPOSED] coop protocol: the epoch and the β/α search use the few-shot val; the code uses the full val "
         "(ImageNet: test, kept under --protocol paper).",
         "[PROPOSED] each epoch trains on one cached tip view per image (view sampler, METHODS §1.6); fp32 "
@@ -159,7 +162,9 @@ class ApeT(Method):
     @classmethod
     def needs(cls, dataset: str = "", options: dict | None = None) -> Needs:
         epochs = ape_defaults(dataset).epochs
-        return Needs(train_views=(ViewNeed("tip", 1 + max(APE_VIEWS, epochs), ("pooled",)),))
+        return Needs(
+            train_views=(ViewNeed("tip", 1 + max(APE_VIEWS, epochs), ("pooled",)),), text_raw=("tip",)
+        )
 
     @classmethod
     def rebuild_head(cls, bundle, state, backbone) -> ApeTHead:
@@ -174,7 +179,7 @@ class ApeT(Method):
     def build_head(self, task: FitTask, *, generator: torch.Generator) -> ApeTHead:
         cfg = self.config.resolved(task.info)
         keys, values = ape_cache(task, cfg.views)
-        text = task.text(cfg.templates)
+        text = ape_text(task, cfg.templates)
         criterion = channel_criterion(text_similarity(text.double()).float(), text, cfg.w)
         channels = select_channels(criterion, min(cfg.channels, text.shape[1]))
         alpha = ape_defaults(task.info.dataset).init_alpha
@@ -194,6 +199,7 @@ class ApeT(Method):
         cfg = self.config.resolved(task.info)
         head = result.head
         selection = {"epoch": result.best_epoch, "val_acc": result.best_score, "channels": len(head.channels)}
+        selection |= text_source(task, cfg.templates)
         if not cfg.search:
             return FitResult(head, selection=selection, history=result.history)
         split = search_split(task)

@@ -15,16 +15,16 @@ import torch.nn.functional as F
 
 from ..training import FitTask
 from .base import FitResult, Method
-from .needs import Needs, ViewNeed
 from .registry import register_method
 from .zs_lp import (
+    CLAP_NEEDS,
     CLAP_REPO_DEVIATIONS,
-    CLAP_VIEWS,
     ClapTrainConfig,
     CosineProbeHead,
     ZsLp,
     batches_per_epoch,
     cosine_logits,
+    raw_text_average,
     support_pool,
     train_probe,
 )
@@ -110,7 +110,7 @@ class Clap(Method):
     paper_protocol = ZsLp.paper_protocol
     min_views = {"coop": 2}
 
-    needed = Needs(train_views=(ViewNeed("coop", 1 + CLAP_VIEWS, ("pooled",)),))
+    needed = CLAP_NEEDS
     quick = {"epochs": 2}
 
     @classmethod
@@ -120,7 +120,7 @@ class Clap(Method):
     def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
         cfg = self.config
         features, labels = support_pool(task, cfg)
-        text = task.text(cfg.templates)
+        text = raw_text_average(task, cfg.templates)
         head = CosineProbeHead(text, scale=task.info.zs_scale)
         with torch.no_grad():
             zs = cosine_logits(features, text, task.info.zs_scale)

@@ -13,16 +13,16 @@ import torch
 
 from ..training import FitTask
 from .base import FitResult, Method
-from .needs import Needs, ViewNeed
 from .options import ConfigError
 from .registry import register_method
 from .zs_lp import (
+    CLAP_NEEDS,
     CLAP_REPO_DEVIATIONS,
-    CLAP_VIEWS,
     ClapTrainConfig,
     CosineProbeHead,
     ZsLp,
     batches_per_epoch,
+    raw_text_average,
     support_pool,
     train_probe,
 )
@@ -54,7 +54,7 @@ def half_sample(generator: torch.Generator):
 @dataclass(frozen=True)
 class CrossModalConfig(ClapTrainConfig):
     text_sets: tuple[str, ...] = ("coop",)
-    """Template sets whose class weights become text samples (each set one sample per class; coop = the code's)."""
+    """Template sets whose raw per-template embeddings become text samples (coop = the code's)."""
 
     def __post_init__(self) -> None:
         ClapTrainConfig.__post_init__(self)
@@ -71,16 +71,15 @@ class CrossModal(Method):
     )
     Config = CrossModalConfig
     deviations = CLAP_REPO_DEVIATIONS + (
-        "[PROPOSED] the text samples are the store's L2-normalised per-set class weights (one per template set "
-        "in text_sets); the code uses the raw per-template embeddings. The probe normalises every input, so "
-        "only the directions matter; ImageNet's 8 templates are one averaged sample here.",
+        "[CODE] the text samples are the raw per-template embeddings (text_raw/<set> of every set in "
+        "text_sets), one sample per template and class; the probe normalises every input.",
         "[PROPOSED] the recipe is the CLAP toolbox's CrossModal (ZS init, SGD 0.1, 300 epochs, half sample per "
         "epoch), not cross_modal_adaptation's own search over lr / weight decay on val.",
     )
     paper_protocol = ZsLp.paper_protocol
     min_views = {"coop": 2}
 
-    needed = Needs(train_views=(ViewNeed("coop", 1 + CLAP_VIEWS, ("pooled",)),))
+    needed = CLAP_NEEDS
     quick = {"epochs": 2}
 
     @classmethod
@@ -90,10 +89,10 @@ class CrossModal(Method):
     def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
         cfg = self.config
         features, labels = support_pool(task, cfg)
-        text = torch.stack([task.text(s) for s in cfg.text_sets], dim=1)  # [C, T, D]
+        text = torch.cat([task.text_raw(s).float() for s in cfg.text_sets], dim=1)  # [C, T, D]
         words, word_labels = text_samples(text, len(labels), generator=generator)
         pool = torch.cat([features, words]), torch.cat([labels, word_labels])
-        head = CosineProbeHead(task.text(cfg.templates), scale=task.info.zs_scale)
+        head = CosineProbeHead(raw_text_average(task, cfg.templates), scale=task.info.zs_scale)
         history = train_probe(
             head,
             *pool,

@@ -26,10 +26,12 @@ class ViewNeed:
 
 @dataclass(frozen=True)
 class Needs:
-    """What a method reads: taps on the center view of every pool, and augmented train views."""
+    """What a method reads: taps on the center view of every pool, augmented train views, raw text."""
 
     eval_taps: tuple[str, ...] = ("pooled",)
     train_views: tuple[ViewNeed, ...] = ()
+    text_raw: tuple[str, ...] = ()
+    """Template sets whose raw per-template text embeddings (``text_raw/<set>``) the method reads."""
 
 
 DEFAULT_FOR = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f")

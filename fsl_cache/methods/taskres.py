@@ -108,9 +108,10 @@ class TaskRes(Method):
     )
     Config = TaskResConfig
     deviations = (
-        "[PROPOSED] t is the store's L2-normalised text/coop average; the code adds α·x to the mean of the raw "
-        "(unnormalised) per-template embeddings (ImageNet: 7 select templates + 'a photo of a {}.'), so the "
-        "residual's size relative to t differs by the raw text norm.",
+        "[CODE] t is the mean of the raw (unnormalised) per-template embeddings (text_raw/coop), as the code's "
+        "base text features.",
+        "[PROPOSED] ImageNet's coop set is 'a photo of a {}.' alone; the code averages the 7 select templates "
+        "and that one.",
         "[PROPOSED] each epoch trains on one cached coop view per image (view sampler, METHODS §1.6); 100 "
         "augmented views are cached, so the 200-epoch recipe (8-16 shots) sees each view twice.",
         "[PROPOSED] fp32 on cached fp16 embeddings; the code's regular base (no enhanced base).",
@@ -118,7 +119,7 @@ class TaskRes(Method):
     paper_protocol = "Same as coop: Dassl evaluates the last epoch (TEST.FINAL_MODEL last_step)."
     min_views = {"coop": 2}
 
-    needed = Needs(train_views=(ViewNeed("coop", TASKRES_VIEWS, ("pooled",)),))
+    needed = Needs(train_views=(ViewNeed("coop", TASKRES_VIEWS, ("pooled",)),), text_raw=("coop",))
     quick = {"epochs": 2}
 
     @classmethod
@@ -130,7 +131,8 @@ class TaskRes(Method):
 
     def build_head(self, task: FitTask, *, generator: torch.Generator) -> TaskResHead:
         cfg = self.config.resolved(task.info)
-        return TaskResHead(task.text(cfg.templates), alpha=cfg.alpha, scale=task.info.zs_scale)
+        base = task.text_raw(cfg.templates).float().mean(1)
+        return TaskResHead(base, alpha=cfg.alpha, scale=task.info.zs_scale)
 
     def train_settings(self, task: FitTask) -> TrainSettings:
         cfg = self.config.resolved(task.info)

@@ -177,14 +177,24 @@ def support_pool(task: FitTask, config: ClapTrainConfig) -> tuple[torch.Tensor, 
     return view_pool(views, task.train.labels.long())
 
 
+def raw_text_average(task: FitTask, template_set: str) -> torch.Tensor:
+    """The CLAP repo's text weights t ``[C, D]``: the mean of the raw per-template embeddings, not normalised."""
+    return task.text_raw(template_set).float().mean(1)
+
+
 CLAP_REPO_DEVIATIONS = (
-    "[PROPOSED] t is the store's L2-normalised text/coop average; the code averages the raw (unnormalised) "
-    "per-template embeddings (ImageNet: 7 select templates + 'a photo of a {}.'). Same direction for "
-    "single-template datasets, different norm, which scales the step the normalised forward takes on W.",
+    "[CODE] t is the mean of the raw (unnormalised) per-template embeddings of the templates set "
+    "(text_raw/coop), as the code averages them.",
+    "[PROPOSED] ImageNet's coop set is 'a photo of a {}.' alone; the code averages the 7 select templates "
+    "and that one.",
     "[PROPOSED] the 20 augmented views are pre-extracted coop-policy views 1..20 (Dassl random_resized_crop "
     "0.08-1 + flip; exact in distribution).",
     "[PROPOSED] fp32 on cached fp16 embeddings; shuffles draw from the run's generator instead of np.random.",
 )
+
+
+CLAP_NEEDS = Needs(train_views=(ViewNeed("coop", 1 + CLAP_VIEWS, ("pooled",)),), text_raw=("coop",))
+"""What the CLAP repo's probes read: 20 coop views per support image and the raw coop text embeddings."""
 
 
 # ---------------------------------------------------------------------------- method
@@ -203,7 +213,7 @@ class ZsLp(Method):
     trains = True
     min_views = {"coop": 2}
 
-    needed = Needs(train_views=(ViewNeed("coop", 1 + CLAP_VIEWS, ("pooled",)),))
+    needed = CLAP_NEEDS
     quick = {"epochs": 2}
 
     @classmethod
@@ -213,7 +223,7 @@ class ZsLp(Method):
     def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
         cfg = self.config
         features, labels = support_pool(task, cfg)
-        head = CosineProbeHead(task.text(cfg.templates), scale=task.info.zs_scale)
+        head = CosineProbeHead(raw_text_average(task, cfg.templates), scale=task.info.zs_scale)
         history = train_probe(
             head,
             features,

@@ -16,6 +16,7 @@ from ..splits.protocol import MissingDraw, few_shot_indices
 from ..store.catalog import StoreEntry, find_store
 from ..store.fingerprint import slug
 from ..store.store import MANIFEST
+from ..store.text import per_template_name, weights_name
 
 
 def canonical_dataset(spec: str) -> str:
@@ -123,6 +124,7 @@ def extract_settings(manifest: dict) -> dict:
         "aug_seed": int(manifest.get("aug_seed", 0)),
         "views": manifest.get("fingerprint_parts", {}).get("views"),
         "dense_precision": manifest.get("fingerprint_parts", {}).get("dense_precision", "same"),
+        "descriptions": manifest.get("descriptions", {}).get("file"),
     }
 
 
@@ -154,6 +156,8 @@ def extract_command(manifest: dict, method: str, *, cache_dir: Path | None, **ch
         words += ["--views", format_views(s["views"])]
     if s["dense_precision"] != "same":
         words += ["--dense-precision", s["dense_precision"]]
+    if s["descriptions"] is not None:
+        words += ["--descriptions", shlex.quote(s["descriptions"])]
     if s["vit_blocks"] != DEFAULT_VIT_BLOCKS:
         words += ["--vit-blocks", ",".join(map(str, s["vit_blocks"]))]
     if cache_dir is not None:
@@ -247,6 +251,12 @@ def _needs_report(
         if not store.has(f"images/{p}/views/center/{t}")
     ]
     read = [f"images/{p}/views/center/{t}" for p in pools for t in taps(needs.eval_taps)]
+    # a set the dataset does not have is the method's own error to give (task.text names the sets there are)
+    missing += [
+        per_template_name(t)
+        for t in needs.text_raw
+        if store.has(weights_name(t)) and not store.has(per_template_name(t))
+    ]
     caveats = []
     for view in () if eval_only else needs.train_views:
         prefix = f"images/{train_pool}/views/{view.policy}"

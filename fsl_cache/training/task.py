@@ -21,6 +21,7 @@ from ..backbones import load_backbone
 from ..errors import StoreError, UsageError
 from ..splits.refs import SplitRef
 from ..store.reads import read_rows
+from ..store.text import DESCRIPTIONS_COUNT, DESCRIPTIONS_MEAN, per_template_name
 from .data import DEFAULT_MEMORY_BUDGET, ViewSource, open_views
 from .trainer import SharedBatches
 
@@ -135,6 +136,28 @@ class FitTask:
             text = torch.from_numpy(read_rows(self.store, name, None)).float()
             self._text[template_set] = text if self.classes is None else text[torch.from_numpy(self.classes)]
         return self._text[template_set]
+
+    def text_raw(self, template_set: str) -> torch.Tensor:
+        """Raw (un-normalised) per-template text embeddings ``[C, T, D]`` of ``template_set``."""
+        name = per_template_name(template_set)
+        if not self.store.has(name):
+            self.text(template_set)  # names the sets there are when this one is not
+            raise UsageError(
+                f"Store has no raw per-template embeddings of '{template_set}' ({name}): extract with --for "
+                "a method that declares them (clap, zs_lp, taskres, cross_modal, ape), or pick another templates"
+            )
+        return self._class_rows(name)
+
+    def descriptions(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-class mean of the L2-normalised ``--descriptions`` sentence embeddings ``[C, D]`` and sentence
+        counts ``[C]``, or ``None`` when the store was extracted without a description file."""
+        if not self.store.has(DESCRIPTIONS_MEAN):
+            return None
+        return self._class_rows(DESCRIPTIONS_MEAN), self._class_rows(DESCRIPTIONS_COUNT)
+
+    def _class_rows(self, name: str) -> torch.Tensor:
+        rows = torch.from_numpy(read_rows(self.store, name, None))
+        return rows if self.classes is None else rows[torch.from_numpy(self.classes)]
 
     def num_views(self, policy: str) -> int:
         """Views cached per train image under ``policy`` (0 if the store has none)."""
