@@ -340,16 +340,20 @@ def grid(
     runs = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     check_protocol(spec.protocol)
     targets = shift_targets(spec.protocol, spec.targets)
-    complete_stores(
-        _cache_dir(cache_dir),
-        datasets=spec.datasets,
-        targets=targets,
-        model=spec.model,
-        pretrained=spec.pretrained,
-        store=store,
-        methods=[get_method(m).name for m in spec.methods],
-        extension=_extension(root or spec.root, extract=extract, yes=yes, confirm=confirm, progress=True),
-    )
+    extension = _extension(root or spec.root, extract=extract, yes=yes, confirm=confirm, progress=True)
+    # what a method reads can hang on its options (capt's visual_depth): each combination the grid runs
+    for method_options in _option_sets(spec):
+        complete_stores(
+            _cache_dir(cache_dir),
+            datasets=spec.datasets,
+            targets=targets,
+            model=spec.model,
+            pretrained=spec.pretrained,
+            store=store,
+            methods=[get_method(m).name for m in spec.methods],
+            extension=extension,
+            options=method_options,
+        )
     context = SweepContext(
         cache_dir=_cache_dir(cache_dir),
         runs_dir=runs,
@@ -378,6 +382,14 @@ def grid(
         on_outcome=on_outcome,
         optuna=settings,
     )
+
+
+def _option_sets(spec) -> list[dict]:
+    """The distinct option combinations the grid's methods run with (an empty one if none)."""
+    from .sweeps.spec import method_options
+
+    combos = {tuple(sorted(o.items())) for m in spec.methods for o in method_options(spec, m)}
+    return [dict(c) for c in sorted(combos, key=repr)] or [{}]
 
 
 def report(

@@ -388,6 +388,34 @@ def test_fit_visual_depth_1_completes_the_store_records_the_mode_and_predicts(de
     torch.testing.assert_close(exported[record["metrics"]["headline"]], logits)
 
 
+def test_grid_with_visual_prompts_extracts_the_tokens_its_option_needs(demo, tmp_path):
+    """What capt reads hangs on ``visual_depth``: ``grid`` completes a fresh store with the tokens before its runs."""
+    _, data = demo
+    sweep = api.grid(
+        ["capt"],
+        datasets=[f"imagefolder:{data}"],
+        shots=[4],
+        seeds=[1],
+        options={"epochs": [1], "visual_depth": [0, 1]},
+        model="fsl-tiny-vit",
+        pretrained="none",
+        yes=True,
+        cache_dir=tmp_path / "cache",
+        runs_dir=tmp_path / "runs",
+    )
+    assert sweep.count("done") == 2, [o.error for o in sweep.outcomes]
+    modes = {
+        json.loads(p.read_text())["selection"]["mode"][:14] for p in tmp_path.glob("runs/**/record.json")
+    }
+    assert modes == {"visual_depth=0", "visual_depth=1"}
+    (path,) = tmp_path.glob("cache/*/*")
+    store = FeatureStore.open(path)
+    try:
+        assert store.has("images/test/views/center/vit/tokens")
+    finally:
+        store.close()
+
+
 def test_resnet_stores_refuse_visual_prompts_in_one_line():
     task = SimpleNamespace(info=None, store=ArrayStore({}, {"backbone": {"kind": "rn", "arch": "RN50"}}))
     with pytest.raises(UsageError, match="visual_depth=1 prompts ViT blocks; .* of RN50: use visual_depth=0"):

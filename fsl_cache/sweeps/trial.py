@@ -132,10 +132,11 @@ class StoreCache:
 
     context: SweepContext
     stores: dict[str, CachedStore] = field(default_factory=dict)
-    caveats: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    caveats: dict[tuple[str, str, tuple], tuple[str, ...]] = field(default_factory=dict)
     shifts: dict[tuple[str, str], list[Target]] = field(default_factory=dict)
 
-    def get(self, dataset: str, method: str) -> tuple[CachedStore, tuple[str, ...]]:
+    def get(self, dataset: str, method: str, options: tuple = ()) -> tuple[CachedStore, tuple[str, ...]]:
+        """The store of ``dataset``, checked for what ``method`` reads under ``options`` (sorted pairs)."""
         ctx = self.context
         if dataset not in self.stores:
             entry = locate_store(
@@ -151,12 +152,17 @@ class StoreCache:
                 store.budget = ctx.memory_budget
             self.stores[dataset] = store
         store = self.stores[dataset]
-        if (dataset, method) not in self.caveats:
-            info = get_method(method)
-            self.caveats[dataset, method] = tuple(
-                check_needs(store, info, dataset=store.manifest["dataset"]["name"], cache_dir=ctx.cache_dir)
+        if (dataset, method, options) not in self.caveats:
+            self.caveats[dataset, method, options] = tuple(
+                check_needs(
+                    store,
+                    get_method(method),
+                    dataset=store.manifest["dataset"]["name"],
+                    cache_dir=ctx.cache_dir,
+                    options=dict(options),
+                )
             )
-        return store, self.caveats[dataset, method]
+        return store, self.caveats[dataset, method, options]
 
     def targets(self, request: FitRequest, source: CachedStore) -> list[Target]:
         """The request's domain-shift targets, opened once per (dataset, method)."""
@@ -190,7 +196,7 @@ class Prepared:
 def prepare(trial: Trial, stores: StoreCache) -> Prepared:
     """Resolve ``trial``'s config on its store and compute its run fingerprint (nothing is fitted)."""
     request = stores.context.request(trial).checked()
-    store, caveats = stores.get(trial.dataset, trial.method)
+    store, caveats = stores.get(trial.dataset, trial.method, trial.options)
     check_draws(
         store, trial.method, shots=request.shots, seeds=(trial.seed,), cache_dir=stores.context.cache_dir
     )
