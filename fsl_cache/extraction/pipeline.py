@@ -403,18 +403,13 @@ def prepare_extraction(
     }
     base_shapes = {t: tuple(backbone.tap_shape(t)) for t in backbone.taps()}
     tap_shapes = TapShapes(base_shapes)
-    plan = plan_extraction(
-        pools=pools,
-        needs=needs,
-        kind=backbone.kind,
-        dense_tap=backbone.dense_tap,
-        vit_blocks=options.vit_blocks,
+    plan = plan_store(
+        spec,
+        options,
+        pools,
+        needs,
+        backbone=backbone,
         tap_shapes=tap_shapes,
-        num_classes=spec.num_classes,
-        template_sets=tuple(spec.templates),
-        dtype=np.dtype(PRECISIONS[options.precision]).name,
-        dense_dtype="int8" if options.dense_precision == "int8" else None,
-        views_override=options.views,
         existing=existing,
         existing_views=manifest.get("views", {}),
     )
@@ -427,6 +422,36 @@ def prepare_extraction(
     )
     return PreparedExtraction(
         spec, backbone, options, store_dir, key, manifest, plan, planned_on, descriptions
+    )
+
+
+def plan_store(
+    spec: DatasetSpec,
+    options: ExtractOptions,
+    pools,
+    needs,
+    *,
+    backbone,
+    tap_shapes,
+    existing,
+    existing_views,
+) -> ExtractionPlan:
+    """The extraction plan of ``spec`` under ``options`` for ``needs`` (``backbone``: anything with
+    ``kind`` and ``dense_tap``, a loaded backbone or the meta-device shapes ``plan`` sizes from)."""
+    return plan_extraction(
+        pools=pools,
+        needs=needs,
+        kind=backbone.kind,
+        dense_tap=backbone.dense_tap,
+        vit_blocks=options.vit_blocks,
+        tap_shapes=tap_shapes,
+        num_classes=spec.num_classes,
+        template_sets=tuple(spec.templates),
+        dtype=np.dtype(PRECISIONS[options.precision]).name,
+        dense_dtype="int8" if options.dense_precision == "int8" else None,
+        views_override=options.views,
+        existing=existing,
+        existing_views=existing_views,
     )
 
 

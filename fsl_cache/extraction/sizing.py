@@ -11,16 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..backbones import load_architecture
 from ..datasets import DatasetSpec, load_dataset
 from ..datasets.base import builtin_loaders
 from ..datasets.coop import LAYOUTS, split_file_spec
 from ..errors import FslError
 from ..methods.registry import get_method
-from .pipeline import PRECISIONS, ExtractOptions, TapShapes, pools_and_metadata
-from .plan import expected_bytes, plan_extraction, string_bytes
+from .pipeline import ExtractOptions, TapShapes, plan_store, pools_and_metadata
+from .plan import expected_bytes, string_bytes
 from .text import text_arrays
 
 ALL = "all"
@@ -119,20 +117,8 @@ def _counted_spec(name: str, *, root, splits_dir) -> tuple[DatasetSpec, str]:
 def _size(spec: DatasetSpec, source: str, *, backbone, tap_shapes, options: ExtractOptions) -> StoreSize:
     pools, whole = pools_and_metadata(spec, options, {})
     needs = [get_method(m).needs(spec.name, options.method_options) for m in options.for_methods]
-    plan = plan_extraction(
-        pools=pools,
-        needs=needs,
-        kind=backbone.kind,
-        dense_tap=backbone.dense_tap,
-        vit_blocks=options.vit_blocks,
-        tap_shapes=tap_shapes,
-        num_classes=spec.num_classes,
-        template_sets=tuple(spec.templates),
-        dtype=np.dtype(PRECISIONS[options.precision]).name,
-        dense_dtype="int8" if options.dense_precision == "int8" else None,
-        views_override=options.views,
-        existing={},
-        existing_views={},
+    plan = plan_store(
+        spec, options, pools, needs, backbone=backbone, tap_shapes=tap_shapes, existing={}, existing_views={}
     )
     text = text_arrays(spec, needs, embed_dim=backbone.embed_dim, descriptions=None)
     strings = sum(len(data) * string_bytes(data) for _, data in whole)  # paths: not in ArraySpec.nbytes
