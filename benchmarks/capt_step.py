@@ -13,7 +13,9 @@ centroid mix and the symmetric InfoNCE, then SGD.
 
 Then, on ``--visual-model`` (default ``fsl-tiny-vit``), the same cached step with ``visual_depth=0`` (the
 pooled cache) beside ``visual_depth=9`` (4 visual prompts in 9 blocks: the frozen ViT runs from the
-cached pre-ln_pre tokens on the widened batch, gradients through it to the prompts).
+cached pre-ln_pre tokens on the widened batch, gradients through it to the prompts), and beside
+``visual_depth=9`` from images: the widened batch's PNGs decoded, augmented (train) or resized (bank),
+patch-embedded, and the teacher (the same backbone) run on the batch, every step.
 
     python benchmarks/capt_step.py [--classes 50] [--batch 4] [--steps 5] [--part all|images|visual]
 """
@@ -102,8 +104,21 @@ def visual_depths(args) -> None:
     tokens = torch.randn(len(bank_labels), *bb.tap_shape(TOKENS), generator=g).half()
     centroids = F.normalize(torch.randn(5, d, generator=g), dim=-1)
     labels = torch.randperm(args.classes, generator=g)[: args.batch]
+    side = bb.image_size
+    train_tf, test_tf = image_transforms(side)
+    rng = np.random.default_rng(0)
+    files = [png_bytes(rng, size=side * 2) for _ in range(64)]
+
+    def encode_from_images(n: int, head) -> torch.Tensor:  # the official loop: decode, augment, patch-embed
+        batch = torch.cat([decoded(files, args.batch, train_tf), decoded(files, n - args.batch, test_tf)])
+        with torch.no_grad():
+            tokens = bb.encode_taps(batch, [TOKENS])[TOKENS]
+        return head.image_encoder(tokens, head.visual_prompts)
+
     timings, widths = {}, {}
-    for depth in (0, 9):
+    for depth in (0, 9, "9 from images"):
+        from_images = depth == "9 from images"
+        depth = 9 if from_images else depth
         head = CaptPromptHead(bb.model, bb.tokenizer, names, text_depth=9, visual_depth=depth).train()
         optimizer = torch.optim.SGD([p for p in head.parameters() if p.requires_grad], lr=2e-3, momentum=0.9)
         if depth:
@@ -117,17 +132,46 @@ def visual_depths(args) -> None:
             bank = F.normalize(torch.randn(len(bank_labels), d, generator=g), dim=-1)
         sizes: list[int] = []
 
-        def run(head=head, optimizer=optimizer, bank=bank, sizes=sizes) -> None:
+        def run(head=head, optimizer=optimizer, bank=bank, sizes=sizes, from_images=from_images) -> None:
             rows = torch.randint(len(tokens), (args.batch,), generator=g)
             inputs = {"pooled": torch.randn(args.batch, d, generator=g), TOKENS: tokens[rows]}
-            teacher = 100.0 * F.normalize(inputs["pooled"], dim=-1) @ text.T
-            sizes.append(step(head, optimizer, inputs, labels, teacher, bank, bank_labels, centroids, g)[1])
+            encode = None
+            if from_images:
+                with torch.no_grad():
+                    teacher = bb.model.encode_image(decoded(files, args.batch, train_tf))
+                teacher = 100.0 * F.normalize(teacher, dim=-1) @ text.T
+                encode = lambda n, h=head: encode_from_images(n, h)  # noqa: E731
+            else:
+                teacher = 100.0 * F.normalize(inputs["pooled"], dim=-1) @ text.T
+            out = step(
+                head, optimizer, inputs, labels, teacher, bank, bank_labels, centroids, g, encode=encode
+            )
+            sizes.append(out[1])
 
-        timings[depth], widths[depth] = timed_steps(args.steps, run), float(np.mean(sizes))
+        key = "9 from images" if from_images else depth
+        timings[key], widths[key] = timed_steps(args.steps, run), float(np.mean(sizes))
     print(f"{args.visual_model}, classes {args.classes}, batch {args.batch}, load {os.getloadavg()[0]:.1f}")
-    print("visual_depth=0 | visual_depth=9 | ratio")
-    print(f"{timings[0]:.3f} s/step | {timings[9]:.3f} s/step | {timings[9] / timings[0]:.1f}x")
-    print(f"widened batch {widths[0]:.1f} | {widths[9]:.1f}")
+    print("visual_depth=0 | visual_depth=9 cached | visual_depth=9 from images")
+    print(" | ".join(f"{timings[k]:.3f} s/step" for k in (0, 9, "9 from images")))
+    print(
+        f"ratios: 9 cached / 0 = {timings[9] / timings[0]:.1f}x, 9 from images / 9 cached = "
+        f"{timings['9 from images'] / timings[9]:.1f}x"
+    )
+    print(f"widened batch {widths[0]:.1f} | {widths[9]:.1f} | {widths['9 from images']:.1f}")
+    per_image = {k: timings[k] / widths[k] for k in timings}  # the mining differs, so the widths do
+    print(f"per widened image: 9 from images / 9 cached = {per_image['9 from images'] / per_image[9]:.1f}x")
+
+
+def image_transforms(side: int):
+    """The official loop's train (random resized crop + flip) and bank/test (resize + center crop) transforms."""
+    train = [transforms.RandomResizedCrop(side, scale=(0.08, 1.0)), transforms.RandomHorizontalFlip()]
+    test = [transforms.Resize(side), transforms.CenterCrop(side)]
+    tail = [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    return transforms.Compose(train + tail), transforms.Compose(test + tail)
+
+
+def decoded(files: list[bytes], n: int, tf) -> torch.Tensor:
+    return torch.stack([tf(Image.open(io.BytesIO(files[i % len(files)])).convert("RGB")) for i in range(n)])
 
 
 def cached_vs_images(args) -> None:
@@ -144,27 +188,10 @@ def cached_vs_images(args) -> None:
     labels = torch.randperm(args.classes, generator=g)[: args.batch]
     rng = np.random.default_rng(0)
     files = [png_bytes(rng) for _ in range(64)]
-    train_tf = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(224, scale=(0.08, 1.0)),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(MEAN, STD),
-        ]  # fmt: skip
-    )
-    test_tf = transforms.Compose(
-        [
-            transforms.Resize(224),
-            transforms.CenterCrop(224),
-            transforms.ToTensor(),
-            transforms.Normalize(MEAN, STD),
-        ]
-    )
+    train_tf, test_tf = image_transforms(224)
 
     def images(n: int, tf) -> torch.Tensor:
-        return torch.stack(
-            [tf(Image.open(io.BytesIO(files[i % len(files)])).convert("RGB")) for i in range(n)]
-        )
+        return decoded(files, n, tf)
 
     def encode_widened(n: int) -> torch.Tensor:
         batch = torch.cat([images(args.batch, train_tf), images(n - args.batch, test_tf)])
