@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -97,6 +98,16 @@ def _init_worker(parent: int, worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(parent)
+    sys.excepthook = partial(_quiet_hand_over_errors, sys.excepthook)
+
+
+def _quiet_hand_over_errors(default, kind, value, traceback) -> None:
+    """A worker hands batches to the main process over a socket (multiprocessing's resource sharer, whose
+    thread reports through ``sys.excepthook``); when the main process stops mid hand-over that socket breaks,
+    which is the stop working, not an error to print under the main process's clean exit message. A real
+    failure of a worker reaches the main process through the loader."""
+    if not issubclass(kind, (OSError, EOFError)):
+        default(kind, value, traceback)
 
 
 def _collate(batch):
