@@ -175,6 +175,7 @@ def fit(
     shots: int,
     seeds: Sequence[int] = DEFAULT_SEEDS,
     protocol: str = DEFAULT_PROTOCOL,
+    validation: str | None = None,
     targets: Sequence[str] = (),
     model: str = DEFAULT_MODEL,
     pretrained: str = DEFAULT_PRETRAINED,
@@ -200,8 +201,9 @@ def fit(
     would; heavy feature maps over the threshold only with ``yes`` or a true ``confirm(question)``;
     ``extract=False`` refuses instead. ``options`` are the method's ``-o key=value`` settings.
     ``protocol="domain_shift"`` (or ``paper`` with ``targets``) also tests each head on the ``targets``.
-    A run whose fingerprint already has a record under ``runs_dir`` is returned without recomputing
-    (``force=True`` redoes it). Returns one :class:`fsl_cache.runs.RunResult` per seed.
+    ``validation``: ``none``, ``kshot`` or ``full`` (``None``: the protocol's own regime, see
+    :mod:`fsl_cache.splits.protocol`). A run whose fingerprint already has a record under ``runs_dir`` is
+    returned without recomputing (``force=True`` redoes it). Returns one :class:`fsl_cache.runs.RunResult` per seed.
     """
 
     from .render import show_fit_progress
@@ -222,6 +224,7 @@ def fit(
         seeds=seeds,
         options=dict(options or {}),
         protocol=protocol,
+        validation=validation,
         targets=tuple(targets),
         model=model,
         pretrained=pretrained,
@@ -278,6 +281,7 @@ def grid(
     options: dict[str, Sequence] | None = None,
     recipe: str | Path | None = None,
     protocol: str = DEFAULT_PROTOCOL,
+    validation: str | None = None,
     targets: Sequence[str] = (),
     model: str = DEFAULT_MODEL,
     pretrained: str = DEFAULT_PRETRAINED,
@@ -315,7 +319,7 @@ def grid(
     from .methods import get_method
     from .runs import default_runs_dir
     from .runs.request import shift_targets
-    from .splits import check_protocol
+    from .splits import check_protocol, check_validation
     from .store_extension import complete_stores
     from .sweeps import GridSpec, SweepContext, load_recipe, run_sweep
     from .sweeps.claims import STALE_AFTER
@@ -331,6 +335,7 @@ def grid(
             seeds=tuple(seeds),
             options={k: tuple(v) for k, v in (options or {}).items()},
             protocol=protocol,
+            validation=validation,
             targets=tuple(targets),
             model=model,
             pretrained=pretrained,
@@ -339,6 +344,9 @@ def grid(
         raise UsageError("grid needs METHOD[,METHOD] and --dataset, or --recipe pipelines/NAME.yaml")
     runs = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     check_protocol(spec.protocol)
+    check_validation(spec.validation)
+    if engine == "optuna" and spec.validation == "none":
+        raise UsageError("--engine optuna picks option values on val, which --validation none withholds")
     targets = shift_targets(spec.protocol, spec.targets)
     extension = _extension(root or spec.root, extract=extract, yes=yes, confirm=confirm, progress=True)
     # what a method reads can hang on its options (capt's visual_depth): each combination the grid runs
@@ -358,6 +366,7 @@ def grid(
         cache_dir=_cache_dir(cache_dir),
         runs_dir=runs,
         protocol=spec.protocol,
+        validation=spec.validation,
         targets=targets,
         model=spec.model,
         pretrained=spec.pretrained,
@@ -400,6 +409,7 @@ def report(
     shots: Sequence[int] = (),
     protocols: Sequence[str] = (),
     backbones: Sequence[str] = (),
+    validations: Sequence[str] = (),
     plot_dir: str | Path | None = None,
 ):
     """The report table (mean ± std over seeds per method × dataset × shots, plus the dataset average)
@@ -412,7 +422,9 @@ def report(
     from .runs import default_runs_dir
 
     root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
-    filters = Filters(tuple(methods), tuple(datasets), tuple(shots), tuple(protocols), tuple(backbones))
+    filters = Filters(
+        tuple(methods), tuple(datasets), tuple(shots), tuple(protocols), tuple(backbones), tuple(validations)
+    )
     rows = load_rows(root, filters)
     if not rows:
         raise UsageError(

@@ -102,6 +102,14 @@ TARGETS_OPTION = click.option(
     help="Domain-shift targets tested with the same head [default under domain_shift: "
     "imagenet_v2,imagenet_sketch,imagenet_a,imagenet_r].",
 )
+VALIDATION_OPTION = click.option(
+    "--validation",
+    type=click.Choice(["none", "kshot", "full"]),
+    default=None,
+    help="Validation regime: none (no val read; each method's validation-free setting, see fsl-cache methods), "
+    "kshot (the few-shot val, min(k,4)/class), full (the whole val split; the store needs --full-val) "
+    "[default: kshot; under --protocol paper each method's official regime].",
+)
 NO_EXTRACT_OPTION = click.option(
     "--no-extract",
     is_flag=True,
@@ -636,6 +644,7 @@ def _key_values(ctx, param, value: tuple[str, ...]) -> dict:
     "base2novel: train on base classes, report base, novel and their harmonic mean; "
     "domain_shift: coop on the source, then test the same head on each --targets dataset.",
 )
+@VALIDATION_OPTION
 @TARGETS_OPTION
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Backbone architecture of the store.")
 @click.option(
@@ -671,6 +680,7 @@ def fit(
     shots,
     seeds,
     protocol,
+    validation,
     targets,
     model,
     pretrained,
@@ -697,6 +707,7 @@ def fit(
         shots=shots,
         seeds=seeds,
         protocol=protocol,
+        validation=validation,
         targets=targets,
         model=model,
         pretrained=pretrained,
@@ -748,6 +759,10 @@ def methods_(as_json) -> None:
                     "options": [o.__dict__ for o in info.options()],
                     "deviations": list(info.deviations),
                     "paper_protocol": info.paper_protocol,
+                    "validation_free": {
+                        "setting": info.validation_free.setting,
+                        "options": info.validation_free.options,
+                    },
                 }
             )
         )
@@ -784,6 +799,7 @@ def _grid_options(ctx, param, value: tuple[str, ...]) -> dict:
 @click.option(
     "--protocol", type=click.Choice(["coop", "paper", "domain_shift"]), default="coop", show_default=True
 )
+@VALIDATION_OPTION
 @TARGETS_OPTION
 @click.option(
     "--model", default=DEFAULT_MODEL, show_default=True, help="Backbone architecture of the stores."
@@ -843,6 +859,7 @@ def grid(
     options,
     recipe,
     protocol,
+    validation,
     targets,
     model,
     pretrained,
@@ -875,6 +892,7 @@ def grid(
             options=options,
             recipe=recipe,
             protocol=protocol,
+            validation=validation,
             targets=targets,
             model=model,
             pretrained=pretrained,
@@ -915,6 +933,9 @@ def grid(
 @click.option("--protocol", "protocols", callback=_name_list, help="coop, paper, base2novel, domain_shift.")
 @click.option("--model", "backbones", callback=_name_list, help="Backbones: arch or arch/pretrained.")
 @click.option(
+    "--validation", "validations", callback=_name_list, help="Validation regimes: none, kshot, full."
+)
+@click.option(
     "--format",
     "fmt",
     type=click.Choice(["table", "markdown", "csv", "latex", "json"]),
@@ -929,7 +950,7 @@ def grid(
     help="Also write PNG figures here (accuracy vs shots, confusion heatmaps, confused pairs).",
 )
 @RUNS_DIR_OPTION
-def report(methods, datasets, shots, protocols, backbones, fmt, plot_dir, runs_dir) -> None:
+def report(methods, datasets, shots, protocols, backbones, validations, fmt, plot_dir, runs_dir) -> None:
     """The papers' table from run records: mean ± std over seeds per method × dataset × shots, and the average."""
     from . import api
     from .reports import format_report
@@ -941,6 +962,7 @@ def report(methods, datasets, shots, protocols, backbones, fmt, plot_dir, runs_d
         shots=shots or (),
         protocols=protocols or (),
         backbones=backbones or (),
+        validations=validations or (),
         plot_dir=plot_dir,
     )
     click.echo(format_report(table, fmt), nl=False)

@@ -187,10 +187,14 @@ def show_fit_progress(result) -> None:
     """One line per finished (or reused) run while ``fit`` goes through the seeds."""
     state = "[dim]reused[/]" if result.reused else f"{result.seconds:.1f} s"
     err_console.print(
-        f"{result.method} k={result.shots} seed={result.seed} ({result.protocol}): "
-        f"val {result.val_acc:.2f}  test {result.test_acc:.2f}  {state}",
+        f"{result.method} k={result.shots} seed={result.seed} ({result.protocol}, val {result.validation}): "
+        f"val {_acc(result.val_acc)}  test {result.test_acc:.2f}  {state}",
         highlight=False,
     )
+
+
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def show_fit_results(results) -> None:
@@ -199,10 +203,11 @@ def show_fit_results(results) -> None:
         return
     heads = [h for h in results[0].heads if h != "main"]
     table = Table(show_edge=False, title=f"{results[0].method} on {results[0].dataset}", title_justify="left")
-    for col in ("shots", "seed", "protocol", "val acc", "test acc", "test mean/class", *heads, "time", "run"):
+    columns = ("shots", "seed", "protocol", "validation", "val acc", "test acc", "test mean/class", *heads)
+    for col in (*columns, "time", "run"):
         table.add_column(
             col,
-            justify="left" if col in ("protocol", "run") else "right",
+            justify="left" if col in ("protocol", "validation", "run") else "right",
             overflow="fold" if col == "run" else "ellipsis",
         )
     for r in results:
@@ -212,7 +217,8 @@ def show_fit_results(results) -> None:
             str(r.shots),
             str(r.seed),
             r.protocol,
-            f"{r.val_acc:.2f}",
+            r.validation,
+            _acc(r.val_acc),
             f"{r.test_acc:.2f}",
             f"{r.test_mean_per_class:.2f}",
             *extra,
@@ -225,7 +231,8 @@ def show_fit_results(results) -> None:
             "",
             "[bold]mean[/]",
             "",
-            f"{mean([r.val_acc for r in results]):.2f}",
+            "",
+            _acc(None if results[0].val_acc is None else mean([r.val_acc for r in results])),
             f"[bold]{mean([r.test_acc for r in results]):.2f}[/]",
             f"{mean([r.test_mean_per_class for r in results]):.2f}",
             *[""] * len(heads),
@@ -238,9 +245,10 @@ def show_fit_results(results) -> None:
 
 
 def show_methods(infos) -> None:
-    """``fsl-cache methods``: name, what it is, what it reads from the store, its options and defaults."""
+    """``fsl-cache methods``: name, what it is, what it reads from the store, its setting under
+    ``--validation none``, its options and defaults."""
     table = Table(show_edge=False, show_lines=True)
-    for col in ("method", "description", "needs"):
+    for col in ("method", "description", "needs", "--validation none"):
         table.add_column(col, overflow="fold")
     table.add_column("options (defaults)", no_wrap=True)  # one per line, never cut inside a value
     for info in infos:
@@ -252,9 +260,17 @@ def show_methods(infos) -> None:
             f"[bold]{info.name}[/]" + (" [dim](trains)[/]" if info.trains else ""),
             info.description,
             "\n".join(reads),
+            _validation_free(info.validation_free),
             options,
         )
     out_console.print(table)
+
+
+def _validation_free(setting) -> str:
+    if not setting.exists:
+        return f"[red]refused[/]: {setting.setting}"
+    options = " ".join(f"{k}={v}" for k, v in setting.options.items())
+    return setting.setting + (f" [dim]({options})[/]" if options else "")
 
 
 class GridProgress:

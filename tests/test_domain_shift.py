@@ -133,7 +133,7 @@ def test_domain_shift_reports_one_accuracy_per_target_through_the_class_subsets(
     text_report = format_report(table, "markdown")
     assert "Domain shift from imagenet, 1-shot" in text_report
     assert (
-        "| method | imagenet (source) | imagenet_v2 | imagenet_sketch | imagenet_a | imagenet_r |"
+        "| method | validation | imagenet (source) | imagenet_v2 | imagenet_sketch | imagenet_a | imagenet_r |"
         in text_report
     )
     cells = [json.loads(line) for line in format_report(table, "json").splitlines()]

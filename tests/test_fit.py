@@ -310,3 +310,18 @@ def test_a_corrupted_array_is_refused(cache, tmp_path):
     chunk.write_bytes(data)
     with pytest.raises(StoreError, match="corrupted"):
         api.fit("zero_shot", shots=1, seeds=[1], cache_dir=cache, runs_dir=tmp_path, **SYNTH)
+
+
+def test_cli_validation_none_shows_the_regime_and_methods_say_what_it_runs(cache, tmp_path):
+    common = ["--dataset", "synthetic", "--model", "synthetic", "--pretrained", "none", "--shots", "2"]
+    paths = ["--seed", "1", "--cache-dir", str(cache), "--runs-dir", str(tmp_path)]
+    table = cli("fit", "tip_adapter", *common, *paths, "--validation", "none")
+    assert table.exit_code == 0, table.output
+    assert "validation" in table.stdout and "none" in table.stdout
+    (line,) = cli("fit", "tip_adapter", *common, *paths, "--validation", "none", "--json").stdout.splitlines()
+    assert json.loads(line).items() >= {"validation": "none", "val_acc": None}.items()
+    refused = CliRunner().invoke(main, ["fit", "safe", *common, *paths, "--validation", "none"])
+    assert refused.exit_code == 2 and "safe has no validation-free setting" in refused.output
+    listed = {m["name"]: m for m in map(json.loads, cli("methods", "--json").stdout.splitlines())}
+    assert listed["tip_adapter"]["validation_free"]["options"] == {"search": False}
+    assert listed["safe"]["validation_free"]["options"] is None

@@ -394,3 +394,38 @@ def test_a_method_that_skips_a_required_hook_fails_naming_it():
     with pytest.raises(NotImplementedError, match="incomplete cannot classify classes it was not trained on"):
         method.novel_head(None, None)
     assert not Incomplete.base2novel
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_honours_validation_none_or_refuses_it(name, tiny_cache, tmp_path, store_reads):
+    """``--validation none``: the method's declared validation-free setting, not one val array read (not even
+    to score the finished head), and the regime in the record; a method without such a setting is refused."""
+    data, cache = tiny_cache
+    setting = get_method(name).cls.validation_free
+
+    def fit():
+        return api.fit(
+            name,
+            dataset=f"imagefolder:{data}",
+            model="fsl-tiny-rn",
+            pretrained="none",
+            shots=2,
+            seeds=[1],
+            validation="none",
+            options=fast_options(name),
+            cache_dir=cache,
+            runs_dir=tmp_path,
+            progress=False,
+        )
+
+    if not setting.exists:
+        with pytest.raises(UsageError, match=f"{name} has no validation-free setting.*--validation kshot"):
+            fit()
+        return
+    (result,) = fit()
+    assert not [n for n in store_reads if n.startswith("images/val")], "val read under --validation none"
+    assert result.validation == "none" and result.val_acc is None and 0 <= result.test_acc <= 100
+    record = json.loads((result.run_dir / "record.json").read_text())
+    assert record["validation"] == "none" and record["validation_free"] == setting.setting
+    assert record["splits"]["val"] is None and record["metrics"]["val"] == {}
+    assert record["config"].items() >= {k: v for k, v in setting.options.items() if k not in FAST}.items()

@@ -11,7 +11,8 @@ from fsl_cache import api
 from fsl_cache.errors import UsageError
 from fsl_cache.methods import list_methods
 from fsl_cache.runs import fitting
-from fsl_cache.splits.protocol import few_shot_indices, lpclip_indices
+from fsl_cache.runs.record import validation_of
+from fsl_cache.splits.protocol import check_full_val, few_shot_indices, lpclip_indices
 from fsl_cache.splits.sampling import sample_few_shot
 from fsl_cache.store import FeatureStore
 from fsl_cache.testing import make_synthetic_store
@@ -201,3 +202,89 @@ def test_every_registered_method_declares_what_paper_changes():
 
     for name in list_methods():
         assert get_method(name).paper_protocol
+
+
+# ---------------------------------------------------------------------------- validation regimes
+
+
+def test_validation_full_selects_on_the_whole_val_split_and_is_keyed_apart(tmp_path):
+    full = make_synthetic_store(tmp_path / "full", full_val=True, views={"tip": 11})
+    common = dict(shots=2, seeds=[1], cache_dir=full.parents[1], runs_dir=tmp_path / "runs", **SYNTH)
+    (whole,) = api.fit("tip_adapter", validation="full", **common)
+    record = json.loads((whole.run_dir / "record.json").read_text())
+    assert record["validation"] == "full" and record["selection"]["search_n"] == 4 * 8
+    (kshot,) = api.fit("tip_adapter", **common)
+    assert kshot.validation == "kshot" and kshot.run_dir != whole.run_dir
+    assert json.loads((kshot.run_dir / "record.json").read_text())["selection"]["search_n"] == 4 * 2
+    # an explicit regime equal to the protocol's own is the same run (keys recorded before regimes stay valid)
+    (again,) = api.fit("tip_adapter", validation="kshot", **common)
+    assert again.reused and again.run_dir == kshot.run_dir
+
+
+def test_validation_full_is_refused_without_a_whole_val_split(cache, tmp_path):
+    with pytest.raises(UsageError, match="lacks.*fsl-cache extract --dataset synthetic.*--full-val"):
+        api.fit(
+            "tip_adapter", shots=2, seeds=[1], validation="full", cache_dir=cache, runs_dir=tmp_path, **SYNTH
+        )
+
+    class NoValSplit:  # ImageNet in CoOp's layout: its "val" is the test set
+        manifest = {"dataset": {"name": "imagenet", "split_sizes": {"train": 10, "val": 0, "test": 5}}}
+
+    with pytest.raises(UsageError, match="imagenet has no val split.*test set"):
+        check_full_val(NoValSplit())
+
+
+def test_validation_none_drops_the_paper_test_oracle_and_reads_no_val(cache, tmp_path, store_reads):
+    (result,) = api.fit(
+        "tip_adapter_f",
+        shots=2,
+        seeds=[1],
+        protocol="paper",
+        validation="none",
+        options={"epochs": 4},
+        cache_dir=cache,
+        runs_dir=tmp_path,
+        **SYNTH,
+    )
+    assert_no_test_read_before_final(store_reads)
+    assert not [n for n in store_reads if n.startswith("images/val")]
+    record = json.loads((result.run_dir / "record.json").read_text())
+    assert record["selection"]["epoch_on"] == "last" and record["validation"] == "none"
+
+
+def test_validation_none_refuses_options_that_select_on_val(cache, tmp_path):
+    with pytest.raises(UsageError, match="--validation none withholds"):
+        api.fit(
+            "tip_adapter",
+            shots=2,
+            seeds=[1],
+            validation="none",
+            options={"search": True},
+            cache_dir=cache,
+            runs_dir=tmp_path,
+            **SYNTH,
+        )
+
+
+def test_records_from_before_regimes_read_as_their_regime():
+    assert validation_of(
+        {"method": "tip_adapter", "protocol": "coop", "splits": {"val": {"pool": "val_pool"}}}
+    ) == ("kshot")
+    paper = {"method": "tip_adapter", "protocol": "paper", "splits": {"val": {"pool": "val_full"}}}
+    assert validation_of(paper) == "full"
+    assert validation_of({**paper, "method": "linear_probe"}) == "kshot"  # lpclip draws its own K-shot val
+
+
+def test_a_tuning_grid_cannot_run_without_validation(cache, tmp_path):
+    with pytest.raises(UsageError, match="optuna.*--validation none"):
+        api.grid(
+            ["tip_adapter"],
+            datasets=["synthetic"],
+            shots=(1,),
+            engine="optuna",
+            validation="none",
+            model="synthetic",
+            pretrained="none",
+            cache_dir=cache,
+            runs_dir=tmp_path,
+        )

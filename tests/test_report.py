@@ -74,6 +74,7 @@ def test_every_format_carries_the_same_numbers(runs):
     rows = list(csv.DictReader(io.StringIO(format_report(table, "csv"))))
     row = next(r for r in rows if (r["method"], r["dataset"], r["shots"]) == ("tip_adapter", "other", "2"))
     assert float(row["mean"]) == pytest.approx(cell.mean, abs=1e-4) and row["seeds"] == "1 2 3"
+    assert row["validation"] == "kshot"
     lines = [json.loads(line) for line in format_report(table, "json").splitlines()]
     assert len(lines) == 2 * 3 * 2  # methods × (2 datasets + average) × shots
     assert {line["dataset"] for line in lines} == {AVERAGE, "synthetic", "other"}
@@ -83,7 +84,7 @@ def test_every_format_carries_the_same_numbers(runs):
     assert markdown.index("Average") < markdown.index("### other")  # the average first, as in the papers
     assert text in format_report(table, "table")
     latex = format_report(table, "latex")
-    assert "\\begin{tabular}{lcc}" in latex and f"{cell.mean:.2f} $\\pm$ {cell.std:.2f}" in latex
+    assert "\\begin{tabular}{llcc}" in latex and f"{cell.mean:.2f} $\\pm$ {cell.std:.2f}" in latex
     assert "tip\\_adapter" in latex and "\\textbf{" in latex
 
 
@@ -160,8 +161,8 @@ def test_base2novel_shows_base_novel_and_hm_and_the_average_hm_is_of_the_average
     assert avg.mean != pytest.approx((a.mean + b.mean) / 2)  # not the mean of the per-dataset HMs
     text = format_report(table, "markdown")
     assert (
-        "| method | 16-shot base | 16-shot novel | 16-shot HM |" in text
-        and "| capt | 75.00 | 45.00 | 56.25" in text
+        "| method | validation | 16-shot base | 16-shot novel | 16-shot HM |" in text
+        and "| capt | kshot | 75.00 | 45.00 | 56.25" in text
     )
     first = next(csv.DictReader(io.StringIO(format_report(table, "csv"))))
     assert (first["base"], first["novel"], first["mean"]) == ("75.0000", "45.0000", "56.2500")
@@ -178,3 +179,38 @@ def test_every_method_gets_its_own_look_and_keeps_it_across_figures():
     assert method_styles(list(reversed(methods))) == styles  # fixed by the label, not the order met
     many = method_styles([f"m{i:02d}" for i in range(60)])
     assert len({tuple(s.values()) for s in many.values()}) == 60
+
+
+def test_runs_of_different_validation_regimes_never_share_a_cell(tmp_path):
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    make_synthetic_store(cache, views={"tip": 21})
+    for validation in ("kshot", "none"):
+        api.grid(
+            ["tip_adapter"],
+            datasets=["synthetic"],
+            shots=(1,),
+            seeds=(1, 2),
+            validation=validation,
+            cache_dir=cache,
+            runs_dir=runs,
+            **SYNTH,
+        )
+    table, rows, _ = api.report(runs_dir=runs)
+    assert table.methods == ["tip_adapter [val kshot]", "tip_adapter [val none]"]
+    assert table.validation == {"tip_adapter [val kshot]": "kshot", "tip_adapter [val none]": "none"}
+    for label in table.methods:
+        regime = table.validation[label]
+        cell = table.get(label, "synthetic", 1)
+        assert cell.values == tuple(r.test_acc for r in rows if r.validation == regime)
+    markdown = format_report(table, "markdown")
+    assert "| method | validation | 1-shot |" in markdown and "| tip_adapter [val none] | none |" in markdown
+    assert {json.loads(line)["validation"] for line in format_report(table, "json").splitlines()} == {
+        "kshot",
+        "none",
+    }
+    only = CliRunner().invoke(
+        main, ["report", "--runs-dir", str(runs), "--validation", "none", "--format", "csv"]
+    )
+    assert only.exit_code == 0, only.output
+    (row,) = csv.DictReader(io.StringIO(only.stdout))
+    assert (row["method"], row["validation"], row["seeds"]) == ("tip_adapter", "none", "1 2")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..training import FitTask, Head, TaskInfo
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .needs import Needs, ViewNeed
 from .options import ConfigError, MethodConfig, check_range
 from .registry import register_method
@@ -267,6 +267,10 @@ class Ape(Method):
     )
     Config = ApeConfig
     deviations = APE_DEVIATIONS
+    validation_free = ValidationFree(
+        "[CODE] β = 1, α = the configs' init_alpha, γ = 0.1: main.py's values before its search",
+        {"search": False},
+    )
     paper_protocol = (
         "β, α, γ searched on the full val split (when the store has val_full); ImageNet searches on test, "
         "as main.py does (its 'val' features are ImageNet's val = test)."

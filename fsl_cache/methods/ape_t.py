@@ -30,7 +30,7 @@ from .ape import (
     select_channels,
     text_source,
 )
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .needs import Needs, ViewNeed
 from .options import TrainOptions, check_range
 from .registry import register_method
@@ -150,6 +150,10 @@ class ApeT(Method):
         "(ImageNet: test, kept under --protocol paper).",
         "[PROPOSED] each epoch trains on one cached tip view per image (view sampler, METHODS §1.6); fp32 "
         "parameters (the code's residual and value weights are fp16).",
+    )
+    validation_free = ValidationFree(
+        "last epoch, β = 1, α = the configs' init_alpha, no search ([PROPOSED]: the code picks both on val)",
+        {"select": "last", "search": False},
     )
     paper_protocol = (
         "epoch and β/α selected on the full val split (when stored); ImageNet on test, as main.py."

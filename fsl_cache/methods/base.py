@@ -1,9 +1,11 @@
 """The method contract: a small class registered by name that fits a head on cached tensors.
 
 A method declares its ``name``, ``description``, ``Config`` (the ``-o`` options), its deviations
-from the official code, and what ``--protocol paper`` changes. Gradient-based methods implement
-:meth:`Method.build_head` (and, if needed, :meth:`~Method.train_settings`, :meth:`~Method.loss`,
-:meth:`~Method.finalize`); the shared trainer does the rest. Closed-form or search-based methods
+from the official code, what ``--protocol paper`` changes, and its setting under ``--validation none``
+(``validation_free``: the ``-o`` options of its official validation-free setting, or why it has none).
+Gradient-based methods implement :meth:`Method.build_head` (and, if needed,
+:meth:`~Method.train_settings`, :meth:`~Method.loss`, :meth:`~Method.finalize`); the shared trainer
+does the rest. Closed-form or search-based methods
 override :meth:`Method.fit`. A method also says what it reads from the store (``needed``, or
 :meth:`Method.needs` when it depends on the dataset), which is all ``extract --for`` writes, and
 how its fitted head is rebuilt from the run's saved tensors (:meth:`Method.rebuild_head`), which is
@@ -20,6 +22,7 @@ A new method is one module in this package (found automatically) plus its test::
     class MyMethod(Method):
         name, description, Config = "my_method", "What it does (METHODS §x).", MyConfig
         deviations = ("[PROPOSED] how it differs from the official code.",)
+        validation_free = ValidationFree("last epoch, as the official code", {"select": "last"})
         needed = Needs(train_views=(ViewNeed("tip", 31, ("pooled",)),))  # 1 + epochs tip views
 
         @classmethod
@@ -36,7 +39,7 @@ A new method is one module in this package (found automatically) plus its test::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -56,6 +59,21 @@ from ..training import (
 from ..training.trainer import cross_entropy
 from .needs import Needs
 from .options import MethodConfig, TrainOptions
+
+
+@dataclass(frozen=True)
+class ValidationFree:
+    """What a method does under ``--validation none`` (no val split is read), declared once on its class."""
+
+    setting: str
+    """The setting and its source ([CODE]/[PAPER]/[PROPOSED]); or, when ``options`` is ``None``, why there is none."""
+    options: Mapping[str, Any] | None = field(default_factory=dict)
+    """``-o`` options that give the setting (the user's own ``-o`` come on top); ``None``: the method has no
+    validation-free setting and ``--validation none`` is refused."""
+
+    @property
+    def exists(self) -> bool:
+        return self.options is not None
 
 
 @dataclass
@@ -81,6 +99,10 @@ class Method:
     deviations: ClassVar[tuple[str, ...]] = ()
     """Every way this implementation differs from the official code, each tagged [CODE]/[PROPOSED]."""
     paper_protocol: ClassVar[str] = "Same as coop: the official code has no selection quirk to reproduce."
+    validation_free: ClassVar[ValidationFree] = ValidationFree(
+        "no validation-free setting declared", options=None
+    )
+    """The method under ``--validation none`` (``fsl-cache methods`` shows it); it reads no val there."""
     paper_full_val: ClassVar[bool] = False
     """Under ``--protocol paper``, select on the whole val split (when the store holds ``val_full``)."""
     paper_test_oracle: ClassVar[bool] = False
@@ -150,7 +172,7 @@ class Method:
             TrainData(source, task.train.labels),
             settings,
             generator,
-            self.selector(task, head),
+            None if settings.select == "last" else self.selector(task, head),
             self.loss,
         )
 
@@ -164,7 +186,10 @@ class Method:
         return self.config.train_settings()
 
     def selector(self, task: FitTask, head: Head) -> Selector | None:
-        """Model selection on the few-shot val (center view); override for other rules."""
+        """Model selection on the selection split (center view); ``None`` when the method keeps its last
+        state (``select=last``), which reads no val. Override for other rules."""
+        if self.train_settings(task).select == "last":
+            return None
         return Selector(task.views(task.val, taps=head.inputs), task.val.labels, name=task.val.name)
 
     def loss(

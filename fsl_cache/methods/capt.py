@@ -27,7 +27,7 @@ from ..store.reads import read_rows
 from ..store.store import MANIFEST, FeatureStore
 from ..training import FitTask, TrainData, TrainSettings, open_views, seeded_init, train
 from ..training.settings import Optimizer, Schedule
-from .base import FitResult, Method, warn_view_reuse
+from .base import FitResult, Method, ValidationFree, warn_view_reuse
 from .capt_c import IndexedViews
 from .capt_modules import COMMONALITY_TEMPLATE, spherical_kmeans
 from .capt_prompts import CaptPromptHead, capt_infonce, mine_negatives, mix_centroids, widen_batch
@@ -165,6 +165,10 @@ class Capt(Method):
         "[PROPOSED] base2novel: novel classes use the frozen zero-shot text (templates option) on the cached "
         "embedding, the code's frozen teacher-format path without the teacher; the visual prompts are not used "
         "for novel classes.",
+    )
+    validation_free = ValidationFree(
+        "[PROPOSED] last epoch (the code keeps the best val epoch, TEST.FINAL_MODEL best_val)",
+        {"select": "last"},
     )
     paper_protocol = "Same as coop: CAPT's own setting is --protocol base2novel."
     min_views = {"coop": 2}

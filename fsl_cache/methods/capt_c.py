@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..training import FitTask, TaskInfo, TrainData, TrainSettings, seeded_init, train
 from ..training.settings import Schedule
-from .base import FitResult, Method, warn_view_reuse
+from .base import FitResult, Method, ValidationFree, warn_view_reuse
 from .capt_modules import (
     COMMONALITY_TEMPLATE,
     DIFFERENCE_TEMPLATE,
@@ -140,6 +140,7 @@ class CaptC(Method):
         "[PROPOSED] each epoch trains on one cached coop view per image (view sampler, METHODS §1.6).",
         "[PROPOSED] fallback pair templates when no LLM descriptions are given.",
     )
+    validation_free = ValidationFree("[PROPOSED] last epoch", {"select": "last"})
     paper_protocol = (
         "Same as coop: CAPT-C has no official code to reproduce; its own setting is --protocol base2novel."
     )
@@ -221,7 +222,9 @@ class CaptC(Method):
 
     def _taps(self, task: FitTask) -> tuple[str, ...]:
         """``pooled``, plus ``dense_embed`` when the local branch can run on every pool the fit reads."""
-        pools = {(task.train.pool, "coop"), (task.val.pool, "center"), ("test", "center")}
+        pools = {(task.train.pool, "coop"), ("test", "center")}
+        if task.has_val:  # --validation none reads no val, not even its maps
+            pools.add((task.val.pool, "center"))
         has = all(task.store.has(f"images/{p}/views/{v}/dense_embed") for p, v in pools)
         self.grid = None
         if self.config.local and has:

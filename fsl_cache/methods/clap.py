@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..training import FitTask
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .registry import register_method
 from .zs_lp import (
     CLAP_NEEDS,
@@ -106,6 +106,9 @@ class Clap(Method):
     deviations = CLAP_REPO_DEVIATIONS + (
         "[CODE] λ_c from the zero-shot logits scale·cos(f, t) of the 20 pooled views, computed from the cached "
         "views and the store's text weights (the code computes them while extracting the same views).",
+    )
+    validation_free = ValidationFree(
+        "[CODE] as is: one configuration for every task, last epoch, no val read"
     )
     paper_protocol = ZsLp.paper_protocol
     min_views = {"coop": 2}

@@ -12,9 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..training import FitTask, Head, TaskInfo, TrainData, TrainResult, TrainSettings, seeded_init, train
+from ..training import (
+    FitTask,
+    Head,
+    Selector,
+    TaskInfo,
+    TrainData,
+    TrainResult,
+    TrainSettings,
+    seeded_init,
+    train,
+)
 from ..training.settings import Optimizer, Schedule, Select
-from .base import FitResult, Method, warn_view_reuse
+from .base import FitResult, Method, ValidationFree, warn_view_reuse
 from .needs import Needs, ViewNeed
 from .options import TrainOptions, check_range
 from .registry import register_method
@@ -156,6 +166,9 @@ class ClipAdapter(Method):
         "[PROPOSED] fp32 head on cached fp16 embeddings; T is cached once (the code re-encodes the constant "
         "prompts every forward).",
     )
+    validation_free = ValidationFree(
+        "[CODE] last epoch (Dassl TEST.FINAL_MODEL last_step), rho 0.2", {"select": "last"}
+    )
     paper_protocol = (
         "the last epoch is evaluated (Dassl TEST.FINAL_MODEL last_step) instead of the best on val."
     )
@@ -205,17 +218,21 @@ class ClipAdapter(Method):
         for rho in self.config.rho_grid:
             gen = torch.Generator().manual_seed(seed)
             head = self._head(task, rho=rho, generator=gen)
-            selector = self.selector(task, head)
             result = train(
                 head,
                 TrainData(source, task.train.labels),
                 settings=settings,
                 generator=gen,
-                selector=selector,
+                selector=self.selector(task, head),  # the epoch (None: the last one)
                 loss_fn=self.loss,
                 device=task.device,
             )
-            score = result.best_score if result.best_score is not None else selector(result.head, task.device)
+            if result.best_score is not None:
+                score = result.best_score
+            else:  # rho is chosen on val even when the epoch is not
+                score = Selector(task.views(task.val, taps=head.inputs), task.val.labels)(
+                    result.head, task.device
+                )
             scores.append(score)
             if best is None or score > best[0]:
                 best = (score, rho, result)

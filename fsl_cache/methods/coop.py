@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import UsageError
 from ..training import FitTask, TaskInfo, TrainResult, TrainSettings, seeded_init
 from ..training.head import Head
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .clip_adapter import ClipAdapter, DasslTrainOptions
 from .options import check_range
 from .registry import register_method
@@ -239,6 +239,7 @@ class CoOp(Method):
         "runs all 77.",
         "[PROPOSED] logit scale from the store (100 for OpenAI weights), like the cached zero-shot logits.",
     )
+    validation_free = ValidationFree("[CODE] last epoch (TEST.FINAL_MODEL last_step)", {"select": "last"})
     paper_protocol = "the last epoch is evaluated (TEST.FINAL_MODEL last_step) instead of the best on val."
     min_views = {"coop": 2}
     needs_backbone = True

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..training import FitTask
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .options import ConfigError
 from .registry import register_method
 from .zs_lp import (
@@ -76,6 +76,7 @@ class CrossModal(Method):
         "[PROPOSED] the recipe is the CLAP toolbox's CrossModal (ZS init, SGD 0.1, 300 epochs, half sample per "
         "epoch), not cross_modal_adaptation's own search over lr / weight decay on val.",
     )
+    validation_free = ValidationFree("as is: the fixed recipe's last epoch, no val read")
     paper_protocol = ZsLp.paper_protocol
     min_views = {"coop": 2}
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..training import FitTask, Head
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .needs import Needs, ViewNeed
 from .options import ConfigError, MethodConfig, check_range
 from .registry import register_method
@@ -121,6 +121,11 @@ class Gda(Method):
         "full val split, and on ImageNet the test set (kept under --protocol paper).",
         "[PROPOSED] the 10 views are pre-extracted tip-policy views 1..10 (exact in distribution).",
         "[PROPOSED] fp32 on cached fp16 embeddings; the code runs the encoder in fp16 and the estimate in fp32.",
+    )
+    validation_free = ValidationFree(
+        "[PROPOSED] α = 0.1, the value main_few_shots.py keeps when no grid point wins (best_alpha = 0.1); "
+        "the code always searches α",
+        {"alpha": 0.1},
     )
     paper_protocol = (
         "α searched on the full val split (when the store has val_full); ImageNet searches on test, as "

@@ -20,7 +20,7 @@ from ..evaluation.scoring import predict
 from ..splits import SplitRef
 from ..training import FitTask, Head, Selector, TrainResult, TrainSettings, seeded_init
 from ..training.settings import Select
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .ldc_modules import (
     ALF,
     ICD,
@@ -176,6 +176,10 @@ def build_trunk(
 # ---------------------------------------------------------------------------- config and method
 
 
+UNSEARCHED_BETA = 0.5
+"""[PROPOSED] β of the headline fusion under ``--validation none`` (LDC's code has no unsearched β)."""
+
+
 @dataclass(frozen=True)
 class LDCConfig(TrainOptions):
     epochs: int = 50
@@ -240,6 +244,11 @@ class LDC(Method):
     )
     Config = LDCConfig
     deviations = LDC_DEVIATIONS
+    validation_free = ValidationFree(
+        f"[CODE] last epoch; [PROPOSED] β = {UNSEARCHED_BETA}, equal MAF/ICD weights (the code always searches β "
+        "on val; the trained ALF fusion is scored beside it)",
+        {"select": "last"},
+    )
     paper_protocol = (
         "beta searched on the full val split (when the store has val_full); ImageNet searches beta "
         "on test, as ldc_train.py does without a val loader. The official single seed is 2024 "
@@ -315,7 +324,18 @@ class LDC(Method):
         return Selector(source, task.val.labels, name=task.val.name, score=score)
 
     def finalize(self, result: TrainResult, task: FitTask) -> FitResult:
-        head, split = result.head, search_split(task)
+        head = result.head
+        selection = {
+            "epoch": result.best_epoch,
+            "iteration": result.best_iter,
+            "epoch_score": result.best_score,
+            "epoch_on": "last" if self.config.select == "last" else task.val.name,
+        }
+        if not task.has_val:  # --validation none
+            head.set_beta(UNSEARCHED_BETA)
+            selection |= {"beta": UNSEARCHED_BETA, "search_on": "none"}
+            return FitResult(head, selection=selection, history=result.history)
+        split = search_split(task)
         beta, acc = searched_accuracy(
             head,
             task.views(split, taps=head.inputs),
@@ -324,16 +344,7 @@ class LDC(Method):
             device=task.device,
         )
         head.set_beta(beta)
-        selection = {
-            "epoch": result.best_epoch,
-            "iteration": result.best_iter,
-            "epoch_score": result.best_score,
-            "epoch_on": "last" if self.config.select == "last" else task.val.name,
-            "beta": beta,
-            "search_acc": acc,
-            "search_on": split.name,
-            "search_n": len(split),
-        }
+        selection |= {"beta": beta, "search_acc": acc, "search_on": split.name, "search_n": len(split)}
         return FitResult(head, selection=selection, history=result.history)
 
 

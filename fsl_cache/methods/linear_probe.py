@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..training import FitTask, Head
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .options import ConfigError, MethodConfig, check_range
 from .registry import register_method
 
@@ -122,6 +122,9 @@ class LinearProbe(Method):
         "np.random sampling of 10 seeds, so every method sees identical samples.",
         "[CODE] the test number is that of the last search step, as lpclip reports; lpclip also scores "
         "test at every step (only printed), which fsl-cache does not do.",
+    )
+    validation_free = ValidationFree(
+        "none: CoOp lpclip searches C on val, and its code has no fixed C", options=None
     )
     paper_protocol = (
         "lpclip's own sampling: np.random.seed(seed), np.random.choice per class from the full "

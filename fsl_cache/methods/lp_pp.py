@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..training import FitTask, Head, seeded_init
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .needs import Needs, ViewNeed
 from .options import MethodConfig, check_range
 from .registry import register_method
@@ -162,6 +162,9 @@ class LpPlusPlus(Method):
         "min(k,4) per class (the code's val is its own K-shot val).",
         "[CODE] b starts from nn.Linear's default init drawn from the run's generator; W from the class sums.",
     )
+    validation_free = ValidationFree(
+        "last of the 300 epochs (the code picks the epoch on a K-shot val)", {"select": "last"}
+    )
     paper_protocol = (
         "Same as coop: the epoch is selected on the few-shot val, as the code does on its K-shot val."
     )
@@ -189,9 +192,13 @@ class LpPlusPlus(Method):
             text,
         )
         lr_w, lr_a = lr_weights(features), lr_alpha(features, text)
-        val = (F.normalize(task.center(task.val), dim=-1), task.val.labels.long())
+        val = (
+            (F.normalize(task.center(task.val), dim=-1), task.val.labels.long())
+            if cfg.select == "val"
+            else None
+        )
         epoch, val_acc, history = train_lp_pp(
-            head, features, labels, config=cfg, lr_w=lr_w, lr_a=lr_a, val=val if cfg.select == "val" else None
+            head, features, labels, config=cfg, lr_w=lr_w, lr_a=lr_a, val=val
         )
         selection = {
             "epoch": epoch,

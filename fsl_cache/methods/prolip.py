@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import UsageError
 from ..store.reads import read_rows
 from ..training import FitTask, Head
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .needs import Needs, ViewNeed
 from .options import MethodConfig, check_range
 from .registry import register_method
@@ -170,6 +170,10 @@ class ProLIP(Method):
         "above 0 % the code fails (lr_v undefined); here the first point is kept.",
         "[PROPOSED] coop protocol: CoOp seeds 1-3 and the store's few-shot val (min(k, 4) per class); the "
         "code's search uses its own K-shot val.",
+    )
+    validation_free = ValidationFree(
+        "[CODE] lr 1e-5, λ = 1/N, last epoch (few_shot_no_val_lr1e-5_lambda_1_N.yaml)",
+        {"search": False, "lr": 1e-5, "lam": "1/N"},
     )
     paper_protocol = "Same as coop: the code trains a fixed setting (or searches on its K-shot val)."
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..training import FitTask, TrainData, TrainSettings, seeded_init, train
 from ..training.settings import Optimizer, Schedule
-from .base import FitResult, Method, warn_view_reuse
+from .base import FitResult, Method, ValidationFree, warn_view_reuse
 from .capt import open_teacher_store, teacher_logits
 from .capt_c import IndexedViews
 from .capt_prompts import CaptPromptHead
@@ -100,6 +100,9 @@ class PromptKD(Method):
         "task's classes; the official code distils on every train image of all classes, labels unused.",
         "[PROPOSED] fp32 training; the epoch is selected on the few-shot val (the official code keeps the best "
         "val model too); novel classes under base2novel use the frozen zero-shot text.",
+    )
+    validation_free = ValidationFree(
+        "[CODE] last epoch (PromptKD evaluates the final model)", {"select": "last"}
     )
     paper_protocol = "Same as coop: PromptKD's own setting is --protocol base2novel."
     min_views = {"coop": 2}

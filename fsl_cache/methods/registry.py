@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import did_you_mean
-from .base import Method
+from .base import Method, ValidationFree
 from .needs import Needs
 from .options import MethodConfig, OptionInfo
 
@@ -35,6 +35,8 @@ class MethodInfo:
     deviations: tuple[str, ...]
     paper_protocol: str
     trains: bool
+    validation_free: ValidationFree
+    """The method under ``--validation none``."""
 
     def needs(self, dataset: str = "", options: dict | None = None) -> Needs:
         return self.cls.needs(dataset, options)
@@ -57,7 +59,14 @@ def register_method(cls: type[Method]) -> type[Method]:
     if cls.name in _REGISTRY and _REGISTRY[cls.name].cls.__qualname__ != cls.__qualname__:
         raise TypeError(f"method '{cls.name}' is registered twice ({_REGISTRY[cls.name].cls.__qualname__})")
     _REGISTRY[cls.name] = MethodInfo(
-        cls.name, cls.description, cls, cls.Config, tuple(cls.deviations), cls.paper_protocol, cls.trains
+        cls.name,
+        cls.description,
+        cls,
+        cls.Config,
+        tuple(cls.deviations),
+        cls.paper_protocol,
+        cls.trains,
+        cls.validation_free,
     )
     return cls
 

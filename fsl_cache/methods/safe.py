@@ -30,7 +30,7 @@ from ..training import EarlierRun, FitTask, Head, ViewSource
 from ..training.sampler import epoch_batches
 from ..training.schedule import lr_factor
 from ..training.settings import TrainSettings
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .needs import Needs, ViewNeed
 from .options import ConfigError, MethodConfig, check_range
 from .pooling import PoolingTail
@@ -568,6 +568,10 @@ class Safe(Method):
     )
     Config = SafeConfig
     deviations = SAFE_DEVIATIONS
+    validation_free = ValidationFree(
+        "none: SAFE picks its lr x wd grid point and stopping iteration on val (paper Sec. IV-A)",
+        options=None,
+    )
     paper_protocol = "Same as coop: SAFE selects every choice on the few-shot val (min(k,4) per class)."
     min_views = {TRAIN_POLICY: 1}
 

@@ -19,7 +19,7 @@ import torch
 from ..console import training_notice
 from ..splits import SplitRef
 from ..training import FitTask, Head, MemoryViews, TaskInfo, ViewSource
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .needs import Needs
 from .options import check_range
 from .registry import register_method
@@ -184,6 +184,10 @@ class SafeA(Method):
             "[PROPOSED] AttnPool_F is frozen after SAFE; the blended tip-view embeddings are computed once "
             "(option precompute).",
         )
+    )
+    validation_free = ValidationFree(
+        "none: SAFE-A picks SAFE's lr x wd grid point, stopping iteration and Tip's alpha, beta on val",
+        options=None,
     )
     paper_protocol = (
         "Same as coop: SAFE's protocol selects on the few-shot val; Tip-F's test oracle is not used."

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..training import FitTask, Head, Selector, TaskInfo, TrainResult, TrainSettings
 from ..training.settings import Optimizer, Schedule, Select
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .needs import Needs, ViewNeed
 from .options import TrainOptions, check_range
 from .registry import register_method
@@ -115,6 +115,9 @@ class TaskRes(Method):
         "[PROPOSED] each epoch trains on one cached coop view per image (view sampler, METHODS §1.6); 100 "
         "augmented views are cached, so the 200-epoch recipe (8-16 shots) sees each view twice.",
         "[PROPOSED] fp32 on cached fp16 embeddings; the code's regular base (no enhanced base).",
+    )
+    validation_free = ValidationFree(
+        "[CODE] last epoch (Dassl TEST.FINAL_MODEL last_step)", {"select": "last"}
     )
     paper_protocol = "Same as coop: Dassl evaluates the last epoch (TEST.FINAL_MODEL last_step)."
     min_views = {"coop": 2}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..errors import StoreError
 from ..splits import SplitRef
 from ..training import FitTask, Head, TaskInfo
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .needs import Needs, ViewNeed
 from .options import ConfigError, MethodConfig, check_range
 from .registry import register_method
@@ -307,6 +307,11 @@ class TipAdapter(Method):
     )
     Config = TipAdapterConfig
     deviations = TIP_DEVIATIONS
+    validation_free = ValidationFree(
+        "[CODE] the configs' init_alpha, init_beta, no search (the 'Tip-Adapter' accuracy main.py prints "
+        "before search_hp; the paper's fixed α, β)",
+        {"search": False},
+    )
     paper_protocol = (
         "alpha/beta searched on the full val split (when the store has val_full); "
         "ImageNet searches on test, as main_imagenet.py does."

@@ -13,7 +13,7 @@ from ..evaluation.metrics import accuracy
 from ..evaluation.scoring import predict
 from ..training import FitTask, Selector, TaskInfo, TrainResult, TrainSettings
 from ..training.settings import Schedule
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .needs import Needs
 from .options import TrainOptions
 from .registry import register_method
@@ -64,6 +64,10 @@ class TipAdapterF(Method):
         "[PROPOSED] each epoch trains on one cached tip view per image (view sampler, METHODS §1.6), exact in "
         "distribution when the store holds at least epochs + 1 tip views.",
     )
+    validation_free = ValidationFree(
+        "last epoch, the configs' init_alpha, init_beta, no search ([PROPOSED]: the code picks the epoch on test)",
+        {"select": "last", "search": False},
+    )
     paper_protocol = (
         "epoch chosen by test accuracy (oracle) and the reported test accuracy is "
         "max(best epoch, final), as main.py prints; alpha/beta on the full val split "
@@ -101,7 +105,11 @@ class TipAdapterF(Method):
         selection = {
             "epoch": result.best_epoch,
             "epoch_acc": result.best_score,
-            "epoch_on": "test" if task.info.protocol == "paper" and task.oracle is not None else "val",
+            "epoch_on": "last"
+            if cfg.select == "last"
+            else "test"
+            if task.info.protocol == "paper" and task.oracle is not None
+            else "val",
             "init_alpha": cfg.init_alpha,
             "init_beta": cfg.init_beta,
         }

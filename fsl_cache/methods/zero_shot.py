@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..training import FitTask, Head
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .options import MethodConfig
 from .registry import register_method
 
@@ -39,6 +39,7 @@ class ZeroShot(Method):
     name = "zero_shot"
     description = "Zero-shot CLIP: 100·f̂Wᵀ with the dataset's templates; no training (METHODS §2.1)."
     Config = ZeroShotConfig
+    validation_free = ValidationFree("as is: zero-shot has nothing to select")
     deviations = (
         "[PROPOSED] logits computed in fp32 from the cached embedding; the official code runs fp16 end to end.",
     )

@@ -19,7 +19,7 @@ from ..errors import StoreError
 from ..training import FitTask, Head
 from ..training.schedule import lr_factor
 from ..training.settings import TrainSettings
-from .base import FitResult, Method
+from .base import FitResult, Method, ValidationFree
 from .needs import Needs, ViewNeed
 from .options import MethodConfig, check_range
 from .registry import register_method
@@ -209,6 +209,7 @@ class ZsLp(Method):
     )
     Config = ClapTrainConfig
     deviations = CLAP_REPO_DEVIATIONS
+    validation_free = ValidationFree("[CODE] as is: the fixed recipe's last epoch, no val read")
     paper_protocol = "Same as coop: the official code keeps the last epoch and reads no validation split."
     trains = True
     min_views = {"coop": 2}

@@ -1,8 +1,9 @@
 """The report table as text: a terminal table, Markdown, CSV, LaTeX (booktabs) or JSON lines.
 
-Every format shows one block per dataset (the average over datasets first): a row per method, a
-column per shot count, ``mean ± std`` over seeds, the best mean of each column in bold. Base-to-novel
-tables show three columns per shot count: base, novel and their harmonic mean (HM, the headline).
+Every format shows one block per dataset (the average over datasets first): a row per method with
+its validation regime, a column per shot count, ``mean ± std`` over seeds, the best mean of each
+column in bold. Base-to-novel tables show three columns per shot count: base, novel and their
+harmonic mean (HM, the headline).
 Domain-shift runs add a block per (source, shots) whose columns are the source and each target.
 """
 
@@ -77,11 +78,12 @@ def _views(
     table: ReportTable, *, pm: str = "±", bold
 ) -> list[tuple[str, list[str], list[tuple[str, list[str]]]]]:
     """(title, headers, [(method, entries)]) of every block: each dataset's, then each domain shift's."""
+    regime = table.validation.get
     views = [
         (
             block_title(table, block),
-            _shots_header(table),
-            [(m, _row_texts(table, m, block, pm=pm, bold=bold)) for m in table.methods],
+            ["validation", *_shots_header(table)],
+            [(m, [regime(m, ""), *_row_texts(table, m, block, pm=pm, bold=bold)]) for m in table.methods],
         )
         for block in table.blocks()
     ]
@@ -94,9 +96,9 @@ def _views(
                 text = cell_text(cell, pm=pm)
                 top = cell is not None and len(shift.methods) > 1 and cell.mean >= best - 1e-9
                 texts.append(bold(text) if top else text)
-            rows.append((method, texts))
+            rows.append((method, [regime(method, ""), *texts]))
         source = dataset_label(shift.source)
-        headers = [f"{source} (source)"] + [dataset_label(c) for c in shift.columns[1:]]
+        headers = ["validation", f"{source} (source)"] + [dataset_label(c) for c in shift.columns[1:]]
         views.append((f"Domain shift from {source}, {shift.shots}-shot", headers, rows))
     return views
 
@@ -110,7 +112,7 @@ def as_text(table: ReportTable) -> str:
         t = Table(title=escape(title), title_justify="left", show_edge=False)
         t.add_column("method")
         for head in headers:
-            t.add_column(escape(head), justify="right")
+            t.add_column(escape(head), justify="left" if head == "validation" else "right")
         for method, texts in rows:
             t.add_row(escape(method), *texts)
         console.print(t)
@@ -127,7 +129,7 @@ def as_markdown(table: ReportTable) -> str:
             f"### {title}",
             "",
             "| method | " + " | ".join(headers) + " |",
-            "|---|" + "---:|" * len(headers),
+            "|---|" + "".join("---|" if h == "validation" else "---:|" for h in headers),
         ]
         lines += [f"| {method} | " + " | ".join(texts) + " |" for method, texts in rows]
         lines.append("")
@@ -140,13 +142,16 @@ def as_csv(table: ReportTable) -> str:
     writer = csv.writer(out, lineterminator="\n")
     b2n = table.base2novel
     writer.writerow(
-        ["method", "dataset", "shots"] + ["base", "novel"] * b2n + ["mean", "std", "n", "seeds", "partial"]
+        ["method", "validation", "dataset", "shots"]
+        + ["base", "novel"] * b2n
+        + ["mean", "std", "n", "seeds", "partial"]
     )
     for cell in _cells(table):
         parts = [f"{cell.base:.4f}", f"{cell.novel:.4f}"] if b2n else []
         writer.writerow(
             [
                 cell.method,
+                table.validation.get(cell.method, ""),
                 f"{cell.source}->{cell.dataset}" if cell.source else cell.dataset,
                 cell.shots,
                 *parts,
@@ -161,7 +166,10 @@ def as_csv(table: ReportTable) -> str:
 
 
 def as_json(table: ReportTable) -> str:
-    return "".join(json.dumps(cell.to_json()) + "\n" for cell in _cells(table))
+    return "".join(
+        json.dumps(cell.to_json() | {"validation": table.validation.get(cell.method)}) + "\n"
+        for cell in _cells(table)
+    )
 
 
 def _cells(table: ReportTable) -> list[Cell]:
@@ -183,7 +191,7 @@ def as_latex(table: ReportTable) -> str:
     for title, headers, rows in _views(table, pm="$\\pm$", bold=lambda t: f"\\textbf{{{t}}}"):
         lines += [
             f"% {title}",
-            "\\begin{tabular}{l" + "c" * len(headers) + "}",
+            "\\begin{tabular}{ll" + "c" * (len(headers) - 1) + "}",
             "\\toprule",
             f"\\multicolumn{{{1 + len(headers)}}}{{l}}{{{_tex(title)}}} \\\\",
             "Method & " + " & ".join(_tex(h) for h in headers) + " \\\\",

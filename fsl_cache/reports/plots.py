@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import UsageError
 from ..store.fingerprint import slug
 from .rows import RunRow, classnames_for, dataset_label
-from .table import AVERAGE, ReportTable, row_label
+from .table import AVERAGE, ReportTable, row_labels
 
 PALETTE = (
     *("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"),
@@ -137,12 +137,10 @@ def plot_accuracy(table: ReportTable, path: Path, *, styles: dict | None = None)
 
 def confusion_by_group(rows: Sequence[RunRow]) -> dict[tuple[str, str], tuple[int, np.ndarray, list[str]]]:
     """``{(method row, dataset): (shots, confusion summed over seeds, class names)}`` at the largest shots."""
-    several_bb = len({r.backbone for r in rows}) > 1
-    several_proto = len({r.protocol for r in rows}) > 1
     by_group: dict[tuple[str, str], list[RunRow]] = defaultdict(list)
-    for r in rows:
+    for r, label in zip(rows, row_labels(rows)):
         if r.confusion:
-            by_group[row_label(r, backbones=several_bb, protocols=several_proto), r.dataset].append(r)
+            by_group[label, r.dataset].append(r)
     out = {}
     for key, group in by_group.items():
         shots = max(r.shots for r in group)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runs.locate import canonical_dataset
-from ..runs.record import RECORD, method_of
+from ..runs.record import RECORD, method_of, validation_of
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class RunRow:
     protocol: str
     backbone: str
     """``arch/pretrained`` of the store."""
-    val_acc: float
+    val_acc: float | None
+    """``None`` under ``--validation none``."""
     test_acc: float
     test_mean_per_class: float
     created: str
@@ -40,6 +41,8 @@ class RunRow:
     """``--protocol base2novel``: test top-1 on the novel classes."""
     targets: tuple[tuple[str, float], ...] = ()
     """Domain shift: (target dataset, test accuracy) of the same head, in the run's target order."""
+    validation: str = "kshot"
+    """The validation regime: ``none``, ``kshot`` or ``full``."""
 
     @property
     def variant(self) -> str:
@@ -73,7 +76,7 @@ def row_from_record(record: dict, path: Path) -> RunRow:
         int(record["seed"]),
         record["protocol"],
         f"{store.get('arch')}/{store.get('pretrained')}",
-        float(m["val_acc"]),
+        None if m["val_acc"] is None else float(m["val_acc"]),
         float(m["test_acc"]),
         float(test["mean_per_class"]),
         record.get("created", ""),
@@ -85,6 +88,7 @@ def row_from_record(record: dict, path: Path) -> RunRow:
         None if m.get("novel_acc") is None else float(m["novel_acc"]),
         # the run's target order (records sort their keys)
         tuple((name, float(m["targets"][name]["test_acc"])) for name in record.get("targets", [])),
+        validation_of(record),
     )
 
 
@@ -104,6 +108,8 @@ class Filters:
     protocols: tuple[str, ...] = ()
     backbones: tuple[str, ...] = ()
     """``arch`` or ``arch/pretrained``."""
+    validations: tuple[str, ...] = ()
+    """Validation regimes (``none``, ``kshot``, ``full``)."""
 
     def keep(self, row: RunRow) -> bool:
         datasets = {canonical_dataset(d) for d in self.datasets} | set(self.datasets)
@@ -112,6 +118,7 @@ class Filters:
             and (not self.datasets or row.dataset in datasets or row.dataset_label in datasets)
             and (not self.shots or row.shots in self.shots)
             and (not self.protocols or row.protocol in self.protocols)
+            and (not self.validations or row.validation in self.validations)
             and (
                 not self.backbones
                 or row.backbone in self.backbones
@@ -136,10 +143,19 @@ def load_rows(runs_dir: str | Path, filters: Filters = Filters()) -> list[RunRow
         if not filters.keep(row):
             continue
         targets = tuple(name for name, _ in row.targets)
-        key = (row.variant, row.backbone, row.protocol, targets, row.dataset, row.shots, row.seed)
+        key = (
+            row.variant,
+            row.backbone,
+            row.protocol,
+            row.validation,
+            targets,
+            row.dataset,
+            row.shots,
+            row.seed,
+        )
         if key not in newest or row.created > newest[key].created:
             newest[key] = row
-    return sorted(newest.values(), key=lambda r: (r.dataset, r.variant, r.shots, r.seed))
+    return sorted(newest.values(), key=lambda r: (r.dataset, r.variant, r.validation, r.shots, r.seed))
 
 
 def classnames_for(rows: Sequence[RunRow]) -> list[str] | None:

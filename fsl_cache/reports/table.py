@@ -1,10 +1,11 @@
 """The papers' table from run rows: mean ± std over seeds per method × dataset × shots, and the dataset average.
 
-A "method" row is a variant (method plus its ``-o`` options), qualified by backbone and protocol
-when a report mixes several. The std is numpy's default (population, ``ddof=0``). The average over
-datasets is the mean of the per-dataset means; its std is the spread over seeds of the per-seed
-dataset averages (only when every dataset has that seed). An average missing some datasets is
-marked partial rather than silently compared with complete ones.
+A "method" row is a variant (method plus its ``-o`` options), qualified by backbone, protocol and
+validation regime when a report mixes several: runs of different regimes never share a cell. The std
+is numpy's default (population, ``ddof=0``). The average over datasets is the mean of the per-
+dataset means; its std is the spread over seeds of the per-seed dataset averages (only when every
+dataset has that seed). An average missing some datasets is marked partial rather than silently
+compared with complete ones.
 
 Base-to-novel runs (CoCoOp's protocol) also carry base and novel accuracy: a cell's base and novel are
 their means (over seeds, then over datasets for the average) and its headline is the harmonic mean
@@ -98,6 +99,8 @@ class ReportTable:
     cells: dict[tuple[str, str, int], Cell] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     shifts: list[ShiftBlock] = field(default_factory=list)
+    validation: dict[str, str] = field(default_factory=dict)
+    """The validation regime of each method row (``none``, ``kshot`` or ``full``)."""
 
     def get(self, method: str, dataset: str, shots: int) -> Cell | None:
         return self.cells.get((method, dataset, shots))
@@ -116,27 +119,37 @@ class ReportTable:
         return max(values) if values else None
 
 
-def row_label(row: RunRow, *, backbones: bool, protocols: bool) -> str:
-    label = row.variant
-    if backbones:
-        label += f" · {row.backbone}"
-    if protocols:
-        label += f" ({row.protocol})"
-    return label
+def row_labels(rows: Sequence[RunRow]) -> list[str]:
+    """The method row of each run: its variant, qualified by backbone, protocol and validation regime when
+    ``rows`` mix several, so that no row (and no cell or average) pools runs of different ones."""
+    several_bb = len({r.backbone for r in rows}) > 1
+    several_proto = len({r.protocol for r in rows}) > 1
+    several_val = len({r.validation for r in rows}) > 1
+    labels = []
+    for row in rows:
+        label = row.variant
+        if several_bb:
+            label += f" · {row.backbone}"
+        if several_proto:
+            label += f" ({row.protocol})"
+        if several_val:
+            label += f" [val {row.validation}]"
+        labels.append(label)
+    return labels
 
 
 def build_table(rows: Sequence[RunRow]) -> ReportTable:
     """Aggregate ``rows`` (one per seed) into the report table."""
-    several_bb = len({r.backbone for r in rows}) > 1
-    several_proto = len({r.protocol for r in rows}) > 1
     groups: dict[tuple[str, str, int], dict[int, RunRow]] = defaultdict(dict)
     order: dict[str, None] = {}
-    labels = [row_label(r, backbones=several_bb, protocols=several_proto) for r in rows]
+    labels = row_labels(rows)
+    regimes: dict[str, str] = {}
     for r, label in zip(rows, labels):
         order.setdefault(label)
+        regimes[label] = r.validation
         groups[label, r.dataset, r.shots][r.seed] = r
     datasets = sorted({r.dataset for r in rows})
-    table = ReportTable(list(order), datasets, sorted({r.shots for r in rows}))
+    table = ReportTable(list(order), datasets, sorted({r.shots for r in rows}), validation=regimes)
     for (label, dataset, shots), by_seed in groups.items():
         seeds = tuple(sorted(by_seed))
         values = tuple(by_seed[s].test_acc for s in seeds)

@@ -33,6 +33,10 @@ COOP_NOTE = (
     "CoOp/Dassl split from the store; few-shot val (min(k,4)/class) for every choice; "
     "test read once, at the end"
 )
+VALIDATION_NOTES = {
+    "none": "--validation none: no val split is read, not even to score the finished head",
+    "full": "--validation full: every choice is made on the whole val split",
+}
 OLD_SCALE_NOTE = "100 (the constant stores used before they read the checkpoint's logit_scale)"
 SHIFT_NOTE = (
     "domain shift: the same head is then tested on each target's test split, its logits restricted to the "
@@ -95,13 +99,15 @@ def fit_group(
     domain-shift targets each finished head is also tested on.
     """
     first = runs[0]
-    shared = ("method", "shots", "protocol", "device", "budget")
+    shared = ("method", "shots", "protocol", "validation", "device", "budget")
     if any(
         [getattr(r.request, k) for k in shared] != [getattr(first.request, k) for k in shared]
         or r.seed != first.seed
         for r in runs
     ):
-        raise ValueError("fit_group runs must share method, shots, seed, protocol, device and memory budget")
+        raise ValueError(
+            "fit_group runs must share method, shots, seed, protocol, validation, device and memory budget"
+        )
     started = time.perf_counter()
     request, seed = first.request, first.seed
     results: list[RunResult | None] = []
@@ -114,8 +120,12 @@ def fit_group(
     if not pending:
         return results
     cls = first.info.cls
-    splits = build_splits(fs, cls, shots=request.shots, seed=seed, protocol=request.protocol)
-    oracle = test_split(fs) if request.protocol == "paper" and cls.paper_test_oracle else None
+    splits = build_splits(
+        fs, cls, shots=request.shots, seed=seed, protocol=request.protocol, validation=first.validation
+    )
+    # an explicit --validation replaces the paper regime's test-set selection too
+    paper_regime = request.protocol == "paper" and request.validation is None
+    oracle = test_split(fs) if paper_regime and cls.paper_test_oracle else None
     info = task_info(fs, shots=request.shots, seed=seed, protocol=request.protocol)
     base = (
         base_novel_classes(len(fs.manifest["dataset"]["classnames"]))[0]
@@ -147,7 +157,15 @@ def fit_group(
         }
         timings["total_s"] = splits_s + fit_s + timings["eval_s"]
         record = build_record(
-            fs, run, task, fitted, metrics, test, timings=timings, notes=list(caveats) + splits.notes
+            fs,
+            run,
+            task,
+            fitted,
+            metrics,
+            test,
+            timings=timings,
+            notes=list(caveats) + splits.notes,
+            validation=splits.validation,
         )
         write_run(run.path, record, fitted.head.saved_state())
         results[index] = RunResult.from_record(record, run.path, reused=False)
@@ -164,8 +182,10 @@ def final_evaluation(
     ``targets`` the head's accuracy on each target's test split (``metrics["targets"]``).
     """
     head, c, device = fitted.head.to(task.device), task.info.num_classes, task.device
-    val = evaluate(
-        head, task.views(task.val, taps=head.inputs), task.val.labels, num_classes=c, device=device
+    val = (  # --validation none: not even scored after the fit
+        evaluate(head, task.views(task.val, taps=head.inputs), task.val.labels, num_classes=c, device=device)
+        if task.has_val
+        else {}
     )
     test_ref = task.oracle if task.oracle is not None else test_split(task.store)
     whole_test = test_ref
@@ -179,7 +199,7 @@ def final_evaluation(
         test_acc, reported_as = fitted.paper_test_acc, "as the official code reports it (paper protocol)"
     metrics = {
         "headline": headline,
-        "val_acc": val[headline].top1,
+        "val_acc": val[headline].top1 if val else None,
         "test_acc": test_acc,
         "test_acc_is": reported_as,
         "val": {name: m.to_json() for name, m in val.items()},
@@ -237,6 +257,7 @@ def build_record(
     *,
     timings: dict,
     notes: list[str],
+    validation: str = "kshot",
 ) -> dict:
     m, head, info, request = fs.manifest, fitted.head, run.info, run.request
     state = head.saved_state()
@@ -256,10 +277,13 @@ def build_record(
             "shots": request.shots,
             "seed": task.info.seed,
             "protocol": request.protocol,
+            "validation": validation,
+            **({"validation_free": info.cls.validation_free.setting} if validation == "none" else {}),
             "protocol_notes": {"paper": info.paper_protocol, "base2novel": B2N_NOTE}.get(
                 request.protocol, COOP_NOTE
             )
-            + (f"; {SHIFT_NOTE}" if request.targets else ""),
+            + (f"; {SHIFT_NOTE}" if request.targets else "")
+            + (f"; {VALIDATION_NOTES[validation]}" if validation in VALIDATION_NOTES else ""),
             "targets": list(request.targets),
             "store": {
                 "fingerprint": fs.fingerprint,
@@ -276,7 +300,7 @@ def build_record(
             },
             "splits": {
                 "train": _split_json(task.train),
-                "val": _split_json(task.val),
+                "val": _split_json(task.val) if task.has_val else None,
                 "test": {"pool": test.pool, "n": len(test)},
             },
             # every scaled CLIP logit of the run (zero-shot, Tip's and LDC's ZS branch, CoOp) uses it

@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..backbones.encoder import ZS_SCALE
+from ..errors import UsageError
+from ..methods import get_method
 from ..store.fingerprint import dataset_dirname, fingerprint
 from ..store.store import write_json_atomic
 
@@ -38,6 +40,20 @@ def method_of(record: dict) -> str:
     return RENAMED.get((record.get("method"), head.get("class")), record.get("method"))
 
 
+def validation_of(record: dict) -> str:
+    """The validation regime of a run record. Records from before regimes were recorded used the K-shot val,
+    or under ``--protocol paper`` the whole val split when their method searches it and the store had it."""
+    if "validation" in record:
+        return record["validation"]
+    try:
+        full_val = get_method(method_of(record)).cls.paper_full_val
+    except UsageError:  # a method no longer registered
+        full_val = False
+    val = (record.get("splits") or {}).get("val") or {}
+    paper_full = record.get("protocol") == "paper" and full_val and val.get("pool") == "val_full"
+    return "full" if paper_full else "kshot"
+
+
 def default_runs_dir() -> Path:
     return Path(os.environ.get("FSL_RUNS_DIR", "runs"))
 
@@ -52,9 +68,11 @@ def run_fingerprint(
     protocol: str,
     targets: dict[str, str] | None = None,
     logit_scale: float = ZS_SCALE,
+    validation: str | None = None,
 ) -> str:
     """The run's key; ``targets`` (domain-shift target → store fingerprint) count only when given, the
-    store's zero-shot ``logit_scale`` only when it is not 100 (the store key does not hold it)."""
+    store's zero-shot ``logit_scale`` only when it is not 100 (the store key does not hold it), the
+    ``validation`` regime only when it is not the protocol's default (``None``)."""
     parts = {
         "store": store_fingerprint,
         "method": method,
@@ -68,6 +86,8 @@ def run_fingerprint(
         parts["targets"] = targets
     if logit_scale != ZS_SCALE:  # likewise runs on stores at the scale every store had before
         parts["logit_scale"] = logit_scale
+    if validation is not None:  # likewise runs under their protocol's own regime
+        parts["validation"] = validation
     return fingerprint(parts)
 
 
@@ -141,9 +161,10 @@ class RunResult:
     shots: int
     seed: int
     protocol: str
-    val_acc: float
+    val_acc: float | None
+    """``None`` under ``--validation none`` (no val is read)."""
     test_acc: float
-    val_mean_per_class: float
+    val_mean_per_class: float | None
     test_mean_per_class: float
     heads: dict[str, dict[str, float]]
     """Per head: val and test top-1 (methods with several heads, e.g. LDC)."""
@@ -154,11 +175,16 @@ class RunResult:
     """True when the record existed and nothing was recomputed."""
     seconds: float
     warnings: tuple[str, ...] = ()
+    validation: str = "kshot"
 
     @classmethod
     def from_record(cls, record: dict, path: Path, *, reused: bool) -> RunResult:
         m = record["metrics"]
-        heads = {name: {"val": m["val"][name]["top1"], "test": m["test"][name]["top1"]} for name in m["test"]}
+        val = m["val"]
+        heads = {
+            name: {"val": val[name]["top1"] if val else None, "test": m["test"][name]["top1"]}
+            for name in m["test"]
+        }
         return cls(
             method=method_of(record),
             dataset=record["dataset"],
@@ -167,7 +193,7 @@ class RunResult:
             protocol=record["protocol"],
             val_acc=m["val_acc"],
             test_acc=m["test_acc"],
-            val_mean_per_class=m["val"][m["headline"]]["mean_per_class"],
+            val_mean_per_class=val[m["headline"]]["mean_per_class"] if val else None,
             test_mean_per_class=m["test"][m["headline"]]["mean_per_class"],
             heads=heads,
             run_dir=path,
@@ -176,6 +202,7 @@ class RunResult:
             reused=reused,
             seconds=record["timings"]["total_s"],
             warnings=tuple(record.get("warnings", [])),
+            validation=validation_of(record),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -185,9 +212,10 @@ class RunResult:
             "shots": self.shots,
             "seed": self.seed,
             "protocol": self.protocol,
-            "val_acc": round(self.val_acc, 4),
+            "validation": self.validation,
+            "val_acc": _rounded(self.val_acc),
             "test_acc": round(self.test_acc, 4),
-            "val_mean_per_class": round(self.val_mean_per_class, 4),
+            "val_mean_per_class": _rounded(self.val_mean_per_class),
             "test_mean_per_class": round(self.test_mean_per_class, 4),
             "heads": self.heads,
             "run_dir": str(self.run_dir),
@@ -197,6 +225,10 @@ class RunResult:
             "seconds": round(self.seconds, 3),
             "warnings": list(self.warnings),
         }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def now() -> str:

@@ -17,7 +17,7 @@ import numpy as np
 from ..defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_PROTOCOL, DEFAULT_SEEDS, DEFAULT_TARGETS
 from ..errors import UsageError
 from ..methods import Method, MethodInfo, TaskInfo, get_method, list_methods
-from ..splits import base_novel_classes, check_protocol
+from ..splits import base_novel_classes, check_full_val, check_protocol, check_validation, default_validation
 from ..splits.protocol import TARGET_PROTOCOLS
 from ..store.catalog import default_cache_dir
 from ..store.store import FeatureStore
@@ -36,6 +36,9 @@ class FitRequest:
     options: Mapping[str, Any] = field(default_factory=dict)
     """The method's ``-o key=value`` settings (strings or typed values)."""
     protocol: str = DEFAULT_PROTOCOL
+    validation: str | None = None
+    """``none``, ``kshot`` or ``full`` (:data:`~fsl_cache.splits.VALIDATIONS`); ``None``: the protocol's own
+    (:func:`~fsl_cache.splits.default_validation`), which keeps the run keys recorded before regimes existed."""
     targets: tuple[str, ...] = ()
     """Domain-shift target datasets the fitted head is also tested on (``domain_shift`` default: ImageNet's)."""
     model: str = DEFAULT_MODEL
@@ -72,6 +75,12 @@ class FitRequest:
         info = get_method(self.method)
         info.create(self.options)
         check_protocol(self.protocol)
+        check_validation(self.validation)
+        if self.validation == "none" and not info.cls.validation_free.exists:
+            raise UsageError(
+                f"Method {info.name} has no validation-free setting ({info.cls.validation_free.setting}); "
+                "use --validation kshot or full"
+            )
         if self.protocol == "base2novel" and not info.cls.base2novel:
             able = [n for n in list_methods() if get_method(n).cls.base2novel]
             raise UsageError(
@@ -123,6 +132,32 @@ def task_info(fs: FeatureStore, *, shots: int, seed: int, protocol: str) -> Task
     return info
 
 
+def run_validation(request: FitRequest, method_cls) -> str:
+    """The regime ``request`` asks of ``method_cls``: ``--validation``, or its protocol's default."""
+    return request.validation or default_validation(request.protocol, method_cls)
+
+
+def keyed_validation(request: FitRequest, method_cls) -> str | None:
+    """The regime as the run key holds it: ``None`` when it is the protocol's default run, whose key stays as
+    it was before regimes existed. An explicit regime under ``paper`` is keyed even when it equals the default:
+    it drops the test-set selection a default ``paper`` run keeps for some methods."""
+    if request.validation is None:
+        return None
+    same = request.validation == default_validation(request.protocol, method_cls)
+    return (
+        None
+        if same and not (request.protocol == "paper" and method_cls.paper_test_oracle)
+        else request.validation
+    )
+
+
+def method_options(request: FitRequest, method_cls) -> dict[str, Any]:
+    """The ``-o`` options of the run: under ``--validation none`` the method's validation-free setting first."""
+    if run_validation(request, method_cls) == "none":
+        return {**method_cls.validation_free.options, **request.options}
+    return dict(request.options)
+
+
 @dataclass(frozen=True)
 class ResolvedRun:
     """A request on its store for one seed: the method with its resolved config, the run's key and folder."""
@@ -133,6 +168,8 @@ class ResolvedRun:
     seed: int
     key: str
     path: Path
+    validation: str = "kshot"
+    """The regime asked (``kshot`` may stand in for a ``paper`` default ``full`` the store cannot serve)."""
 
 
 def resolve_run(request: FitRequest, fs: FeatureStore, *, seed: int, targets: Sequence = ()) -> ResolvedRun:
@@ -142,8 +179,10 @@ def resolve_run(request: FitRequest, fs: FeatureStore, *, seed: int, targets: Se
     the run's fingerprint includes.
     """
     info = get_method(request.method)
+    if request.validation == "full":
+        check_full_val(fs)
     tinfo = task_info(fs, shots=request.shots, seed=seed, protocol=request.protocol)
-    method = info.cls(info.create(request.options).resolve(tinfo))
+    method = info.cls(info.create(method_options(request, info.cls)).resolve(tinfo))
     key = run_fingerprint(
         store_fingerprint=fs.fingerprint,
         method=info.name,
@@ -153,6 +192,7 @@ def resolve_run(request: FitRequest, fs: FeatureStore, *, seed: int, targets: Se
         protocol=request.protocol,
         targets={t.dataset: t.store.fingerprint for t in targets},
         logit_scale=tinfo.zs_scale,
+        validation=keyed_validation(request, info.cls),
     )
     path = run_dir(
         request.runs,
@@ -164,4 +204,4 @@ def resolve_run(request: FitRequest, fs: FeatureStore, *, seed: int, targets: Se
         protocol=request.protocol,
         key=key,
     )
-    return ResolvedRun(request, info, method, seed, key, path)
+    return ResolvedRun(request, info, method, seed, key, path, run_validation(request, info.cls))

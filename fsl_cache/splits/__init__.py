@@ -2,10 +2,14 @@
 
 from .protocol import (
     PROTOCOLS,
+    VALIDATIONS,
     Splits,
     base_novel_classes,
     build_splits,
+    check_full_val,
     check_protocol,
+    check_validation,
+    default_validation,
     harmonic_mean,
     shift_classes,
     subset_classes,
@@ -16,13 +20,17 @@ from .sampling import FewShotPools, FewShotSubset, few_shot_pools, sample_few_sh
 
 __all__ = [
     "PROTOCOLS",
+    "VALIDATIONS",
     "FewShotPools",
     "FewShotSubset",
     "SplitRef",
     "Splits",
     "base_novel_classes",
     "build_splits",
+    "check_full_val",
     "check_protocol",
+    "check_validation",
+    "default_validation",
     "harmonic_mean",
     "few_shot_pools",
     "sample_few_shot",

@@ -8,6 +8,13 @@ finished method is tested on base classes and, through :meth:`Method.novel_head`
 ``domain_shift``: the ``coop`` rules on the source dataset, then the finished head is tested on each
 target's test split too, through the source's classes (:func:`shift_classes`); ``paper`` with targets
 keeps the paper's quirks on the source (e.g. LDC's β searched on ImageNet test).
+
+The validation regime (``--validation``, METHODS §2.10) is the other half of a protocol: ``none`` (no val
+is read; each method runs its declared validation-free setting, :attr:`Method.validation_free`),
+``kshot`` (the few-shot val) or ``full`` (the dataset's whole val split, refused where there is none).
+Without ``--validation`` a protocol uses its own regime (:func:`default_validation`): ``paper`` the
+official one of each method (full val where its code searches it, test-set selection included),
+every other protocol the K-shot val. A regime given explicitly is exactly that regime: no test read.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from .refs import SplitRef
 from .sampling import VAL_SHOTS_CAP, sample_few_shot
 
 PROTOCOLS = ("coop", "paper", "base2novel", "domain_shift")
+VALIDATIONS = ("none", "kshot", "full")
 TARGET_PROTOCOLS = ("domain_shift", "paper")
 """Protocols that evaluate domain-shift targets (``paper`` only when targets are given)."""
 
@@ -38,14 +46,46 @@ class Splits:
     """Train and selection splits of one run, plus the caveats met while choosing them."""
 
     train: SplitRef
-    val: SplitRef
+    val: SplitRef | None
+    """``None`` under ``--validation none``: nothing of val is read."""
     notes: list[str] = field(default_factory=list)
+    validation: str = "kshot"
+    """The regime the splits implement (``kshot`` where a ``paper`` full-val selection fell back)."""
 
 
 def check_protocol(protocol: str) -> str:
     if protocol not in PROTOCOLS:
         raise UsageError(f"Unknown protocol '{protocol}'. Available: {', '.join(PROTOCOLS)}")
     return protocol
+
+
+def check_validation(validation: str | None) -> str | None:
+    if validation is not None and validation not in VALIDATIONS:
+        raise UsageError(f"Unknown validation regime '{validation}'. Available: {', '.join(VALIDATIONS)}")
+    return validation
+
+
+def default_validation(protocol: str, method_cls) -> str:
+    """The regime of ``protocol`` without ``--validation``: under ``paper`` the method's official one (the
+    full val split where its code searches it, ``paper_full_val``), under the other protocols the K-shot val."""
+    return "full" if protocol == "paper" and method_cls.paper_full_val else "kshot"
+
+
+def check_full_val(store) -> None:
+    """Refuse ``--validation full`` where the dataset has no val split, or the store lacks the whole of it."""
+    dataset = store.manifest["dataset"]
+    if dataset.get("split_sizes", {}).get("val", 1) == 0:
+        raise UsageError(
+            f"Dataset {dataset['name']} has no val split, so --validation full has nothing to select on "
+            "(it would be the test set); use --validation kshot or none"
+        )
+    if not store.has("images/val_full/labels"):
+        backbone = store.manifest["backbone"]
+        raise UsageError(
+            f"--validation full selects on the whole val split, which store {store.root.name} lacks; add it with "
+            f"fsl-cache extract --dataset {dataset['name']} --model {backbone['arch']} "
+            f"--pretrained {backbone['pretrained']} --full-val"
+        )
 
 
 def pool_for(store, split: str, *, prefer_full: bool = False) -> str | None:
@@ -157,39 +197,53 @@ def check_shots(store, split: SplitRef, *, shots: int) -> None:
 # ---------------------------------------------------------------------------- protocol
 
 
-def build_splits(store, method_cls, *, shots: int, seed: int, protocol: str) -> Splits:
-    """Train and selection splits of one run under ``protocol`` for ``method_cls``'s paper quirks."""
+def build_splits(
+    store, method_cls, *, shots: int, seed: int, protocol: str, validation: str = "kshot"
+) -> Splits:
+    """Train and selection splits of one run under ``protocol`` for ``method_cls``'s paper quirks, selecting
+    under ``validation`` (``none``: no val split at all)."""
     notes: list[str] = []
+    drawn = None
     if protocol == "paper" and getattr(method_cls, "paper_sampling", "coop") == "lpclip":
         drawn = _lpclip_splits(store, shots=shots, seed=seed, notes=notes)
-        if drawn is not None:
-            return drawn
-    train_idx, val_idx = few_shot_indices(store, shots=shots, seed=seed)
-    train = split_ref(store, "train", pool_for(store, "train"), train_idx, notes)
-    check_shots(store, train, shots=shots)
-    val = _selection_split(store, method_cls, val_idx, protocol=protocol, notes=notes)
+    if drawn is None:
+        train_idx, val_idx = few_shot_indices(store, shots=shots, seed=seed)
+        train = split_ref(store, "train", pool_for(store, "train"), train_idx, notes)
+        check_shots(store, train, shots=shots)
+        val, validation = _selection_split(store, val_idx, validation=validation, notes=notes)
+    else:
+        train, val = drawn.train, drawn.val
+        if validation != "kshot":  # lpclip draws its own K-shot val; the other regimes replace it
+            val, validation = _selection_split(store, None, validation=validation, notes=notes)
     if protocol == "base2novel":  # [CODE] CoOp subsample_classes: after few-shot sampling
         base, _ = base_novel_classes(len(store.classnames))
-        train, val = subset_classes(train, base), subset_classes(val, base)
-    return Splits(train, val, notes)
+        train = subset_classes(train, base)
+        val = subset_classes(val, base) if val is not None else None
+    return Splits(train, val, notes, validation)
 
 
-def _selection_split(store, method_cls, val_idx: np.ndarray, *, protocol: str, notes: list[str]) -> SplitRef:
-    if protocol == "paper" and method_cls.paper_full_val:
+def _selection_split(
+    store, val_idx: np.ndarray | None, *, validation: str, notes: list[str]
+) -> tuple[SplitRef | None, str]:
+    """The selection split of ``validation`` and the regime it implements."""
+    if validation == "none":
+        return None, "none"
+    if validation == "full":
         if store.has("images/val_full/labels"):
-            return whole_pool(store, "val", "val_full", notes)
+            return whole_pool(store, "val", "val_full", notes), "full"
+        # only a default (paper) regime gets here: an explicit --validation full is refused up front
         notes.append(
             "paper protocol selects on the full val split, but the store holds only the few-shot val "
             "(extract again with --full-val to add it); used the few-shot val"
         )
-    if len(val_idx) == 0:
+    if val_idx is None or len(val_idx) == 0:
         raise UsageError(
             f"Store {store.root.name} has no validation images for this split; methods select on val"
         )
     pool = pool_for(store, "val")
     if pool is None:
         raise StoreError(f"Store {store.root.name} has no val pool")
-    return split_ref(store, "val", pool, val_idx, notes)
+    return split_ref(store, "val", pool, val_idx, notes), "kshot"
 
 
 def _lpclip_splits(store, *, shots: int, seed: int, notes: list[str]) -> Splits | None:

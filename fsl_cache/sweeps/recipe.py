@@ -11,6 +11,7 @@
     shots: [1, 2, 4]
     seeds: [1, 2, 3]
     protocol: coop           # or domain_shift (with targets: [imagenet_v2, ...])
+    validation: kshot        # or none, full (default: the protocol's own regime)
     options:                 # option grids: a value or a list of values
       tip_adapter_f.epochs: [5, 10]
     extract_for: [zero_shot, tip_adapter, linear_probe]
@@ -37,6 +38,7 @@ KEYS = {
     "shots",
     "seeds",
     "protocol",
+    "validation",
     "targets",
     "options",
     "root",
@@ -66,6 +68,7 @@ def load_recipe(path: str | Path) -> GridSpec:
         seeds=_ints(data, "seeds", path, DEFAULT_SEEDS),
         options={str(k): _as_tuple(v) for k, v in (data.get("options") or {}).items()},
         protocol=str(data.get("protocol", "coop")),
+        validation=str(data["validation"]) if data.get("validation") is not None else None,
         targets=_names(data, "targets", path) if "targets" in data else (),
         model=str(data.get("model", DEFAULT_MODEL)),
         pretrained=str(data.get("pretrained", DEFAULT_PRETRAINED)),

@@ -48,6 +48,8 @@ class GridSpec:
     options: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     """Option grids, see :data:`OptionGrid`."""
     protocol: str = "coop"
+    validation: str | None = None
+    """``none``, ``kshot`` or ``full``; ``None``: the protocol's own regime."""
     targets: tuple[str, ...] = ()
     """Domain-shift targets every run is also tested on (``domain_shift`` default: ImageNet's shifts)."""
     model: str = DEFAULT_MODEL

@@ -36,6 +36,8 @@ class SweepContext:
     cache_dir: Path
     runs_dir: Path
     protocol: str = DEFAULT_PROTOCOL
+    validation: str | None = None
+    """The regime of every trial (``None``: the protocol's own)."""
     targets: tuple[str, ...] = ()
     """Domain-shift targets every trial's head is also tested on."""
     model: str = DEFAULT_MODEL
@@ -57,6 +59,7 @@ class SweepContext:
             seeds=(trial.seed,),
             options=dict(trial.options),
             protocol=self.protocol,
+            validation=self.validation,
             targets=self.targets,
             model=self.model,
             pretrained=self.pretrained,

@@ -71,7 +71,7 @@ class FitTask:
         info: TaskInfo,
         *,
         train: SplitRef,
-        val: SplitRef,
+        val: SplitRef | None,
         oracle: SplitRef | None = None,
         device: str | torch.device = "cpu",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
@@ -80,7 +80,7 @@ class FitTask:
         self.store = store
         self.info = info
         self.train = train
-        self.val = val
+        self._val = val
         self.oracle = oracle
         """The test split, present only under ``--protocol paper`` for methods that select on it."""
         self.device = torch.device(device)
@@ -93,6 +93,21 @@ class FitTask:
         """Store class indices this task classifies (``None``: all); ``--protocol base2novel`` sets them."""
         self.find_run: Callable[[str, Any], EarlierRun | None] | None = None
         """Set by the run engine: the finished run of (method, config) on this task, if any."""
+
+    @property
+    def val(self) -> SplitRef:
+        """The selection split; reading it under ``--validation none`` is an error (nothing may select on val)."""
+        if self._val is None:
+            raise UsageError(
+                "This fit reads the validation split, which --validation none withholds: drop the -o options "
+                "that select on val (select=best, search=true, ...) or use --validation kshot or full"
+            )
+        return self._val
+
+    @property
+    def has_val(self) -> bool:
+        """False under ``--validation none``."""
+        return self._val is not None
 
     def restricted(
         self, classes: np.ndarray, *, train: SplitRef | None = None, val: SplitRef | None = None
@@ -109,7 +124,7 @@ class FitTask:
             self.store,
             info,
             train=train or empty(self.train),
-            val=val or empty(self.val),
+            val=val or (empty(self._val) if self._val is not None else None),
             device=self.device,
             memory_budget=self.memory_budget,
             classes=classes,
