@@ -31,6 +31,15 @@ METHODS = (
     "safe_a",
     "capt_c",
     "capt",
+    "zs_lp",
+    "clap",
+    "lp_pp",
+    "gda",
+    "ape",
+    "ape_t",
+    "taskres",
+    "prolip",
+    "cross_modal",
 )
 MARGINS = {
     "linear_probe": 10.0,
@@ -43,6 +52,15 @@ MARGINS = {
     "safe_a": 15.0,
     "capt_c": 3.0,
     "capt": 8.0,
+    "zs_lp": 10.0,
+    "clap": 10.0,
+    "lp_pp": 10.0,
+    "gda": 10.0,
+    "ape": 10.0,
+    "ape_t": 8.0,
+    "taskres": 2.0,
+    "prolip": 3.0,
+    "cross_modal": 10.0,
 }
 """Test top-1 points above zero-shot each method must reach (README: "What the shapes weights show")."""
 FAST = {

@@ -429,3 +429,30 @@ def test_every_method_honours_validation_none_or_refuses_it(name, tiny_cache, tm
     assert record["validation"] == "none" and record["validation_free"] == setting.setting
     assert record["splits"]["val"] is None and record["metrics"]["val"] == {}
     assert record["config"].items() >= {k: v for k, v in setting.options.items() if k not in FAST}.items()
+
+
+@pytest.mark.parametrize("name", ["tip_adapter_f", "ape_t"])
+def test_a_run_reads_only_the_views_its_method_declares(name, tiny_cache, tmp_path):
+    """The tiny store holds 301 ``tip`` views (ProLIP's); a store extracted for ``name`` alone holds what it
+    declares. Views are drawn per view index, so the runs must be equal: other methods' views change nothing."""
+    data, shared = tiny_cache
+    common = dict(
+        dataset=f"imagefolder:{data}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        shots=2,
+        seeds=[1],
+        options=fast_options(name),
+        progress=False,
+    )
+    own = tmp_path / "own"
+    api.extract(common["dataset"], model="fsl-tiny-rn", pretrained="none", for_methods=[name], cache_dir=own,
+                shots=(2,), seeds=(1,), workers=0, progress=False)  # fmt: skip
+    stores = [FeatureStore.open(next(c.glob("*/*"))) for c in (shared, own)]
+    declared = get_method(name).needs(stores[0].manifest["dataset"]["name"]).train_views[0].views
+    held = [s.manifest["views"]["train_pool/tip"] for s in stores]
+    assert held[0] > held[1] == declared
+    runs = [api.fit(name, cache_dir=c, runs_dir=tmp_path / c.name, **common)[0] for c in (shared, own)]
+    assert runs[0].test_acc == runs[1].test_acc
+    a, b = (load_head_tensors(r.run_dir) for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

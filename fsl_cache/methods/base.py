@@ -165,8 +165,7 @@ class Method:
         """The untrained head and everything the shared trainer needs for it (the default :meth:`fit`)."""
         head = self.build_head(task, generator=generator)
         settings = self.train_settings(task)
-        source = task.views(task.train, policy=settings.policy, taps=head.inputs)
-        warn_view_reuse(task, policy=settings.policy, views=source.num_views, epochs=settings.epochs)
+        source = task.train_source(settings.policy, taps=head.inputs, epochs=settings.epochs)
         return Member(
             head,
             TrainData(source, task.train.labels),
@@ -208,15 +207,6 @@ class Method:
             result.head,
             selection={"epoch": result.best_epoch, "val_acc": result.best_score},
             history=result.history,
-        )
-
-
-def warn_view_reuse(task: FitTask, *, policy: str, views: int, epochs: int) -> None:
-    """Record when cached views repeat across epochs (an approximation of fresh augmentation)."""
-    if policy != "center" and 0 < views - 1 < epochs:
-        task.warn(
-            f"{views - 1} cached '{policy}' views for {epochs} epochs: views repeat every {views - 1} "
-            "epochs (approximation of fresh augmentation, METHODS §1.6)"
         )
 
 

@@ -27,7 +27,7 @@ from ..store.reads import read_rows
 from ..store.store import MANIFEST, FeatureStore
 from ..training import FitTask, TrainData, TrainSettings, open_views, seeded_init, train
 from ..training.settings import Optimizer, Schedule
-from .base import FitResult, Method, ValidationFree, warn_view_reuse
+from .base import FitResult, Method, ValidationFree
 from .capt_c import IndexedViews
 from .capt_modules import COMMONALITY_TEMPLATE, spherical_kmeans
 from .capt_prompts import CaptPromptHead, capt_infonce, mine_negatives, mix_centroids, widen_batch
@@ -236,8 +236,7 @@ class Capt(Method):
                 f"{task.store.manifest['backbone'].get('arch')}: use visual_depth=0 (text prompts only)"
             )
         head = self.build_head(task, generator=generator)
-        source = task.views(task.train, policy=settings.policy, taps=head.inputs)
-        warn_view_reuse(task, policy=settings.policy, views=source.num_views, epochs=settings.epochs)
+        source = task.train_source(settings.policy, taps=head.inputs, epochs=settings.epochs)
         self.head = head
         self.noise = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
         self.bank, self.bank_labels, bank_note = self._bank(task)

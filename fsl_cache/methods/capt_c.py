@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..training import FitTask, TaskInfo, TrainData, TrainSettings, seeded_init, train
 from ..training.settings import Schedule
-from .base import FitResult, Method, ValidationFree, warn_view_reuse
+from .base import FitResult, Method, ValidationFree
 from .capt_modules import (
     COMMONALITY_TEMPLATE,
     DIFFERENCE_TEMPLATE,
@@ -196,8 +196,7 @@ class CaptC(Method):
         settings = self.train_settings(task)
         self.task, self.notes = task, {"design": DESIGN}
         taps = self._taps(task)
-        self.source = task.views(task.train, policy="coop", taps=taps)
-        warn_view_reuse(task, policy="coop", views=self.source.num_views, epochs=settings.epochs)
+        self.source = task.train_source("coop", taps=taps, epochs=settings.epochs)
         head = self.build_head(task, generator=generator)
         self.head, self.refreshes = head, []
         self.noise = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))

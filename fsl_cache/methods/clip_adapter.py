@@ -24,7 +24,7 @@ from ..training import (
     train,
 )
 from ..training.settings import Optimizer, Schedule, Select
-from .base import FitResult, Method, ValidationFree, warn_view_reuse
+from .base import FitResult, Method, ValidationFree
 from .needs import Needs, ViewNeed
 from .options import TrainOptions, check_range
 from .registry import register_method
@@ -212,8 +212,7 @@ class ClipAdapter(Method):
         """One adapter per rho, each from the same seed (same init and batches); first strict maximum on val."""
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         settings = self.train_settings(task)
-        source = task.views(task.train, policy=settings.policy, taps=("pooled",))
-        warn_view_reuse(task, policy=settings.policy, views=source.num_views, epochs=settings.epochs)
+        source = task.train_source(settings.policy, taps=("pooled",), epochs=settings.epochs)
         best, scores = None, []
         for rho in self.config.rho_grid:
             gen = torch.Generator().manual_seed(seed)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..training import FitTask, TrainData, TrainSettings, seeded_init, train
 from ..training.settings import Optimizer, Schedule
-from .base import FitResult, Method, ValidationFree, warn_view_reuse
+from .base import FitResult, Method, ValidationFree
 from .capt import open_teacher_store, teacher_logits
 from .capt_c import IndexedViews
 from .capt_prompts import CaptPromptHead
@@ -147,8 +147,7 @@ class PromptKD(Method):
 
     def fit(self, task: FitTask, *, generator: torch.Generator) -> FitResult:
         cfg, settings = self.config, self.train_settings(task)
-        source = task.views(task.train, policy="coop", taps=("pooled",))
-        warn_view_reuse(task, policy="coop", views=source.num_views, epochs=settings.epochs)
+        source = task.train_source("coop", taps=("pooled",), epochs=settings.epochs)
         head = self.build_head(task, generator=generator)
         self.zs_text, self.scale, self.teacher = task.text(cfg.templates), task.info.zs_scale, None
         note = f"the student's own zero-shot logits ({cfg.templates} templates) of each cached view"

@@ -127,20 +127,28 @@ class EmbeddedTask(FitTask):
             oracle=task.oracle,
             device=task.device,
             memory_budget=task.memory_budget,
+            view_counts=task.view_counts,
         )
         self.warnings, self._text = task.warnings, task._text  # shared: warnings reach the run record
         self.safe, self.stored = safe, stored
-        self._done: dict[tuple[str, str, str], MemoryViews] = {}
+        self._done: dict[tuple, MemoryViews] = {}
 
     def views(
-        self, split: SplitRef, *, policy: str = "center", taps: tuple[str, ...] = ("pooled",)
+        self,
+        split: SplitRef,
+        *,
+        policy: str = "center",
+        taps: tuple[str, ...] = ("pooled",),
+        views: int | None = None,
     ) -> ViewSource:
         if tuple(taps) != ("pooled",):
             raise ValueError(f"SAFE-A's stage 2 reads only the blended 'pooled' embedding, not {taps}")
-        source = EmbeddedViews(super().views(split, policy=policy, taps=self.safe.inputs), self.safe)
+        source = EmbeddedViews(
+            super().views(split, policy=policy, taps=self.safe.inputs, views=views), self.safe
+        )
         if not self.stored:
             return source
-        key = (split.name, split.pool, policy)
+        key = (split.name, split.pool, policy, views)
         if key not in self._done:
             self._done[key] = precompute(source)
         return self._done[key]

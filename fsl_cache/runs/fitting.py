@@ -21,6 +21,7 @@ from ..evaluation.metrics import score
 from ..evaluation.scoring import evaluate, predict
 from ..methods import FitResult, FitTask, get_method
 from ..methods.base import fit_together
+from ..methods.needs import Needs
 from ..splits import base_novel_classes, build_splits, harmonic_mean, subset_classes, test_split
 from ..store.store import FeatureStore
 from .earlier import earlier_runs
@@ -141,6 +142,7 @@ def fit_group(
         device=torch.device(request.device),
         memory_budget=request.budget,
         classes=base,
+        view_counts=declared_views(cls.needs(fs.manifest["dataset"]["name"], dict(request.options))),
     )
     task.find_run = earlier_runs(request, fs, seed=seed, targets=targets)
     splits_s = time.perf_counter() - started
@@ -342,3 +344,11 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not np.isfinite(obj):
         return None
     return obj
+
+
+def declared_views(needs: Needs) -> dict[str, int]:
+    """Views per train image a method reads under each policy (the most any of its needs asks for)."""
+    counts: dict[str, int] = {}
+    for need in needs.train_views:
+        counts[need.policy] = max(counts.get(need.policy, 0), need.views)
+    return counts

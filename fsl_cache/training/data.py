@@ -181,26 +181,31 @@ def open_views(
     *,
     policy: str,
     taps: tuple[str, ...],
+    views: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     unpack: bool = UNPACK,
     device: torch.device | None = None,
 ) -> ViewSource:
-    """The ``taps`` of ``split`` under ``policy``: in memory if they fit ``memory_budget`` (in GPU memory when
-    ``device`` is a GPU with room for them), else streamed (from sidecars unpacked on first use when ``unpack``)."""
+    """The ``taps`` of ``split`` under ``policy`` (its first ``views`` views; ``None``: all stored): in memory if
+    they fit ``memory_budget`` (in GPU memory when ``device`` is a GPU with room for them), else streamed (from
+    sidecars unpacked on first use when ``unpack``)."""
     names = {tap: f"images/{split.pool}/views/{policy}/{tap}" for tap in taps}
     missing = [n for n in names.values() if not store.has(n)]
     if missing:
         raise StoreError(f"Store {store.root.name} has no {', '.join(missing)}")
     shapes = {tap: store.arrays[name]["shape"] for tap, name in names.items()}
-    num_views = next(iter(shapes.values()))[1]
-    if any(s[1] != num_views for s in shapes.values()):
+    stored = next(iter(shapes.values()))[1]
+    if any(s[1] != stored for s in shapes.values()):
         raise StoreError(f"Taps {', '.join(taps)} of {split.pool}/{policy} disagree on the number of views")
-    size = views_bytes(store, names.values(), len(split))
+    num_views = stored if views is None else min(views, stored)
+    size = views_bytes(store, names.values(), len(split)) * num_views // stored
     if size <= memory_budget:
         target = device if device is not None and device.type == "cuda" and _gpu_room(device, size) else "cpu"
         return MemoryViews(
             {
-                tap: torch.from_numpy(np.ascontiguousarray(read_rows(store, name, split.rows))).to(target)
+                tap: torch.from_numpy(
+                    np.ascontiguousarray(read_rows(store, name, split.rows)[:, :num_views])
+                ).to(target)
                 for tap, name in names.items()
             }
         )

@@ -8,7 +8,7 @@ method whose official code selects on test (Tip-Adapter-F's epoch oracle) the te
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -76,6 +76,7 @@ class FitTask:
         device: str | torch.device = "cpu",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         classes: np.ndarray | None = None,
+        view_counts: Mapping[str, int] | None = None,
     ) -> None:
         self.store = store
         self.info = info
@@ -91,6 +92,9 @@ class FitTask:
         self._shared: dict[tuple, ViewSource] | None = None
         self.classes = None if classes is None else np.asarray(classes, dtype=np.int64)
         """Store class indices this task classifies (``None``: all); ``--protocol base2novel`` sets them."""
+        self.view_counts = dict(view_counts or {})
+        """Views per train image the method reads under each policy (what it declares it needs): a store that
+        holds more, extracted for other methods, gives the same run (``{}``: every stored view)."""
         self.find_run: Callable[[str, Any], EarlierRun | None] | None = None
         """Set by the run engine: the finished run of (method, config) on this task, if any."""
 
@@ -128,6 +132,7 @@ class FitTask:
             device=self.device,
             memory_budget=self.memory_budget,
             classes=classes,
+            view_counts=self.view_counts,
         )
         task._backbone, task.warnings = self._backbone, self.warnings
         return task
@@ -175,34 +180,50 @@ class FitTask:
         return rows if self.classes is None else rows[torch.from_numpy(self.classes)]
 
     def num_views(self, policy: str) -> int:
-        """Views cached per train image under ``policy`` (0 if the store has none)."""
-        return int(self.store.manifest.get("views", {}).get(f"{self.train.pool}/{policy}", 0))
+        """Views per train image under ``policy`` the method reads (0 if the store has none)."""
+        stored = int(self.store.manifest.get("views", {}).get(f"{self.train.pool}/{policy}", 0))
+        return min(stored, self.view_counts.get(policy, stored))
 
     def views(
-        self, split: SplitRef, *, policy: str = "center", taps: tuple[str, ...] = ("pooled",)
+        self,
+        split: SplitRef,
+        *,
+        policy: str = "center",
+        taps: tuple[str, ...] = ("pooled",),
+        views: int | None = None,
     ) -> ViewSource:
-        """The ``taps`` of ``split`` under ``policy`` as batches (in memory when they fit)."""
+        """The ``taps`` of ``split`` under ``policy`` as batches (in memory when they fit): its first ``views``
+        views (default: the method's :attr:`view_counts`)."""
+        views = views or self.view_counts.get(policy)
+        key = (split.pool, split.rows.tobytes(), policy, tuple(taps), views)
+        if self._shared is not None and key in self._shared:
+            return self._shared[key]
+        source = open_views(
+            self.store,
+            split,
+            policy=policy,
+            taps=taps,
+            views=views,
+            memory_budget=self.memory_budget,
+            device=self.device,
+        )
         if self._shared is None:
-            return open_views(
-                self.store,
-                split,
-                policy=policy,
-                taps=taps,
-                memory_budget=self.memory_budget,
-                device=self.device,
-            )
-        key = (split.pool, split.rows.tobytes(), policy, tuple(taps))
-        if key not in self._shared:
-            source = open_views(
-                self.store,
-                split,
-                policy=policy,
-                taps=taps,
-                memory_budget=self.memory_budget,
-                device=self.device,
-            )
-            self._shared[key] = SharedBatches(source)
+            return source
+        self._shared[key] = SharedBatches(source)
         return self._shared[key]
+
+    def train_source(self, policy: str, *, taps: tuple[str, ...], epochs: int) -> ViewSource:
+        """The train views a training loop cycles through: the method's declared views, or one per epoch when
+        its schedule is longer and the store holds them. Records when views repeat across epochs."""
+        declared = self.view_counts.get(policy)
+        cycled = None if declared is None else max(declared, 1 + epochs)
+        source = self.views(self.train, policy=policy, taps=taps, views=cycled)
+        if policy != "center" and 0 < source.num_views - 1 < epochs:
+            self.warn(
+                f"{source.num_views - 1} cached '{policy}' views for {epochs} epochs: views repeat every "
+                f"{source.num_views - 1} epochs (approximation of fresh augmentation, METHODS §1.6)"
+            )
+        return source
 
     @contextmanager
     def sharing_views(self) -> Iterator[None]:
