@@ -74,6 +74,23 @@ def tiny_cache(tmp_path_factory):
     return data, root / "cache"
 
 
+def fit_on_tiny(name: str, data, cache, runs, **extra):
+    """``name`` fitted at 2 shots, seed 1, with its quick options, on the tiny store of ``data`` in ``cache``."""
+    return api.fit(
+        name,
+        dataset=f"imagefolder:{data}",
+        model="fsl-tiny-rn",
+        pretrained="none",
+        shots=2,
+        seeds=[1],
+        options=fast_options(name),
+        cache_dir=cache,
+        runs_dir=runs,
+        progress=False,
+        **extra,
+    )
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
@@ -307,18 +324,7 @@ def test_every_method_fits_records_and_reads_no_test_tensor_early(name, tiny_cac
     """The contract, on a real tiny store: a run record, a loadable head, and under --protocol coop no
     test array read before the engine's final evaluation."""
     data, cache = tiny_cache
-    (result,) = api.fit(
-        name,
-        dataset=f"imagefolder:{data}",
-        model="fsl-tiny-rn",
-        pretrained="none",
-        shots=2,
-        seeds=[1],
-        options=fast_options(name),
-        cache_dir=cache,
-        runs_dir=tmp_path,
-        progress=False,
-    )
+    (result,) = fit_on_tiny(name, data, cache, tmp_path)
     final = store_reads.index("FINAL")
     assert not [n for n in store_reads[:final] if n.startswith("images/test/")], (
         "test read before the final evaluation"
@@ -402,27 +408,11 @@ def test_every_method_honours_validation_none_or_refuses_it(name, tiny_cache, tm
     to score the finished head), and the regime in the record; a method without such a setting is refused."""
     data, cache = tiny_cache
     setting = get_method(name).cls.validation_free
-
-    def fit():
-        return api.fit(
-            name,
-            dataset=f"imagefolder:{data}",
-            model="fsl-tiny-rn",
-            pretrained="none",
-            shots=2,
-            seeds=[1],
-            validation="none",
-            options=fast_options(name),
-            cache_dir=cache,
-            runs_dir=tmp_path,
-            progress=False,
-        )
-
     if not setting.exists:
         with pytest.raises(UsageError, match=f"{name} has no validation-free setting.*--validation kshot"):
-            fit()
+            fit_on_tiny(name, data, cache, tmp_path, validation="none")
         return
-    (result,) = fit()
+    (result,) = fit_on_tiny(name, data, cache, tmp_path, validation="none")
     assert not [n for n in store_reads if n.startswith("images/val")], "val read under --validation none"
     assert result.validation == "none" and result.val_acc is None and 0 <= result.test_acc <= 100
     record = json.loads((result.run_dir / "record.json").read_text())
@@ -436,23 +426,14 @@ def test_a_run_reads_only_the_views_its_method_declares(name, tiny_cache, tmp_pa
     """The tiny store holds 301 ``tip`` views (ProLIP's); a store extracted for ``name`` alone holds what it
     declares. Views are drawn per view index, so the runs must be equal: other methods' views change nothing."""
     data, shared = tiny_cache
-    common = dict(
-        dataset=f"imagefolder:{data}",
-        model="fsl-tiny-rn",
-        pretrained="none",
-        shots=2,
-        seeds=[1],
-        options=fast_options(name),
-        progress=False,
-    )
     own = tmp_path / "own"
-    api.extract(common["dataset"], model="fsl-tiny-rn", pretrained="none", for_methods=[name], cache_dir=own,
+    api.extract(f"imagefolder:{data}", model="fsl-tiny-rn", pretrained="none", for_methods=[name], cache_dir=own,
                 shots=(2,), seeds=(1,), workers=0, progress=False)  # fmt: skip
     stores = [FeatureStore.open(next(c.glob("*/*"))) for c in (shared, own)]
     declared = get_method(name).needs(stores[0].manifest["dataset"]["name"]).train_views[0].views
     held = [s.manifest["views"]["train_pool/tip"] for s in stores]
     assert held[0] > held[1] == declared
-    runs = [api.fit(name, cache_dir=c, runs_dir=tmp_path / c.name, **common)[0] for c in (shared, own)]
+    runs = [fit_on_tiny(name, data, c, tmp_path / c.name)[0] for c in (shared, own)]
     assert runs[0].test_acc == runs[1].test_acc
     a, b = (load_head_tensors(r.run_dir) for r in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
