@@ -245,10 +245,10 @@ def show_fit_results(results) -> None:
 
 
 def show_methods(infos) -> None:
-    """``fsl-cache methods``: name, what it is, what it reads from the store, its setting under
-    ``--validation none``, its options and defaults."""
+    """``fsl-cache methods``: name, what it is and its setting under ``--validation none``, what it reads from
+    the store, its options and defaults."""
     table = Table(show_edge=False, show_lines=True)
-    for col in ("method", "description", "needs", "--validation none"):
+    for col in ("method", "description", "needs"):
         table.add_column(col, overflow="fold")
     table.add_column("options (defaults)", no_wrap=True)  # one per line, never cut inside a value
     for info in infos:
@@ -258,9 +258,8 @@ def show_methods(infos) -> None:
         options = "\n".join(f"{o.name}={o.default}" for o in info.options()) or "-"
         table.add_row(
             f"[bold]{info.name}[/]" + (" [dim](trains)[/]" if info.trains else ""),
-            info.description,
+            f"{info.description}\n[dim]--validation none:[/] {_validation_free(info.validation_free)}",
             "\n".join(reads),
-            _validation_free(info.validation_free),
             options,
         )
     out_console.print(table)
