@@ -129,8 +129,9 @@ def plan(
 
 def _cache_dir(cache_dir: str | Path | None) -> Path:
     from .store.catalog import default_cache_dir
+    from .store.location import as_location
 
-    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return as_location(cache_dir) if cache_dir is not None else default_cache_dir()
 
 
 def cache_ls(*, cache_dir: str | Path | None = None) -> list[StoreEntry]:
@@ -229,7 +230,7 @@ def fit(
         model=model,
         pretrained=pretrained,
         store=store,
-        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        cache_dir=_cache_dir(cache_dir) if cache_dir is not None else None,
         runs_dir=Path(runs_dir) if runs_dir is not None else None,
         force=force,
         device=device,

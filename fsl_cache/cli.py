@@ -26,9 +26,10 @@ def _joined(values) -> str:
 
 CACHE_DIR_OPTION = click.option(
     "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=str,  # a folder or a URL (s3://bucket/prefix), which click.Path would mangle
     default=None,
-    help="Root of the feature stores [default: $FSL_CACHE_DIR or ./cache].",
+    help="Root of the feature stores: a folder or a URL such as s3://bucket/prefix "
+    "[default: $FSL_CACHE_DIR or ./cache].",
 )
 
 RUNS_DIR_OPTION = click.option(

@@ -15,6 +15,7 @@ from rich.progress import (
 from rich.table import Table
 
 from .console import PlainProgress, err_console, human_bytes, out_console
+from .store.location import is_remote
 
 
 def show_backbone_notice(arch: str, pretrained: str, random_init: bool, notes=()) -> None:
@@ -54,6 +55,8 @@ def show_extract_plan(prepared) -> None:
         f"[bold]{human_bytes(prepared.disk_bytes)}[/]",
     )
     err_console.print(table)
+    if is_remote(prepared.store_dir):
+        err_console.print("free space: not checked (the store is on object storage)")
 
 
 def plan_total(sizes) -> dict:

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fsl_cache"
 STAGE_TWO = ("splits", "training", "evaluation", "methods", "runs", "sweeps", "reports", "inference")
 """Packages that work on stores and must not reach back into stage one's extraction."""
 LOWER = {
-    "store": ("errors",),
+    "store": ("errors", "processes"),
     "datasets": ("errors",),
     "backbones": ("errors", "defaults", "datasets"),
     "evaluation": ("errors", "store"),

@@ -34,6 +34,7 @@ from ..splits.sampling import few_shot_pools
 from ..store.backend import FORMATS, ArraySpec
 from ..store.catalog import default_cache_dir
 from ..store.fingerprint import EXTRACTION_VERSION, dataset_dirname, fingerprint, store_dirname
+from ..store.location import as_location, is_remote
 from ..store.quantise import DENSE_PRECISIONS
 from ..store.store import (
     MANIFEST,
@@ -155,10 +156,10 @@ def extract(
     """
     ranks = ranks_from_env()
     options = replace(options, device=rank_device(options.device, ranks))
-    check_writable_folder(
-        Path(cache_dir) if cache_dir is not None else default_cache_dir(),
-        what="the cache folder (--cache-dir / $FSL_CACHE_DIR)",
-    )
+    cache_dir = as_location(cache_dir) if cache_dir is not None else default_cache_dir()
+    remote = is_remote(cache_dir)
+    if not remote:  # object storage has no folder permissions or free space to check
+        check_writable_folder(cache_dir, what="the cache folder (--cache-dir / $FSL_CACHE_DIR)")
     prepared = prepare_extraction(
         dataset, root=root, model=model, pretrained=pretrained, cache_dir=cache_dir, options=options
     )
@@ -167,7 +168,8 @@ def extract(
         if on_plan is not None:
             on_plan(prepared)
         try:
-            check_fits(prepared.disk_bytes, free_bytes=_free_bytes(prepared.store_dir))
+            if not remote:
+                check_fits(prepared.disk_bytes, free_bytes=_free_bytes(prepared.store_dir))
         except DiskFullError as err:
             error = err
     ranks.raise_if_any(error)
@@ -381,7 +383,7 @@ def prepare_extraction(
         parts["descriptions"] = descriptions.sha256
     key = fingerprint(parts)
     weights = Path(pretrained).stem if os.sep in pretrained or "." in pretrained else pretrained
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = as_location(cache_dir) if cache_dir is not None else default_cache_dir()
     store_dir = (
         cache_dir
         / dataset_dirname(spec.name)
@@ -614,6 +616,8 @@ def _free_bytes(path: Path) -> int:
 
 
 def _block_size(path: Path) -> int:
-    """The file system's allocation unit: every file takes whole ones."""
+    """The file system's allocation unit: every file takes whole ones (an object takes its bytes)."""
+    if is_remote(path):
+        return 1
     stats = os.statvfs(_existing(path))
     return max(stats.f_frsize or stats.f_bsize, 512)

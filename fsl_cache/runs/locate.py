@@ -15,6 +15,7 @@ from ..errors import NoStoreError, StoreError, UsageError, did_you_mean
 from ..splits.protocol import MissingDraw, few_shot_indices
 from ..store.catalog import StoreEntry, find_store
 from ..store.fingerprint import slug
+from ..store.location import as_location
 from ..store.store import MANIFEST
 from ..store.text import per_template_name, weights_name
 
@@ -84,7 +85,7 @@ def _no_store(cache_dir: Path, name: str, *, dataset, model, pretrained, method,
 def finished_stores(cache_dir: Path) -> list[StoreEntry]:
     """Finished stores under ``cache_dir`` from their manifests alone (no walk over the array files)."""
     entries = []
-    for manifest_path in sorted(Path(cache_dir).glob(f"*/*/{MANIFEST}")):
+    for manifest_path in sorted(as_location(cache_dir).glob(f"*/*/{MANIFEST}")):
         try:
             m = json.loads(manifest_path.read_text())
             entries.append(

@@ -20,6 +20,7 @@ from ..methods import Method, MethodInfo, TaskInfo, get_method, list_methods
 from ..splits import base_novel_classes, check_full_val, check_protocol, check_validation, default_validation
 from ..splits.protocol import TARGET_PROTOCOLS
 from ..store.catalog import default_cache_dir
+from ..store.location import as_location
 from ..store.store import FeatureStore
 from ..training.data import DEFAULT_MEMORY_BUDGET
 from .record import default_runs_dir, run_dir, run_fingerprint
@@ -57,7 +58,7 @@ class FitRequest:
 
     @property
     def cache(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
+        return as_location(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
 
     @property
     def runs(self) -> Path:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import StoreError
+from .location import is_remote, tree_bytes
 
 FORMATS = ("zarr", "hdf5")
 
@@ -77,18 +78,16 @@ class Backend(Protocol):
 
 
 def open_backend(root: Path, fmt: str, *, mode: str) -> Backend:
+    if fmt == "hdf5" and is_remote(root):
+        raise StoreError(
+            f"Store {root}: HDF5 stores need a local --cache-dir (HDF5 cannot read or write files on "
+            "object storage, and the virtual dataset links local part files); use --format zarr there"
+        )
     if fmt == "zarr":
         return ZarrBackend(root, mode=mode)
     if fmt == "hdf5":
         return HDF5Backend(root, mode=mode)
     raise StoreError(f"Unknown store format '{fmt}'. Available: {', '.join(FORMATS)}")
-
-
-def _du(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    # zarr's *.partial files are writes a killed run left behind, not part of the array
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix != ".partial")
 
 
 class ZarrBackend:
@@ -103,7 +102,12 @@ class ZarrBackend:
         if mode == "r" and not self.path.exists():
             raise StoreError(f"Store {root} has no arrays.zarr: it is incomplete or not a zarr store")
         try:
-            self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a", zarr_format=3)
+            self.group = zarr.open_group(
+                str(self.path),
+                mode="r" if mode == "r" else "a",
+                zarr_format=3,
+                storage_options=dict(self.path.storage_options) if is_remote(root) else None,
+            )
         except Exception as err:  # a damaged zarr.json: JSON, key or value errors from zarr
             raise StoreError(
                 f"Cannot open {self.path} ({type(err).__name__}: {err}); the store is damaged: "
@@ -151,7 +155,8 @@ class ZarrBackend:
         """Nothing to assemble: the arrays are already whole."""
 
     def stored_bytes(self, name: str) -> int:
-        return _du(self.path / name)
+        # zarr's *.partial files are writes a killed run left behind, not part of the array
+        return tree_bytes(self.path / name, skip_suffix=".partial")
 
     def close(self) -> None:
         pass

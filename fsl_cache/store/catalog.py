@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StoreError, UsageError
+from .location import as_location, is_remote, remove_tree, sidecar_dir, tree_bytes
 from .store import MANIFEST, FeatureStore, _acquire_lock, block_digest, read_manifest
 
 
 def default_cache_dir() -> Path:
-    """Where stores live unless ``--cache-dir`` says otherwise: ``$FSL_CACHE_DIR`` or ``./cache``."""
-    return Path(os.environ.get("FSL_CACHE_DIR", "cache"))
+    """Where stores live unless ``--cache-dir`` says otherwise: ``$FSL_CACHE_DIR`` or ``./cache``
+    (a folder, or a URL such as ``s3://bucket/prefix``)."""
+    return as_location(os.environ.get("FSL_CACHE_DIR", "cache"))
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,9 @@ class StoreEntry:
 def list_stores(cache_dir: Path) -> list[StoreEntry]:
     """Every store folder two levels below ``cache_dir`` (``<dataset>/<backbone>-<key>``)."""
     entries = []
-    for folder in sorted(p for p in Path(cache_dir).glob("*/*") if p.is_dir()):
+    for folder in sorted(p for p in as_location(cache_dir).glob("*/*") if p.is_dir()):
         manifest_path = folder / MANIFEST
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        size = tree_bytes(folder)
         if not manifest_path.exists():
             if (folder / "progress").exists() or (folder / ".lock").exists():
                 entries.append(
@@ -72,11 +74,12 @@ def list_stores(cache_dir: Path) -> list[StoreEntry]:
 
 def find_store(cache_dir: Path, key: str) -> StoreEntry:
     """The one store whose key starts with ``key`` (a folder path is accepted too)."""
-    if Path(key).is_dir() and (Path(key) / MANIFEST).exists():
-        manifest = read_manifest(Path(key))
+    folder = as_location(key)
+    if folder.is_dir() and (folder / MANIFEST).exists():
+        manifest = read_manifest(folder)
         field = lambda *keys: _get(manifest, keys)  # noqa: E731 -- opening the store says what is wrong
         return StoreEntry(
-            Path(key),
+            folder,
             field("fingerprint"),
             field("dataset", "name"),
             "",
@@ -164,6 +167,8 @@ def remove_store(entry: StoreEntry) -> None:
         raise StoreError(f"{entry.path} does not exist")
     lock = _acquire_lock(entry.path)  # never pull a store from under a running extraction
     try:
-        shutil.rmtree(entry.path)
+        remove_tree(entry.path)
     finally:
         lock.close()
+    if is_remote(entry.path):  # its unpacked sidecars live on this machine's disk
+        shutil.rmtree(sidecar_dir(entry.path, entry.key).parent, ignore_errors=True)

@@ -5,8 +5,11 @@ Layout of one store folder::
     manifest.json            written last; lists only arrays that were written whole
     progress/<job>/<n>.json  one marker per finished shard: rows and SHA-256 of every block
     arrays.zarr/             (zarr) or parts/ + store.h5 (hdf5)
-    .lock                    held by the one process that writes
+    .lock                    held by the one process that writes (flock; a lease object remotely)
     unpacked/                uncompressed copies of rows that streamed fits read (:mod:`.unpacked`)
+
+The folder may be an fsspec URL (``s3://bucket/prefix/...``, see :mod:`.location`): zarr arrays only,
+the lock is then a lease (:mod:`.lease`) and the unpacked sidecars live on local disk.
 
 Readers trust the manifest alone, so an interrupted extraction never exposes a half-written array,
 and new views are added by later extractions without touching the arrays already there.
@@ -31,22 +34,14 @@ import numpy as np
 from ..errors import StoreError
 from .backend import ArraySpec, open_backend
 from .fingerprint import fingerprint
+from .lease import Lease, acquire_lease
+from .location import as_location, is_remote, write_json_atomic
 from .quantise import Dequantised, scale_name
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
 PRECISIONS = {"fp16": np.float16, "fp32": np.float32}
 """``--precision``: the dtype features are stored (and int8 dense maps read back) in."""
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` whole or not at all (temp file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".incomplete")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def block_digest(data: np.ndarray) -> str:
@@ -87,6 +82,7 @@ class StoreWriter:
 
     def __init__(self, root: Path, *, fmt: str, manifest: dict, lock: bool = True) -> None:
         """``lock=False`` is for the extra ranks of one torchrun job, whose rank 0 holds the lock."""
+        root = as_location(root)
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._lock = _acquire_lock(root) if lock else None
@@ -126,6 +122,8 @@ class StoreWriter:
         return ShardBlocks(self, ShardMarker(job, shard, start, stop))
 
     def commit(self, marker: ShardMarker) -> None:
+        if isinstance(self._lock, Lease):
+            self._lock.check()
         self.backend.commit_part(marker.part)
         path = self._marker_path(marker.job, marker.shard)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,8 +178,11 @@ class StoreWriter:
             entry["blocks"] = sorted(digests[spec.name])
             arrays[spec.name] = entry
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if isinstance(self._lock, Lease):
+            self._lock.check()
         write_json_atomic(self.root / MANIFEST, self.manifest)
-        _remove_leftovers(self.root)
+        if not is_remote(self.root):  # one PUT is whole: object storage keeps no temp files
+            _remove_leftovers(self.root)
         return self.manifest
 
 
@@ -260,7 +261,9 @@ class _StoreLock:
             self.fh.close()
 
 
-def _acquire_lock(root: Path) -> _StoreLock:
+def _acquire_lock(root: Path) -> _StoreLock | Lease:
+    if is_remote(root):
+        return acquire_lease(root)
     fh = open(root / ".lock", "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -298,7 +301,7 @@ class FeatureStore:
     """Read access to a finished store. Only arrays listed in the manifest are visible."""
 
     def __init__(self, root: Path, manifest: dict) -> None:
-        self.root = root
+        self.root = as_location(root)
         self.manifest = manifest
         self.backend = open_backend(root, manifest["format"], mode="r")
         self.quantised = _present_dequantised(manifest)
@@ -306,7 +309,7 @@ class FeatureStore:
 
     @classmethod
     def open(cls, root: str | Path) -> FeatureStore:
-        root = Path(root)
+        root = as_location(root)
         path = root / MANIFEST
         if not path.exists():
             raise StoreError(f"{root} is not a finished feature store (no {MANIFEST}); re-run the extraction")

@@ -12,6 +12,10 @@ later gather a copy out of the page cache. Inside the store folder::
 A sidecar is trusted only when its record matches the store, the array's manifest entry and the rows;
 anything else (a killed build, another version of the array) is rebuilt. ``cache rm`` removes the
 sidecars with their store and ``cache verify`` reads only the manifest's arrays.
+
+A store on object storage gets its ``unpacked/`` folder on local disk instead, under
+``$FSL_SIDECAR_DIR/<store key>/`` (:func:`~.location.sidecar_dir`): memory maps need local files,
+and the processes of one machine then share one unpacking.
 """
 
 from __future__ import annotations
@@ -26,9 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StoreError
-from .store import write_json_atomic
+from .location import sidecar_dir, write_json_atomic
 
-UNPACKED = "unpacked"
 BLOCK_BYTES = 64 << 20
 """Rows decoded and written per step, so unpacking holds a bounded amount of memory."""
 SPARE_BYTES = 1 << 30
@@ -66,7 +69,7 @@ def unpack_rows(store, name: str, rows: np.ndarray, *, block_bytes: int = BLOCK_
     """
     uniq, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
     record = _record(store, name, uniq)
-    path = store.root / UNPACKED / f"{name.replace('/', '.')}-{record['rows'][:16]}.npy"
+    path = sidecar_dir(store.root, store.fingerprint) / f"{name.replace('/', '.')}-{record['rows'][:16]}.npy"
     data = _open(path, record)
     if data is None:
         data = _build_locked(store, name, uniq, path, record, block_bytes)
@@ -105,7 +108,7 @@ def _build_locked(
 ) -> np.ndarray:
     """Unpack under the sidecar's lock; a process that waited on it reuses what the holder built."""
     try:
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         lock = open(path.with_suffix(".lock"), "a+")
     except OSError as err:
         raise UnpackUnavailable(f"Cannot write sidecars in {path.parent} ({err.strerror})") from err

@@ -23,6 +23,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ..processes import process_start
+
 CLAIMS = ".claims"
 STALE_AFTER = 120.0
 """Seconds without a heartbeat after which a claim is taken over (four heartbeats missed)."""
@@ -125,34 +127,6 @@ def stale_owner(path: Path, *, stale_after: float = STALE_AFTER) -> str | None:
         started = process_start(pid)
         alive = started is not None and owner.get("pid_started") in (None, started)
     return None if alive else str(owner.get("token", ""))
-
-
-def process_start(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot, from /proc), ``None`` if no such process.
-
-    With the pid it names one process for good: a reused pid has another start time. Where there is
-    no /proc, ``0`` for any live pid (the pid alone is compared).
-    """
-    if pid <= 0:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return 0 if not Path("/proc/self").exists() and _alive(pid) else None
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)", which may hold spaces
-    return None if fields[0] == "Z" else int(fields[19])  # a zombie is dead; field 22: starttime
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _set_aside(path: Path, stale_token: str) -> None:
