@@ -111,7 +111,7 @@ def extract_args(demo: Path, cache: str) -> list[str]:
         "--for",
         "zero_shot,tip_adapter",
         "--views",
-        "2",
+        "11",
         "--shots",
         "1",
         "--seeds",
@@ -119,7 +119,7 @@ def extract_args(demo: Path, cache: str) -> list[str]:
         "--workers",
         "0",
         "--batch-size",
-        "8",
+        "64",
         "--cache-dir",
         cache,
     ]
