@@ -23,7 +23,7 @@ moto_server = pytest.importorskip("moto.server", reason="moto[server] is missing
 from fsl_cache.cli import main  # noqa: E402
 from fsl_cache.datasets import make_demo_dataset  # noqa: E402
 from fsl_cache.errors import StoreError  # noqa: E402
-from fsl_cache.store import FeatureStore  # noqa: E402
+from fsl_cache.store import FeatureStore, verify_store  # noqa: E402
 from fsl_cache.store.location import as_location  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -238,3 +238,28 @@ def test_a_live_writer_keeps_others_out_of_a_remote_store(s3):
     finally:
         held.close()
     _acquire_lock(root).close()  # released: free again
+
+
+def test_two_torchrun_ranks_write_one_remote_store(s3, demo, tmp_path):
+    """Rank 0 holds the lease, both ranks write their own shards to S3: the store equals a local one-process
+    extraction block for block, and verifies clean."""
+    cache = f"s3://{BUCKET}/ranks"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    ranks = subprocess.run(
+        [*torchrun, "-m", "fsl_cache", *extract_args(demo, cache)],
+        env=child_env(s3),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    local = CliRunner().invoke(main, extract_args(demo, str(tmp_path / "local")))
+    assert local.exit_code == 0, local.output
+    (folder,) = as_location(cache).glob("*/*")
+    remote, ref = FeatureStore.open(str(folder)), FeatureStore.open(next((tmp_path / "local").glob("*/*")))
+    assert remote.fingerprint == ref.fingerprint and remote.arrays.keys() == ref.arrays.keys()
+    for name, entry in ref.arrays.items():
+        assert remote.arrays[name]["blocks"] == entry["blocks"], name
+    assert verify_store(str(folder)) == []
+    assert len({p.stem for p in folder.glob("progress/*/*.json")}) > 1, "the work was split into shards"
+    assert not (folder / ".lock").exists()
