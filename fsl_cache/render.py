@@ -60,12 +60,13 @@ def show_extract_plan(prepared) -> None:
 
 
 def plan_total(sizes) -> dict:
-    """The sum of ``fsl-cache plan``'s rows over the datasets it could count."""
+    """The sum of ``fsl-cache plan``'s rows over the datasets it could count (estimated ones included)."""
     counted = [s for s in sizes if not s.missing]
     return {
         "dataset": "total",
         "datasets": len(counted),
         "missing": [s.dataset for s in sizes if s.missing],
+        "estimated": [s.dataset for s in sizes if s.estimated],
         "images": sum(sum(s.pools.values()) for s in counted),
         "encoded": sum(s.encoded for s in counted),
         "arrays": sum(s.arrays for s in counted),
@@ -84,7 +85,7 @@ def show_plan(sizes, *, title: str) -> None:
             continue
         pools = {name.split("_")[0]: n for name, n in s.pools.items()}
         table.add_row(
-            s.dataset,
+            s.dataset + (" *" if s.estimated else ""),
             str(s.classes),
             *(f"{pools[p]:,}" if p in pools else "-" for p in ("test", "train", "val")),
             f"{s.encoded:,}",
@@ -105,6 +106,11 @@ def show_plan(sizes, *, title: str) -> None:
         f"[bold]{human_bytes(total['expected_bytes'])}[/]",
     )
     out_console.print(table)
+    if any(s.estimated for s in sizes):
+        out_console.print(
+            "* no split file or images here: estimated from the published split sizes, images spread evenly "
+            "over the classes"
+        )
 
 
 def show_extract_result(result) -> None:

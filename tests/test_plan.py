@@ -10,7 +10,7 @@ from dataset_helpers import shared_dir
 
 from fsl_cache.cli import main
 
-MISSING = {"imagenet", "food101", "fgvc_aircraft", "sun397"}  # no split file in shared/data/coop_splits
+ESTIMATED = {"imagenet", "food101", "fgvc_aircraft", "sun397"}  # no split file in shared/data/coop_splits
 EUROSAT = {"test": 8100, "train_pool": 860, "val_pool": 434}  # 10 classes; union of 5 shots × 3 seeds
 
 
@@ -24,8 +24,13 @@ def plan(*args: str) -> list[dict]:
 def test_all_datasets_for_ldc_rn50_from_split_files_alone():
     *rows, total = plan("--dataset", "all", "--for", "ldc", "--model", "RN50")
     by_name = {r["dataset"]: r for r in rows}
-    assert len(rows) == 11 and {n for n, r in by_name.items() if r["missing"]} == MISSING
-    assert "split" in by_name["food101"]["source"] and by_name["food101"]["raw_bytes"] == 0
+    assert len(rows) == 11 and not any(r["missing"] for r in rows)
+    assert {n for n, r in by_name.items() if r["estimated"]} == ESTIMATED
+    assert "published split sizes" in by_name["food101"]["source"]
+    food = by_name["food101"]  # 101 classes: 500 / 200 / 300 images each; shots 1-16 × 3 seeds draw ≤ 93 each
+    assert food["pools"]["test"] == 30_300 and 16 * 101 < food["pools"]["train_pool"] <= 93 * 101
+    # the published totals are those of the split files that are here (caltech101 counted from its file)
+    assert sum(by_name["caltech101"]["pools"].values()) <= 4_128 + 1_649 + 2_465
     eurosat = by_name["eurosat"]
     assert eurosat["pools"] == EUROSAT and eurosat["classes"] == 10
     assert eurosat["encoded"] == sum(EUROSAT.values()) + 10 * EUROSAT["train_pool"]  # 10 ldc views
@@ -33,9 +38,21 @@ def test_all_datasets_for_ldc_rn50_from_split_files_alone():
     per_view = eurosat["raw_bytes"] / eurosat["encoded"]
     assert 3_012_608 < per_view < 3_012_608 + 200
     assert eurosat["expected_bytes"] < 0.6 * eurosat["raw_bytes"]  # the maps are zstd-compressed
-    counted = [r for r in rows if not r["missing"]]
-    assert total["raw_bytes"] == sum(r["raw_bytes"] for r in counted)
-    assert total["missing"] == [r["dataset"] for r in rows if r["missing"]]
+    assert total["raw_bytes"] == sum(r["raw_bytes"] for r in rows)
+    assert total["missing"] == [] and set(total["estimated"]) == ESTIMATED
+
+
+def test_published_split_sizes_are_those_of_the_split_files_here():
+    from fsl_cache.datasets.coop import LAYOUTS, read_split_json
+    from fsl_cache.extraction.sizing import PUBLISHED_SPLITS
+
+    here = list((shared_dir() / "data" / "coop_splits").glob("split_zhou_*.json"))
+    assert len(here) == 7
+    for name, layout in LAYOUTS.items():
+        path = shared_dir() / "data" / "coop_splits" / str(layout.split_file)
+        if path in here:
+            splits, _ = read_split_json(path, num_classes=layout.num_classes)
+            assert tuple(len(splits[s]) for s in ("train", "val", "test")) == PUBLISHED_SPLITS[name], name
 
 
 @pytest.mark.parametrize(

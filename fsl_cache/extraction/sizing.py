@@ -8,13 +8,14 @@ meta device. So a store of any size is planned without an image, a weight file o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..backbones import load_architecture
 from ..datasets import DatasetSpec, load_dataset
 from ..datasets.base import builtin_loaders
-from ..datasets.coop import LAYOUTS, split_file_spec
+from ..datasets.coop import IMAGENET_VAL_PER_CLASS, LAYOUTS, split_file_spec
+from ..datasets.templates import templates_for
 from ..errors import FslError
 from ..methods.registry import get_method
 from .pipeline import ExtractOptions, TapShapes, plan_store, pools_and_metadata
@@ -24,6 +25,23 @@ from .text import text_arrays
 ALL = "all"
 COOP_DATASETS = tuple(name for name in LAYOUTS if not name.startswith("imagenet_"))
 """What ``--dataset all`` means: the 11 datasets of the CoOp benchmark."""
+PUBLISHED_SPLITS = {
+    "caltech101": (4_128, 1_649, 2_465),
+    "oxford_pets": (2_944, 736, 3_669),
+    "stanford_cars": (6_509, 1_635, 8_041),
+    "oxford_flowers": (4_093, 1_633, 2_463),
+    "food101": (50_500, 20_200, 30_300),
+    "fgvc_aircraft": (3_334, 3_333, 3_333),
+    "sun397": (15_880, 3_970, 19_850),
+    "dtd": (2_820, 1_128, 1_692),
+    "eurosat": (13_500, 5_400, 8_100),
+    "ucf101": (7_639, 1_898, 3_783),
+    "imagenet": (1_281_167, 0, 50_000),
+}
+"""[PAPER] (train, val, test) images of the CoOp splits (CoOp's dataset table; ImageNet: ILSVRC-2012 train and
+val, the latter as test). Used only when a dataset has neither its split file nor its images here: the
+plan is then an estimate with the images spread evenly over the classes (the 7 split files in the
+shared data match these totals)."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +52,8 @@ class StoreSize:
     source: str
     """The split file (or dataset root) the counts come from, or why there are none."""
     classes: int | None = None
+    estimated: bool = False
+    """Counted from :data:`PUBLISHED_SPLITS` (classes balanced), not from the dataset's own split."""
     pools: dict[str, int] | None = None
     """Images per pool (``test``, ``train_pool``, ``val_pool``...)."""
     encoded: int = 0
@@ -52,6 +72,7 @@ class StoreSize:
             "dataset": self.dataset,
             "source": self.source,
             "missing": self.missing,
+            "estimated": self.estimated,
             "classes": self.classes,
             "pools": self.pools,
             "images": sum((self.pools or {}).values()),
@@ -90,12 +111,40 @@ def size_stores(
         try:
             spec, source = _counted_spec(name, root=root, splits_dir=splits_dir)
         except FslError as err:
-            sizes.append(StoreSize(name, f"missing: {err}"))
-            continue
-        sizes.append(
-            _size(spec, source, backbone=backbone, tap_shapes=TapShapes(base_shapes), options=options)
-        )
+            if name not in PUBLISHED_SPLITS:
+                sizes.append(StoreSize(name, f"missing: {err}"))
+                continue
+            spec, source = published_spec(name), f"estimate from the published split sizes ({err})"
+        size = _size(spec, source, backbone=backbone, tap_shapes=TapShapes(base_shapes), options=options)
+        sizes.append(replace(size, estimated=source.startswith("estimate")))
     return sizes
+
+
+def published_spec(name: str) -> DatasetSpec:
+    """``name`` with its :data:`PUBLISHED_SPLITS` counts, images spread evenly over the classes (ImageNet's val
+    held out of train as the loader does). Paths are empty: enough to size pools and arrays, nothing else."""
+    classes = LAYOUTS[name].num_classes
+    train, val, test = PUBLISHED_SPLITS[name]
+
+    def items(total: int) -> tuple[tuple[str, int], ...]:
+        return tuple(("", label) for label in range(classes) for _ in range(_share(total, classes, label)))
+
+    splits = {"train": items(train), "val": items(val), "test": items(test)}
+    if name == "imagenet":  # [PROPOSED] in the loader: min(20, n//2) train images per class become val
+        per_class = min(IMAGENET_VAL_PER_CLASS, train // classes // 2)
+        splits |= {"train": items(train - per_class * classes), "val": items(per_class * classes)}
+    return DatasetSpec(
+        name=name,
+        image_root=Path("."),
+        classnames=tuple(f"class {i}" for i in range(classes)),
+        templates=templates_for(name),
+        splits=splits,
+        source_hash="",
+    )
+
+
+def _share(total: int, classes: int, label: int) -> int:
+    return total // classes + (label < total % classes)
 
 
 def _counted_spec(name: str, *, root, splits_dir) -> tuple[DatasetSpec, str]:
