@@ -2,9 +2,12 @@
 
 ``fsl-tiny-rn`` is RN50's ModifiedResNet shrunk to one bottleneck per stage and width 8 (64 px
 input: layer1 32x16x16 … layer4 256x2x2, attention pooling to 64). ``fsl-tiny-vit`` is a 12-block
-ViT of width 128 (64 px, patch 8: 64 patches + CLS). Both keep OpenAI's head width of 64 so that
-``open_clip.openai.load_openai_model`` infers them from a state dict exactly as it does RN50 or
-ViT-B/16, and both keep the 49,408-token vocabulary so the standard tokenizer works.
+ViT of width 128 (64 px, patch 8: 64 patches + CLS) with a text tower of width 64 (the RN's: 128),
+narrowed so that its ``shapes`` file stays under 10 MB. Both keep the 49,408-token vocabulary so the
+standard tokenizer works. ``fsl-tiny-rn`` keeps OpenAI's head width of 64 everywhere, so
+``open_clip.openai.load_openai_model`` infers it from a state dict exactly as it does RN50; the
+ViT's text tower has 2 heads of 32, which that inference would read as one head, so its weights load
+through open_clip's own loader (safetensors or state dict), not as an OpenAI TorchScript archive.
 
 Besides ``--pretrained none`` (random weights) both have the pretrained tag ``shapes``: weights
 trained by ``python -m fsl_cache.backbones.train_tiny`` on the synthetic shapes world
