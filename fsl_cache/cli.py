@@ -11,6 +11,7 @@ import logging
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -157,9 +158,11 @@ class FslGroup(click.Group):
                 highlight=False,
                 soft_wrap=True,
             )
-            # zarr reads the stop abandoned are garbage-collected at exit; asyncio would log each one
-            # after the line above, which must stay the last thing a preempted job's log says
+            # zarr reads the stop abandoned are garbage-collected at exit; asyncio would log each one,
+            # and Python warn of each coroutine never awaited, after the line above, which must stay
+            # the last thing a preempted job's log says
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
             sys.exit(143 if isinstance(err, Terminated) else 130)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise

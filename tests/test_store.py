@@ -31,15 +31,17 @@ def _write(tmp_path, fmt: str, *, shards=((0, 3), (3, 5))):
     feat_spec = ArraySpec("images/test/views/center/pooled", (5, 2, 4), "float16", (3, 2, 4))
     path_spec = ArraySpec("images/test/paths", (5,), "str", (5,))
     writer = StoreWriter(root, fmt=fmt, manifest=manifest)
-    writer.write_whole(path_spec, np.array(["a.jpg", "b c.png", "ü.jpg", "d", "e"], dtype=object))
-    writer.create(feat_spec)
-    for shard, (start, stop) in enumerate(shards):
-        blocks = writer.begin_shard("job", shard, start, stop)
-        for row in range(start, stop):  # one batch per row: blocks must assemble in order
-            blocks.write(feat_spec, row, feats[row : row + 1])
-        writer.commit(blocks.finish())
-    writer.finalize([feat_spec, path_spec])
-    writer.close()
+    try:
+        writer.write_whole(path_spec, np.array(["a.jpg", "b c.png", "ü.jpg", "d", "e"], dtype=object))
+        writer.create(feat_spec)
+        for shard, (start, stop) in enumerate(shards):
+            blocks = writer.begin_shard("job", shard, start, stop)
+            for row in range(start, stop):  # one batch per row: blocks must assemble in order
+                blocks.write(feat_spec, row, feats[row : row + 1])
+            writer.commit(blocks.finish())
+        writer.finalize([feat_spec, path_spec])
+    finally:
+        writer.close()
     return root, feats
 
 
