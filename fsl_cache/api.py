@@ -51,17 +51,20 @@ def extract(
     vit_blocks: Sequence[int] = DEFAULT_VIT_BLOCKS,
     skip_bad: bool = False,
     descriptions: str | Path | None = None,
+    options: dict | None = None,
     on_plan: Callable[[PreparedExtraction], None] | None = None,
     progress: bool = True,
 ) -> ExtractResult:
     """Run the frozen backbone once over ``dataset`` and store what ``for_methods`` need (and, given a CuPL-format
-    ``descriptions`` file, its per-class sentence embeddings, for APE)."""
+    ``descriptions`` file, its per-class sentence embeddings, for APE). ``options`` are the ``-o`` method
+    options the store will be fitted with, where they change what is stored (capt ``visual_depth``)."""
     from .extraction import ExtractOptions
     from .extraction import extract as _extract
     from .methods.needs import DEFAULT_FOR
 
-    options = ExtractOptions(
+    settings = ExtractOptions(
         for_methods=tuple(for_methods or DEFAULT_FOR),
+        method_options=dict(options or {}),
         views=views,
         precision=precision,
         dense_precision=dense_precision,
@@ -83,7 +86,7 @@ def extract(
         model=model,
         pretrained=pretrained,
         cache_dir=cache_dir,
-        options=options,
+        options=settings,
         on_plan=on_plan,
         progress=progress,
     )
@@ -104,6 +107,7 @@ def plan(
     full_train: bool = False,
     full_val: bool = False,
     vit_blocks: Sequence[int] = DEFAULT_VIT_BLOCKS,
+    options: dict | None = None,
 ) -> list[StoreSize]:
     """What ``extract`` with these settings would store per dataset (``all``: the 11 CoOp datasets),
     counted from split files (``splits_dir`` or the CoOp layout under ``root``) without an image."""
@@ -112,8 +116,9 @@ def plan(
     from .extraction.sizing import size_stores
     from .methods.needs import DEFAULT_FOR
 
-    options = ExtractOptions(
+    settings = ExtractOptions(
         for_methods=tuple(for_methods or DEFAULT_FOR),
+        method_options=dict(options or {}),
         views=views,
         precision=precision,
         dense_precision=dense_precision,
@@ -124,7 +129,7 @@ def plan(
         vit_blocks=tuple(vit_blocks),
     )
     root = root if root is not None else os.environ.get(DATA_ENV)
-    return size_stores(datasets, model=model, options=options, root=root, splits_dir=splits_dir)
+    return size_stores(datasets, model=model, options=settings, root=root, splits_dir=splits_dir)
 
 
 def _cache_dir(cache_dir: str | Path | None) -> Path:

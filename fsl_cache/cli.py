@@ -67,6 +67,25 @@ def _views(ctx, param, value: str | None):
         raise click.BadParameter(f"expected N or POLICY=N[,POLICY=N], got '{value}'") from None
 
 
+def _key_values(ctx, param, value: tuple[str, ...]) -> dict:
+    options = {}
+    for item in value:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected key=value, got '{item}'")
+        options[key.strip()] = val.strip()
+    return options
+
+
+STORED_OPTIONS = click.option(
+    "-o",
+    "--option",
+    "options",
+    multiple=True,
+    callback=_key_values,
+    help="Method option key=value (or method.key=value) the store will be fitted with, where it changes "
+    "what is stored: capt visual_depth=9 adds the ViT input tokens. Repeatable.",
+)
 VIEWS_OPTION = click.option(
     "--views",
     callback=_views,
@@ -210,6 +229,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     callback=_name_list,
     help="Extract only what these methods need (comma-separated).",
 )
+@STORED_OPTIONS
 @VIEWS_OPTION
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True)
 @DENSE_PRECISION_OPTION
@@ -257,6 +277,7 @@ def extract(
     model,
     pretrained,
     for_methods,
+    options,
     views,
     precision,
     dense_precision,
@@ -299,6 +320,7 @@ def extract(
         vit_blocks=vit_blocks,
         skip_bad=skip_bad,
         descriptions=descriptions,
+        options=options,
         on_plan=show_extract_plan,
     )
     show_extract_result(result)
@@ -332,6 +354,7 @@ def extract(
     help="Accepted for symmetry with extract: sizes depend on the architecture alone.",
 )
 @click.option("--for", "for_methods", callback=_name_list, help="Methods the stores serve (comma-separated).")
+@STORED_OPTIONS
 @VIEWS_OPTION
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True)
 @DENSE_PRECISION_OPTION
@@ -348,6 +371,7 @@ def plan(
     model,
     pretrained,
     for_methods,
+    options,
     views,
     precision,
     dense_precision,
@@ -377,6 +401,7 @@ def plan(
         full_train=full_train,
         full_val=full_val,
         vit_blocks=vit_blocks,
+        options=options,
     )
     if as_json:
         for size in sizes:
@@ -614,16 +639,6 @@ def _seed_list(ctx, param, value: tuple[str, ...]):
         return tuple(int(v) for v in seeds)
     except ValueError:
         raise click.BadParameter(f"expected integers, got {', '.join(value)}") from None
-
-
-def _key_values(ctx, param, value: tuple[str, ...]) -> dict:
-    options = {}
-    for item in value:
-        key, sep, val = item.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"expected key=value, got '{item}'")
-        options[key.strip()] = val.strip()
-    return options
 
 
 @main.command()

@@ -64,7 +64,7 @@ def test_option_values_parse_with_bracketed_tuples_and_typos_fail():
     }
     with pytest.raises(UsageError, match="Did you mean epochs"):
         expand(GridSpec(methods=("tip_adapter_f",), datasets=("a",), options={"epoch": ("5",)}))
-    with pytest.raises(UsageError, match="not in this grid"):
+    with pytest.raises(UsageError, match="scoped to .*, which is not among"):
         expand(GridSpec(methods=("zero_shot",), datasets=("a",), options={"coop.n_ctx": ("4",)}))
 
 

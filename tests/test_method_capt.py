@@ -388,6 +388,24 @@ def test_fit_visual_depth_1_completes_the_store_records_the_mode_and_predicts(de
     torch.testing.assert_close(exported[record["metrics"]["headline"]], logits)
 
 
+def test_extract_with_the_fits_option_stores_the_tokens_up_front(demo, tmp_path):
+    """``extract -o visual_depth=N`` on the GPU node leaves ``fit`` nothing to add where no images are."""
+    _, data = demo
+    args = ["extract", "--dataset", f"imagefolder:{data}", "--model", "fsl-tiny-vit", "--pretrained", "none"]
+    args += ["--for", "capt", "-o", "visual_depth=9", "--views", "1", "--shots", "4", "--seeds", "1"]
+    result = CliRunner().invoke(main, [*args, "--workers", "0", "--cache-dir", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    store = FeatureStore.open(json.loads(result.stdout.splitlines()[-1])["store"])
+    try:
+        assert all(
+            store.has(f"images/{p}/views/center/vit/tokens") for p in ("train_pool", "val_pool", "test")
+        )
+    finally:
+        store.close()
+    result = CliRunner().invoke(main, [*args, "-o", "visual_dpth=9", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "Did you mean visual_depth" in result.output
+
+
 def test_grid_with_visual_prompts_extracts_the_tokens_its_option_needs(demo, tmp_path):
     """What capt reads hangs on ``visual_depth``: ``grid`` completes a fresh store with the tokens before its runs."""
     _, data = demo

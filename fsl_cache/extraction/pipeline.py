@@ -28,8 +28,8 @@ from ..datasets import DatasetSpec, load_dataset
 from ..datasets.descriptions import Descriptions, load_descriptions
 from ..defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_SEEDS, DEFAULT_SHOTS, DEFAULT_VIT_BLOCKS
 from ..errors import DiskFullError, FslError, StoreError, UsageError, check_writable_folder
-from ..methods.needs import DEFAULT_FOR
-from ..methods.registry import get_method
+from ..methods.needs import DEFAULT_FOR, Needs
+from ..methods.registry import check_option_names, get_method
 from ..splits.sampling import few_shot_pools
 from ..store.backend import FORMATS, ArraySpec
 from ..store.catalog import default_cache_dir
@@ -65,7 +65,8 @@ class ExtractOptions:
 
     for_methods: tuple[str, ...] = DEFAULT_FOR
     method_options: dict = field(default_factory=dict)
-    """The ``-o`` options of the fit the store is completed for (some add a tap: capt visual_depth)."""
+    """``-o`` method options that change what is stored (capt ``visual_depth`` adds a tap): unscoped ones
+    reach every method of ``for_methods`` that has the field, ``method.key`` ones that method."""
     views: int | dict[str, int] | None = None
     """Override the view count of every augmented view group (an int) or of some policies
     (``{"ldc": 5}``); default: what the methods need. Recorded in the store key when given."""
@@ -99,6 +100,7 @@ class ExtractOptions:
             raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got '{self.format}'")
         if self.batch_size < 1 or self.workers < 0:
             raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+        check_option_names(self.for_methods, self.method_options)
         counts = self.views.values() if isinstance(self.views, dict) else [self.views]
         if any(n is not None and n < 1 for n in counts):
             raise UsageError(f"--views must be >= 1, got {self.views}")
@@ -356,11 +358,17 @@ class PreparedExtraction:
         return rows
 
 
+def method_needs(method: str, dataset: str, options: ExtractOptions) -> Needs:
+    """What ``method`` reads on ``dataset`` when fitted with the options extraction was given."""
+    info = get_method(method)
+    return info.needs(dataset, info.scoped(options.method_options))
+
+
 def prepare_extraction(
     dataset: str, *, root, model: str, pretrained: str, cache_dir, options: ExtractOptions
 ) -> PreparedExtraction:
     spec = load_dataset(dataset, root=root)
-    needs = [get_method(m).needs(spec.name, options.method_options) for m in options.for_methods]
+    needs = [method_needs(m, spec.name, options) for m in options.for_methods]
     descriptions = (
         load_descriptions(options.descriptions, spec.classnames) if options.descriptions is not None else None
     )

@@ -17,8 +17,7 @@ from ..datasets.base import builtin_loaders
 from ..datasets.coop import IMAGENET_VAL_PER_CLASS, LAYOUTS, split_file_spec
 from ..datasets.templates import templates_for
 from ..errors import FslError
-from ..methods.registry import get_method
-from .pipeline import ExtractOptions, TapShapes, plan_store, pools_and_metadata
+from .pipeline import ExtractOptions, TapShapes, method_needs, plan_store, pools_and_metadata
 from .plan import expected_bytes, string_bytes
 from .text import text_arrays
 
@@ -165,7 +164,7 @@ def _counted_spec(name: str, *, root, splits_dir) -> tuple[DatasetSpec, str]:
 
 def _size(spec: DatasetSpec, source: str, *, backbone, tap_shapes, options: ExtractOptions) -> StoreSize:
     pools, whole = pools_and_metadata(spec, options, {})
-    needs = [get_method(m).needs(spec.name, options.method_options) for m in options.for_methods]
+    needs = [method_needs(m, spec.name, options) for m in options.for_methods]
     plan = plan_store(
         spec, options, pools, needs, backbone=backbone, tap_shapes=tap_shapes, existing={}, existing_views={}
     )

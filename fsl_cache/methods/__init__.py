@@ -3,7 +3,7 @@
 from ..training import FitTask, Head, TaskInfo, TrainSettings, seeded_init
 from .base import FitResult, Method
 from .options import ConfigError, MethodConfig, OptionInfo, TrainOptions
-from .registry import MethodInfo, get_method, list_methods, register_method
+from .registry import MethodInfo, check_option_names, get_method, list_methods, register_method
 
 __all__ = [
     "ConfigError",
@@ -17,6 +17,7 @@ __all__ = [
     "TaskInfo",
     "TrainOptions",
     "TrainSettings",
+    "check_option_names",
     "get_method",
     "list_methods",
     "register_method",

@@ -9,12 +9,12 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import pkgutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import did_you_mean
+from ..errors import UsageError, did_you_mean
 from .base import Method, ValidationFree
 from .needs import Needs
 from .options import MethodConfig, OptionInfo
@@ -50,6 +50,31 @@ class MethodInfo:
     def create(self, options: Mapping[str, Any] | None = None) -> Method:
         """An instance configured from ``-o`` options (strings or typed values)."""
         return self.cls(self.config.from_options(options or {}, method=self.name))
+
+    def scoped(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``-o`` options that reach this method: ``method.key`` ones scoped to it, and unscoped ones
+        its config has a field for (``epochs`` given to several methods reaches those that have epochs)."""
+        fields = {o.name for o in self.options()}
+        chosen = {}
+        for key, value in options.items():
+            scope, dot, name = key.rpartition(".")
+            if (not dot or scope == self.name) and name in fields:
+                chosen[name] = value
+        return chosen
+
+
+def check_option_names(methods: Sequence[str], keys: Iterable[str]) -> None:
+    """Refuse an option no method of ``methods`` takes (a typo would otherwise change nothing)."""
+    known = {o.name for m in methods for o in get_method(m).options()}  # unknown methods fail here
+    for key in keys:
+        scope, dot, name = key.rpartition(".")
+        if dot and scope not in methods:
+            raise UsageError(
+                f"Option '{key}' is scoped to '{scope}', which is not among {', '.join(methods)}"
+            )
+        scoped = {o.name for o in get_method(scope).options()} if dot else known
+        if name not in scoped:
+            raise did_you_mean(name, scoped, what=f"option for {scope or ', '.join(methods)}")
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_SEEDS, DEFAULT_SHOTS
-from ..errors import UsageError, did_you_mean
-from ..methods import get_method
+from ..errors import UsageError
+from ..methods import check_option_names, get_method
 
 OptionGrid = Mapping[str, Sequence[Any]]
 """``{"epochs": [5, 10], "tip_adapter_f.lr": [1e-3]}``: option name (optionally ``method.``-scoped) → values."""
@@ -83,31 +83,17 @@ class GridSpec:
 
 def method_options(spec: GridSpec, method: str) -> list[dict[str, Any]]:
     """Every combination of the option values that apply to ``method`` (one empty dict if none do)."""
-    fields = {o.name for o in get_method(method).options()}
-    chosen: dict[str, tuple[Any, ...]] = {}
-    for key, values in spec.options.items():
-        scope, dot, name = key.rpartition(".")
-        if dot and scope != method:
-            continue
-        if name in fields:
-            chosen[name] = tuple(tuple(v) if isinstance(v, list) else v for v in values)
+    chosen = {
+        name: tuple(tuple(v) if isinstance(v, list) else v for v in values)
+        for name, values in get_method(method).scoped(spec.options).items()
+    }
     keys = sorted(chosen)
     return [dict(zip(keys, combo)) for combo in itertools.product(*(chosen[k] for k in keys))]
 
 
 def check_options(spec: GridSpec) -> None:
     """Refuse an option no method of the grid takes (a typo would otherwise sweep nothing)."""
-    infos = [get_method(m) for m in spec.methods]  # unknown methods fail here, with a suggestion
-    known = {o.name for info in infos for o in info.options()}
-    for key in spec.options:
-        scope, dot, name = key.rpartition(".")
-        if dot and scope not in spec.methods:
-            raise UsageError(
-                f"Option '{key}' is scoped to '{scope}', which is not in this grid ({', '.join(spec.methods)})"
-            )
-        scoped = {o.name for o in get_method(scope).options()} if dot else known
-        if name not in scoped:
-            raise did_you_mean(name, scoped, what=f"option for {scope or ', '.join(spec.methods)}")
+    check_option_names(spec.methods, spec.options)
 
 
 def expand(spec: GridSpec) -> list[Trial]:
