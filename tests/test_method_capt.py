@@ -373,10 +373,11 @@ def test_fit_visual_depth_1_completes_the_store_records_the_mode_and_predicts(de
     assert record["selection"]["mode"].startswith("visual_depth=1: deep visual prompts")
     assert record["head"]["inputs"] == ["pooled", "vit/tokens"]
     store = FeatureStore.open(record["store"]["path"])
-    try:  # fit added the tokens to the store: train (the bank), val and test center views
+    try:  # fit added the tokens to the store: train (the bank), val and test center views, train coop views
         assert all(
             store.has(f"images/{p}/views/center/vit/tokens") for p in ("train_pool", "val_pool", "test")
         )
+        assert store.arrays["images/train_pool/views/coop/vit/tokens"]["shape"][1:] == [21, 65, 128]
         tokens = store.arrays["images/test/views/center/vit/tokens"]
         assert tokens["dtype"] == "float16" and tuple(tokens["shape"][-2:]) == (65, 128)
     finally:
@@ -400,6 +401,7 @@ def test_extract_with_the_fits_option_stores_the_tokens_up_front(demo, tmp_path)
         assert all(
             store.has(f"images/{p}/views/center/vit/tokens") for p in ("train_pool", "val_pool", "test")
         )
+        assert store.has("images/train_pool/views/coop/vit/tokens")
     finally:
         store.close()
     result = CliRunner().invoke(main, [*args, "-o", "visual_dpth=9", "--cache-dir", str(tmp_path)])

@@ -92,14 +92,18 @@ def test_views_for_a_policy_no_method_uses_is_refused():
 
 
 def test_method_options_that_add_a_tap_are_planned_and_typos_refused():
-    """capt -o visual_depth=9 stores the ViT input tokens (197 × 768 fp16) of the center views it prompts."""
+    """capt -o visual_depth=9 stores the ViT input tokens (197 × 768 fp16) of every view it prompts: the
+    center view of each pool and the 21 coop views (view 0 centered) of each train image."""
     (text_only, _) = plan("--dataset", "eurosat", "--for", "capt", "--model", "ViT-B-16")
     (visual, _) = plan("--dataset", "eurosat", "--for", "capt", "--model", "ViT-B-16", "-o", "visual_depth=9")
-    centers = sum(visual["pools"].values())
-    assert visual["encoded"] == text_only["encoded"]  # the same forward passes: one more tap kept
-    assert visual["raw_bytes"] - text_only["raw_bytes"] == centers * 197 * 768 * 2
+    views = sum(visual["pools"].values()) + 21 * visual["pools"]["train_pool"]
+    assert visual["encoded"] == text_only["encoded"] == views  # the same forward passes: one more tap kept
+    assert visual["raw_bytes"] - text_only["raw_bytes"] == views * 197 * 768 * 2
     splits = shared_dir() / "data" / "coop_splits"
-    for option, said in [("visual_dpth=9", "Did you mean visual_depth"), ("coop.n_ctx=2", "scoped to 'coop'")]:
+    for option, said in [
+        ("visual_dpth=9", "Did you mean visual_depth"),
+        ("coop.n_ctx=2", "scoped to 'coop'"),
+    ]:
         args = ["plan", "--splits", str(splits), "--dataset", "eurosat", "--for", "capt", "-o", option]
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2 and said in result.output, result.output

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +114,7 @@ def mode_of(visual_depth: int) -> str:
         return "visual_depth=0: text prompts only; image features are the store's cached pooled embeddings"
     return (
         f"visual_depth={visual_depth}: deep visual prompts in the first {visual_depth} ViT blocks, run from "
-        "the store's cached pre-ln_pre tokens (center view)"
+        "the store's cached pre-ln_pre tokens (the batch's coop views, the bank's center views)"
     )
 
 
@@ -138,10 +138,10 @@ class Capt(Method):
         "projection is trained.",
         "[PROPOSED] visual_depth defaults to 0: no visual prompts, the image features are the cached pooled "
         "embeddings (the official code tunes 4 visual prompts in 9 blocks: -o visual_depth=9). With "
-        "visual_depth > 0 the prompts run from the cached pre-ln_pre tokens of the center view: every epoch "
-        "trains on the same center view (no random crop), and the prompts sit after the class token (the "
-        "code appends them at the end; the same features, as attention ignores token order after the "
-        "positional embedding). ResNet stores refuse visual_depth > 0.",
+        "visual_depth > 0 the prompts run from the cached pre-ln_pre tokens of the batch's cached coop view "
+        "(and of the bank's center views), and sit after the class token (the code appends them at the end; "
+        "the same features, as attention ignores token order after the positional embedding). ResNet stores "
+        "refuse visual_depth > 0.",
         "[PROPOSED] without -o init=RUN the context starts at ctx_init ('a photo of a') and the deep text prompts "
         "at N(0, 0.02); the official setting starts from PromptKD/PromptSRC prompts (SPLE_INIT), which -o "
         "init=RUN of a promptkd run reproduces on the cache; DPC's pre_ctx is that start.",
@@ -180,10 +180,12 @@ class Capt(Method):
 
     @classmethod
     def needs(cls, dataset: str = "", options: dict | None = None) -> Needs:
-        """With visual_depth > 0 also the pre-ln_pre tokens of the center view of every pool (bank, val, test)."""
+        """With visual_depth > 0 also the pre-ln_pre tokens of the center view of every pool (bank, val, test)
+        and of the train views the batches are drawn from."""
         if not visual_needs(options):
             return cls.needed
-        return Needs(eval_taps=("pooled", TOKENS), train_views=cls.needed.train_views)
+        (views,) = cls.needed.train_views
+        return Needs(eval_taps=("pooled", TOKENS), train_views=(replace(views, taps=("pooled", TOKENS)),))
 
     @classmethod
     def rebuild_head(cls, bundle, state, backbone) -> CaptPromptHead:
@@ -203,7 +205,7 @@ class Capt(Method):
         )
 
     def train_settings(self, task: FitTask) -> TrainSettings:
-        return self.config.train_settings(policy="center" if self.config.visual_depth else "coop")
+        return self.config.train_settings(policy="coop")
 
     def build_head(self, task: FitTask, *, generator: torch.Generator) -> CaptPromptHead:
         cfg, backbone = self.config, task.backbone()
