@@ -355,19 +355,19 @@ def grid(
         raise UsageError("--engine optuna picks option values on val, which --validation none withholds")
     targets = shift_targets(spec.protocol, spec.targets)
     extension = _extension(root or spec.root, extract=extract, yes=yes, confirm=confirm, progress=True)
-    # what a method reads can hang on its options (capt's visual_depth): each combination the grid runs
-    for method_options in _option_sets(spec):
-        complete_stores(
-            _cache_dir(cache_dir),
-            datasets=spec.datasets,
-            targets=targets,
-            model=spec.model,
-            pretrained=spec.pretrained,
-            store=store,
-            methods=[get_method(m).name for m in spec.methods],
-            extension=extension,
-            options=method_options,
-        )
+    # what a method reads can hang on its options (capt's visual_depth): one extraction serves every
+    # combination the grid runs
+    complete_stores(
+        _cache_dir(cache_dir),
+        datasets=spec.datasets,
+        targets=targets,
+        model=spec.model,
+        pretrained=spec.pretrained,
+        store=store,
+        methods=[get_method(m).name for m in spec.methods],
+        extension=extension,
+        options=_option_sets(spec),
+    )
     context = SweepContext(
         cache_dir=_cache_dir(cache_dir),
         runs_dir=runs,

@@ -18,6 +18,7 @@ from .defaults import CONFIRM_EXTRACT_BYTES
 from .errors import FslError, NoStoreError, UsageError
 from .extraction import ExtractOptions, ExtractResult, PreparedExtraction
 from .extraction import extract as _extract
+from .extraction.pipeline import OptionSets, option_sets
 from .extraction.plan import human_bytes
 from .methods import get_method
 from .runs.locate import extract_settings, lacks_error, locate_store, missing_arrays
@@ -55,9 +56,10 @@ def complete_stores(
     store: str | None,
     methods: Sequence[str],
     extension: Extension,
-    options: dict | None = None,
+    options: OptionSets = None,
 ) -> None:
-    """Complete the stores of ``datasets`` for ``methods`` (run with the ``-o`` ``options``), then the test
+    """Complete the stores of ``datasets`` for ``methods`` (run with the ``-o`` ``options``: one set, or each
+    of several, as a grid runs them, so that one extraction serves them all), then the test
     views of the domain-shift ``targets`` (extracted with the backbone of the first dataset's store)."""
     if not extension.enabled:
         return
@@ -101,7 +103,7 @@ def complete_store(
     methods: Sequence[str],
     extension: Extension,
     eval_only: bool = False,
-    options: dict | None = None,
+    options: OptionSets = None,
 ) -> ExtractResult | None:
     """Add what ``methods`` read to the store of ``dataset`` (creating it if there is none).
 
@@ -121,7 +123,11 @@ def complete_store(
     try:
         name = fs.manifest["dataset"]["name"]
         lacking = {
-            m: missing_arrays(fs, get_method(m), dataset=name, eval_only=eval_only, options=options)
+            m: [
+                a
+                for o in option_sets(options)
+                for a in missing_arrays(fs, get_method(m), dataset=name, eval_only=eval_only, options=o)
+            ]
             for m in methods
         }
         wanting = [m for m, missing in lacking.items() if missing]
@@ -152,7 +158,7 @@ def _extend(
     key: str | None,
     refusal: FslError,
     extension: Extension,
-    options: dict | None = None,
+    options: OptionSets = None,
 ) -> ExtractResult:
     settings = dict(settings)
     dataset, model, pretrained = settings.pop("dataset"), settings.pop("model"), settings.pop("pretrained")
@@ -176,7 +182,7 @@ def _extend(
             pretrained=pretrained,
             cache_dir=cache_dir,
             options=ExtractOptions(
-                for_methods=tuple(methods), method_options=dict(options or {}), **settings
+                for_methods=tuple(methods), method_options=option_sets(options), **settings
             ),
             on_plan=before_writing,
             progress=extension.progress,

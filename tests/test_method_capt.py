@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from fsl_cache import api
+from fsl_cache import api, store_extension
 from fsl_cache.backbones import load_backbone
 from fsl_cache.backbones.taps import resolve_taps
 from fsl_cache.cli import main
@@ -408,9 +408,15 @@ def test_extract_with_the_fits_option_stores_the_tokens_up_front(demo, tmp_path)
     assert result.exit_code == 2 and "Did you mean visual_depth" in result.output
 
 
-def test_grid_with_visual_prompts_extracts_the_tokens_its_option_needs(demo, tmp_path):
-    """What capt reads hangs on ``visual_depth``: ``grid`` completes a fresh store with the tokens before its runs."""
+def test_grid_with_visual_prompts_extracts_the_tokens_its_option_needs(demo, tmp_path, monkeypatch):
+    """What capt reads hangs on ``visual_depth``: ``grid`` completes a fresh store with the tokens before its
+    runs, in one extraction for both values."""
     _, data = demo
+    extractions = []
+    extract = store_extension._extract
+    monkeypatch.setattr(
+        store_extension, "_extract", lambda *a, **k: extractions.append(k["options"]) or extract(*a, **k)
+    )
     sweep = api.grid(
         ["capt"],
         datasets=[f"imagefolder:{data}"],
@@ -428,6 +434,8 @@ def test_grid_with_visual_prompts_extracts_the_tokens_its_option_needs(demo, tmp
         json.loads(p.read_text())["selection"]["mode"][:14] for p in tmp_path.glob("runs/**/record.json")
     }
     assert modes == {"visual_depth=0", "visual_depth=1"}
+    (options,) = extractions
+    assert options.method_options == ({"epochs": 1, "visual_depth": 0}, {"epochs": 1, "visual_depth": 1})
     (path,) = tmp_path.glob("cache/*/*")
     store = FeatureStore.open(path)
     try:

@@ -8,10 +8,11 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -58,15 +59,27 @@ from .ranks import SINGLE_PROCESS, Ranks, rank_device, ranks_from_env
 from .runner import RunStats, run_job
 from .text import encode_text, text_arrays
 
+OptionSets = Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
+"""``-o`` method options: one set, several (each served), or none."""
+
+
+def option_sets(options: OptionSets) -> tuple[dict, ...]:
+    if options is None:
+        return ({},)
+    if isinstance(options, Mapping):
+        return (dict(options),)
+    return tuple(dict(o) for o in options) or ({},)
+
 
 @dataclass(frozen=True)
 class ExtractOptions:
     """Everything ``fsl-cache extract`` accepts besides the dataset and backbone."""
 
     for_methods: tuple[str, ...] = DEFAULT_FOR
-    method_options: dict = field(default_factory=dict)
+    method_options: dict | tuple[dict, ...] = field(default_factory=dict)
     """``-o`` method options that change what is stored (capt ``visual_depth`` adds a tap): unscoped ones
-    reach every method of ``for_methods`` that has the field, ``method.key`` ones that method."""
+    reach every method of ``for_methods`` that has the field, ``method.key`` ones that method. Several
+    sets (a grid's combinations): the store serves each."""
     views: int | dict[str, int] | None = None
     """Override the view count of every augmented view group (an int) or of some policies
     (``{"ldc": 5}``); default: what the methods need. Recorded in the store key when given."""
@@ -100,7 +113,8 @@ class ExtractOptions:
             raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got '{self.format}'")
         if self.batch_size < 1 or self.workers < 0:
             raise UsageError("--batch-size must be >= 1 and --workers >= 0")
-        check_option_names(self.for_methods, self.method_options)
+        for options in option_sets(self.method_options):
+            check_option_names(self.for_methods, options)
         counts = self.views.values() if isinstance(self.views, dict) else [self.views]
         if any(n is not None and n < 1 for n in counts):
             raise UsageError(f"--views must be >= 1, got {self.views}")
@@ -358,17 +372,17 @@ class PreparedExtraction:
         return rows
 
 
-def method_needs(method: str, dataset: str, options: ExtractOptions) -> Needs:
-    """What ``method`` reads on ``dataset`` when fitted with the options extraction was given."""
+def method_needs(method: str, dataset: str, options: ExtractOptions) -> list[Needs]:
+    """What ``method`` reads on ``dataset`` when fitted with each set of options extraction was given."""
     info = get_method(method)
-    return info.needs(dataset, info.scoped(options.method_options))
+    return [info.needs(dataset, info.scoped(o)) for o in option_sets(options.method_options)]
 
 
 def prepare_extraction(
     dataset: str, *, root, model: str, pretrained: str, cache_dir, options: ExtractOptions
 ) -> PreparedExtraction:
     spec = load_dataset(dataset, root=root)
-    needs = [method_needs(m, spec.name, options) for m in options.for_methods]
+    needs = [n for m in options.for_methods for n in method_needs(m, spec.name, options)]
     descriptions = (
         load_descriptions(options.descriptions, spec.classnames) if options.descriptions is not None else None
     )

@@ -164,7 +164,7 @@ def _counted_spec(name: str, *, root, splits_dir) -> tuple[DatasetSpec, str]:
 
 def _size(spec: DatasetSpec, source: str, *, backbone, tap_shapes, options: ExtractOptions) -> StoreSize:
     pools, whole = pools_and_metadata(spec, options, {})
-    needs = [method_needs(m, spec.name, options) for m in options.for_methods]
+    needs = [n for m in options.for_methods for n in method_needs(m, spec.name, options)]
     plan = plan_store(
         spec, options, pools, needs, backbone=backbone, tap_shapes=tap_shapes, existing={}, existing_views={}
     )
