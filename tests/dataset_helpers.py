@@ -21,6 +21,16 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
+def extract_argv(dataset: Path | str, cache: Path | str, *, model: str = "fsl-tiny-rn", **flags) -> list[str]:
+    """``fsl-cache extract`` arguments on a random-weight tiny backbone, one ``--flag value`` per keyword
+    (``batch_size=4`` gives ``--batch-size 4``, ``for_methods`` gives ``--for``); a path is an ``imagefolder:``."""
+    spec = dataset if isinstance(dataset, str) else f"imagefolder:{dataset}"
+    argv = ["extract", "--dataset", spec, "--model", model, "--pretrained", "none"]
+    for name, value in flags.items():
+        argv += ["--for" if name == "for_methods" else f"--{name.replace('_', '-')}", str(value)]
+    return [*argv, "--cache-dir", str(cache)]
+
+
 def shared_dir() -> Path:
     """``$FSL_SHARED`` or ``<repo>/../shared``; fails the test with a clear message when absent."""
     shared = Path(os.environ.get("FSL_SHARED", REPO.parent / "shared"))

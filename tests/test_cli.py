@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from dataset_helpers import extract_argv
 
 from fsl_cache import api
 from fsl_cache.cli import main
@@ -210,20 +211,11 @@ def test_methods_at_80_columns_keeps_every_option_value_whole(monkeypatch):
 def test_an_unwritable_or_non_folder_cache_or_runs_folder_says_so(cli_store, tmp_path):
     demo = make_demo_dataset(tmp_path / "demo")
     (tmp_path / "file").write_text("not a folder")
-    extract = [
-        "extract",
-        "--dataset",
-        f"imagefolder:{demo}",
-        "--model",
-        "fsl-tiny-rn",
-        "--pretrained",
-        "none",
-    ]
     cases = [(str(tmp_path / "file" / "cache"), "is a file, not a folder")]
     if not os.access("/sys", os.W_OK) or sys.platform == "linux":  # /sys refuses new folders, even to root
         cases.append(("/sys/fslcache", "is not writable"))
     for cache_dir, message in cases:
-        result = CliRunner().invoke(main, [*extract, "--workers", "0", "--cache-dir", cache_dir])
+        result = CliRunner().invoke(main, extract_argv(demo, cache_dir, workers=0))
         assert result.exit_code == 1 and message in result.output and "disk space" not in result.output
         assert "--cache-dir" in result.output and "Traceback" not in result.output
     cache, record = cli_store

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from dataset_helpers import extract_argv
 from torch import nn
 
 from fsl_cache import api, store_extension
@@ -392,9 +393,8 @@ def test_fit_visual_depth_1_completes_the_store_records_the_mode_and_predicts(de
 def test_extract_with_the_fits_option_stores_the_tokens_up_front(demo, tmp_path):
     """``extract -o visual_depth=N`` on the GPU node leaves ``fit`` nothing to add where no images are."""
     _, data = demo
-    args = ["extract", "--dataset", f"imagefolder:{data}", "--model", "fsl-tiny-vit", "--pretrained", "none"]
-    args += ["--for", "capt", "-o", "visual_depth=9", "--views", "1", "--shots", "4", "--seeds", "1"]
-    result = CliRunner().invoke(main, [*args, "--workers", "0", "--cache-dir", str(tmp_path), "--json"])
+    args = extract_argv(data, tmp_path, model="fsl-tiny-vit", for_methods="capt", views=1, shots=4, seeds=1)
+    result = CliRunner().invoke(main, [*args, "-o", "visual_depth=9", "--workers", "0", "--json"])
     assert result.exit_code == 0, result.output
     store = FeatureStore.open(json.loads(result.stdout.splitlines()[-1])["store"])
     try:
@@ -404,7 +404,7 @@ def test_extract_with_the_fits_option_stores_the_tokens_up_front(demo, tmp_path)
         assert store.has("images/train_pool/views/coop/vit/tokens")
     finally:
         store.close()
-    result = CliRunner().invoke(main, [*args, "-o", "visual_dpth=9", "--cache-dir", str(tmp_path)])
+    result = CliRunner().invoke(main, [*args, "-o", "visual_dpth=9"])
     assert result.exit_code == 2 and "Did you mean visual_depth" in result.output
 
 

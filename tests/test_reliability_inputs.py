@@ -18,6 +18,7 @@ import open_clip
 import pytest
 import torch
 from click.testing import CliRunner
+from dataset_helpers import extract_argv
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -362,25 +363,7 @@ def test_unknown_names_and_bad_numbers_are_one_line(demo, tmp_path, monkeypatch,
 
 def test_more_shots_than_a_class_has_takes_all_of_it(demo, tmp_path):
     """[CODE] Dassl generate_fewshot_dataset: a class with fewer than k images contributes all it has."""
-    code, out = cli(
-        "extract",
-        "--dataset",
-        f"imagefolder:{demo}",
-        "--model",
-        "fsl-tiny-rn",
-        "--pretrained",
-        "none",
-        "--for",
-        "zero_shot",
-        "--shots",
-        "50",
-        "--seeds",
-        "1",
-        "--workers",
-        "0",
-        "--cache-dir",
-        tmp_path,
-    )
+    code, out = cli(*extract_argv(demo, tmp_path, for_methods="zero_shot", shots=50, seeds=1, workers=0))
     assert code == 0, out
     store = FeatureStore.open(next(tmp_path.glob("*/*")))
     assert len(store.read("splits/k50_s1/train")) == len(load_dataset(f"imagefolder:{demo}").splits["train"])

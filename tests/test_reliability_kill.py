@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from dataset_helpers import extract_argv
 
 from fsl_cache.datasets import make_demo_dataset
 from fsl_cache.store import FeatureStore, verify_store
@@ -210,31 +211,17 @@ class Zygote:
 
 
 def extract_args(demo: Path, cache: Path, fmt: str) -> list[str]:
-    return [
-        "extract",
-        "--dataset",
-        f"imagefolder:{demo}",
-        "--model",
-        "fsl-tiny-rn",
-        "--pretrained",
-        "none",
-        "--for",
-        "zero_shot,tip_adapter",
-        "--views",
-        "3",
-        "--shots",
-        "1,2",
-        "--seeds",
-        "1,2",
-        "--workers",
-        "0",
-        "--batch-size",
-        "4",
-        "--format",
-        fmt,
-        "--cache-dir",
-        str(cache),
-    ]
+    return extract_argv(
+        demo,
+        cache,
+        for_methods="zero_shot,tip_adapter",
+        views=3,
+        shots="1,2",
+        seeds="1,2",
+        workers=0,
+        batch_size=4,
+        format=fmt,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from dataset_helpers import extract_argv
 
 from fsl_cache import api
 from fsl_cache.datasets import make_demo_dataset
@@ -71,20 +72,17 @@ def synthetic(tmp_path_factory) -> Path:
 
 def extract_command(demo: Path, cache: Path) -> list[str]:
     e = EXTRACT
-    return [
-        *("extract", "--dataset", f"imagefolder:{demo}", "--model", e["model"], "--pretrained", "none"),
-        *(
-            "--for",
-            ",".join(e["for_methods"]),
-            "--views",
-            str(e["views"]),
-            "--shots",
-            "1,2",
-            "--seeds",
-            "1,2",
-        ),
-        *("--batch-size", str(e["batch_size"]), "--workers", "2", "--cache-dir", str(cache)),
-    ]
+    return extract_argv(
+        demo,
+        cache,
+        model=e["model"],
+        for_methods=",".join(e["for_methods"]),
+        views=e["views"],
+        shots="1,2",
+        seeds="1,2",
+        batch_size=e["batch_size"],
+        workers=2,
+    )
 
 
 def start(args: list[str]) -> subprocess.Popen:

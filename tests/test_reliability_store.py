@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
+from dataset_helpers import extract_argv
 from PIL import Image
 
 from fsl_cache import api
@@ -398,27 +399,7 @@ def test_disk_full_while_publishing_leaves_no_manifest_and_resumes(demo, small_r
 
 
 def test_disk_full_on_the_command_line_is_one_line_then_resumes(demo, small_refs, tmp_path, monkeypatch):
-    args = [
-        "extract",
-        "--dataset",
-        f"imagefolder:{demo}",
-        "--model",
-        "fsl-tiny-rn",
-        "--pretrained",
-        "none",
-        "--for",
-        "zero_shot",
-        "--shots",
-        "1",
-        "--seeds",
-        "1",
-        "--workers",
-        "0",
-        "--batch-size",
-        "8",
-        "--cache-dir",
-        tmp_path,
-    ]
+    args = extract_argv(demo, tmp_path, for_methods="zero_shot", shots=1, seeds=1, workers=0, batch_size=8)
     with pytest.MonkeyPatch.context() as mp:
         FailAfter(mp, ZarrBackend, "write_block", 30, enospc())
         result = cli(*args)

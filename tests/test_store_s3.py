@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from dataset_helpers import extract_argv
 
 pytest.importorskip("s3fs", reason="s3fs is missing: pip install -e '.[test]' (the s3 extra)")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is missing: pip install -e '.[test]'")
@@ -100,29 +101,9 @@ def demo(tmp_path_factory) -> Path:
 
 
 def extract_args(demo: Path, cache: str) -> list[str]:
-    return [
-        "extract",
-        "--dataset",
-        f"imagefolder:{demo}",
-        "--model",
-        "fsl-tiny-rn",
-        "--pretrained",
-        "none",
-        "--for",
-        "zero_shot,tip_adapter",
-        "--views",
-        "11",
-        "--shots",
-        "1",
-        "--seeds",
-        "1",
-        "--workers",
-        "0",
-        "--batch-size",
-        "64",
-        "--cache-dir",
-        cache,
-    ]
+    return extract_argv(
+        demo, cache, for_methods="zero_shot,tip_adapter", views=11, shots=1, seeds=1, workers=0, batch_size=64
+    )
 
 
 def child_env(s3: dict) -> dict:
