@@ -101,12 +101,14 @@ def size_stores(
     """The store each dataset would get from ``extract`` with ``options``, sized without images.
 
     Built-in CoOp datasets are counted from ``splits_dir/split_zhou_*.json`` or, failing that, from
-    their layout under ``root``; a dataset with neither is returned as missing, with the reason.
+    their layout under ``root``; a dataset with neither is estimated from :data:`PUBLISHED_SPLITS`, or
+    returned as missing, with the reason, when it is not listed there.
     """
     backbone = load_architecture(model)
     base_shapes = {t: tuple(backbone.tap_shape(t)) for t in backbone.taps()}
     sizes = []
     for name in expand_datasets(datasets):
+        estimated = False
         try:
             spec, source = _counted_spec(name, root=root, splits_dir=splits_dir)
         except FslError as err:
@@ -114,8 +116,9 @@ def size_stores(
                 sizes.append(StoreSize(name, f"missing: {err}"))
                 continue
             spec, source = published_spec(name), f"estimate from the published split sizes ({err})"
+            estimated = True
         size = _size(spec, source, backbone=backbone, tap_shapes=TapShapes(base_shapes), options=options)
-        sizes.append(replace(size, estimated=source.startswith("estimate")))
+        sizes.append(replace(size, estimated=estimated))
     return sizes
 
 

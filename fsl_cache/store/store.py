@@ -117,13 +117,17 @@ class StoreWriter:
         marker.digests[spec.name] = block_digest(data)
         self.commit(marker)
 
+    def _check_lock(self) -> None:
+        """Before acknowledging work: a remote lease may have been taken over (a local flock cannot)."""
+        if self._lock is not None:
+            self._lock.check()
+
     def begin_shard(self, job: str, shard: int, start: int, stop: int) -> ShardBlocks:
         """Start writing one shard; it counts as written only once :meth:`commit` gets its marker."""
         return ShardBlocks(self, ShardMarker(job, shard, start, stop))
 
     def commit(self, marker: ShardMarker) -> None:
-        if isinstance(self._lock, Lease):
-            self._lock.check()
+        self._check_lock()
         self.backend.commit_part(marker.part)
         path = self._marker_path(marker.job, marker.shard)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,8 +182,7 @@ class StoreWriter:
             entry["blocks"] = sorted(digests[spec.name])
             arrays[spec.name] = entry
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        if isinstance(self._lock, Lease):
-            self._lock.check()
+        self._check_lock()
         write_json_atomic(self.root / MANIFEST, self.manifest)
         if not is_remote(self.root):  # one PUT is whole: object storage keeps no temp files
             _remove_leftovers(self.root)
@@ -252,6 +255,9 @@ class _StoreLock:
     def __init__(self, fh) -> None:
         self.fh = fh
         _HELD_LOCKS.add(fh)
+
+    def check(self) -> None:
+        """Held until closed: the kernel releases a flock only with its process."""
 
     def close(self) -> None:
         _HELD_LOCKS.discard(self.fh)
