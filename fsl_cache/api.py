@@ -330,6 +330,7 @@ def grid(
     from .sweeps import GridSpec, SweepContext, load_recipe, run_sweep
     from .sweeps.claims import STALE_AFTER
     from .sweeps.optuna_engine import OptunaSettings
+    from .sweeps.spec import check_options
 
     if recipe is not None:
         spec = load_recipe(recipe)
@@ -351,6 +352,7 @@ def grid(
     runs = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     check_protocol(spec.protocol)
     check_validation(spec.validation)
+    check_options(spec)  # before any store is completed for options that turn out misspelt
     if engine == "optuna" and spec.validation == "none":
         raise UsageError("--engine optuna picks option values on val, which --validation none withholds")
     targets = shift_targets(spec.protocol, spec.targets)

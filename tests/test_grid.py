@@ -66,6 +66,11 @@ def test_option_values_parse_with_bracketed_tuples_and_typos_fail():
         expand(GridSpec(methods=("tip_adapter_f",), datasets=("a",), options={"epoch": ("5",)}))
     with pytest.raises(UsageError, match="scoped to .*, which is not among"):
         expand(GridSpec(methods=("zero_shot",), datasets=("a",), options={"coop.n_ctx": ("4",)}))
+    with pytest.raises(UsageError, match="'visual_depth' belongs to capt, not to zero_shot"):
+        expand(GridSpec(methods=("zero_shot",), datasets=("a",), options={"visual_depth": ("9",)}))
+    # refused before any store is looked for or extracted (there is none for this dataset)
+    with pytest.raises(UsageError, match="Did you mean epochs"):
+        api.grid(["tip_adapter_f"], datasets=["imagefolder:/nonexistent"], options={"epoch": ["5"]})
 
 
 def test_recipes_load_and_the_main_table_recipe_has_the_papers_grid():

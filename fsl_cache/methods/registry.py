@@ -73,8 +73,17 @@ def check_option_names(methods: Sequence[str], keys: Iterable[str]) -> None:
                 f"Option '{key}' is scoped to '{scope}', which is not among {', '.join(methods)}"
             )
         scoped = {o.name for o in get_method(scope).options()} if dot else known
-        if name not in scoped:
-            raise did_you_mean(name, scoped, what=f"option for {scope or ', '.join(methods)}")
+        if name in scoped:
+            continue
+        owners = (
+            [] if dot else [m for m in list_methods() if name in {o.name for o in get_method(m).options()}]
+        )
+        if owners:  # a real option, of a method not in the list
+            raise UsageError(
+                f"Option '{name}' belongs to {', '.join(owners)}, not to {', '.join(methods)}: "
+                "add the method it is for to the method list"
+            )
+        raise did_you_mean(name, scoped, what=f"option for {scope or ', '.join(methods)}")
 
 
 def register_method(cls: type[Method]) -> type[Method]:
